@@ -1,0 +1,242 @@
+//! The KMS v2 plugin: shared state, background probes, the gRPC service and its socket.
+
+pub mod audit_log;
+pub mod probe;
+pub mod service;
+pub mod socket;
+pub mod state;
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::SystemTime,
+};
+
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::{
+    backend::{Backend, BackendError, KeyMetadata},
+    config::{Config, PluginConfig},
+    http::{self, HttpView},
+    metrics::{BackendLabels, Metrics, OperationLabels},
+    proto::v2::key_management_service_server::KeyManagementServiceServer,
+};
+use state::{Health, KeyTracker, ProbeRecord, Promoted};
+
+/// The plugin could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    AuditLog(#[from] audit_log::AuditLogError),
+    /// The HTTP endpoint could not bind.
+    #[error("http.listen {addr}: {source}")]
+    HttpBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+}
+
+/// State shared by the gRPC service, the probes and the HTTP endpoint.
+pub struct Shared<B> {
+    backend: B,
+    config: PluginConfig,
+    metrics: Metrics,
+    audit: audit_log::AuditLog,
+    started: Instant,
+    state: Mutex<PluginState>,
+}
+
+/// What the probes learned.
+pub struct PluginState {
+    /// Which key version is promoted.
+    pub tracker: KeyTracker,
+    /// Probe history.
+    pub health: Health,
+    /// The last key metadata read.
+    pub metadata: Option<KeyMetadata>,
+}
+
+impl<B: Backend> Shared<B> {
+    /// Shared state for a plugin over `backend`.
+    pub fn new(backend: B, config: PluginConfig, audit: audit_log::AuditLog) -> Self {
+        let tracker = KeyTracker::new(backend.scope().clone(), config.promote_after_polls);
+        let health = Health::new(config.unhealthy_after_failures, config.staleness_window);
+        Self {
+            backend,
+            config,
+            metrics: Metrics::new(),
+            audit,
+            started: Instant::now(),
+            state: Mutex::new(PluginState { tracker, health, metadata: None }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PluginState> {
+        // NB: no code panics while holding this lock; if one did, the state is still consistent
+        // field by field, so keep serving rather than poison every later call.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The version Encrypt uses now.
+    pub fn current(&self) -> Result<Arc<Promoted>, String> {
+        self.lock().tracker.current()
+    }
+
+    /// Status's healthz and key_id, from cached state only.
+    pub fn status_now(&self) -> (String, String) {
+        let state = self.lock();
+        let healthz = match state.health.healthz(&state.tracker, Instant::now()) {
+            Ok(()) => "ok".to_owned(),
+            Err(reason) => reason,
+        };
+        let key_id = state.tracker.promoted().map(|p| p.key_id.clone()).unwrap_or_default();
+        (healthz, key_id)
+    }
+
+    /// Runs a backend call, recording its outcome and latency.
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let started = Instant::now();
+        let result = call.await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(BackendError::Deadline) => "deadline",
+            Err(BackendError::Misconfigured(_)) => "misconfigured",
+            Err(BackendError::PermissionDenied(_)) => "permission_denied",
+            Err(BackendError::Protocol(_)) => "protocol",
+            Err(BackendError::Rejected(_)) => "rejected",
+            Err(BackendError::Retired { .. }) => "retired",
+            Err(BackendError::Unavailable(_)) => "unavailable",
+        };
+        self.metrics.backend_calls.get_or_create(&BackendLabels { operation, outcome }).inc();
+        self.metrics
+            .backend_duration
+            .get_or_create(&OperationLabels { operation })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+impl<B: Backend> HttpView for Shared<B> {
+    fn ready(&self) -> Result<(), String> {
+        let state = self.lock();
+        state.health.healthz(&state.tracker, Instant::now())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |t: Instant| {
+            humantime::format_rfc3339_millis(wall - now.saturating_duration_since(t)).to_string()
+        };
+        let probe = |r: Option<ProbeRecord>| r.map(|r| json!({ "at": at(r.at), "ok": r.ok }));
+        let state = self.lock();
+        let healthz = match state.health.healthz(&state.tracker, now) {
+            Ok(()) => "ok".to_owned(),
+            Err(reason) => reason,
+        };
+        let scope = self.backend.scope();
+        let promoted = state.tracker.promoted().map(|p| json!({ "key_id": p.key_id, "version": p.version }));
+        let candidate = state.tracker.candidate().map(|c| {
+            json!({
+                "key_id": state.tracker.key_id(c.version, c.created),
+                "version": c.version,
+                "seen": c.seen,
+                "needed": self.config.promote_after_polls,
+            })
+        });
+        json!({
+            "node": self.config.node_name,
+            "backend": {
+                "kind": scope.kind.as_str(),
+                "identity": scope.identity,
+                "namespace": scope.namespace,
+                "mount": scope.mount,
+                "key": scope.key,
+            },
+            "status_version": self.config.status_version.as_str(),
+            "healthz": healthz,
+            "promoted": promoted,
+            "candidate": candidate,
+            "latest_version": state.metadata.as_ref().map(|m| m.latest),
+            "min_decryption_version": state.metadata.as_ref().map(|m| m.min_decryption_version),
+            "last_poll": probe(state.health.last_poll),
+            "last_round_trip": probe(state.health.last_round_trip),
+            "last_good_round_trip": state.health.last_round_trip_ok.map(at),
+            "started": at(self.started),
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let since = self.lock().health.last_round_trip_ok.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
+        self.metrics.seconds_since_round_trip.set(since);
+        self.metrics.encode()
+    }
+}
+
+/// Serves the plugin until `shutdown` resolves, then drains in-flight calls (bounded by
+/// `plugin.shutdown_timeout`) and removes the socket.
+pub async fn serve<B: Backend>(
+    config: &Config,
+    backend: B,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PluginError> {
+    let audit = audit_log::AuditLog::open(&config.plugin.audit_log)?;
+    let shared = Arc::new(Shared::new(backend, config.plugin.clone(), audit));
+    let http_task = match config.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| PluginError::HttpBind { addr, source })?;
+            tracing::info!(%addr, "serving /metrics /livez /readyz /status");
+            Some(tokio::spawn(http::serve(listener, shared.clone() as Arc<dyn HttpView>)))
+        }
+        None => None,
+    };
+    let (listener, guard) = socket::bind(&config.plugin)?;
+    tracing::info!(endpoint = %config.plugin.socket.endpoint(), "serving KMS v2");
+    let probe_task = tokio::spawn(probe::run(shared.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(KeyManagementServiceServer::new(service::KmsService::new(shared.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result.map_err(PluginError::Serve),
+        () = shutdown => {
+            tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: no new connections; draining in-flight calls");
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(config.plugin.shutdown_timeout, &mut server).await {
+                Ok(result) => result.map_err(PluginError::Serve),
+                Err(_) => {
+                    tracing::warn!("in-flight calls did not finish within plugin.shutdown_timeout; exiting anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
+    probe_task.abort();
+    if let Some(task) = http_task {
+        task.abort();
+    }
+    drop(guard);
+    tracing::info!("stopped");
+    result
+}

@@ -1,0 +1,103 @@
+//! Background probes that keep Status true without Status doing I/O: a key-metadata poll every
+//! `poll_interval`, and an encrypt+decrypt round trip every `round_trip_interval`, right after any
+//! failed poll, and at poll speed while round trips fail.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::{Shared, state::Observation};
+use crate::backend::Backend;
+
+/// How soon to retry while no key version is adopted: the API server can read nothing until then.
+const ADOPTION_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Runs the probes forever.
+pub async fn run<B: Backend>(shared: Arc<Shared<B>>) {
+    let mut next_round_trip = Instant::now();
+    loop {
+        poll(&shared).await;
+        let wanted = shared.lock().health.round_trip_wanted();
+        if wanted || Instant::now() >= next_round_trip {
+            round_trip(&shared).await;
+            next_round_trip = Instant::now() + shared.config.round_trip_interval;
+        }
+        let adopted = shared.lock().tracker.promoted().is_some();
+        let pause = if adopted {
+            shared.config.poll_interval
+        } else {
+            shared.config.poll_interval.min(ADOPTION_RETRY_MAX)
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Reads key metadata once and applies the promotion rules.
+pub async fn poll<B: Backend>(shared: &Shared<B>) {
+    let deadline = Instant::now() + shared.config.probe_timeout;
+    let result = shared.timed("metadata", shared.backend.metadata(deadline)).await;
+    let mut state = shared.lock();
+    let meta = match result {
+        Ok(meta) => meta,
+        Err(e) => {
+            tracing::warn!(error = %e, "key metadata poll failed");
+            state.health.poll(Instant::now(), Err(e.to_string()));
+            return;
+        }
+    };
+    let observation = state.tracker.observe(&meta);
+    let conflict = matches!(observation, Observation::Conflict { .. });
+    state.metadata = Some(meta);
+    state.health.poll(Instant::now(), if conflict { Err("key conflict".into()) } else { Ok(()) });
+    if let Some(p) = state.tracker.promoted() {
+        shared.metrics.key_version.set(i64::try_from(p.version).unwrap_or(i64::MAX));
+    }
+    let key_id = state.tracker.promoted().map(|p| p.key_id.clone()).unwrap_or_default();
+    drop(state);
+    match observation {
+        Observation::Adopted { version } => tracing::info!(version, key_id, "adopted key version"),
+        Observation::Conflict { reason } => tracing::error!(reason, "refusing to encrypt: key conflict"),
+        Observation::Pending { version, seen, needed } => {
+            tracing::info!(version, seen, needed, "new key version seen; waiting for consecutive polls")
+        }
+        Observation::Promoted { from, to } => {
+            shared.metrics.promotions.inc();
+            tracing::info!(from, to, key_id, "promoted key version");
+        }
+        Observation::RollbackRefused { promoted, seen } => {
+            shared.metrics.rollbacks_refused.inc();
+            tracing::warn!(promoted, seen, "key store reported an older latest version; refused");
+        }
+        Observation::Unchanged => tracing::debug!("key metadata unchanged"),
+    }
+}
+
+/// Encrypts and decrypts a random seed with the promoted version, as the API server would.
+pub async fn round_trip<B: Backend>(shared: &Shared<B>) {
+    let result = round_trip_once(shared).await;
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "encrypt/decrypt round trip failed");
+    }
+    shared.lock().health.round_trip(Instant::now(), result);
+}
+
+async fn round_trip_once<B: Backend>(shared: &Shared<B>) -> Result<(), String> {
+    let current = shared.current()?;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut_slice()).map_err(|_| "random source failed".to_owned())?;
+    let deadline = Instant::now() + shared.config.probe_timeout;
+    let aad = current.key_id.as_bytes();
+    let ciphertext = shared
+        .timed("encrypt", shared.backend.encrypt(current.version, seed.as_slice(), aad, deadline))
+        .await
+        .map_err(|e| format!("encrypt: {e}"))?;
+    let plain = shared
+        .timed("decrypt", shared.backend.decrypt(current.version, &ciphertext, aad, deadline))
+        .await
+        .map_err(|e| format!("decrypt: {e}"))?;
+    if plain.as_slice() != seed.as_slice() {
+        return Err("decrypt returned different bytes than were encrypted".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The plugin's unix socket: created with its final mode and group before anyone can connect,
+//! never replacing anything but a stale socket, and removed on exit.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    os::unix::{
+        fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+        net::{UnixListener as StdListener, UnixStream as StdStream},
+    },
+    path::{Path, PathBuf},
+};
+
+use tokio::net::UnixListener;
+
+use crate::config::{PluginConfig, SocketSpec};
+
+/// The socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SocketError {
+    /// The parent directory does not exist and may not be created.
+    #[error("socket directory {0} does not exist (create it, or set plugin.create_socket_dir = true)")]
+    DirectoryMissing(PathBuf),
+    /// Another process serves the socket.
+    #[error("socket {0} is in use by a running process")]
+    InUse(PathBuf),
+    /// A system call failed.
+    #[error("socket {path}: {action}: {source}")]
+    Io {
+        path: String,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something other than a socket is at the path.
+    #[error("refusing to replace {0}: it exists and is not a socket")]
+    NotASocket(PathBuf),
+}
+
+/// Removes the socket file on drop, if it is still the one this process made.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: Option<(PathBuf, u64, u64)>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let Some((path, dev, ino)) = &self.path else { return };
+        // NB: only unlink our own inode; a successor may already have bound the same path.
+        if fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the configured socket.
+pub fn bind(config: &PluginConfig) -> Result<(UnixListener, SocketGuard), SocketError> {
+    let (std_listener, guard) = match &config.socket {
+        SocketSpec::Abstract(name) => (bind_abstract(name)?, SocketGuard { path: None }),
+        SocketSpec::Path(path) => bind_path(path, config)?,
+    };
+    let io = |action, source| SocketError::Io { path: config.socket.endpoint(), action, source };
+    std_listener.set_nonblocking(true).map_err(|e| io("set non-blocking", e))?;
+    let listener = UnixListener::from_std(std_listener).map_err(|e| io("register with the runtime", e))?;
+    Ok((listener, guard))
+}
+
+fn bind_abstract(name: &str) -> Result<StdListener, SocketError> {
+    use std::os::linux::net::SocketAddrExt;
+    let io = |action, source| SocketError::Io { path: format!("@{name}"), action, source };
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| io("name", e))?;
+    StdListener::bind_addr(&addr).map_err(|e| io("bind", e))
+}
+
+fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketGuard), SocketError> {
+    let io = |action, source| SocketError::Io { path: path.display().to_string(), action, source };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+    if !dir.exists() {
+        if !config.create_socket_dir {
+            return Err(SocketError::DirectoryMissing(dir.to_owned()));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| io("create directory", e))?;
+    }
+    reclaim_stale(path)?;
+    // Bind under a temporary name, set mode and group, then rename into place: the final path
+    // never exists with looser permissions than configured.
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("kmsgate"),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let listener = StdListener::bind(&tmp).map_err(|e| io("bind", e))?;
+    let finish = || -> Result<(), SocketError> {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))
+            .map_err(|e| io("chmod", e))?;
+        if let Some(gid) = config.socket_gid {
+            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(|e| io("chown to socket_group", e))?;
+        }
+        reclaim_stale(path)?;
+        fs::rename(&tmp, path).map_err(|e| io("rename into place", e))
+    };
+    if let Err(e) = finish() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let meta = fs::symlink_metadata(path).map_err(|e| io("stat", e))?;
+    Ok((listener, SocketGuard { path: Some((path.to_owned(), meta.dev(), meta.ino())) }))
+}
+
+/// Removes a leftover socket only when nothing answers on it; refuses anything else.
+fn reclaim_stale(path: &Path) -> Result<(), SocketError> {
+    let io = |action, source| SocketError::Io { path: path.display().to_string(), action, source };
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("stat", e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket(path.to_owned()));
+    }
+    match StdStream::connect(path) {
+        Ok(_) => Err(SocketError::InUse(path.to_owned())),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            tracing::info!(socket = %path.display(), "removing stale socket (nothing answers on it)");
+            fs::remove_file(path).map_err(|e| io("remove stale socket", e))
+        }
+        Err(e) => Err(io("probe existing socket", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(path: &Path) -> PluginConfig {
+        let set = vec![("plugin.socket".to_owned(), path.display().to_string())];
+        Config::load(None, &set, &std::collections::HashMap::new()).unwrap().plugin
+    }
+
+    #[tokio::test]
+    async fn mode_and_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        let (listener, guard) = bind(&config(&path)).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(matches!(bind(&config(&path)), Err(SocketError::InUse(_))));
+        drop(listener);
+        drop(guard);
+        assert!(!path.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "no temporary file left behind");
+    }
+
+    #[tokio::test]
+    async fn refuses_to_replace_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        fs::write(&path, b"important").unwrap();
+        assert!(matches!(bind(&config(&path)), Err(SocketError::NotASocket(_))));
+        assert_eq!(fs::read(&path).unwrap(), b"important");
+    }
+
+    #[tokio::test]
+    async fn reclaims_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        drop(StdListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (_listener, _guard) = bind(&config(&path)).unwrap();
+        assert!(StdStream::connect(&path).is_ok());
+    }
+
+    #[tokio::test]
+    async fn missing_directory_needs_the_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/kms.sock");
+        assert!(matches!(bind(&config(&path)), Err(SocketError::DirectoryMissing(_))));
+        let mut cfg = config(&path);
+        cfg.create_socket_dir = true;
+        let (_l, _g) = bind(&cfg).unwrap();
+        assert_eq!(fs::metadata(dir.path().join("sub")).unwrap().permissions().mode() & 0o777, 0o750);
+    }
+}

@@ -1,0 +1,18 @@
+//! kmsgate: a Kubernetes KMS v2 plugin backed by Vault/OpenBao Transit or a local keyring, and the
+//! tools around it.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod backend;
+pub mod commands;
+pub mod config;
+pub mod http;
+pub mod keyid;
+pub mod keyring;
+pub mod kms;
+pub mod metrics;
+pub mod proto;
+pub mod selftest;
+pub mod storage;
+pub mod telemetry;
+pub mod transit;

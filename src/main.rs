@@ -1,0 +1,179 @@
+//! The kmsgate command line: parse, set up logging and the runtime, dispatch.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use kmsgate::{
+    commands,
+    config::{self, Config, ProcessEnv, SocketSpec},
+    telemetry,
+};
+
+/// Kubernetes KMS v2 plugin backed by Vault/OpenBao Transit (or a local keyring for first runs).
+#[derive(Parser)]
+#[command(name = "kmsgate", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the KMS v2 gRPC API on a unix socket for kube-apiserver.
+    Plugin(ConfigArgs),
+    /// Drive a running plugin as kube-apiserver does and check every answer.
+    Selftest {
+        /// The plugin's socket: /path, unix:///path or @name.
+        #[arg(long, env = "KMSGATE_PLUGIN_SOCKET")]
+        socket: String,
+        /// KMS provider name written into the stored test value's prefix.
+        #[arg(long, default_value = "kmsgate")]
+        provider: String,
+        /// Per-call deadline, as the API server's provider `timeout`.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Manage the local keyring (NOT FOR PRODUCTION).
+    Keyring {
+        #[command(subcommand)]
+        action: KeyringAction,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Print the EncryptionConfiguration that points kube-apiserver at this plugin.
+    EncryptionConfig {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// KMS provider name; it is part of every stored value and can never change.
+        #[arg(long, default_value = "kmsgate")]
+        name: String,
+        /// Per-call timeout the API server uses.
+        #[arg(long, default_value = "3s")]
+        timeout: String,
+        /// Resources to encrypt.
+        #[arg(long, value_delimiter = ',', default_value = "secrets")]
+        resources: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyringAction {
+    /// Create a keyring with one key version (mode 0600); never overwrites.
+    Init {
+        /// The keyring's identity in key_ids (default: local-<random>).
+        #[arg(long)]
+        identity: Option<String>,
+        /// The key name in key_ids.
+        #[arg(long, default_value = "kmsgate")]
+        key: String,
+    },
+    /// Add a new key version.
+    Rotate,
+    /// List versions and their key_ids (never key material).
+    List,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML config file.
+    #[arg(long, env = "KMSGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override a setting: --set plugin.socket=/run/kms.sock (repeatable; beats env and file).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set_flag)]
+    set: Vec<(String, String)>,
+    /// Same as --set plugin.socket=PATH.
+    #[arg(long)]
+    socket: Option<String>,
+    /// Same as --set backend.kind=KIND (local or vault).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Same as --set local.keyring=PATH.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn load(self) -> Result<Config, config::ConfigError> {
+        let mut flags = Vec::new();
+        let shorthands = [
+            ("plugin.socket", self.socket),
+            ("backend.kind", self.backend),
+            ("local.keyring", self.keyring.map(|p| p.display().to_string())),
+        ];
+        for (name, value) in shorthands {
+            if let Some(value) = value {
+                flags.push((name.to_owned(), value));
+            }
+        }
+        // NB: --set comes last so it wins over the shorthands.
+        flags.extend(self.set);
+        Config::load(self.config.as_deref(), &flags, &ProcessEnv)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // NB: ring is the only TLS provider in this binary; install it before any client is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kmsgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("kmsgate: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(message)) => {
+            tracing::error!("{message}");
+            eprintln!("kmsgate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Run(String),
+}
+
+async fn dispatch(command: Command) -> Result<(), Failure> {
+    let run = |e: commands::CommandError| Failure::Run(e.to_string());
+    let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
+    match command {
+        Command::Plugin(args) => {
+            let config = args.load().map_err(usage)?;
+            telemetry::init(&config.log.level, config.log.json);
+            commands::plugin(config).await.map_err(run)
+        }
+        Command::Selftest { socket, provider, timeout } => {
+            let socket = SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?;
+            commands::selftest(socket, provider, timeout).await.map_err(run)
+        }
+        Command::Keyring { action, config } => {
+            let config = config.load().map_err(usage)?;
+            let path = commands::keyring_path(&config).map_err(run)?;
+            match action {
+                KeyringAction::Init { identity, key } => commands::keyring_init(path, identity, &key),
+                KeyringAction::Rotate => commands::keyring_rotate(path),
+                KeyringAction::List => commands::keyring_list(path),
+            }
+            .map_err(run)
+        }
+        Command::EncryptionConfig { config, name, timeout, resources } => {
+            let config = config.load().map_err(usage)?;
+            if name.is_empty() || name.contains(':') {
+                return Err(Failure::Usage("--name must be non-empty and contain no ':'".into()));
+            }
+            humantime::parse_duration(&timeout)
+                .map_err(|e| Failure::Usage(format!("--timeout {timeout:?}: {e}")))?;
+            print!("{}", commands::encryption_config(&config, &name, &timeout, &resources));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The Prometheus registry for the plugin. Labels carry only method names, codes and outcomes:
+//! never a key_id, uid, token or any data.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// gRPC method and result code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `Status`, `Encrypt` or `Decrypt`.
+    pub method: &'static str,
+    /// The gRPC code name, e.g. `OK`, `INVALID_ARGUMENT`.
+    pub code: &'static str,
+}
+
+/// gRPC method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// `Status`, `Encrypt` or `Decrypt`.
+    pub method: &'static str,
+}
+
+/// Key store operation and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `metadata`, `encrypt` or `decrypt`.
+    pub operation: &'static str,
+    /// `ok` or the error kind.
+    pub outcome: &'static str,
+}
+
+/// Key store operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// `metadata`, `encrypt` or `decrypt`.
+    pub operation: &'static str,
+}
+
+/// Every metric the plugin exports, prefixed `kmsgate_`.
+pub struct Metrics {
+    registry: Registry,
+    /// gRPC requests by method and code.
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+    /// gRPC latency by method.
+    pub grpc_duration: Family<MethodLabels, Histogram>,
+    /// Key store (Transit or keyring) calls by operation and outcome.
+    pub backend_calls: Family<BackendLabels, Counter>,
+    /// Key store latency by operation.
+    pub backend_duration: Family<OperationLabels, Histogram>,
+    /// The promoted key version.
+    pub key_version: Gauge,
+    /// Seconds since the last successful encrypt+decrypt round trip (-1 before the first).
+    pub seconds_since_round_trip: Gauge<f64, AtomicU64>,
+    /// Key version promotions.
+    pub promotions: Counter,
+    /// Lower key versions seen and refused.
+    pub rollbacks_refused: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kmsgate");
+        let buckets = || Histogram::new(exponential_buckets(0.0001, 2.0, 17));
+        let grpc_requests = Family::default();
+        let grpc_duration =
+            Family::<MethodLabels, Histogram>::new_with_constructor(buckets as fn() -> Histogram);
+        let backend_calls = Family::default();
+        let backend_duration =
+            Family::<OperationLabels, Histogram>::new_with_constructor(buckets as fn() -> Histogram);
+        let key_version = Gauge::default();
+        let seconds_since_round_trip = Gauge::default();
+        let promotions = Counter::default();
+        let rollbacks_refused = Counter::default();
+        registry.register("grpc_requests", "KMS gRPC requests by method and code", grpc_requests.clone());
+        registry.register("grpc_request_duration_seconds", "KMS gRPC latency", grpc_duration.clone());
+        registry.register(
+            "backend_calls",
+            "Key store (Transit) calls by operation and outcome",
+            backend_calls.clone(),
+        );
+        registry.register(
+            "backend_call_duration_seconds",
+            "Key store (Transit) call latency",
+            backend_duration.clone(),
+        );
+        registry.register("key_version", "Promoted key version", key_version.clone());
+        registry.register(
+            "seconds_since_last_round_trip",
+            "Seconds since the last successful encrypt+decrypt probe (-1 before the first)",
+            seconds_since_round_trip.clone(),
+        );
+        registry.register("key_promotions", "Key version promotions", promotions.clone());
+        registry.register(
+            "key_rollbacks_refused",
+            "Lower key versions seen and refused",
+            rollbacks_refused.clone(),
+        );
+        Self {
+            registry,
+            grpc_requests,
+            grpc_duration,
+            backend_calls,
+            backend_duration,
+            key_version,
+            seconds_since_round_trip,
+            promotions,
+            rollbacks_refused,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // NB: encoding into a String only fails if a metric's encoder fails, which none here do.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The canonical gRPC code name, as metrics and audit records show it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

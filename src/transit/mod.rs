@@ -1,0 +1,281 @@
+//! The `vault` backend: Vault/OpenBao Transit encrypt and decrypt with an explicit key version
+//! and the key_id as associated data, plus the key operations the rotation controller needs.
+
+mod client;
+
+use std::collections::BTreeMap;
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+pub use client::{ClientError, VaultClient, VaultSettings};
+
+use crate::{
+    backend::{self, Backend, BackendError, KeyMetadata},
+    keyid::{BackendKind, KeyScope},
+};
+
+/// The prefix Transit puts on its ciphertexts: `vault:v<N>:`.
+pub const CIPHERTEXT_TAG: &str = "vault";
+
+/// Transit key types that authenticate associated data.
+const AEAD_TYPES: &[&str] = &["aes128-gcm96", "aes256-gcm96", "chacha20-poly1305"];
+
+/// One Transit key, served as a [`Backend`].
+#[derive(Debug)]
+pub struct Transit {
+    client: VaultClient,
+    scope: KeyScope,
+}
+
+#[derive(Deserialize)]
+struct KeyData {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    derived: bool,
+    keys: BTreeMap<String, serde_json::Value>,
+    latest_version: u64,
+    #[serde(default)]
+    min_decryption_version: u64,
+    #[serde(default)]
+    min_encryption_version: u64,
+}
+
+impl Transit {
+    /// Serves key `key` on Transit mount `mount` through `client`.
+    pub fn new(client: VaultClient, identity: &str, namespace: &str, mount: &str, key: &str) -> Self {
+        let scope = KeyScope {
+            kind: BackendKind::Transit,
+            identity: identity.to_owned(),
+            namespace: namespace.to_owned(),
+            mount: mount.to_owned(),
+            key: key.to_owned(),
+        };
+        Self { client, scope }
+    }
+
+    /// The underlying Vault client (the controller reuses it).
+    pub fn client(&self) -> &VaultClient {
+        &self.client
+    }
+
+    /// Creates a new key version (Transit `rotate`); needs an identity allowed to rotate.
+    pub async fn rotate(&self, deadline: Instant) -> Result<(), BackendError> {
+        let path = format!("{}/keys/{}/rotate", self.scope.mount, self.scope.key);
+        self.call(Method::POST, &path, Some(b"{}".to_vec()), deadline).await.map(drop)
+    }
+
+    /// Raises `min_decryption_version`, retiring every older version.
+    pub async fn set_min_decryption_version(
+        &self,
+        version: u64,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let path = format!("{}/keys/{}/config", self.scope.mount, self.scope.key);
+        let body = json!({ "min_decryption_version": version }).to_string().into_bytes();
+        self.call(Method::POST, &path, Some(body), deadline).await.map(drop)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, BackendError> {
+        let body = body.map(Zeroizing::new);
+        self.client.call(method, path, body.as_deref().map(Vec::as_slice), deadline).await.map_err(map_error)
+    }
+}
+
+impl Backend for Transit {
+    fn scope(&self) -> &KeyScope {
+        &self.scope
+    }
+
+    fn max_ciphertext_len(&self, plaintext_len: usize) -> usize {
+        backend::versioned_ciphertext_len(CIPHERTEXT_TAG, plaintext_len)
+    }
+
+    async fn metadata(&self, deadline: Instant) -> Result<KeyMetadata, BackendError> {
+        let path = format!("{}/keys/{}", self.scope.mount, self.scope.key);
+        let data = self.call(Method::GET, &path, None, deadline).await?;
+        let key: KeyData = serde_json::from_value(data)
+            .map_err(|e| BackendError::Protocol(format!("key metadata does not parse: {e}")))?;
+        if !AEAD_TYPES.contains(&key.kind.as_str()) {
+            return Err(BackendError::Misconfigured(format!(
+                "Transit key {:?} has type {:?}; kmsgate needs one of {AEAD_TYPES:?} (associated data)",
+                self.scope.key, key.kind
+            )));
+        }
+        if key.derived {
+            return Err(BackendError::Misconfigured(format!(
+                "Transit key {:?} is a derived key; kmsgate needs a non-derived key",
+                self.scope.key
+            )));
+        }
+        let mut versions = BTreeMap::new();
+        for (version, created) in key.keys {
+            let version: u64 = version
+                .parse()
+                .map_err(|_| BackendError::Protocol(format!("key version {version:?} is not a number")))?;
+            versions.insert(
+                version,
+                creation_time(&created).ok_or_else(|| {
+                    BackendError::Protocol(format!("key version {version} has no readable creation time"))
+                })?,
+            );
+        }
+        if !versions.contains_key(&key.latest_version) {
+            return Err(BackendError::Protocol(format!(
+                "latest_version {} is not among the key's versions",
+                key.latest_version
+            )));
+        }
+        Ok(KeyMetadata {
+            versions,
+            latest: key.latest_version,
+            min_decryption_version: key.min_decryption_version.max(1),
+            min_encryption_version: key.min_encryption_version,
+        })
+    }
+
+    async fn encrypt(
+        &self,
+        version: u64,
+        plaintext: &[u8],
+        aad: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, BackendError> {
+        #[derive(Deserialize)]
+        struct Encrypted {
+            ciphertext: String,
+            key_version: Option<u64>,
+        }
+        let path = format!("{}/encrypt/{}", self.scope.mount, self.scope.key);
+        let plaintext_b64 = Zeroizing::new(B64.encode(plaintext));
+        let body = json!({
+            "plaintext": plaintext_b64.as_str(),
+            "associated_data": B64.encode(aad),
+            "key_version": version,
+        });
+        let body = Zeroizing::new(body.to_string().into_bytes());
+        let data = self.call(Method::POST, &path, Some(body.to_vec()), deadline).await?;
+        let out: Encrypted = serde_json::from_value(data)
+            .map_err(|e| BackendError::Protocol(format!("encrypt answer does not parse: {e}")))?;
+        let made_by = backend::ciphertext_version(CIPHERTEXT_TAG, out.ciphertext.as_bytes()).map(|(v, _)| v);
+        if made_by != Some(version) || out.key_version.is_some_and(|v| v != version) {
+            return Err(BackendError::Protocol(format!(
+                "asked Transit to encrypt with version {version}, but it used {made_by:?}"
+            )));
+        }
+        Ok(out.ciphertext.into_bytes())
+    }
+
+    async fn decrypt(
+        &self,
+        version: u64,
+        ciphertext: &[u8],
+        aad: &[u8],
+        deadline: Instant,
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        #[derive(Deserialize)]
+        struct Decrypted {
+            plaintext: Zeroizing<String>,
+        }
+        let (made_by, _) = backend::ciphertext_version(CIPHERTEXT_TAG, ciphertext)
+            .ok_or_else(|| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
+        if made_by != version {
+            return Err(BackendError::Rejected(format!(
+                "ciphertext was made by key version {made_by}, but key_id names version {version}"
+            )));
+        }
+        let ciphertext = std::str::from_utf8(ciphertext)
+            .map_err(|_| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
+        let path = format!("{}/decrypt/{}", self.scope.mount, self.scope.key);
+        let body = json!({ "ciphertext": ciphertext, "associated_data": B64.encode(aad) });
+        let data = self.call(Method::POST, &path, Some(body.to_string().into_bytes()), deadline).await?;
+        let out: Decrypted = serde_json::from_value(data)
+            .map_err(|e| BackendError::Protocol(format!("decrypt answer does not parse: {e}")))?;
+        B64.decode(out.plaintext.as_bytes())
+            .map(Zeroizing::new)
+            .map_err(|_| BackendError::Protocol("decrypt answer is not base64".into()))
+    }
+}
+
+/// Symmetric Transit keys report creation as Unix seconds; asymmetric ones as an object with
+/// an RFC 3339 `creation_time`. Only the former carry AEAD keys, but accept both shapes.
+fn creation_time(value: &serde_json::Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        let text = value.get("creation_time")?.as_str()?;
+        let when = humantime::parse_rfc3339_weak(text.split('.').next()?.trim_end_matches('Z')).ok()?;
+        when.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
+    })
+}
+
+fn map_error(error: ClientError) -> BackendError {
+    match error {
+        ClientError::Deadline => BackendError::Deadline,
+        ClientError::Api { status: 400, message, .. } => {
+            let lower = message.to_ascii_lowercase();
+            if lower.contains("too old") || lower.contains("less than the minimum") {
+                // NB: the version is filled in by the caller, who knows which one it asked for.
+                BackendError::Retired { version: 0, reason: message }
+            } else {
+                BackendError::Rejected(message)
+            }
+        }
+        ClientError::Api { status: 403, message, .. } => BackendError::PermissionDenied(message),
+        ClientError::Api { status: 404, address, .. } => {
+            BackendError::Misconfigured(format!("{address}: Transit mount or key not found (HTTP 404)"))
+        }
+        e @ (ClientError::Api { .. } | ClientError::Transport { .. }) => {
+            BackendError::Unavailable(e.to_string())
+        }
+        e @ ClientError::Decode { .. } => BackendError::Protocol(e.to_string()),
+        e @ (ClientError::CaBundle { .. } | ClientError::Setup(_) | ClientError::TokenFile { .. }) => {
+            BackendError::Misconfigured(e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_time_shapes() {
+        assert_eq!(creation_time(&json!(1_700_000_000u64)), Some(1_700_000_000));
+        assert_eq!(
+            creation_time(&json!({"creation_time": "2023-11-14T22:13:20.123456789Z"})),
+            Some(1_700_000_000)
+        );
+        assert_eq!(creation_time(&json!("soon")), None);
+    }
+
+    #[test]
+    fn vault_errors_map_to_backend_errors() {
+        let api = |status, message: &str| ClientError::Api {
+            address: "https://v".into(),
+            status,
+            message: message.into(),
+        };
+        assert!(matches!(
+            map_error(api(400, "ciphertext or signature version is disallowed by policy (too old)")),
+            BackendError::Retired { .. }
+        ));
+        assert!(matches!(
+            map_error(api(400, "cipher: message authentication failed")),
+            BackendError::Rejected(_)
+        ));
+        assert!(matches!(map_error(api(403, "permission denied")), BackendError::PermissionDenied(_)));
+        assert!(matches!(map_error(api(503, "Vault is sealed")), BackendError::Unavailable(_)));
+        assert!(matches!(map_error(api(404, "")), BackendError::Misconfigured(_)));
+        assert!(matches!(map_error(ClientError::Deadline), BackendError::Deadline));
+    }
+}
