@@ -48,8 +48,8 @@ pub enum BackendError {
     #[error("ciphertext was rejected: {0}")]
     Rejected(String),
     /// The key version is retired (below `min_decryption_version` / `min_encryption_version`).
-    #[error("key version {version} is retired: {reason}")]
-    Retired { version: u64, reason: String },
+    #[error("key version is retired: {0}")]
+    Retired(String),
     /// The key store could not be reached or is not serving (network, sealed, 5xx).
     #[error("key store is unavailable: {0}")]
     Unavailable(String),

@@ -37,8 +37,6 @@ enum Command {
     Keyring {
         #[command(subcommand)]
         action: KeyringAction,
-        #[command(flatten)]
-        config: ConfigArgs,
     },
     /// Print the EncryptionConfiguration that points kube-apiserver at this plugin.
     EncryptionConfig {
@@ -66,11 +64,13 @@ enum KeyringAction {
         /// The key name in key_ids.
         #[arg(long, default_value = "kmsgate")]
         key: String,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Add a new key version.
-    Rotate,
+    Rotate(ConfigArgs),
     /// List versions and their key_ids (never key material).
-    List,
+    List(ConfigArgs),
 }
 
 #[derive(Args)]
@@ -155,13 +155,21 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let socket = SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?;
             commands::selftest(socket, provider, timeout).await.map_err(run)
         }
-        Command::Keyring { action, config } => {
+        Command::Keyring { action } => {
+            let (config, init) = match action {
+                KeyringAction::Init { identity, key, config } => (config, Some((identity, key))),
+                KeyringAction::Rotate(config) => (config, None),
+                KeyringAction::List(config) => {
+                    let config = config.load().map_err(usage)?;
+                    let path = commands::keyring_path(&config).map_err(run)?;
+                    return commands::keyring_list(path).map_err(run);
+                }
+            };
             let config = config.load().map_err(usage)?;
             let path = commands::keyring_path(&config).map_err(run)?;
-            match action {
-                KeyringAction::Init { identity, key } => commands::keyring_init(path, identity, &key),
-                KeyringAction::Rotate => commands::keyring_rotate(path),
-                KeyringAction::List => commands::keyring_list(path),
+            match init {
+                Some((identity, key)) => commands::keyring_init(path, identity, &key),
+                None => commands::keyring_rotate(path),
             }
             .map_err(run)
         }

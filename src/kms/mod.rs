@@ -119,7 +119,7 @@ impl<B: Backend> Shared<B> {
             Err(BackendError::PermissionDenied(_)) => "permission_denied",
             Err(BackendError::Protocol(_)) => "protocol",
             Err(BackendError::Rejected(_)) => "rejected",
-            Err(BackendError::Retired { .. }) => "retired",
+            Err(BackendError::Retired(_)) => "retired",
             Err(BackendError::Unavailable(_)) => "unavailable",
         };
         self.metrics.backend_calls.get_or_create(&BackendLabels { operation, outcome }).inc();

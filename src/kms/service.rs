@@ -201,8 +201,9 @@ impl<B: Backend> Shared<B> {
             BackendError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BackendError::Protocol(_) => Status::internal(error.to_string()),
             BackendError::Rejected(_) => Status::invalid_argument(error.to_string()),
-            BackendError::Retired { reason, .. } => {
-                Status::failed_precondition(self.retired_message(version, &reason))
+            BackendError::Retired(reason) => {
+                let min = self.lock().metadata.as_ref().map(|m| m.min_decryption_version);
+                Status::failed_precondition(retired_message(version, min, &reason))
             }
             BackendError::Unavailable(_) => Status::unavailable(error.to_string()),
         }
@@ -213,7 +214,11 @@ impl<B: Backend> Shared<B> {
         let state = self.lock();
         let Some(meta) = &state.metadata else { return Ok(()) };
         if id.version < meta.min_decryption_version {
-            return Err(Status::failed_precondition(self.retired_message(id.version, "")));
+            return Err(Status::failed_precondition(retired_message(
+                id.version,
+                Some(meta.min_decryption_version),
+                "",
+            )));
         }
         match meta.versions.get(&id.version) {
             Some(created) if *created != id.created => Err(Status::invalid_argument(format!(
@@ -224,15 +229,15 @@ impl<B: Backend> Shared<B> {
             _ => Ok(()),
         }
     }
+}
 
-    fn retired_message(&self, version: u64, reason: &str) -> String {
-        let min = self.lock().metadata.as_ref().map(|m| m.min_decryption_version);
-        match min {
-            Some(min) if min > version => {
-                format!("key version {version} is retired: the key's min_decryption_version is {min}")
-            }
-            _ => format!("key version {version} is retired: {reason}"),
+/// Names the retired version, and the key's floor where the last poll saw one above it.
+fn retired_message(version: u64, min_decryption_version: Option<u64>, reason: &str) -> String {
+    match min_decryption_version {
+        Some(min) if min > version => {
+            format!("key version {version} is retired: the key's min_decryption_version is {min}")
         }
+        _ => format!("key version {version} is retired: {reason}"),
     }
 }
 

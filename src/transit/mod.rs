@@ -224,8 +224,7 @@ fn map_error(error: ClientError) -> BackendError {
         ClientError::Api { status: 400, message, .. } => {
             let lower = message.to_ascii_lowercase();
             if lower.contains("too old") || lower.contains("less than the minimum") {
-                // NB: the version is filled in by the caller, who knows which one it asked for.
-                BackendError::Retired { version: 0, reason: message }
+                BackendError::Retired(message)
             } else {
                 BackendError::Rejected(message)
             }
@@ -267,7 +266,7 @@ mod tests {
         };
         assert!(matches!(
             map_error(api(400, "ciphertext or signature version is disallowed by policy (too old)")),
-            BackendError::Retired { .. }
+            BackendError::Retired(_)
         ));
         assert!(matches!(
             map_error(api(400, "cipher: message authentication failed")),

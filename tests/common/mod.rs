@@ -1,0 +1,285 @@
+//! Test fixtures: a real OpenBao dev server on a free loopback port, and the real kmsgate binary.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use kmsgate::{config::SocketSpec, selftest};
+use serde_json::{Value, json};
+
+/// Installs the ring provider once per test binary.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A free loopback port (best effort: another process may take it before we bind).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn bao_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KMSGATE_TEST_BAO") {
+        return PathBuf::from(path);
+    }
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|p| p.join("bao")).find(|p| p.is_file()));
+    found
+        .flatten()
+        .expect("OpenBao `bao` not found: run the tests with scripts/test.sh, or set KMSGATE_TEST_BAO")
+}
+
+/// A real `bao server -dev`, killed on drop.
+pub struct Bao {
+    child: Child,
+    pub addr: String,
+    pub token: String,
+    _home: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Bao {
+    /// Starts OpenBao with a random root token and a Transit mount with key `kmsgate`.
+    pub async fn start() -> Self {
+        init_crypto();
+        let home = tempfile::tempdir().unwrap();
+        let token = format!("kgtest{}", uuid::Uuid::new_v4().simple());
+        let port = free_port();
+        let addr = format!("http://127.0.0.1:{port}");
+        let child = Command::new(bao_binary())
+            .args(["server", "-dev", "-dev-no-store-token"])
+            .arg(format!("-dev-root-token-id={token}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            // NB: keep the dev server off the developer's ~/.vault-token and config.
+            .env("HOME", home.path())
+            .env_remove("VAULT_ADDR")
+            .env_remove("BAO_ADDR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bao");
+        let bao = Self { child, addr, token, _home: home, http: reqwest::Client::new() };
+        for _ in 0..200 {
+            if let Ok(r) = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await {
+                if r.status().is_success() {
+                    bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
+                    bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+                    return bao;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("OpenBao did not become healthy on {}", bao.addr);
+    }
+
+    /// POSTs to `/v1/{path}` as root; panics on failure.
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", &self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "POST {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Rotates the Transit key.
+    pub async fn rotate(&self) {
+        self.post("transit/keys/kmsgate/rotate", json!({})).await;
+    }
+
+    /// Freezes the process: connections hang, state is kept.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Thaws the process.
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
+    /// A token file holding the root token.
+    pub fn token_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("token");
+        std::fs::write(&path, format!("{}\n", self.token)).unwrap();
+        path
+    }
+
+    /// Plugin settings for this server.
+    pub fn plugin_settings(&self, dir: &Path) -> Vec<(String, String)> {
+        vec![
+            ("backend.kind".into(), "vault".into()),
+            ("backend.identity".into(), "test-bao".into()),
+            ("vault.addresses".into(), self.addr.clone()),
+            ("vault.token_file".into(), self.token_file(dir).display().to_string()),
+        ]
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        signal(self.child.id(), "-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok =
+        Command::new("kill").arg(sig).arg(pid.to_string()).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// A running `kmsgate plugin`, killed on drop.
+pub struct Plugin {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub http: String,
+    pub log: PathBuf,
+    settings: Vec<(String, String)>,
+}
+
+impl Plugin {
+    /// Starts the plugin with these settings (as `--set` flags) plus a socket and HTTP port in `dir`.
+    pub async fn start(dir: &Path, settings: &[(String, String)]) -> Self {
+        let socket = dir.join("kms.sock");
+        let port = free_port();
+        let mut all = vec![
+            ("plugin.socket".to_owned(), socket.display().to_string()),
+            ("http.listen".to_owned(), format!("127.0.0.1:{port}")),
+            ("log.level".to_owned(), "debug".to_owned()),
+        ];
+        all.extend_from_slice(settings);
+        let log = dir.join(format!("plugin-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut plugin =
+            Self { child: None, socket, http: format!("http://127.0.0.1:{port}"), log, settings: all };
+        plugin.spawn();
+        plugin.wait_for_socket().await;
+        plugin
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsgate"));
+        command.arg("plugin");
+        for (k, v) in &self.settings {
+            command.arg("--set").arg(format!("{k}={v}"));
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        command.stdout(log.try_clone().unwrap()).stderr(log);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("KMSGATE_") || key.starts_with("VAULT_") {
+                command.env_remove(key);
+            }
+        }
+        self.child = Some(command.spawn().expect("start kmsgate"));
+    }
+
+    async fn wait_for_socket(&mut self) {
+        for _ in 0..200 {
+            // NB: connect, not exists(): a stale socket file may be there before the plugin binds.
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("plugin exited with {status}: {}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("plugin socket did not appear: {}", self.log_text());
+    }
+
+    /// Stops with SIGTERM and returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "-TERM");
+        child.wait().unwrap().code()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            signal(child.id(), "-TERM");
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> Option<i32> {
+        self.child.take()?.wait().unwrap().code()
+    }
+
+    /// Stops and starts again with the same settings.
+    pub async fn restart(&mut self) {
+        assert_eq!(self.stop(), Some(0), "{}", self.log_text());
+        self.spawn();
+        self.wait_for_socket().await;
+    }
+
+    /// The plugin's combined stdout and stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A KMS client on the socket.
+    pub async fn client(&self) -> selftest::KmsClient {
+        selftest::connect(&SocketSpec::Path(self.socket.clone())).await.unwrap()
+    }
+
+    /// GET /status.
+    pub async fn status_json(&self) -> Value {
+        reqwest::get(format!("{}/status", self.http)).await.unwrap().json().await.unwrap()
+    }
+
+    /// GET a path as text, with its status code.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("{}{path}", self.http)).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// Waits until Status says ok.
+    pub async fn wait_healthy(&self) -> String {
+        self.wait_status(|healthz, _| healthz == "ok").await.1
+    }
+
+    /// Polls Status until `done(healthz, key_id)` holds; returns the last answer.
+    pub async fn wait_status(&self, done: impl Fn(&str, &str) -> bool) -> (String, String) {
+        let mut client = self.client().await;
+        let mut last = (String::new(), String::new());
+        for _ in 0..400 {
+            if let Ok(r) = client.status(kmsgate::proto::v2::StatusRequest {}).await {
+                let r = r.into_inner();
+                last = (r.healthz, r.key_id);
+                if done(&last.0, &last.1) {
+                    return last;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("Status never reached the wanted state; last {last:?}; log:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Settings that make probes fast enough for tests.
+pub fn fast_probes() -> Vec<(String, String)> {
+    vec![
+        ("plugin.poll_interval".into(), "100ms".into()),
+        ("plugin.round_trip_interval".into(), "1s".into()),
+        ("plugin.probe_timeout".into(), "500ms".into()),
+    ]
+}
