@@ -3,7 +3,7 @@
 use std::{path::Path, time::Duration};
 
 use crate::{
-    config::{BackendConfig, Config, SocketSpec},
+    config::{BackendConfig, Config},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     selftest,
@@ -54,8 +54,8 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
 }
 
 /// `kmsgate selftest`: prints the report; fails on any deviation.
-pub async fn selftest(socket: SocketSpec, provider: String, timeout: Duration) -> Result<(), CommandError> {
-    let report = selftest::run(&selftest::Options { socket, provider, timeout }).await;
+pub async fn selftest(options: selftest::Options) -> Result<(), CommandError> {
+    let report = selftest::run(&options).await;
     println!("{report}");
     if report.passed() { Ok(()) } else { Err(CommandError::Selftest) }
 }

@@ -807,7 +807,8 @@ token_file = "/etc/kmsgate/token"
 
     #[test]
     fn errors_name_the_field() {
-        let cases: &[(&str, &[(&str, &str)], &[(&str, &str)], &str)] = &[
+        type Pairs<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(&str, Pairs<'_>, Pairs<'_>, &str)] = &[
             ("format = 2\n", &[], &[], "format = 2 is not supported"),
             ("[plugin]\n", &[], &[], "missing `format = 1`"),
             ("format = 1\n[plugin]\nsokcet = \"/x\"\n", &[], &[], "sokcet"),

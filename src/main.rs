@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use kmsgate::{
     commands,
     config::{self, Config, ProcessEnv, SocketSpec},
-    telemetry,
+    selftest, telemetry,
 };
 
 /// Kubernetes KMS v2 plugin backed by Vault/OpenBao Transit (or a local keyring for first runs).
@@ -32,6 +32,9 @@ enum Command {
         /// Per-call deadline, as the API server's provider `timeout`.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// How long to wait for Status to say ok before failing.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        wait: Duration,
     },
     /// Manage the local keyring (NOT FOR PRODUCTION).
     Keyring {
@@ -151,9 +154,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             telemetry::init(&config.log.level, config.log.json);
             commands::plugin(config).await.map_err(run)
         }
-        Command::Selftest { socket, provider, timeout } => {
+        Command::Selftest { socket, provider, timeout, wait } => {
             let socket = SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?;
-            commands::selftest(socket, provider, timeout).await.map_err(run)
+            commands::selftest(selftest::Options { socket, provider, timeout, wait }).await.map_err(run)
         }
         Command::Keyring { action } => {
             let (config, init) = match action {

@@ -41,6 +41,8 @@ pub struct Options {
     pub provider: String,
     /// The per-call deadline (the API server's `timeout`).
     pub timeout: Duration,
+    /// How long to keep asking Status until it says ok, as the API server re-probes a new plugin.
+    pub wait: Duration,
 }
 
 /// One check and its outcome.
@@ -125,8 +127,17 @@ pub async fn run(options: &Options) -> Report {
     };
     let call = Deadline(options.timeout);
 
-    // Status, as isKMSv2ProviderHealthyAndMaybeRotateDEK checks it.
-    let status = client.status(call.on(StatusRequest {})).await.map(|r| r.into_inner());
+    // Status, as isKMSv2ProviderHealthyAndMaybeRotateDEK checks it; a plugin that just started
+    // may need a moment for its first probes, so re-ask until `wait` runs out.
+    let give_up = tokio::time::Instant::now() + options.wait;
+    let status = loop {
+        let status = client.status(call.on(StatusRequest {})).await.map(|r| r.into_inner());
+        let healthy = status.as_ref().is_ok_and(|s| s.healthz == "ok");
+        if healthy || tokio::time::Instant::now() >= give_up {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let Some(status) = (match status {
         Ok(s) => {
             let verdict = check_status(&s.version, &s.healthz, &s.key_id);

@@ -33,8 +33,13 @@ fn local(dir: &std::path::Path, extra: &[(&str, &str)]) -> Vec<(String, String)>
 }
 
 async fn run_selftest(socket: SocketSpec) -> selftest::Report {
-    selftest::run(&selftest::Options { socket, provider: "kmsgate".into(), timeout: Duration::from_secs(3) })
-        .await
+    selftest::run(&selftest::Options {
+        socket,
+        provider: "kmsgate".into(),
+        timeout: Duration::from_secs(3),
+        wait: Duration::from_secs(5),
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

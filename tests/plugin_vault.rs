@@ -44,6 +44,7 @@ async fn selftest_passes_and_status_document_is_complete() {
         socket: SocketSpec::Path(plugin.socket.clone()),
         provider: "kmsgate".into(),
         timeout: Duration::from_secs(3),
+        wait: Duration::from_secs(5),
     })
     .await;
     assert!(report.passed(), "{report}");

@@ -63,12 +63,11 @@ impl Bao {
             .expect("start bao");
         let bao = Self { child, addr, token, _home: home, http: reqwest::Client::new() };
         for _ in 0..200 {
-            if let Ok(r) = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await {
-                if r.status().is_success() {
-                    bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
-                    bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
-                    return bao;
-                }
+            let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
+                bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+                return bao;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,0 +1,40 @@
+//! The shipped examples stay valid, and the shipped EncryptionConfiguration is what the command prints.
+
+use std::{collections::HashMap, path::Path, process::Command};
+
+use kmsgate::config::{BackendConfig, Config};
+
+#[test]
+fn example_configs_load() {
+    let env = HashMap::new();
+    let local = Config::load(Some(Path::new("examples/local.toml")), &[], &env).unwrap();
+    assert!(matches!(local.backend, BackendConfig::Local { .. }));
+    let vault = Config::load(Some(Path::new("examples/vault.toml")), &[], &env).unwrap();
+    let BackendConfig::Vault(v) = vault.backend else { panic!("vault example must use the vault backend") };
+    assert_eq!(v.identity, "prod-vault");
+    assert_eq!(v.client.addresses.len(), 2);
+}
+
+#[test]
+fn shipped_encryption_configuration_matches_the_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kmsgate"))
+        .args(["encryption-config", "--config", "examples/vault.toml"])
+        .env_remove("KMSGATE_PLUGIN_SOCKET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shipped = std::fs::read_to_string("deploy/apiserver/encryption-configuration.yaml").unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        shipped,
+        "regenerate with: kmsgate encryption-config --config examples/vault.toml"
+    );
+}
+
+#[test]
+fn readme_documents_every_setting() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    for (name, ..) in kmsgate::config::SETTINGS {
+        assert!(readme.contains(&format!("`{name}`")), "README.md does not document `{name}`");
+    }
+}
