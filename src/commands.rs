@@ -61,16 +61,8 @@ pub async fn selftest(options: selftest::Options) -> Result<(), CommandError> {
 }
 
 /// `kmsgate keyring init`.
-pub fn keyring_init(path: &Path, identity: Option<String>, key: &str) -> Result<(), CommandError> {
-    let identity = match identity {
-        Some(identity) => identity,
-        None => {
-            let mut bytes = [0u8; 4];
-            getrandom::fill(&mut bytes).map_err(|_| KeyringError::Random)?;
-            format!("local-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
-        }
-    };
-    Keyring::init(path, &identity, key)?;
+pub fn keyring_init(path: &Path, identity: Option<&str>, key: &str) -> Result<(), CommandError> {
+    let identity = Keyring::init(path, identity, key)?;
     println!("created keyring {} (identity {identity}, key {key}, version 1, mode 0600)", path.display());
     println!("NOT FOR PRODUCTION: this keyring serves one node only and the controller cannot rotate it.");
     Ok(())

@@ -171,7 +171,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let config = config.load().map_err(usage)?;
             let path = commands::keyring_path(&config).map_err(run)?;
             match init {
-                Some((identity, key)) => commands::keyring_init(path, identity, &key),
+                Some((identity, key)) => commands::keyring_init(path, identity.as_deref(), &key),
                 None => commands::keyring_rotate(path),
             }
             .map_err(run)

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::{os::unix::fs::PermissionsExt, process::Command, time::Duration};
+use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use common::Plugin;
 use kmsgate::{
@@ -13,14 +13,7 @@ use kmsgate::{
 };
 
 fn kmsgate(args: &[&str]) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsgate"));
-    command.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KMSGATE_") || key.starts_with("VAULT_") {
-            command.env_remove(key);
-        }
-    }
-    command.output().unwrap()
+    common::kmsgate_command().args(args).output().unwrap()
 }
 
 fn local(dir: &std::path::Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -109,7 +102,7 @@ async fn abstract_socket_only_when_allowed() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("allow_abstract_socket"));
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kmsgate"))
+    let mut child = common::kmsgate_command()
         .args(["plugin", "--socket", &name, "--keyring", keyring.to_str().unwrap()])
         .args(["--set", "plugin.allow_abstract_socket=true", "--set", "http.listen=off"])
         .stderr(std::process::Stdio::null())

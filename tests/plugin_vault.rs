@@ -316,11 +316,15 @@ async fn transit_binds_the_key_id_as_associated_data() {
     let err = transit.decrypt(1, &sealed, b"key-id-b", deadline).await.unwrap_err();
     assert!(matches!(err, BackendError::Rejected(_)), "{err:?}");
     // Explicit key_version: after a rotation, asking for version 1 still encrypts with version 1.
-    bao.rotate().await;
+    transit.rotate(deadline).await.unwrap();
     let old = transit.encrypt(1, b"seed", b"a", deadline).await.unwrap();
     assert!(old.starts_with(b"vault:v1:"));
     let meta = transit.metadata(deadline).await.unwrap();
-    assert_eq!((meta.latest, meta.versions.len()), (2, 2));
+    assert_eq!((meta.latest, meta.versions.len(), meta.min_decryption_version), (2, 2, 1));
+    transit.set_min_decryption_version(2, deadline).await.unwrap();
+    assert_eq!(transit.metadata(deadline).await.unwrap().min_decryption_version, 2);
+    let err = transit.decrypt(1, &old, b"a", deadline).await.unwrap_err();
+    assert!(matches!(err, BackendError::Retired(_)), "{err:?}");
     // A wrong token is a permission error, and the token is not in it.
     std::fs::write(dir.path().join("token"), "wrong-token").unwrap();
     transit.client().reload_token(&dir.path().join("token")).unwrap();

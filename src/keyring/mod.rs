@@ -108,7 +108,13 @@ struct FileVersion {
 
 impl Keyring {
     /// Creates a new keyring file (mode 0600) with one version; never replaces an existing file.
-    pub fn init(path: &Path, identity: &str, key: &str) -> Result<Vec<VersionInfo>, KeyringError> {
+    /// Without an identity it gets `local-<8 random hex digits>`. Returns the identity.
+    pub fn init(path: &Path, identity: Option<&str>, key: &str) -> Result<String, KeyringError> {
+        let identity = match identity {
+            Some(identity) => identity.to_owned(),
+            None => format!("local-{}", random_hex(4)?),
+        };
+        let identity = identity.as_str();
         validate_name(path, "identity", identity)?;
         validate_name(path, "key", key)?;
         let file = FileV1 {
@@ -127,7 +133,7 @@ impl Keyring {
             Err(e) => return Err(io(e)),
         };
         write_json(&mut out, &file).map_err(io)?;
-        Ok(infos(&file))
+        Ok(file.identity.clone())
     }
 
     /// Adds a new version; the running plugin adopts it through its normal promotion rules.
@@ -150,8 +156,7 @@ impl Keyring {
     /// Opens a keyring file, creating it first if `create` is set and it does not exist.
     pub fn open(path: &Path, create: bool) -> Result<Self, KeyringError> {
         if create && !path.exists() {
-            let identity = format!("local-{}", random_hex(4)?);
-            match Self::init(path, &identity, "kmsgate") {
+            match Self::init(path, None, "kmsgate") {
                 Ok(_) | Err(KeyringError::Exists(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -409,9 +414,9 @@ mod tests {
     async fn init_rotate_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring.json");
-        Keyring::init(&path, "demo", "kmsgate").unwrap();
+        Keyring::init(&path, Some("demo"), "kmsgate").unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(matches!(Keyring::init(&path, "demo", "kmsgate"), Err(KeyringError::Exists(_))));
+        assert!(matches!(Keyring::init(&path, Some("demo"), "kmsgate"), Err(KeyringError::Exists(_))));
 
         let ring = Keyring::open(&path, false).unwrap();
         let ct = ring.encrypt(1, b"seed", b"kid-1", far()).await.unwrap();
@@ -434,7 +439,7 @@ mod tests {
     fn refuses_loose_permissions() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring.json");
-        Keyring::init(&path, "demo", "kmsgate").unwrap();
+        Keyring::init(&path, Some("demo"), "kmsgate").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         let err = Keyring::open(&path, false).err().unwrap();
         assert!(matches!(err, KeyringError::Permissions { mode: 0o640, .. }), "{err}");

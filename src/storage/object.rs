@@ -25,16 +25,6 @@ pub enum DekSourceType {
     HkdfSha256XnonceAesGcmSeed,
 }
 
-impl DekSourceType {
-    /// The upstream enum name, as reports show it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::AesGcmKey => "AES_GCM_KEY",
-            Self::HkdfSha256XnonceAesGcmSeed => "HKDF_SHA256_XNONCE_AES_GCM_SEED",
-        }
-    }
-}
-
 /// A stored KMS v2 object that passed the API server's validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncryptedObject {

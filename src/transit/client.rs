@@ -124,11 +124,6 @@ impl VaultClient {
         Ok(())
     }
 
-    /// The address calls go to now.
-    pub fn current_address(&self) -> &str {
-        &self.addresses[self.current.load(Ordering::Relaxed) % self.addresses.len()]
-    }
-
     /// Calls `path` (below `/v1/`) and returns the response's `data`, or `Null` for 204.
     /// Moves to the next address on transport errors and 5xx while the deadline allows.
     pub async fn call(

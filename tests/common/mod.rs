@@ -166,18 +166,13 @@ impl Plugin {
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kmsgate"));
+        let mut command = kmsgate_command();
         command.arg("plugin");
         for (k, v) in &self.settings {
             command.arg("--set").arg(format!("{k}={v}"));
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         command.stdout(log.try_clone().unwrap()).stderr(log);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("KMSGATE_") || key.starts_with("VAULT_") {
-                command.env_remove(key);
-            }
-        }
         self.child = Some(command.spawn().expect("start kmsgate"));
     }
 
@@ -272,6 +267,17 @@ impl Drop for Plugin {
             let _ = child.wait();
         }
     }
+}
+
+/// The kmsgate binary, with no KMSGATE_* or VAULT_* variables from the developer's shell.
+pub fn kmsgate_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsgate"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KMSGATE_") || key.starts_with("VAULT_") {
+            command.env_remove(key);
+        }
+    }
+    command
 }
 
 /// Settings that make probes fast enough for tests.
