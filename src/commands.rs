@@ -6,8 +6,9 @@ use crate::{
     config::{BackendConfig, Config},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
+    metrics::Metrics,
     selftest,
-    transit::{ClientError, Transit, VaultClient},
+    transit::{AuthMethod, ClientError, Transit, VaultClient},
 };
 
 /// A command failed.
@@ -34,6 +35,7 @@ pub enum CommandError {
 /// `kmsgate plugin`: serves KMS v2 until SIGTERM or SIGINT.
 pub async fn plugin(config: Config) -> Result<(), CommandError> {
     let shutdown = shutdown_signal();
+    let metrics = Metrics::new();
     match &config.backend {
         BackendConfig::Local { keyring, create } => {
             tracing::warn!(
@@ -42,12 +44,22 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
                  only, and the rotation controller cannot rotate them. Use backend.kind = \"vault\"."
             );
             let backend = Keyring::open(keyring, *create)?;
-            kms::serve(&config, backend, shutdown).await?;
+            kms::serve(&config, backend, metrics, shutdown).await?;
         }
         BackendConfig::Vault(v) => {
-            let client = VaultClient::new(&v.client)?;
+            if let AuthMethod::Jwt { jwt_file, .. } = &v.client.auth {
+                tracing::warn!(
+                    jwt_file = %jwt_file.display(),
+                    "Vault auth is a JWT from a file: it must come from outside this cluster (a static pod has no \
+                     service-account token, and this plugin starts before the API server it serves)"
+                );
+            }
+            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let maintenance = tokio::spawn(client.clone().maintain());
             let backend = Transit::new(client, &v.identity, &v.client.namespace, &v.mount, &v.key);
-            kms::serve(&config, backend, shutdown).await?;
+            let result = kms::serve(&config, backend, metrics, shutdown).await;
+            maintenance.abort();
+            result?;
         }
     }
     Ok(())

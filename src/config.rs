@@ -92,8 +92,54 @@ pub const SETTINGS: &[(&str, Kind, &str, &str)] = &[
     ("vault.namespace", Kind::Str, "", "vault: Enterprise namespace"),
     ("vault.mount", Kind::Str, "transit", "vault: Transit mount path"),
     ("vault.key", Kind::Str, "kmsgate", "vault: Transit key name"),
-    ("vault.token_file", Kind::Str, "", "vault: file holding the Vault token"),
-    ("vault.ca_cert", Kind::Str, "", "vault: PEM CA bundle to trust instead of the system roots"),
+    (
+        "vault.auth",
+        Kind::Str,
+        "token",
+        "vault: token, approle, cert or jwt (kubernetes is refused for the plugin)",
+    ),
+    ("vault.auth_mount", Kind::Str, "(the method name)", "vault: mount path of the auth method"),
+    ("vault.token_file", Kind::Str, "", "vault auth token: file holding the token; re-read when it changes"),
+    ("vault.role_id_file", Kind::Str, "", "vault auth approle: file holding the role_id"),
+    (
+        "vault.secret_id_file",
+        Kind::Str,
+        "",
+        "vault auth approle: file holding the secret_id; a change logs in again",
+    ),
+    ("vault.role", Kind::Str, "", "vault auth cert/jwt: role to log in as (cert: optional)"),
+    ("vault.jwt_file", Kind::Str, "", "vault auth jwt: file holding the JWT; a change logs in again"),
+    (
+        "vault.renew_fraction",
+        Kind::Str,
+        "0.67",
+        "vault: renew the token when this fraction of its TTL has passed",
+    ),
+    (
+        "vault.max_concurrent_calls",
+        Kind::Int,
+        "32",
+        "vault: most Transit calls in flight; the rest wait within their deadline",
+    ),
+    (
+        "vault.check_interval",
+        Kind::Str,
+        "5s",
+        "vault: how often credential/TLS files and failed addresses are checked",
+    ),
+    (
+        "vault.ca_cert",
+        Kind::Str,
+        "",
+        "vault: PEM CA bundle file or directory to trust instead of the system roots",
+    ),
+    (
+        "vault.client_cert",
+        Kind::Str,
+        "",
+        "vault: PEM client certificate (cert auth or mutual TLS); reloaded on change",
+    ),
+    ("vault.client_key", Kind::Str, "", "vault: PEM key of vault.client_cert"),
     ("vault.insecure_allow_http", Kind::Bool, "false", "vault: allow http:// to non-loopback addresses"),
 ];
 
@@ -290,7 +336,7 @@ pub enum BackendConfig {
         create: bool,
     },
     /// Vault/OpenBao Transit.
-    Vault(VaultConfig),
+    Vault(Box<VaultConfig>),
 }
 
 /// Vault/OpenBao settings.
@@ -382,8 +428,19 @@ struct RawVault {
     namespace: Option<String>,
     mount: Option<String>,
     key: Option<String>,
+    auth: Option<String>,
+    auth_mount: Option<String>,
     token_file: Option<String>,
+    role_id_file: Option<String>,
+    secret_id_file: Option<String>,
+    role: Option<String>,
+    jwt_file: Option<String>,
+    renew_fraction: Option<String>,
+    max_concurrent_calls: Option<i64>,
+    check_interval: Option<String>,
     ca_cert: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
     insecure_allow_http: Option<bool>,
 }
 
@@ -621,22 +678,86 @@ fn backend(b: RawBackend, local: RawLocal, v: RawVault) -> Result<BackendConfig,
             for address in &addresses {
                 check_address(address, insecure).map_err(|e| field("vault.addresses", e))?;
             }
-            let token_file = v.token_file.filter(|t| !t.is_empty()).ok_or_else(|| {
-                field("vault.token_file", "required for vault: a file holding the Vault token")
-            })?;
-            Ok(BackendConfig::Vault(VaultConfig {
+            let path = |value: Option<String>| value.filter(|p| !p.is_empty()).map(PathBuf::from);
+            let tls = transit::TlsSettings {
+                ca: path(v.ca_cert),
+                client_cert: path(v.client_cert),
+                client_key: path(v.client_key),
+            };
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                return Err(field(
+                    "vault.client_cert",
+                    "vault.client_cert and vault.client_key must be set together",
+                ));
+            }
+            let renew_text = v.renew_fraction.unwrap_or_else(|| "0.67".into());
+            let renew_fraction: f64 =
+                renew_text.parse().ok().filter(|f: &f64| *f >= 0.1 && *f <= 0.9).ok_or_else(|| {
+                    field("vault.renew_fraction", format!("{renew_text:?} must be a number from 0.1 to 0.9"))
+                })?;
+            let auth = auth_method(
+                v.auth.as_deref().unwrap_or("token"),
+                v.auth_mount.filter(|m| !m.is_empty()),
+                path(v.token_file),
+                (path(v.role_id_file), path(v.secret_id_file)),
+                v.role.unwrap_or_default(),
+                path(v.jwt_file),
+                tls.client_cert.is_some(),
+            )?;
+            Ok(BackendConfig::Vault(Box::new(VaultConfig {
                 identity,
                 mount,
                 key,
                 client: transit::VaultSettings {
                     addresses,
                     namespace,
-                    token_file: PathBuf::from(token_file),
-                    ca_cert: v.ca_cert.filter(|c| !c.is_empty()).map(PathBuf::from),
+                    tls,
+                    auth,
+                    renew_fraction,
+                    max_concurrent_calls: int("vault.max_concurrent_calls", v.max_concurrent_calls, 32, 1)?
+                        as usize,
+                    check_interval: duration("vault.check_interval", v.check_interval.as_deref(), "5s")?,
                 },
-            }))
+            })))
         }
         other => Err(field("backend.kind", format!("{other:?} must be local or vault"))),
+    }
+}
+
+fn auth_method(
+    method: &str,
+    mount: Option<String>,
+    token_file: Option<PathBuf>,
+    approle: (Option<PathBuf>, Option<PathBuf>),
+    role: String,
+    jwt_file: Option<PathBuf>,
+    has_client_cert: bool,
+) -> Result<transit::AuthMethod, ConfigError> {
+    let mount = |default: &str| mount.clone().unwrap_or_else(|| default.to_owned());
+    let required = |value: Option<PathBuf>, name: &str| {
+        value.ok_or_else(|| field(name, format!("required for vault.auth = {method:?}")))
+    };
+    match method {
+        "token" => Ok(transit::AuthMethod::Token { file: required(token_file, "vault.token_file")? }),
+        "approle" => Ok(transit::AuthMethod::AppRole {
+            mount: mount("approle"),
+            role_id_file: required(approle.0, "vault.role_id_file")?,
+            secret_id_file: required(approle.1, "vault.secret_id_file")?,
+        }),
+        "cert" if !has_client_cert => Err(field("vault.client_cert", "required for vault.auth = \"cert\"")),
+        "cert" => Ok(transit::AuthMethod::Cert { mount: mount("cert"), role }),
+        "jwt" if role.is_empty() => Err(field("vault.role", "required for vault.auth = \"jwt\"")),
+        "jwt" => Ok(transit::AuthMethod::Jwt {
+            mount: mount("jwt"),
+            role,
+            jwt_file: required(jwt_file, "vault.jwt_file")?,
+        }),
+        "kubernetes" => Err(field(
+            "vault.auth",
+            "the plugin cannot use kubernetes auth: a static pod has no service-account token, and Vault's \
+             TokenReview needs the API server this plugin serves; use approle, cert, jwt or token",
+        )),
+        other => Err(field("vault.auth", format!("{other:?} must be token, approle, cert or jwt"))),
     }
 }
 
@@ -835,6 +956,14 @@ token_file = "/etc/kmsgate/token"
             (VAULT, &[("vault.addresses", "ftp://x")], &[], "vault.addresses"),
             (VAULT, &[("vault.addresses", "")], &[], "at least one address"),
             (VAULT, &[("vault.token_file", "")], &[], "vault.token_file"),
+            (VAULT, &[("vault.auth", "kubernetes")], &[], "static pod has no service-account token"),
+            (VAULT, &[("vault.auth", "approle")], &[], "vault.role_id_file"),
+            (VAULT, &[("vault.auth", "cert")], &[], "vault.client_cert"),
+            (VAULT, &[("vault.auth", "jwt")], &[], "vault.role"),
+            (VAULT, &[("vault.auth", "ldap")], &[], "vault.auth"),
+            (VAULT, &[("vault.client_key", "/k.pem")], &[], "set together"),
+            (VAULT, &[("vault.renew_fraction", "1.5")], &[], "vault.renew_fraction"),
+            (VAULT, &[("vault.max_concurrent_calls", "0")], &[], "vault.max_concurrent_calls"),
             (VAULT, &[("backend.identity", "Prod Vault")], &[], "backend.identity"),
             (VAULT, &[("vault.mount", "/transit")], &[], "vault.mount"),
             (VAULT, &[("vault.key", "a/b")], &[], "vault.key"),

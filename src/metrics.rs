@@ -46,9 +46,65 @@ pub struct OperationLabels {
     pub operation: &'static str,
 }
 
+/// Outcome of a token renewal or login.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+/// A configured Vault address (configuration, never a secret).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    /// The address as configured.
+    pub address: String,
+}
+
+/// The Vault client's metrics, prefixed `kmsgate_vault_`.
+#[derive(Clone, Default)]
+pub struct VaultMetrics {
+    /// Seconds until the token expires (-1 when unknown or never).
+    pub token_ttl_seconds: Gauge<f64, AtomicU64>,
+    /// Token renewals by outcome.
+    pub renewals: Family<OutcomeLabels, Counter>,
+    /// Logins (and token file reloads) by outcome.
+    pub logins: Family<OutcomeLabels, Counter>,
+    /// 1 for the address calls go to now, 0 for the others.
+    pub current_address: Family<AddressLabels, Gauge>,
+    /// Moves from one address to another.
+    pub failovers: Counter,
+    /// Failed attempts per address.
+    pub address_errors: Family<AddressLabels, Counter>,
+    /// Calls waiting for a slot under `vault.max_concurrent_calls`.
+    pub calls_waiting: Gauge,
+}
+
+impl VaultMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let vault = registry.sub_registry_with_prefix("vault");
+        vault.register(
+            "token_ttl_seconds",
+            "Seconds until the Vault token expires (-1 unknown)",
+            self.token_ttl_seconds.clone(),
+        );
+        vault.register("token_renewals", "Vault token renewals by outcome", self.renewals.clone());
+        vault.register("logins", "Vault logins and token reloads by outcome", self.logins.clone());
+        vault.register("current_address", "1 for the Vault address in use", self.current_address.clone());
+        vault.register("failovers", "Moves to another Vault address", self.failovers.clone());
+        vault.register("address_errors", "Failed Vault attempts per address", self.address_errors.clone());
+        vault.register(
+            "calls_waiting",
+            "Vault calls waiting for a concurrency slot",
+            self.calls_waiting.clone(),
+        );
+    }
+}
+
 /// Every metric the plugin exports, prefixed `kmsgate_`.
 pub struct Metrics {
     registry: Registry,
+    /// The Vault client's metrics (registered even when the backend is the keyring).
+    pub vault: VaultMetrics,
     /// gRPC requests by method and code.
     pub grpc_requests: Family<GrpcLabels, Counter>,
     /// gRPC latency by method.
@@ -106,8 +162,11 @@ impl Metrics {
             "Lower key versions seen and refused",
             rollbacks_refused.clone(),
         );
+        let vault = VaultMetrics::default();
+        vault.register(&mut registry);
         Self {
             registry,
+            vault,
             grpc_requests,
             grpc_duration,
             backend_calls,

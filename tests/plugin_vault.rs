@@ -297,17 +297,11 @@ async fn bad_input_gets_its_documented_code() {
 async fn transit_binds_the_key_id_as_associated_data() {
     use kmsgate::{
         backend::{Backend, BackendError},
-        transit::{Transit, VaultClient, VaultSettings},
+        transit::{Transit, VaultClient},
     };
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let settings = VaultSettings {
-        addresses: vec![bao.addr.clone()],
-        namespace: String::new(),
-        token_file: bao.token_file(dir.path()),
-        ca_cert: None,
-    };
-    let client = VaultClient::new(&settings).unwrap();
+    let client = VaultClient::new(&bao.vault_settings(dir.path()), Default::default()).unwrap();
     assert!(!format!("{client:?}").contains(&bao.token), "Debug must not show the token");
     let transit = Transit::new(client, "test-bao", "", "transit", "kmsgate");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -325,12 +319,23 @@ async fn transit_binds_the_key_id_as_associated_data() {
     assert_eq!(transit.metadata(deadline).await.unwrap().min_decryption_version, 2);
     let err = transit.decrypt(1, &old, b"a", deadline).await.unwrap_err();
     assert!(matches!(err, BackendError::Retired(_)), "{err:?}");
-    // A wrong token is a permission error, and the token is not in it.
-    std::fs::write(dir.path().join("token"), "wrong-token").unwrap();
-    transit.client().reload_token(&dir.path().join("token")).unwrap();
-    let err = transit.metadata(deadline).await.unwrap_err();
+    // A 403 re-reads the token file and retries once: a wrong token is a permission error that
+    // does not show the token; the right one written back is picked up without a restart.
+    let settings = bao.vault_settings(dir.path());
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "wrong-token").unwrap();
+    let wrong = Transit::new(
+        VaultClient::new(&settings, Default::default()).unwrap(),
+        "test-bao",
+        "",
+        "transit",
+        "kmsgate",
+    );
+    let err = wrong.metadata(deadline).await.unwrap_err();
     assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
     assert!(!err.to_string().contains("wrong-token"));
+    std::fs::write(&token_path, &bao.token).unwrap();
+    wrong.metadata(deadline).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

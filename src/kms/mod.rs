@@ -69,13 +69,13 @@ pub struct PluginState {
 
 impl<B: Backend> Shared<B> {
     /// Shared state for a plugin over `backend`.
-    pub fn new(backend: B, config: PluginConfig, audit: audit_log::AuditLog) -> Self {
+    pub fn new(backend: B, config: PluginConfig, audit: audit_log::AuditLog, metrics: Metrics) -> Self {
         let tracker = KeyTracker::new(backend.scope().clone(), config.promote_after_polls);
         let health = Health::new(config.unhealthy_after_failures, config.staleness_window);
         Self {
             backend,
             config,
-            metrics: Metrics::new(),
+            metrics,
             audit,
             started: Instant::now(),
             state: Mutex::new(PluginState { tracker, health, metadata: None }),
@@ -193,10 +193,11 @@ impl<B: Backend> HttpView for Shared<B> {
 pub async fn serve<B: Backend>(
     config: &Config,
     backend: B,
+    metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PluginError> {
     let audit = audit_log::AuditLog::open(&config.plugin.audit_log)?;
-    let shared = Arc::new(Shared::new(backend, config.plugin.clone(), audit));
+    let shared = Arc::new(Shared::new(backend, config.plugin.clone(), audit, metrics));
     let http_task = match config.http_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

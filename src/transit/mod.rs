@@ -1,9 +1,11 @@
 //! The `vault` backend: Vault/OpenBao Transit encrypt and decrypt with an explicit key version
 //! and the key_id as associated data, plus the key operations the rotation controller needs.
 
+mod auth;
 mod client;
+mod tls;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use reqwest::Method;
@@ -12,7 +14,9 @@ use serde_json::json;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
+pub use auth::AuthMethod;
 pub use client::{ClientError, VaultClient, VaultSettings};
+pub use tls::TlsSettings;
 
 use crate::{
     backend::{self, Backend, BackendError, KeyMetadata},
@@ -28,7 +32,7 @@ const AEAD_TYPES: &[&str] = &["aes128-gcm96", "aes256-gcm96", "chacha20-poly1305
 /// One Transit key, served as a [`Backend`].
 #[derive(Debug)]
 pub struct Transit {
-    client: VaultClient,
+    client: Arc<VaultClient>,
     scope: KeyScope,
 }
 
@@ -48,7 +52,7 @@ struct KeyData {
 
 impl Transit {
     /// Serves key `key` on Transit mount `mount` through `client`.
-    pub fn new(client: VaultClient, identity: &str, namespace: &str, mount: &str, key: &str) -> Self {
+    pub fn new(client: Arc<VaultClient>, identity: &str, namespace: &str, mount: &str, key: &str) -> Self {
         let scope = KeyScope {
             kind: BackendKind::Transit,
             identity: identity.to_owned(),
@@ -237,9 +241,10 @@ fn map_error(error: ClientError) -> BackendError {
             BackendError::Unavailable(e.to_string())
         }
         e @ ClientError::Decode { .. } => BackendError::Protocol(e.to_string()),
-        e @ (ClientError::CaBundle { .. } | ClientError::Setup(_) | ClientError::TokenFile { .. }) => {
-            BackendError::Misconfigured(e.to_string())
-        }
+        e @ (ClientError::CredentialFile { .. }
+        | ClientError::NoToken { .. }
+        | ClientError::Setup(_)
+        | ClientError::TlsFile { .. }) => BackendError::Misconfigured(e.to_string()),
     }
 }
 

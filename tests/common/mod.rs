@@ -112,6 +112,19 @@ impl Bao {
         path
     }
 
+    /// Client settings for this server with token auth from a file in `dir`.
+    pub fn vault_settings(&self, dir: &Path) -> kmsgate::transit::VaultSettings {
+        kmsgate::transit::VaultSettings {
+            addresses: vec![self.addr.clone()],
+            namespace: String::new(),
+            tls: kmsgate::transit::TlsSettings::default(),
+            auth: kmsgate::transit::AuthMethod::Token { file: self.token_file(dir) },
+            renew_fraction: 0.67,
+            max_concurrent_calls: 32,
+            check_interval: Duration::from_millis(200),
+        }
+    }
+
     /// Plugin settings for this server.
     pub fn plugin_settings(&self, dir: &Path) -> Vec<(String, String)> {
         vec![
