@@ -37,20 +37,44 @@ pub struct Bao {
     child: Child,
     pub addr: String,
     pub token: String,
-    _home: tempfile::TempDir,
+    /// With TLS: the CA that signed the server certificate.
+    pub ca: Option<PathBuf>,
+    home: tempfile::TempDir,
     http: reqwest::Client,
 }
 
 impl Bao {
     /// Starts OpenBao with a random root token and a Transit mount with key `kmsgate`.
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// The same, serving HTTPS with a CA of its own (`-dev-tls`).
+    pub async fn start_tls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Self {
         init_crypto();
         let home = tempfile::tempdir().unwrap();
         let token = format!("kgtest{}", uuid::Uuid::new_v4().simple());
         let port = free_port();
-        let addr = format!("http://127.0.0.1:{port}");
-        let child = Command::new(bao_binary())
-            .args(["server", "-dev", "-dev-no-store-token"])
+        let scheme = if tls { "https" } else { "http" };
+        let addr = format!("{scheme}://127.0.0.1:{port}");
+        let cert_dir = home.path().join("tls");
+        let mut command = Command::new(bao_binary());
+        if tls {
+            std::fs::create_dir(&cert_dir).unwrap();
+            command
+                .arg("server")
+                .arg("-dev")
+                .arg("-dev-tls")
+                .arg(format!("-dev-tls-cert-dir={}", cert_dir.display()));
+        } else {
+            command.args(["server", "-dev"]);
+        }
+        let child = command
+            .arg("-dev-no-store-token")
             .arg(format!("-dev-root-token-id={token}"))
             .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
             // NB: keep the dev server off the developer's ~/.vault-token and config.
@@ -61,7 +85,19 @@ impl Bao {
             .stderr(Stdio::null())
             .spawn()
             .expect("start bao");
-        let bao = Self { child, addr, token, _home: home, http: reqwest::Client::new() };
+        let ca = tls.then(|| cert_dir.join("vault-ca.pem"));
+        let mut http = reqwest::Client::builder();
+        if let Some(ca) = &ca {
+            for _ in 0..200 {
+                if ca.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            let pem = std::fs::read(ca).unwrap();
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        let bao = Self { child, addr, token, ca, home, http: http.build().unwrap() };
         for _ in 0..200 {
             let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await;
             if health.is_ok_and(|r| r.status().is_success()) {
@@ -88,6 +124,41 @@ impl Bao {
         let text = r.text().await.unwrap();
         assert!(status.is_success(), "POST {path}: {status} {text}");
         serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// GETs `/v1/{path}` as root; panics on failure.
+    pub async fn get(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", &self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "GET {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// A policy `kmsgate` that allows exactly what the plugin needs.
+    pub async fn plugin_policy(&self) {
+        let policy = r#"
+path "transit/encrypt/kmsgate" { capabilities = ["update"] }
+path "transit/decrypt/kmsgate" { capabilities = ["update"] }
+path "transit/keys/kmsgate" { capabilities = ["read"] }
+"#;
+        self.post("sys/policies/acl/kmsgate", json!({ "policy": policy })).await;
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A scratch directory that lives as long as the server.
+    pub fn dir(&self) -> &Path {
+        self.home.path()
     }
 
     /// Rotates the Transit key.

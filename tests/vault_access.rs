@@ -1,0 +1,235 @@
+//! Vault access fit for production, against real OpenBao: TLS trust and reloads, AppRole,
+//! certificate and JWT logins, token renewal and re-login across short TTLs.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
+use common::Bao;
+use kmsgate::{
+    backend::Backend,
+    metrics::{OutcomeLabels, VaultMetrics},
+    transit::{AuthMethod, Transit, VaultClient, VaultSettings},
+};
+use serde_json::json;
+use tokio::time::Instant;
+
+fn transit(settings: &VaultSettings, metrics: &VaultMetrics) -> (Transit, tokio::task::JoinHandle<()>) {
+    let client = VaultClient::new(settings, metrics.clone()).unwrap();
+    let maintenance = tokio::spawn(client.clone().maintain());
+    (Transit::new(client, "test-bao", "", "transit", "kmsgate"), maintenance)
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(3)
+}
+
+fn count(
+    family: &prometheus_client::metrics::family::Family<
+        OutcomeLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    outcome: &'static str,
+) -> u64 {
+    family.get_or_create(&OutcomeLabels { outcome }).get()
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not happen within 10s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_right_ca_works_wrong_ca_is_refused_and_a_replaced_ca_is_picked_up() {
+    let bao = Bao::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = bao.vault_settings(dir.path());
+    settings.tls.ca = bao.ca.clone();
+    let (right, _m) = transit(&settings, &VaultMetrics::default());
+    assert_eq!(right.metadata(soon()).await.unwrap().latest, 1);
+
+    // A CA directory works too: every certificate file in it is trusted.
+    let ca_dir = dir.path().join("cas");
+    std::fs::create_dir(&ca_dir).unwrap();
+    std::fs::copy(bao.ca.as_ref().unwrap(), ca_dir.join("vault.pem")).unwrap();
+    std::fs::write(ca_dir.join("README"), "not a certificate").unwrap();
+    settings.tls.ca = Some(ca_dir);
+    let (from_dir, _m) = transit(&settings, &VaultMetrics::default());
+    assert_eq!(from_dir.metadata(soon()).await.unwrap().latest, 1);
+
+    // Some other CA: refused, with a reason that says why.
+    let other = rcgen::CertificateParams::new(vec!["other-ca".into()]).unwrap();
+    let other = other.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+    let wrong_ca = dir.path().join("wrong-ca.pem");
+    std::fs::write(&wrong_ca, other.pem()).unwrap();
+    settings.tls.ca = Some(wrong_ca.clone());
+    let (wrong, _m) = transit(&settings, &VaultMetrics::default());
+    let err = wrong.metadata(soon()).await.unwrap_err().to_string();
+    assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
+
+    // Replace the CA file in place: the client rebuilds itself, no restart.
+    std::fs::copy(bao.ca.as_ref().unwrap(), &wrong_ca).unwrap();
+    eventually("the replaced CA to be picked up", async || wrong.metadata(soon()).await.is_ok()).await;
+
+    // http:// to a non-loopback address is refused at config time (see config tests); a missing
+    // CA file is a clear setup error.
+    settings.tls.ca = Some(dir.path().join("missing.pem"));
+    let err = VaultClient::new(&settings, VaultMetrics::default()).unwrap_err().to_string();
+    assert!(err.contains("missing.pem"), "{err}");
+}
+
+async fn approle(bao: &Bao, dir: &Path, ttl: &str, max_ttl: &str) -> (VaultSettings, std::path::PathBuf) {
+    bao.plugin_policy().await;
+    bao.post("sys/auth/approle", json!({"type": "approle"})).await;
+    bao.post(
+        "auth/approle/role/kmsgate",
+        json!({"token_policies": ["kmsgate"], "token_ttl": ttl, "token_max_ttl": max_ttl}),
+    )
+    .await;
+    let role_id =
+        bao.get("auth/approle/role/kmsgate/role-id").await["data"]["role_id"].as_str().unwrap().to_owned();
+    let secret_id = bao.post("auth/approle/role/kmsgate/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(dir.join("role_id"), &role_id).unwrap();
+    let secret_file = dir.join("secret_id");
+    std::fs::write(&secret_file, &secret_id).unwrap();
+    let mut settings = bao.vault_settings(dir);
+    settings.auth = AuthMethod::AppRole {
+        mount: "approle".into(),
+        role_id_file: dir.join("role_id"),
+        secret_id_file: secret_file.clone(),
+    };
+    (settings, secret_file)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn approle_login_renewal_and_relogin_after_secret_id_rotation() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (settings, secret_file) = approle(&bao, dir.path(), "1h", "2h").await;
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    let sealed = transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
+    assert_eq!(count(&metrics.logins, "ok"), 1);
+    assert!(metrics.token_ttl_seconds.get() > 3000.0 || metrics.token_ttl_seconds.get() == -1.0);
+
+    // Rotate the secret_id: the file change logs in again with the new one.
+    let new_secret = bao.post("auth/approle/role/kmsgate/secret-id", json!({})).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(&secret_file, &new_secret).unwrap();
+    eventually("a re-login after the secret_id changed", async || count(&metrics.logins, "ok") >= 2).await;
+    assert_eq!(transit.decrypt(1, &sealed, b"kid", soon()).await.unwrap().as_slice(), b"seed");
+
+    // A bad secret_id is a clear error that does not contain it.
+    std::fs::write(&secret_file, "not-the-secret-id").unwrap();
+    eventually("the failed login to be counted", async || count(&metrics.logins, "error") >= 1).await;
+    let text = format!("{:?}", transit.client());
+    assert!(!text.contains(&new_secret) && !text.contains("not-the-secret-id"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_ttl_tokens_are_renewed_then_replaced_while_calls_keep_succeeding() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // TTL 4s, max TTL 9s: renewals at ~2.7s, then the max TTL forces re-logins.
+    let (mut settings, _) = approle(&bao, dir.path(), "4s", "9s").await;
+    settings.check_interval = Duration::from_millis(200);
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        let sealed = transit.encrypt(1, b"seed", b"kid", soon()).await;
+        assert!(sealed.is_ok(), "call {calls} at {:?} failed: {sealed:?}", started.elapsed());
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let renewals = count(&metrics.renewals, "ok");
+    let logins = count(&metrics.logins, "ok");
+    assert!(renewals >= 2, "renewals {renewals}");
+    assert!(logins >= 3, "logins {logins}: the 9s max TTL must force re-logins across 20s");
+    assert!(calls > 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificate_login() {
+    let bao = Bao::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    bao.plugin_policy().await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["kmsgate-plugin".into()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("client.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("client-key.pem"), key.serialize_pem()).unwrap();
+    bao.post("sys/auth/cert", json!({"type": "cert"})).await;
+    bao.post("auth/cert/certs/kmsgate", json!({"certificate": cert.pem(), "token_policies": ["kmsgate"]}))
+        .await;
+
+    let mut settings = bao.vault_settings(dir.path());
+    settings.tls.ca = bao.ca.clone();
+    settings.tls.client_cert = Some(dir.path().join("client.pem"));
+    settings.tls.client_key = Some(dir.path().join("client-key.pem"));
+    settings.auth = AuthMethod::Cert { mount: "cert".into(), role: "kmsgate".into() };
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    let sealed = transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
+    assert_eq!(transit.decrypt(1, &sealed, b"kid", soon()).await.unwrap().as_slice(), b"seed");
+    assert_eq!(count(&metrics.logins, "ok"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_login_from_a_file() {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    bao.plugin_policy().await;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    // SubjectPublicKeyInfo for a P-256 key: a fixed DER header, then the uncompressed point.
+    let mut spki = hex("3059301306072a8648ce3d020106082a8648ce3d030107034200");
+    spki.extend_from_slice(pair.public_key().as_ref());
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&spki)
+    );
+    bao.post("sys/auth/jwt", json!({"type": "jwt"})).await;
+    bao.post("auth/jwt/config", json!({"jwt_validation_pubkeys": [pem]})).await;
+    bao.post(
+        "auth/jwt/role/kmsgate",
+        json!({"role_type": "jwt", "bound_audiences": ["kmsgate"], "user_claim": "sub", "token_policies": ["kmsgate"]}),
+    )
+    .await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let header = B64URL.encode(br#"{"alg":"ES256","typ":"JWT"}"#);
+    let claims =
+        B64URL.encode(json!({"sub": "cp-1", "aud": "kmsgate", "iat": now, "exp": now + 600}).to_string());
+    let signing_input = format!("{header}.{claims}");
+    let signature = pair.sign(&rng, signing_input.as_bytes()).unwrap();
+    let jwt = format!("{signing_input}.{}", B64URL.encode(signature.as_ref()));
+    std::fs::write(dir.path().join("jwt"), &jwt).unwrap();
+
+    let mut settings = bao.vault_settings(dir.path());
+    settings.auth =
+        AuthMethod::Jwt { mount: "jwt".into(), role: "kmsgate".into(), jwt_file: dir.path().join("jwt") };
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
+    assert_eq!(count(&metrics.logins, "ok"), 1);
+    assert!(!format!("{:?}", transit.client()).contains(&jwt));
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
