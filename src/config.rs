@@ -80,6 +80,13 @@ pub const SETTINGS: &[(&str, Kind, &str, &str)] = &[
     ("plugin.probe_timeout", Kind::Str, "5s", "deadline of each background probe call"),
     ("plugin.default_deadline", Kind::Str, "3s", "deadline of a gRPC call that carries no grpc-timeout"),
     ("plugin.shutdown_timeout", Kind::Str, "10s", "how long SIGTERM waits for in-flight calls"),
+    (
+        "plugin.outage_mode",
+        Kind::Str,
+        "grace",
+        "Vault outage behaviour: grace (Status stays ok for outage_grace) or honest",
+    ),
+    ("plugin.outage_grace", Kind::Str, "5m", "grace mode: how long an outage may keep Status ok"),
     ("plugin.audit_log", Kind::Str, "stderr", "audit log of Encrypt/Decrypt: stderr, off, or a file path"),
     ("http.listen", Kind::Str, "127.0.0.1:8787", "read-only /metrics /livez /readyz /status address, or off"),
     ("log.level", Kind::Str, "info", "log filter (RUST_LOG syntax)"),
@@ -312,6 +319,8 @@ pub struct PluginConfig {
     pub default_deadline: Duration,
     /// Graceful shutdown limit.
     pub shutdown_timeout: Duration,
+    /// `Some` in grace outage mode: how long an outage may keep Status "ok"; `None` is honest.
+    pub outage_grace: Option<Duration>,
     /// Audit log sink.
     pub audit_log: AuditSink,
 }
@@ -391,6 +400,8 @@ struct RawPlugin {
     probe_timeout: Option<String>,
     default_deadline: Option<String>,
     shutdown_timeout: Option<String>,
+    outage_mode: Option<String>,
+    outage_grace: Option<String>,
     audit_log: Option<String>,
 }
 
@@ -591,6 +602,11 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let outage_grace = match p.outage_mode.as_deref().unwrap_or("grace") {
+        "grace" => Some(duration("plugin.outage_grace", p.outage_grace.as_deref(), "5m")?),
+        "honest" => None,
+        other => return Err(field("plugin.outage_mode", format!("{other:?} must be grace or honest"))),
+    };
     let audit_log = match p.audit_log.as_deref().unwrap_or("stderr") {
         "stderr" => AuditSink::Stderr,
         "off" => AuditSink::Off,
@@ -615,6 +631,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         probe_timeout: duration("plugin.probe_timeout", p.probe_timeout.as_deref(), "5s")?,
         default_deadline: duration("plugin.default_deadline", p.default_deadline.as_deref(), "3s")?,
         shutdown_timeout: duration("plugin.shutdown_timeout", p.shutdown_timeout.as_deref(), "10s")?,
+        outage_grace,
         audit_log,
     };
     let http_listen = match raw.http.listen.as_deref().unwrap_or("127.0.0.1:8787") {
@@ -939,6 +956,7 @@ token_file = "/etc/kmsgate/token"
             ("format = 1\n", &[("plugin.socket_mode", "0666")], &[], "plugin.socket_mode"),
             ("format = 1\n", &[("plugin.socket_mode", "rw")], &[], "plugin.socket_mode"),
             ("format = 1\n", &[("plugin.status_version", "v1")], &[], "plugin.status_version"),
+            ("format = 1\n", &[("plugin.outage_mode", "lenient")], &[], "plugin.outage_mode"),
             ("format = 1\n", &[("plugin.poll_interval", "soon")], &[], "plugin.poll_interval"),
             ("format = 1\n", &[("plugin.poll_interval", "0s")], &[], "greater than zero"),
             (

@@ -150,10 +150,10 @@ async fn rotation_promotes_after_consecutive_polls_and_old_ciphertexts_still_dec
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn vault_outage_fails_health_within_deadlines_and_recovers_without_restart() {
+async fn honest_outage_fails_health_within_deadlines_and_recovers_without_restart() {
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let settings = with_settings(bao.plugin_settings(dir.path()), &[]);
+    let settings = with_settings(bao.plugin_settings(dir.path()), &[("plugin.outage_mode", "honest")]);
     let plugin = Plugin::start(dir.path(), &[settings, fast_probes()].concat()).await;
     let key_id = plugin.wait_healthy().await;
     let mut client = plugin.client().await;
@@ -190,6 +190,53 @@ async fn vault_outage_fails_health_within_deadlines_and_recovers_without_restart
         client.decrypt(decrypt(&sealed.ciphertext, &sealed.key_id)).await.unwrap().into_inner().plaintext;
     assert_eq!(plain, b"0123456789abcdef0123456789abcdef");
     client.encrypt(encrypt(b"after the outage")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grace_outage_keeps_status_ok_for_a_bounded_time_and_fails_calls_fast() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = with_settings(
+        bao.plugin_settings(dir.path()),
+        &[("plugin.outage_mode", "grace"), ("plugin.outage_grace", "3s")],
+    );
+    let plugin = Plugin::start(dir.path(), &[settings, fast_probes()].concat()).await;
+    let key_id = plugin.wait_healthy().await;
+    let mut client = plugin.client().await;
+    let sealed = client.encrypt(encrypt(b"0123456789abcdef0123456789abcdef")).await.unwrap().into_inner();
+
+    bao.pause();
+    let paused = std::time::Instant::now();
+    for _ in 0..100 {
+        if plugin.status_json().await["unreachable_since"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(plugin.status_json().await["unreachable_since"].is_string(), "the outage was never noticed");
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.healthz.as_str(), status.key_id.as_str()), ("ok", key_id.as_str()), "within grace");
+    for call in 0..2 {
+        let started = std::time::Instant::now();
+        let err = if call == 0 {
+            client.encrypt(encrypt(b"0123456789abcdef0123456789abcdef")).await.unwrap_err()
+        } else {
+            client.decrypt(decrypt(&sealed.ciphertext, &sealed.key_id)).await.unwrap_err()
+        };
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("failing fast"), "{}", err.message());
+        assert!(started.elapsed() < Duration::from_millis(300), "fail fast took {:?}", started.elapsed());
+    }
+    // Past the grace period Status tells the truth.
+    let (healthz, _) = plugin.wait_status(|healthz, _| healthz != "ok").await;
+    assert!(healthz.contains("past plugin.outage_grace"), "{healthz}");
+    assert!(paused.elapsed() >= Duration::from_secs(3), "grace ended early: {:?}", paused.elapsed());
+
+    bao.resume();
+    plugin.wait_healthy().await;
+    let plain =
+        client.decrypt(decrypt(&sealed.ciphertext, &sealed.key_id)).await.unwrap().into_inner().plaintext;
+    assert_eq!(plain, b"0123456789abcdef0123456789abcdef");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -71,7 +71,8 @@ impl<B: Backend> Shared<B> {
     /// Shared state for a plugin over `backend`.
     pub fn new(backend: B, config: PluginConfig, audit: audit_log::AuditLog, metrics: Metrics) -> Self {
         let tracker = KeyTracker::new(backend.scope().clone(), config.promote_after_polls);
-        let health = Health::new(config.unhealthy_after_failures, config.staleness_window);
+        let health =
+            Health::new(config.unhealthy_after_failures, config.staleness_window, config.outage_grace);
         Self {
             backend,
             config,
@@ -91,6 +92,11 @@ impl<B: Backend> Shared<B> {
     /// The version Encrypt uses now.
     pub fn current(&self) -> Result<Arc<Promoted>, String> {
         self.lock().tracker.current()
+    }
+
+    /// In grace mode during an outage, the reason to answer UNAVAILABLE without calling Vault.
+    pub fn failing_fast(&self) -> Option<String> {
+        self.lock().health.failing_fast(Instant::now())
     }
 
     /// Status's healthz and key_id, from cached state only.
@@ -177,6 +183,8 @@ impl<B: Backend> HttpView for Shared<B> {
             "last_poll": probe(state.health.last_poll),
             "last_round_trip": probe(state.health.last_round_trip),
             "last_good_round_trip": state.health.last_round_trip_ok.map(at),
+            "outage_mode": if self.config.outage_grace.is_some() { "grace" } else { "honest" },
+            "unreachable_since": state.health.unreachable_since.map(at),
             "started": at(self.started),
         })
     }

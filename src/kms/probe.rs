@@ -7,8 +7,11 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::{Shared, state::Observation};
-use crate::backend::Backend;
+use super::{
+    Shared,
+    state::{Failure, Observation},
+};
+use crate::backend::{Backend, BackendError};
 
 /// How soon to retry while no key version is adopted: the API server can read nothing until then.
 const ADOPTION_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -42,14 +45,14 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
         Ok(meta) => meta,
         Err(e) => {
             tracing::warn!(error = %e, "key metadata poll failed");
-            state.health.poll(Instant::now(), Err(e.to_string()));
+            state.health.poll(Instant::now(), Err(failure("metadata", &e)));
             return;
         }
     };
     let observation = state.tracker.observe(&meta);
     let conflict = matches!(observation, Observation::Conflict { .. });
     state.metadata = Some(meta);
-    state.health.poll(Instant::now(), if conflict { Err("key conflict".into()) } else { Ok(()) });
+    state.health.poll(Instant::now(), if conflict { Err(Failure::refused("key conflict")) } else { Ok(()) });
     if let Some(p) = state.tracker.promoted() {
         shared.metrics.key_version.set(i64::try_from(p.version).unwrap_or(i64::MAX));
     }
@@ -77,27 +80,34 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
 pub async fn round_trip<B: Backend>(shared: &Shared<B>) {
     let result = round_trip_once(shared).await;
     if let Err(e) = &result {
-        tracing::warn!(error = %e, "encrypt/decrypt round trip failed");
+        tracing::warn!(error = %e.reason, "encrypt/decrypt round trip failed");
     }
     shared.lock().health.round_trip(Instant::now(), result);
 }
 
-async fn round_trip_once<B: Backend>(shared: &Shared<B>) -> Result<(), String> {
-    let current = shared.current()?;
+async fn round_trip_once<B: Backend>(shared: &Shared<B>) -> Result<(), Failure> {
+    let current = shared.current().map_err(Failure::refused)?;
     let mut seed = Zeroizing::new([0u8; 32]);
-    getrandom::fill(seed.as_mut_slice()).map_err(|_| "random source failed".to_owned())?;
+    getrandom::fill(seed.as_mut_slice()).map_err(|_| Failure::refused("random source failed"))?;
     let deadline = Instant::now() + shared.config.probe_timeout;
     let aad = current.key_id.as_bytes();
     let ciphertext = shared
         .timed("encrypt", shared.backend.encrypt(current.version, seed.as_slice(), aad, deadline))
         .await
-        .map_err(|e| format!("encrypt: {e}"))?;
+        .map_err(|e| failure("encrypt", &e))?;
     let plain = shared
         .timed("decrypt", shared.backend.decrypt(current.version, &ciphertext, aad, deadline))
         .await
-        .map_err(|e| format!("decrypt: {e}"))?;
+        .map_err(|e| failure("decrypt", &e))?;
     if plain.as_slice() != seed.as_slice() {
-        return Err("decrypt returned different bytes than were encrypted".into());
+        return Err(Failure::refused("decrypt returned different bytes than were encrypted"));
     }
     Ok(())
+}
+
+fn failure(operation: &str, error: &BackendError) -> Failure {
+    Failure {
+        reason: format!("{operation}: {error}"),
+        unreachable: matches!(error, BackendError::Unavailable(_) | BackendError::Deadline),
+    }
 }

@@ -87,6 +87,9 @@ impl<B: Backend> KmsService<B> {
                 plaintext.len()
             )));
         }
+        if let Some(reason) = self.shared.failing_fast() {
+            return Err(Status::unavailable(reason));
+        }
         let current = self
             .shared
             .current()
@@ -136,6 +139,9 @@ impl<B: Backend> KmsService<B> {
             )));
         }
         self.shared.check_known_version(&id)?;
+        if let Some(reason) = self.shared.failing_fast() {
+            return Err(Status::unavailable(reason));
+        }
         let plaintext = self
             .shared
             .timed(
