@@ -65,6 +65,19 @@ pub struct PluginState {
     pub health: Health,
     /// The last key metadata read.
     pub metadata: Option<KeyMetadata>,
+    /// The last time the key store reported an older latest version than the promoted one.
+    pub rollback_refused: Option<RollbackRefused>,
+}
+
+/// A refused rollback, kept for /status.
+#[derive(Debug, Clone, Copy)]
+pub struct RollbackRefused {
+    /// The promoted version, kept.
+    pub promoted: u64,
+    /// The older latest version the key store reported.
+    pub seen: u64,
+    /// When.
+    pub at: Instant,
 }
 
 impl<B: Backend> Shared<B> {
@@ -79,7 +92,7 @@ impl<B: Backend> Shared<B> {
             metrics,
             audit,
             started: Instant::now(),
-            state: Mutex::new(PluginState { tracker, health, metadata: None }),
+            state: Mutex::new(PluginState { tracker, health, metadata: None, rollback_refused: None }),
         }
     }
 
@@ -185,6 +198,12 @@ impl<B: Backend> HttpView for Shared<B> {
             "last_good_round_trip": state.health.last_round_trip_ok.map(at),
             "outage_mode": if self.config.outage_grace.is_some() { "grace" } else { "honest" },
             "unreachable_since": state.health.unreachable_since.map(at),
+            "rollback_refused": state.rollback_refused.map(|r| json!({
+                "promoted": r.promoted,
+                "seen_latest": r.seen,
+                "at": at(r.at),
+                "reason": "the key store reported an older latest version than the one promoted; it was not adopted",
+            })),
             "started": at(self.started),
         })
     }

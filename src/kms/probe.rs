@@ -50,6 +50,9 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
         }
     };
     let observation = state.tracker.observe(&meta);
+    if let Observation::RollbackRefused { promoted, seen } = observation {
+        state.rollback_refused = Some(super::RollbackRefused { promoted, seen, at: Instant::now() });
+    }
     let conflict = matches!(observation, Observation::Conflict { .. });
     state.metadata = Some(meta);
     state.health.poll(Instant::now(), if conflict { Err(Failure::refused("key conflict")) } else { Ok(()) });

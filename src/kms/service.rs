@@ -101,7 +101,15 @@ impl<B: Backend> KmsService<B> {
                 self.shared.backend.encrypt(current.version, plaintext, current.key_id.as_bytes(), deadline),
             )
             .await
-            .map_err(|e| self.shared.to_status(e, current.version))?;
+            .map_err(|e| match e {
+                // NB: the plaintext was already checked, so a refusal here is the key store's
+                // state (e.g. a node that lacks this version), never the caller's input.
+                BackendError::Rejected(reason) => Status::failed_precondition(format!(
+                    "key store refused to encrypt with version {}: {reason}",
+                    current.version
+                )),
+                other => self.shared.to_status(other, current.version),
+            })?;
         storage::validate_ciphertext(&ciphertext)
             .map_err(|e| Status::internal(format!("key store returned an unusable ciphertext: {e}")))?;
         Ok(EncryptResponse { ciphertext, key_id: current.key_id.clone(), annotations: Default::default() })

@@ -102,6 +102,11 @@ impl KeyTracker {
             self.promote(latest, latest_created);
             return Observation::Adopted { version: latest };
         };
+        if latest < promoted.version {
+            // NB: a node or replica that is behind; it may lack the promoted version entirely.
+            self.candidate = None;
+            return Observation::RollbackRefused { promoted: promoted.version, seen: latest };
+        }
         if meta.versions.get(&promoted.version) != Some(&promoted.created) {
             let reason = format!(
                 "key version {} (created {}) no longer exists as it was: the key was deleted, trimmed or recreated",
@@ -115,10 +120,6 @@ impl KeyTracker {
         if latest == promoted.version {
             self.candidate = None;
             return Observation::Unchanged;
-        }
-        if latest < promoted.version {
-            self.candidate = None;
-            return Observation::RollbackRefused { promoted: promoted.version, seen: latest };
         }
         let seen = match self.candidate {
             Some(c) if c.version == latest && c.created == latest_created => c.seen + 1,
@@ -375,6 +376,9 @@ mod tests {
         let mut old = meta(3);
         old.latest = 2;
         assert_eq!(t.observe(&old), Observation::RollbackRefused { promoted: 3, seen: 2 });
+        assert_eq!(t.current().unwrap().version, 3);
+        // A replica that is behind does not even have the promoted version: still a rollback.
+        assert_eq!(t.observe(&meta(1)), Observation::RollbackRefused { promoted: 3, seen: 1 });
         assert_eq!(t.current().unwrap().version, 3);
     }
 

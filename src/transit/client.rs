@@ -25,6 +25,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A single attempt may use at most this share of the remaining time while other addresses
 /// remain, so a hanging node cannot eat the whole deadline.
 const ATTEMPT_SHARE: u32 = 2;
+/// A failed address's sys/health check gets this long.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Background renewals and logins get this long.
 const MAINTENANCE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -441,7 +443,7 @@ impl VaultClient {
             }
             let http = self.http.load_full();
             let probe =
-                http.get(format!("{address}/v1/sys/health")).timeout(Duration::from_secs(2)).send().await;
+                http.get(format!("{address}/v1/sys/health")).timeout(HEALTH_CHECK_TIMEOUT).send().await;
             if probe.is_ok_and(|r| r.status() == StatusCode::OK) {
                 tracing::info!(address, "Vault address is healthy again");
                 self.healthy[index].store(true, Ordering::Relaxed);
@@ -488,8 +490,11 @@ impl VaultClient {
                 };
                 match result {
                     Ok(envelope) => {
-                        if index != start {
-                            self.current.store(index, Ordering::Relaxed);
+                        // NB: concurrent calls may all fail over at once; only the one that moves
+                        // `current` counts the failover.
+                        let moved =
+                            self.current.compare_exchange(start, index, Ordering::Relaxed, Ordering::Relaxed);
+                        if index != start && moved.is_ok() {
                             self.metrics.failovers.inc();
                             self.publish_address();
                             tracing::info!(address, "now using this Vault address");

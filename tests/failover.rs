@@ -1,0 +1,138 @@
+//! Several Vault addresses: failover under load, and refusing to go back to a server that is
+//! behind. Two independent dev servers holding the same key (restored from a Transit backup) are a
+//! test setup only; production DR is Vault replication or raft.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{Bao, Plugin, fast_probes};
+use kmsgate::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use serde_json::json;
+use tonic::{Code, Request};
+
+const SHARED_TOKEN: &str = "kmsgate-shared-test-token";
+
+/// Copies server `a`'s Transit key to `b` and gives both the same token.
+async fn twins() -> (Bao, Bao) {
+    let (a, b) = (Bao::start().await, Bao::start().await);
+    a.post("transit/keys/kmsgate/config", json!({"exportable": true, "allow_plaintext_backup": true})).await;
+    let backup = a.get("transit/backup/kmsgate").await["data"]["backup"].as_str().unwrap().to_owned();
+    b.post("transit/restore/kmsgate", json!({"backup": backup, "force": true})).await;
+    for server in [&a, &b] {
+        server
+            .post("auth/token/create", json!({"id": SHARED_TOKEN, "policies": ["root"], "no_parent": true}))
+            .await;
+    }
+    (a, b)
+}
+
+fn settings(dir: &std::path::Path, a: &Bao, b: &Bao) -> Vec<(String, String)> {
+    let token = dir.join("token");
+    std::fs::write(&token, SHARED_TOKEN).unwrap();
+    let mut all = vec![
+        ("backend.kind".to_owned(), "vault".to_owned()),
+        ("backend.identity".to_owned(), "test-twins".to_owned()),
+        ("vault.addresses".to_owned(), format!("{},{}", a.addr, b.addr)),
+        ("vault.token_file".to_owned(), token.display().to_string()),
+        ("vault.check_interval".to_owned(), "200ms".to_owned()),
+        ("plugin.promote_after_polls".to_owned(), "2".to_owned()),
+    ];
+    all.extend(fast_probes());
+    all
+}
+
+fn decrypt_request(ciphertext: &[u8], key_id: &str) -> Request<DecryptRequest> {
+    let mut request = Request::new(DecryptRequest {
+        ciphertext: ciphertext.to_vec(),
+        uid: uuid::Uuid::new_v4().to_string(),
+        key_id: key_id.to_owned(),
+        annotations: HashMap::new(),
+    });
+    request.set_timeout(Duration::from_secs(1));
+    request
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_continue_on_the_second_server_with_the_same_key_id() {
+    let (a, b) = twins().await;
+    assert_eq!(
+        a.get("transit/keys/kmsgate").await["data"]["keys"],
+        b.get("transit/keys/kmsgate").await["data"]["keys"]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path(), &settings(dir.path(), &a, &b)).await;
+    let key_id = plugin.wait_healthy().await;
+    let mut client = plugin.client().await;
+    let sealed = client
+        .encrypt(EncryptRequest { plaintext: vec![9; 32], uid: "u".into() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Steady Decrypt load; stop the first server a third of the way in.
+    let started = std::time::Instant::now();
+    let (mut ok, mut failed) = (0, Vec::new());
+    let mut paused = false;
+    while started.elapsed() < Duration::from_secs(3) {
+        if !paused && started.elapsed() > Duration::from_secs(1) {
+            a.pause();
+            paused = true;
+        }
+        match client.decrypt(decrypt_request(&sealed.ciphertext, &sealed.key_id)).await {
+            Ok(r) => {
+                assert_eq!(r.into_inner().plaintext, vec![9; 32]);
+                ok += 1;
+            }
+            Err(e) => failed.push((started.elapsed(), e.code())),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // NB: a call that meets the frozen server gives it half its deadline, then moves on, so
+    // failover happens inside the call: no call may fail.
+    assert!(failed.is_empty(), "failed calls during failover: {failed:?}");
+    assert!(ok > 30, "only {ok} calls");
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.healthz.as_str(), status.key_id.as_str()), ("ok", key_id.as_str()));
+    let (_, metrics) = plugin.get("/metrics").await;
+    assert!(metrics.contains("kmsgate_vault_failovers_total 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("kmsgate_vault_current_address{{address=\"{}\"}} 1", b.addr)),
+        "{metrics}"
+    );
+    a.resume();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_is_behind_is_not_followed_back() {
+    let (a, b) = twins().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path(), &settings(dir.path(), &a, &b)).await;
+    plugin.wait_healthy().await;
+
+    // The first server moves to version 2; the second stays at 1.
+    a.rotate().await;
+    let (_, v2) = plugin.wait_status(|_, key_id| key_id.contains(":kmsgate:2:")).await;
+
+    // Lose the first server: the second reports latest = 1, which is refused and reported.
+    a.pause();
+    let mut refused = serde_json::Value::Null;
+    for _ in 0..100 {
+        refused = plugin.status_json().await["rollback_refused"].clone();
+        if refused.is_object() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused["promoted"], 2, "{refused}");
+    assert_eq!(refused["seen_latest"], 1, "{refused}");
+    let mut client = plugin.client().await;
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.key_id, v2, "the key_id never goes back");
+    let err = client.encrypt(EncryptRequest { plaintext: vec![1; 32], uid: "u".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("version 2"), "{}", err.message());
+    let (_, metrics) = plugin.get("/metrics").await;
+    assert!(!metrics.contains("kmsgate_key_rollbacks_refused_total 0"), "{metrics}");
+    a.resume();
+}
