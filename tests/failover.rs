@@ -136,3 +136,69 @@ async fn a_server_that_is_behind_is_not_followed_back() {
     assert!(!metrics.contains("kmsgate_key_rollbacks_refused_total 0"), "{metrics}");
     a.resume();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raft_leader_loss_under_decrypt_load_fails_only_a_short_window() {
+    // NB: the window the test allows: raft election plus one failed attempt per call. Measured
+    // here at well under 3 s; 8 s leaves room for a loaded CI machine without hiding a hang.
+    const WINDOW: Duration = Duration::from_secs(8);
+    let mut cluster = common::RaftCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), &cluster.token).unwrap();
+    let mut settings = vec![
+        ("backend.kind".to_owned(), "vault".to_owned()),
+        ("backend.identity".to_owned(), "test-raft".to_owned()),
+        ("vault.addresses".to_owned(), cluster.addrs.join(",")),
+        ("vault.token_file".to_owned(), dir.path().join("token").display().to_string()),
+        ("vault.check_interval".to_owned(), "200ms".to_owned()),
+    ];
+    settings.extend(fast_probes());
+    let plugin = Plugin::start(dir.path(), &settings).await;
+    let key_id = plugin.wait_healthy().await;
+    let mut client = plugin.client().await;
+    let sealed = client
+        .encrypt(EncryptRequest { plaintext: vec![5; 32], uid: "u".into() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let started = std::time::Instant::now();
+    let mut killed_at = None;
+    let (mut failures, mut ok_after_window) = (Vec::new(), 0);
+    while started.elapsed() < Duration::from_secs(16) {
+        if killed_at.is_none() && started.elapsed() > Duration::from_secs(2) {
+            cluster.kill(0);
+            killed_at = Some(started.elapsed());
+        }
+        let at = started.elapsed();
+        match client.decrypt(decrypt_request(&sealed.ciphertext, &sealed.key_id)).await {
+            Ok(r) => {
+                assert_eq!(r.into_inner().plaintext, vec![5; 32]);
+                if killed_at.is_some_and(|k| at > k + WINDOW) {
+                    ok_after_window += 1;
+                }
+            }
+            Err(e) => failures.push((at, e.code())),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed_at = killed_at.unwrap();
+    for (at, code) in &failures {
+        assert!(
+            *at >= killed_at && *at <= killed_at + WINDOW,
+            "call failed at {at:?} ({code:?}); leader killed at {killed_at:?}"
+        );
+    }
+    assert!(
+        ok_after_window > 50,
+        "only {ok_after_window} calls succeeded after the window; failures {failures:?}"
+    );
+    let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.key_id, key_id, "leader loss never changes the key_id");
+    eprintln!(
+        "leader loss: {} failed calls, between {:?} and {:?} after the kill",
+        failures.len(),
+        failures.first().map(|f| f.0 - killed_at),
+        failures.last().map(|f| f.0 - killed_at)
+    );
+}

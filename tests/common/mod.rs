@@ -372,3 +372,135 @@ pub fn fast_probes() -> Vec<(String, String)> {
         ("plugin.probe_timeout".into(), "500ms".into()),
     ]
 }
+
+/// A real 3-node OpenBao raft cluster on loopback, initialised and unsealed, with Transit key
+/// `kmsgate` and a root token; every node is killed on drop.
+pub struct RaftCluster {
+    nodes: Vec<Child>,
+    /// API addresses, node 1 first (node 1 starts as leader).
+    pub addrs: Vec<String>,
+    /// The root token.
+    pub token: String,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl RaftCluster {
+    /// Starts, initialises, unseals and joins three nodes; waits until all three are voters.
+    pub async fn start() -> Self {
+        init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 1..=3 {
+            let (api, cluster) = (free_port(), free_port());
+            let data = dir.path().join(format!("n{i}"));
+            std::fs::create_dir(&data).unwrap();
+            let config = dir.path().join(format!("n{i}.hcl"));
+            std::fs::write(
+                &config,
+                format!(
+                    "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"n{i}\"\n}}\n\
+                     listener \"tcp\" {{\n  address = \"127.0.0.1:{api}\"\n  cluster_address = \"127.0.0.1:{cluster}\"\n  tls_disable = true\n}}\n\
+                     api_addr = \"http://127.0.0.1:{api}\"\ncluster_addr = \"http://127.0.0.1:{cluster}\"\n",
+                    data.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(bao_binary())
+                .arg("server")
+                .arg(format!("-config={}", config.display()))
+                .env("HOME", dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            nodes.push(child);
+            addrs.push(format!("http://127.0.0.1:{api}"));
+        }
+        let mut cluster =
+            Self { nodes, addrs, token: String::new(), _dir: dir, http: reqwest::Client::new() };
+        for addr in cluster.addrs.clone() {
+            cluster.wait(&addr, |code| code == 501).await;
+        }
+        let init = cluster.put(0, "sys/init", json!({"secret_shares": 1, "secret_threshold": 1})).await;
+        let key = init["keys"][0].as_str().unwrap().to_owned();
+        cluster.token = init["root_token"].as_str().unwrap().to_owned();
+        cluster.put(0, "sys/unseal", json!({"key": key})).await;
+        cluster.wait(&cluster.addrs[0].clone(), |code| code == 200).await;
+        cluster
+            .put(0, "sys/storage/raft/autopilot/configuration", json!({"server_stabilization_time": "1s"}))
+            .await;
+        for node in 1..3 {
+            cluster.put(node, "sys/storage/raft/join", json!({"leader_api_addr": cluster.addrs[0]})).await;
+            cluster.put(node, "sys/unseal", json!({"key": key})).await;
+        }
+        for _ in 0..300 {
+            let config = cluster.get(0, "sys/storage/raft/configuration").await;
+            let servers = config["data"]["config"]["servers"].as_array().cloned().unwrap_or_default();
+            if servers.len() == 3 && servers.iter().all(|s| s["voter"] == true) {
+                cluster.put(0, "sys/mounts/transit", json!({"type": "transit"})).await;
+                cluster.put(0, "transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+                return cluster;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("raft cluster never had three voters");
+    }
+
+    async fn wait(&self, addr: &str, ready: impl Fn(u16) -> bool) {
+        for _ in 0..300 {
+            let health = self.http.get(format!("{addr}/v1/sys/health")).send().await;
+            if health.is_ok_and(|r| ready(r.status().as_u16())) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{addr} never reached the wanted health state");
+    }
+
+    /// PUT/POST to a node as root; panics on failure.
+    pub async fn put(&self, node: usize, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .put(format!("{}/v1/{path}", self.addrs[node]))
+            .header("X-Vault-Token", &self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "PUT {path} on node {node}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// GET from a node as root.
+    pub async fn get(&self, node: usize, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/v1/{path}", self.addrs[node]))
+            .header("X-Vault-Token", &self.token)
+            .send()
+            .await;
+        match r {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    /// Kills a node outright (the leader loss case).
+    pub fn kill(&mut self, node: usize) {
+        let _ = self.nodes[node].kill();
+        let _ = self.nodes[node].wait();
+    }
+}
+
+impl Drop for RaftCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
