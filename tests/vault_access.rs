@@ -233,3 +233,134 @@ async fn jwt_login_from_a_file() {
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
+    use kmsgate::backend::BackendError;
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = bao.vault_settings(dir.path());
+    settings.max_concurrent_calls = 1;
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    let transit = std::sync::Arc::new(transit);
+    transit.metadata(soon()).await.unwrap();
+    bao.pause();
+    let holder = {
+        let transit = transit.clone();
+        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiter = {
+        let transit = transit.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            (transit.metadata(Instant::now() + Duration::from_millis(400)).await, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(metrics.calls_waiting.get(), 1, "the second call waits for the one slot");
+    let (result, elapsed) = waiter.await.unwrap();
+    assert!(matches!(result, Err(BackendError::Deadline)), "{result:?}");
+    assert!(elapsed < Duration::from_millis(700), "waited {elapsed:?} past a 400ms deadline");
+    assert_eq!(metrics.calls_waiting.get(), 0);
+    bao.resume();
+    assert!(holder.await.unwrap().is_ok(), "the call holding the slot completes once Vault answers");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_login_for_the_controller() {
+    use axum::{Json, Router, routing::post};
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    // A stand-in for kube-apiserver's TokenReview API: it vouches for one service account.
+    let reviews = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = reviews.clone();
+    let app = Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        post(move |Json(review): Json<serde_json::Value>| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Json(json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "spec": review["spec"],
+                    "status": {
+                        "authenticated": true,
+                        "audiences": review["spec"]["audiences"],
+                        "user": {
+                            "username": "system:serviceaccount:kube-system:kmsgate",
+                            "uid": "11111111-2222-3333-4444-555555555555",
+                            "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system"],
+                        },
+                    },
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    bao.plugin_policy().await;
+    bao.post("sys/auth/kubernetes", json!({"type": "kubernetes"})).await;
+    // NB: the CA is required by the config call but unused over the stand-in's plain http.
+    let ca = rcgen::CertificateParams::new(vec!["kubernetes".into()]).unwrap();
+    let ca = ca.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem();
+    bao.post(
+        "auth/kubernetes/config",
+        json!({"kubernetes_host": api, "disable_local_ca_jwt": true, "kubernetes_ca_cert": ca}),
+    )
+    .await;
+    bao.post(
+        "auth/kubernetes/role/kmsgate",
+        json!({
+            "bound_service_account_names": ["kmsgate"],
+            "bound_service_account_namespaces": ["kube-system"],
+            "token_policies": ["kmsgate"],
+        }),
+    )
+    .await;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let header = B64URL.encode(br#"{"alg":"ES256","typ":"JWT"}"#);
+    let claims = B64URL.encode(
+        json!({
+            "iss": "https://kubernetes.default.svc",
+            "sub": "system:serviceaccount:kube-system:kmsgate",
+            "aud": ["https://kubernetes.default.svc"],
+            "iat": now,
+            "exp": now + 600,
+            "kubernetes.io": {
+                "namespace": "kube-system",
+                "serviceaccount": {"name": "kmsgate", "uid": "11111111-2222-3333-4444-555555555555"},
+            },
+        })
+        .to_string(),
+    );
+    let input = format!("{header}.{claims}");
+    let jwt = format!("{input}.{}", B64URL.encode(pair.sign(&rng, input.as_bytes()).unwrap().as_ref()));
+    std::fs::write(dir.path().join("sa-token"), &jwt).unwrap();
+
+    let mut settings = bao.vault_settings(dir.path());
+    settings.auth = AuthMethod::Kubernetes {
+        mount: "kubernetes".into(),
+        role: "kmsgate".into(),
+        jwt_file: dir.path().join("sa-token"),
+    };
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    let sealed = transit.encrypt(1, b"seed", b"kid", soon()).await;
+    assert!(
+        sealed.is_ok(),
+        "{sealed:?}; TokenReview calls: {}; log: {}",
+        reviews.load(std::sync::atomic::Ordering::Relaxed),
+        std::fs::read_to_string(bao.dir().join("bao.log")).unwrap_or_default()
+    );
+    assert_eq!(count(&metrics.logins, "ok"), 1);
+    assert!(reviews.load(std::sync::atomic::Ordering::Relaxed) >= 1, "Vault asked the TokenReview API");
+}

@@ -82,7 +82,9 @@ impl Bao {
             .env_remove("VAULT_ADDR")
             .env_remove("BAO_ADDR")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(home.path().join("bao.log")).map(Stdio::from).unwrap_or(Stdio::null()),
+            )
             .spawn()
             .expect("start bao");
         let ca = tls.then(|| cert_dir.join("vault-ca.pem"));
