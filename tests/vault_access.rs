@@ -364,3 +364,64 @@ async fn kubernetes_login_for_the_controller() {
     assert_eq!(count(&metrics.logins, "ok"), 1);
     assert!(reviews.load(std::sync::atomic::Ordering::Relaxed) >= 1, "Vault asked the TokenReview API");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_token_file_is_picked_up_before_the_old_token_dies() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    bao.plugin_policy().await;
+    let first = bao.post("auth/token/create", json!({"policies": ["kmsgate"], "ttl": "1h"})).await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = bao.post("auth/token/create", json!({"policies": ["kmsgate"], "ttl": "1h"})).await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut settings = bao.vault_settings(dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &first).unwrap();
+    settings.auth = AuthMethod::Token { file: token_file.clone() };
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
+    let loads = count(&metrics.logins, "ok");
+
+    std::fs::write(&token_file, &second).unwrap();
+    eventually("the new token file to be read", async || count(&metrics.logins, "ok") > loads).await;
+    bao.post("auth/token/revoke", json!({"token": first})).await;
+    transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
+    eventually("the token TTL to be known", async || metrics.token_ttl_seconds.get() > 3000.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_namespace_header_reaches_vault_and_the_key_id() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    bao.post("sys/namespaces/team-a", json!({})).await;
+    let http = reqwest::Client::new();
+    for (path, body) in
+        [("sys/mounts/transit", json!({"type": "transit"})), ("transit/keys/kmsgate", json!({}))]
+    {
+        let r = http
+            .post(format!("{}/v1/{path}", bao.addr))
+            .header("X-Vault-Token", &bao.token)
+            .header("X-Vault-Namespace", "team-a")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.text().await.unwrap());
+    }
+    bao.post("transit/keys/kmsgate/rotate", json!({})).await;
+    let mut settings = bao.vault_settings(dir.path());
+    settings.namespace = "team-a".into();
+    let client = VaultClient::new(&settings, VaultMetrics::default()).unwrap();
+    let in_namespace = Transit::new(client, "test-bao", "team-a", "transit", "kmsgate");
+    // The root namespace's key was rotated to 2; the team's key is still at 1.
+    assert_eq!(in_namespace.metadata(soon()).await.unwrap().latest, 1);
+    let sealed = in_namespace.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
+    assert_eq!(in_namespace.decrypt(1, &sealed, b"kid", soon()).await.unwrap().as_slice(), b"seed");
+    let key_id = in_namespace.scope().key_id(1, 0).to_string();
+    assert!(key_id.contains(":team-a:"), "{key_id}");
+}
