@@ -425,3 +425,27 @@ async fn the_namespace_header_reaches_vault_and_the_key_id() {
     let key_id = in_namespace.scope().key_id(1, 0).to_string();
     assert!(key_id.contains(":team-a:"), "{key_id}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_renewals_and_logins_are_paced_not_spun() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut settings, _) = approle(&bao, dir.path(), "2s", "1h").await;
+    settings.check_interval = Duration::from_millis(200);
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    transit.metadata(soon()).await.unwrap();
+    // Revoke the token and delete the role: renewal (due at ~1.3s) and login now fail at once.
+    bao.post("sys/leases/revoke-prefix/auth/approle/login", json!({})).await;
+    let delete = reqwest::Client::new()
+        .delete(format!("{}/v1/auth/approle/role/kmsgate", bao.addr))
+        .header("X-Vault-Token", &bao.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(delete.status().is_success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = count(&metrics.renewals, "error") + count(&metrics.logins, "error");
+    assert!(attempts >= 1, "a renewal was due and must have been tried");
+    assert!(attempts <= 30, "{attempts} failed renewals/logins in 3s: the maintenance loop spins");
+}

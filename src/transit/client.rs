@@ -353,9 +353,10 @@ impl VaultClient {
                 }
             }
         }
-        let _ = self.reauthenticate(Some(generation), deadline).await;
-        if is_file {
-            // NB: a file token that cannot be renewed is re-read each check; only its file changes it.
+        let relogin = self.reauthenticate(Some(generation), deadline).await;
+        // NB: a file token that cannot be renewed is re-read each check (only its file changes
+        // it), and a failed login must not be retried in a tight loop while Vault is down.
+        if is_file || relogin.is_err() {
             self.postpone_renewal();
         }
     }
@@ -435,7 +436,7 @@ impl VaultClient {
         }
     }
 
-    /// Asks sys/health of every address marked failed; an active, unsealed node is healthy again.
+    /// Asks sys/health of every address marked failed; an unsealed node is healthy again.
     async fn check_addresses(&self) {
         for (index, address) in self.settings.addresses.iter().enumerate() {
             if self.healthy[index].load(Ordering::Relaxed) {
@@ -444,7 +445,8 @@ impl VaultClient {
             let http = self.http.load_full();
             let probe =
                 http.get(format!("{address}/v1/sys/health")).timeout(HEALTH_CHECK_TIMEOUT).send().await;
-            if probe.is_ok_and(|r| r.status() == StatusCode::OK) {
+            // NB: unsealed standbys (429, 473) forward requests, so they are usable again too.
+            if probe.is_ok_and(|r| matches!(r.status().as_u16(), 200 | 429 | 473)) {
                 tracing::info!(address, "Vault address is healthy again");
                 self.healthy[index].store(true, Ordering::Relaxed);
             }
