@@ -49,7 +49,7 @@ fn decrypt_request(ciphertext: &[u8], key_id: &str) -> Request<DecryptRequest> {
         key_id: key_id.to_owned(),
         annotations: HashMap::new(),
     });
-    request.set_timeout(Duration::from_secs(1));
+    request.set_timeout(Duration::from_secs(2));
     request
 }
 
