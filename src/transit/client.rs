@@ -107,6 +107,7 @@ pub struct VaultClient {
 }
 
 /// A token and what is known of its lifetime.
+#[derive(Clone)]
 struct Token {
     header: HeaderValue,
     generation: u64,
@@ -384,29 +385,26 @@ impl VaultClient {
         };
         let now = Instant::now();
         let ttl = (lookup.ttl > 0).then(|| Duration::from_secs(lookup.ttl));
-        let current = self.token.load();
-        let Some(token) = &**current else { return };
-        self.token.store(Arc::new(Some(Token {
-            header: token.header.clone(),
-            generation: token.generation,
+        self.update_token(|token| Token {
             renewable: lookup.renewable,
+            // NB: a token without a TTL never expires; MAX marks "looked up, nothing to renew".
             initial_ttl: ttl.or(Some(Duration::MAX)),
             renew_at: ttl.map(|t| now + t.mul_f64(self.settings.renew_fraction)),
             expires_at: ttl.map(|t| now + t),
-        })));
+            ..token
+        });
     }
 
     fn postpone_renewal(&self) {
+        let renew_at = Some(Instant::now() + self.settings.check_interval);
+        self.update_token(|token| Token { renew_at, ..token });
+    }
+
+    /// Replaces the current token's lifetime facts; does nothing when there is no token.
+    fn update_token(&self, change: impl FnOnce(Token) -> Token) {
         let current = self.token.load();
         let Some(token) = &**current else { return };
-        self.token.store(Arc::new(Some(Token {
-            header: token.header.clone(),
-            generation: token.generation,
-            renewable: token.renewable,
-            initial_ttl: token.initial_ttl,
-            renew_at: Some(Instant::now() + self.settings.check_interval),
-            expires_at: token.expires_at,
-        })));
+        self.token.store(Arc::new(Some(change(token.clone()))));
     }
 
     async fn check_files(&self) {

@@ -114,18 +114,8 @@ impl Bao {
 
     /// POSTs to `/v1/{path}` as root; panics on failure.
     pub async fn post(&self, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/v1/{path}", self.addr))
-            .header("X-Vault-Token", &self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
+        let request = self.http.post(format!("{}/v1/{path}", self.addr)).json(&body);
+        send_as(request, &self.token, &format!("POST {path}")).await
     }
 
     /// GETs `/v1/{path}` as root; panics on failure.
@@ -215,6 +205,15 @@ impl Drop for Bao {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends a Vault request with a token; panics with `what` and the answer unless it succeeds.
+async fn send_as(request: reqwest::RequestBuilder, token: &str, what: &str) -> Value {
+    let r = request.header("X-Vault-Token", token).send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "{what}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
 pub fn signal(pid: u32, sig: &str) {
@@ -461,20 +460,10 @@ impl RaftCluster {
         panic!("{addr} never reached the wanted health state");
     }
 
-    /// PUT/POST to a node as root; panics on failure.
+    /// PUTs to a node as root; panics on failure.
     pub async fn put(&self, node: usize, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .put(format!("{}/v1/{path}", self.addrs[node]))
-            .header("X-Vault-Token", &self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        assert!(status.is_success(), "PUT {path} on node {node}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
+        let request = self.http.put(format!("{}/v1/{path}", self.addrs[node])).json(&body);
+        send_as(request, &self.token, &format!("PUT {path} on node {node}")).await
     }
 
     /// GET from a node as root.
