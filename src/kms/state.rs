@@ -247,9 +247,13 @@ impl Health {
         self.last_error = Some(failure.reason);
     }
 
-    /// In `grace` mode during an outage: why calls that need the key store should fail at once.
+    /// In `grace` mode during an established outage (as many consecutive unreachable probes as
+    /// make honest mode unhealthy): why calls that need the key store should fail at once.
     pub fn failing_fast(&self, now: Instant) -> Option<String> {
         self.grace?;
+        if self.poll_failures + self.round_trip_failures < self.threshold {
+            return None;
+        }
         let since = self.unreachable_since.filter(|_| self.last_failure_unreachable)?;
         Some(format!(
             "key store unreachable for {}s; failing fast (plugin.outage_mode = grace); last: {}",
@@ -419,6 +423,7 @@ mod tests {
 
         let outage = start + Duration::from_secs(1);
         h.poll(outage, Err(down("connection refused")));
+        assert!(h.failing_fast(outage).is_none(), "one failed probe is not an outage yet");
         h.round_trip(outage, Err(down("connection refused")));
         assert!(h.healthz(&t, outage + Duration::from_secs(30)).is_ok(), "within grace");
         assert!(h.failing_fast(outage).unwrap().contains("failing fast"));

@@ -81,7 +81,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// Whether another address, or a later attempt, may succeed: transport errors, 5xx,
-    /// sealed or standby answers (429, 472, 473), redirects to another node, and 412.
+    /// sealed or standby answers (429, 472, 473), redirects not followed, and 412.
     fn retryable(&self) -> bool {
         match self {
             Self::Transport { .. } => true,
@@ -168,7 +168,7 @@ impl VaultClient {
         settings.addresses = settings.addresses.iter().map(|a| a.trim_end_matches('/').to_owned()).collect();
         let client = Self {
             namespace,
-            http: ArcSwap::from_pointee(settings.tls.http_client()?),
+            http: ArcSwap::from_pointee(settings.tls.http_client(&settings.addresses)?),
             token: ArcSwap::from_pointee(None),
             generation: AtomicU64::new(0),
             login: tokio::sync::Mutex::new(()),
@@ -417,7 +417,7 @@ impl VaultClient {
             changed
         };
         if tls_changed {
-            match self.settings.tls.http_client() {
+            match self.settings.tls.http_client(&self.settings.addresses) {
                 Ok(http) => {
                     self.http.store(Arc::new(http));
                     tracing::info!("TLS files changed; Vault client rebuilt");

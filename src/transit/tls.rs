@@ -51,8 +51,10 @@ impl TlsSettings {
         files
     }
 
-    /// Builds an HTTP client that trusts exactly the configured roots.
-    pub fn http_client(&self) -> Result<reqwest::Client, ClientError> {
+    /// Builds an HTTP client that trusts exactly the configured roots. Redirects (a standby
+    /// pointing at the active node) are followed only to `addresses`, at most three hops, since
+    /// the token header goes along.
+    pub fn http_client(&self, addresses: &[String]) -> Result<reqwest::Client, ClientError> {
         let roots = self.roots()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -76,7 +78,7 @@ impl TlsSettings {
         };
         reqwest::Client::builder()
             .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(redirect_policy(addresses))
             .no_proxy()
             .build()
             .map_err(|e| ClientError::Setup(e.to_string()))
@@ -102,6 +104,19 @@ impl TlsSettings {
         }
         Ok(roots)
     }
+}
+
+fn redirect_policy(addresses: &[String]) -> reqwest::redirect::Policy {
+    let origin = |url: &reqwest::Url| url.origin().ascii_serialization();
+    let allowed: Vec<String> =
+        addresses.iter().filter_map(|a| reqwest::Url::parse(a).ok()).map(|u| origin(&u)).collect();
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() < 3 && allowed.contains(&origin(attempt.url())) {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
 }
 
 /// The regular files of a CA directory, sorted; `None` when `path` is not a directory.
