@@ -374,14 +374,16 @@ pub fn fast_probes() -> Vec<(String, String)> {
     ]
 }
 
-/// A real 3-node OpenBao raft cluster on loopback, initialised and unsealed, with Transit key
-/// `kmsgate` and a root token; every node is killed on drop.
+/// A real 3-node OpenBao raft cluster on loopback, serving HTTPS with a test CA, initialised and
+/// unsealed, with Transit key `kmsgate` and a root token; every node is killed on drop.
 pub struct RaftCluster {
     nodes: Vec<Child>,
     /// API addresses, node 1 first (node 1 starts as leader).
     pub addrs: Vec<String>,
     /// The root token.
     pub token: String,
+    /// The CA that signed every node's certificate.
+    pub ca: PathBuf,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
 }
@@ -391,6 +393,18 @@ impl RaftCluster {
     pub async fn start() -> Self {
         init_crypto();
         let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "kmsgate test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let mut server = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        server.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        let server_cert = server.signed_by(&server_key, &ca).unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), server_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server-key.pem"), server_key.serialize_pem()).unwrap();
         let mut nodes = Vec::new();
         let mut addrs = Vec::new();
         for i in 1..=3 {
@@ -401,10 +415,12 @@ impl RaftCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"n{i}\"\n}}\n\
-                     listener \"tcp\" {{\n  address = \"127.0.0.1:{api}\"\n  cluster_address = \"127.0.0.1:{cluster}\"\n  tls_disable = true\n}}\n\
-                     api_addr = \"http://127.0.0.1:{api}\"\ncluster_addr = \"http://127.0.0.1:{cluster}\"\n",
-                    data.display()
+                    "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"n{i}\"\n  performance_multiplier = 1\n}}\n\
+                     listener \"tcp\" {{\n  address = \"127.0.0.1:{api}\"\n  cluster_address = \"127.0.0.1:{cluster}\"\n\
+                     \x20 tls_cert_file = \"{dir}/server.pem\"\n  tls_key_file = \"{dir}/server-key.pem\"\n}}\n\
+                     api_addr = \"https://127.0.0.1:{api}\"\ncluster_addr = \"https://127.0.0.1:{cluster}\"\n",
+                    data.display(),
+                    dir = dir.path().display(),
                 ),
             )
             .unwrap();
@@ -413,14 +429,21 @@ impl RaftCluster {
                 .arg(format!("-config={}", config.display()))
                 .env("HOME", dir.path())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(
+                    std::fs::File::create(dir.path().join(format!("n{i}.log")))
+                        .map(Stdio::from)
+                        .unwrap_or(Stdio::null()),
+                )
                 .spawn()
                 .unwrap();
             nodes.push(child);
-            addrs.push(format!("http://127.0.0.1:{api}"));
+            addrs.push(format!("https://127.0.0.1:{api}"));
         }
-        let mut cluster =
-            Self { nodes, addrs, token: String::new(), _dir: dir, http: reqwest::Client::new() };
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let mut cluster = Self { nodes, addrs, token: String::new(), ca: ca_path, _dir: dir, http };
         for addr in cluster.addrs.clone() {
             cluster.wait(&addr, |code| code == 501).await;
         }
@@ -433,7 +456,8 @@ impl RaftCluster {
             .put(0, "sys/storage/raft/autopilot/configuration", json!({"server_stabilization_time": "1s"}))
             .await;
         for node in 1..3 {
-            cluster.put(node, "sys/storage/raft/join", json!({"leader_api_addr": cluster.addrs[0]})).await;
+            let join = json!({"leader_api_addr": cluster.addrs[0], "leader_ca_cert": ca.pem()});
+            cluster.put(node, "sys/storage/raft/join", join).await;
             cluster.put(node, "sys/unseal", json!({"key": key})).await;
         }
         for _ in 0..300 {
@@ -478,6 +502,14 @@ impl RaftCluster {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => Value::Null,
         }
+    }
+
+    /// The nodes' own logs, for failure messages.
+    pub fn logs(&self) -> String {
+        (1..=3)
+            .map(|i| std::fs::read_to_string(self._dir.path().join(format!("n{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     }
 
     /// Kills a node outright (the leader loss case).
