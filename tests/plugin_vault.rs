@@ -207,13 +207,18 @@ async fn grace_outage_keeps_status_ok_for_a_bounded_time_and_fails_calls_fast() 
 
     bao.pause();
     let paused = std::time::Instant::now();
+    // Fail-fast starts once the outage is established (two consecutive unreachable probes).
     for _ in 0..100 {
-        if plugin.status_json().await["unreachable_since"].is_string() {
+        if plugin.status_json().await["failing_fast"] == true {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(plugin.status_json().await["unreachable_since"].is_string(), "the outage was never noticed");
+    let status = plugin.status_json().await;
+    assert!(
+        status["unreachable_since"].is_string() && status["failing_fast"] == true,
+        "outage not noticed: {status}"
+    );
     let status = client.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!((status.healthz.as_str(), status.key_id.as_str()), ("ok", key_id.as_str()), "within grace");
     for call in 0..2 {

@@ -198,6 +198,7 @@ impl<B: Backend> HttpView for Shared<B> {
             "last_good_round_trip": state.health.last_round_trip_ok.map(at),
             "outage_mode": if self.config.outage_grace.is_some() { "grace" } else { "honest" },
             "unreachable_since": state.health.unreachable_since.map(at),
+            "failing_fast": state.health.failing_fast(now).is_some(),
             "rollback_refused": state.rollback_refused.map(|r| json!({
                 "promoted": r.promoted,
                 "seen_latest": r.seen,
