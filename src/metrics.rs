@@ -77,6 +77,10 @@ pub struct VaultMetrics {
     pub address_errors: Family<AddressLabels, Counter>,
     /// Calls waiting for a slot under `vault.max_concurrent_calls`.
     pub calls_waiting: Gauge,
+    /// Transit batch Decrypt calls (each carrying two or more waiting Decrypts).
+    pub batch_calls: Counter,
+    /// Decrypts served through batch calls.
+    pub batched_items: Counter,
 }
 
 impl VaultMetrics {
@@ -96,6 +100,12 @@ impl VaultMetrics {
             "calls_waiting",
             "Vault calls waiting for a concurrency slot",
             self.calls_waiting.clone(),
+        );
+        vault.register("batch_calls", "Transit batch Decrypt calls", self.batch_calls.clone());
+        vault.register(
+            "batched_items",
+            "Decrypts served through Transit batch calls",
+            self.batched_items.clone(),
         );
     }
 }

@@ -456,3 +456,47 @@ async fn failed_renewals_and_logins_are_paced_not_spun() {
     assert!(attempts >= 1, "a renewal was due and must have been tried");
     assert!(attempts <= 30, "{attempts} failed renewals/logins in 3s: the maintenance loop spins");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_decrypts_are_batched_and_each_gets_its_own_answer() {
+    use kmsgate::backend::BackendError;
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = bao.vault_settings(dir.path());
+    settings.max_concurrent_calls = 1;
+    let metrics = VaultMetrics::default();
+    let (transit, _m) = transit(&settings, &metrics);
+    let transit = std::sync::Arc::new(transit);
+    let mut sealed = Vec::new();
+    for i in 0..12 {
+        let seed = format!("seed-{i}");
+        sealed
+            .push(transit.encrypt(1, seed.as_bytes(), format!("kid-{i}").as_bytes(), soon()).await.unwrap());
+    }
+    // The first Decrypt takes the only slot and hangs on the frozen server; the rest queue up.
+    bao.pause();
+    let mut tasks = Vec::new();
+    for (i, ciphertext) in sealed.into_iter().enumerate() {
+        let transit = transit.clone();
+        // One item carries the wrong associated data: only it may fail.
+        let aad = if i == 7 { "kid-wrong".to_owned() } else { format!("kid-{i}") };
+        tasks.push(tokio::spawn(async move {
+            transit.decrypt(1, &ciphertext, aad.as_bytes(), Instant::now() + Duration::from_secs(8)).await
+        }));
+        if i == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bao.resume();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let result = task.await.unwrap();
+        if i == 7 {
+            assert!(matches!(result, Err(BackendError::Rejected(_))), "{result:?}");
+        } else {
+            assert_eq!(result.unwrap().as_slice(), format!("seed-{i}").as_bytes());
+        }
+    }
+    assert_eq!(metrics.batch_calls.get(), 1, "the eleven waiting Decrypts go out as one batch");
+    assert_eq!(metrics.batched_items.get(), 11);
+}

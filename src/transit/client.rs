@@ -14,7 +14,10 @@ use std::{
 use arc_swap::ArcSwap;
 use reqwest::{Method, StatusCode, header::HeaderValue};
 use serde::Deserialize;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{Semaphore, SemaphorePermit},
+    time::Instant,
+};
 use zeroize::Zeroizing;
 
 use super::{auth::AuthMethod, tls::TlsSettings};
@@ -194,11 +197,35 @@ impl VaultClient {
         body: Option<&[u8]>,
         deadline: Instant,
     ) -> Result<serde_json::Value, ClientError> {
+        let permit = self.permit(deadline).await?;
+        self.call_permitted(&permit, method, path, body, deadline).await
+    }
+
+    /// The client's metrics.
+    pub fn metrics(&self) -> &VaultMetrics {
+        &self.metrics
+    }
+
+    /// Waits, within the deadline, for one of the `vault.max_concurrent_calls` slots.
+    pub async fn permit(&self, deadline: Instant) -> Result<SemaphorePermit<'_>, ClientError> {
         self.metrics.calls_waiting.inc();
         let permit = tokio::time::timeout_at(deadline, self.limiter.acquire()).await;
         self.metrics.calls_waiting.dec();
-        let Ok(Ok(_permit)) = permit else { return Err(ClientError::Deadline) };
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ClientError::Deadline),
+        }
+    }
 
+    /// [`Self::call`] for a caller that already holds a slot (a batch flusher).
+    pub async fn call_permitted(
+        &self,
+        _permit: &SemaphorePermit<'_>,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, ClientError> {
         let token = self.token(deadline).await?;
         let result = self.route(method.clone(), path, body, Some(&token.0), deadline).await;
         match result {
@@ -551,6 +578,15 @@ impl VaultClient {
         let bytes = Zeroizing::new(response.bytes().await.map_err(transport)?.to_vec());
         if status == StatusCode::NO_CONTENT {
             return Ok(Envelope { data: None, auth: None });
+        }
+        if status == StatusCode::BAD_REQUEST {
+            // NB: a batch with some failed items answers 400 with per-item results; those are
+            // answers for the caller to read item by item, not a failed call.
+            if let Ok(envelope) = serde_json::from_slice::<Envelope>(&bytes)
+                && envelope.data.as_ref().is_some_and(|d| d.get("batch_results").is_some())
+            {
+                return Ok(envelope);
+            }
         }
         if !status.is_success() {
             let errors = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.errors).unwrap_or_default();

@@ -2,6 +2,7 @@
 //! and the key_id as associated data, plus the key operations the rotation controller needs.
 
 mod auth;
+mod batch;
 mod client;
 mod tls;
 
@@ -34,6 +35,7 @@ const AEAD_TYPES: &[&str] = &["aes128-gcm96", "aes256-gcm96", "chacha20-poly1305
 pub struct Transit {
     client: Arc<VaultClient>,
     scope: KeyScope,
+    decrypts: batch::DecryptQueue,
 }
 
 #[derive(Deserialize)]
@@ -60,7 +62,7 @@ impl Transit {
             mount: mount.to_owned(),
             key: key.to_owned(),
         };
-        Self { client, scope }
+        Self { client, scope, decrypts: batch::DecryptQueue::default() }
     }
 
     /// The underlying Vault client (the controller reuses it).
@@ -188,10 +190,6 @@ impl Backend for Transit {
         aad: &[u8],
         deadline: Instant,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        #[derive(Deserialize)]
-        struct Decrypted {
-            plaintext: Zeroizing<String>,
-        }
         let (made_by, _) = backend::ciphertext_version(CIPHERTEXT_TAG, ciphertext)
             .ok_or_else(|| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
         if made_by != version {
@@ -202,13 +200,7 @@ impl Backend for Transit {
         let ciphertext = std::str::from_utf8(ciphertext)
             .map_err(|_| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
         let path = format!("{}/decrypt/{}", self.scope.mount, self.scope.key);
-        let body = json!({ "ciphertext": ciphertext, "associated_data": B64.encode(aad) });
-        let data = self.call(Method::POST, &path, Some(body.to_string().into_bytes()), deadline).await?;
-        let out: Decrypted = serde_json::from_value(data)
-            .map_err(|e| BackendError::Protocol(format!("decrypt answer does not parse: {e}")))?;
-        B64.decode(out.plaintext.as_bytes())
-            .map(Zeroizing::new)
-            .map_err(|_| BackendError::Protocol("decrypt answer is not base64".into()))
+        self.decrypts.decrypt(&self.client, &path, ciphertext, aad, deadline).await
     }
 }
 
@@ -222,7 +214,7 @@ fn creation_time(value: &serde_json::Value) -> Option<u64> {
     })
 }
 
-fn map_error(error: ClientError) -> BackendError {
+pub(crate) fn map_error(error: ClientError) -> BackendError {
     match error {
         ClientError::Deadline => BackendError::Deadline,
         ClientError::Api { status: 400, message, .. } => {
