@@ -9,7 +9,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -18,7 +18,10 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::{sync::oneshot, time::Instant};
+use tokio::{
+    sync::{OwnedSemaphorePermit, oneshot},
+    time::Instant,
+};
 use zeroize::Zeroizing;
 
 use super::{VaultClient, map_error};
@@ -62,7 +65,7 @@ impl DecryptQueue {
     /// Decrypts one Transit ciphertext bound to `aad`, alone or in a batch.
     pub async fn decrypt(
         &self,
-        client: &VaultClient,
+        client: &Arc<VaultClient>,
         path: &str,
         ciphertext: &str,
         aad: &[u8],
@@ -84,7 +87,9 @@ impl DecryptQueue {
                 Ok(permit) => {
                     let batch = self.take(MAX_BATCH);
                     if !batch.is_empty() {
-                        flush(client, path, batch, &permit).await;
+                        // NB: a task of its own, so the batch is answered even if this caller's
+                        // request is cancelled meanwhile.
+                        tokio::spawn(flush(client.clone(), path.to_owned(), batch, permit));
                     }
                 }
                 // NB: still queued means nobody will answer it: leave. Otherwise a flusher holds
@@ -114,12 +119,7 @@ impl DecryptQueue {
     }
 }
 
-async fn flush(
-    client: &VaultClient,
-    path: &str,
-    batch: Vec<Pending>,
-    permit: &tokio::sync::SemaphorePermit<'_>,
-) {
+async fn flush(client: Arc<VaultClient>, path: String, batch: Vec<Pending>, permit: OwnedSemaphorePermit) {
     let now = Instant::now();
     let (live, expired): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.deadline > now);
     for pending in expired {
@@ -133,8 +133,10 @@ async fn flush(
             live.iter().map(|p| json!({ "ciphertext": p.ciphertext, "associated_data": p.aad })).collect();
         json!({ "batch_input": items })
     };
-    let answer =
-        client.call_permitted(permit, Method::POST, path, Some(body.to_string().as_bytes()), deadline).await;
+    let answer = client
+        .call_permitted(&permit, Method::POST, &path, Some(body.to_string().as_bytes()), deadline)
+        .await;
+    drop(permit);
     if live.len() > 1 {
         client.metrics().batch_calls.inc();
         client.metrics().batched_items.inc_by(live.len() as u64);

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use reqwest::{Method, StatusCode, header::HeaderValue};
 use serde::Deserialize;
 use tokio::{
-    sync::{Semaphore, SemaphorePermit},
+    sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 use zeroize::Zeroizing;
@@ -104,7 +104,7 @@ pub struct VaultClient {
     login: tokio::sync::Mutex<()>,
     current: AtomicUsize,
     healthy: Vec<AtomicBool>,
-    limiter: Semaphore,
+    limiter: Arc<Semaphore>,
     watched: Mutex<([u8; 32], [u8; 32])>,
     metrics: VaultMetrics,
 }
@@ -177,7 +177,7 @@ impl VaultClient {
             login: tokio::sync::Mutex::new(()),
             current: AtomicUsize::new(0),
             healthy: settings.addresses.iter().map(|_| AtomicBool::new(true)).collect(),
-            limiter: Semaphore::new(settings.max_concurrent_calls.max(1)),
+            limiter: Arc::new(Semaphore::new(settings.max_concurrent_calls.max(1))),
             watched: Mutex::new((settings.tls.fingerprint(), settings.auth.fingerprint())),
             metrics,
             settings,
@@ -207,9 +207,9 @@ impl VaultClient {
     }
 
     /// Waits, within the deadline, for one of the `vault.max_concurrent_calls` slots.
-    pub async fn permit(&self, deadline: Instant) -> Result<SemaphorePermit<'_>, ClientError> {
+    pub async fn permit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, ClientError> {
         self.metrics.calls_waiting.inc();
-        let permit = tokio::time::timeout_at(deadline, self.limiter.acquire()).await;
+        let permit = tokio::time::timeout_at(deadline, self.limiter.clone().acquire_owned()).await;
         self.metrics.calls_waiting.dec();
         match permit {
             Ok(Ok(permit)) => Ok(permit),
@@ -220,7 +220,7 @@ impl VaultClient {
     /// [`Self::call`] for a caller that already holds a slot (a batch flusher).
     pub async fn call_permitted(
         &self,
-        _permit: &SemaphorePermit<'_>,
+        _permit: &OwnedSemaphorePermit,
         method: Method,
         path: &str,
         body: Option<&[u8]>,
