@@ -271,6 +271,15 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
     assert!(matches!(result, Err(BackendError::Deadline)), "{result:?}");
     assert!(elapsed < Duration::from_millis(1500), "waited {elapsed:?} past a 1s deadline");
     assert_eq!(metrics.calls_waiting.get(), 0);
+    // A waiting call whose caller goes away (a cancelled gRPC request) is no longer counted.
+    let abandoned = {
+        let transit = transit.clone();
+        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert_eq!(metrics.calls_waiting.get(), 0, "a cancelled waiter must not stay counted");
     bao.resume();
     assert!(holder.await.unwrap().is_ok(), "the call holding the slot completes once Vault answers");
 }

@@ -208,9 +208,16 @@ impl VaultClient {
 
     /// Waits, within the deadline, for one of the `vault.max_concurrent_calls` slots.
     pub async fn permit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, ClientError> {
+        /// Counts a waiting call, also when its caller is cancelled mid-wait.
+        struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
         self.metrics.calls_waiting.inc();
+        let _waiting = Waiting(&self.metrics.calls_waiting);
         let permit = tokio::time::timeout_at(deadline, self.limiter.clone().acquire_owned()).await;
-        self.metrics.calls_waiting.dec();
         match permit {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(ClientError::Deadline),
