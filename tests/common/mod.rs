@@ -527,3 +527,56 @@ impl Drop for RaftCluster {
         }
     }
 }
+
+/// A real single-node etcd on free loopback ports, killed on drop.
+pub struct Etcd {
+    child: Child,
+    /// The client URL.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd (Debian `etcd-server`) and waits until it answers.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=test=http://127.0.0.1:{peer}"))
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.path().join("etcd.log")).map(Stdio::from).unwrap_or(Stdio::null()),
+            )
+            .spawn()
+            .expect("start etcd (Debian etcd-server; scripts/test.sh installs it)");
+        let etcd = Self { child, endpoint, _dir: dir };
+        for _ in 0..200 {
+            if let Ok(mut c) = etcd.client().await
+                && c.status().await.is_ok()
+            {
+                return etcd;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("etcd did not start on {}", etcd.endpoint);
+    }
+
+    /// A client for writing fixtures.
+    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect([self.endpoint.as_str()], None).await
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,160 @@
+//! Reads a key range from etcd page by page at one pinned revision, so the report is one
+//! consistent snapshot and memory is bounded by the page size.
+
+use std::path::PathBuf;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue};
+use zeroize::Zeroizing;
+
+/// How to reach etcd (read-only use).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSettings {
+    /// Client URLs, e.g. `https://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// PEM CA bundle for the etcd server certificate.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate (kubeadm's etcd client certificates grant full access).
+    pub cert: Option<PathBuf>,
+    /// PEM client key.
+    pub key: Option<PathBuf>,
+    /// User name for etcd authentication.
+    pub user: Option<String>,
+    /// File holding that user's password.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The scan could not run or could not finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    /// etcd compacted the pinned revision during the scan: the snapshot is gone.
+    #[error("etcd compacted revision {revision} during the scan; the report would be partial")]
+    Compacted { revision: i64 },
+    /// Connecting to etcd failed.
+    #[error("cannot connect to etcd {endpoints:?}: {source}")]
+    Connect {
+        endpoints: Vec<String>,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A TLS or password file could not be read.
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A range read failed.
+    #[error("etcd range read failed: {0}")]
+    Read(#[source] etcd_client::Error),
+}
+
+/// Connects to etcd with the given TLS and authentication.
+pub async fn connect(settings: &EtcdSettings) -> Result<Client, ScanError> {
+    let read =
+        |path: &PathBuf| std::fs::read(path).map_err(|source| ScanError::File { path: path.clone(), source });
+    let mut options = ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
+    if settings.ca.is_some() || settings.cert.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &settings.ca {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
+            let key = Zeroizing::new(read(key)?);
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, key.as_slice()));
+        }
+        options = options.with_tls(tls);
+    }
+    if let (Some(user), Some(file)) = (&settings.user, &settings.password_file) {
+        let password = Zeroizing::new(
+            std::fs::read_to_string(file).map_err(|source| ScanError::File { path: file.clone(), source })?,
+        );
+        options = options.with_user(user.clone(), password.trim().to_owned());
+    }
+    Client::connect(&settings.endpoints, Some(options))
+        .await
+        .map_err(|source| ScanError::Connect { endpoints: settings.endpoints.clone(), source })
+}
+
+/// A paged read of `[start, end)` at one revision.
+pub struct Scanner {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    page_size: i64,
+    revision: i64,
+    done: bool,
+}
+
+impl Scanner {
+    /// Everything under `prefix`.
+    pub fn prefix(prefix: &[u8], page_size: usize) -> Self {
+        Self {
+            start: prefix.to_vec(),
+            end: prefix_end(prefix),
+            page_size: i64::try_from(page_size.max(1)).unwrap_or(i64::MAX),
+            revision: 0,
+            done: false,
+        }
+    }
+
+    /// The pinned revision (0 before the first page).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The next page of at most `page_size` key-values, or `None` at the end.
+    pub async fn next_page(&mut self, client: &mut Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.page_size);
+        if self.revision > 0 {
+            options = options.with_revision(self.revision);
+        }
+        let mut response = client.get(self.start.clone(), Some(options)).await.map_err(|e| {
+            if e.to_string().contains("compacted") {
+                ScanError::Compacted { revision: self.revision }
+            } else {
+                ScanError::Read(e)
+            }
+        })?;
+        if self.revision == 0 {
+            self.revision = response.header().map_or(0, |h| h.revision());
+        }
+        let kvs = response.take_kvs();
+        match kvs.last() {
+            Some(last) if response.more() => {
+                // NB: the smallest key after `last` is `last` followed by a zero byte.
+                self.start = last.key().to_vec();
+                self.start.push(0);
+            }
+            _ => self.done = true,
+        }
+        Ok(if kvs.is_empty() { None } else { Some(kvs) })
+    }
+}
+
+/// The end of the range of keys starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // NB: an all-0xff (or empty) prefix means "to the end of the keyspace", spelled "\0".
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/registry/"), b"/registry0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+}

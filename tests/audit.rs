@@ -1,0 +1,189 @@
+//! `kmsgate audit` against a real etcd: every format, corruptions, scale, compaction.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{Etcd, Plugin};
+use kmsgate::{
+    audit::{self, Scanner},
+    proto::v2::{EncryptRequest, StatusRequest},
+    storage::{self, DekSourceType, EncryptedObject},
+};
+use serde_json::Value;
+
+/// Writes one value of every kind under /registry/secrets/ns/<name>; KMS v2 values are sealed by
+/// the storage transformer with a DEK seed wrapped by a real plugin.
+async fn plant(etcd: &Etcd, plugin: &Plugin) -> (String, HashMap<&'static str, &'static str>) {
+    let mut kms = plugin.client().await;
+    let key_id = kms.status(StatusRequest {}).await.unwrap().into_inner().key_id;
+    let seed = [42u8; 32];
+    let wrapped =
+        kms.encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: "u".into() }).await.unwrap().into_inner();
+    let sealed = |key: &str, key_id: &str| {
+        EncryptedObject {
+            encrypted_data: storage::seal_with_seed(&seed, br#"{"kind":"Secret"}"#, key.as_bytes()).unwrap(),
+            key_id: key_id.to_owned(),
+            encrypted_dek_source: wrapped.ciphertext.clone(),
+            annotations: HashMap::new(),
+            dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
+        }
+        .to_value("kmsgate")
+    };
+    let mut truncated = sealed("/registry/secrets/ns/truncated", &key_id);
+    truncated.truncate(truncated.len() - 7);
+    let old_key_id = key_id.replace(":1:", ":0:");
+    let values: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("current", sealed("/registry/secrets/ns/current", &key_id), "ok"),
+        ("old-key", sealed("/registry/secrets/ns/old-key", &old_key_id), "stale"),
+        ("protobuf", b"k8s\x00\x0a\x0c\x0a\x02v1\x12\x06Secret".to_vec(), "plaintext"),
+        ("json", br#"{"kind":"Secret","metadata":{"name":"json"}}"#.to_vec(), "plaintext"),
+        ("aescbc", b"k8s:enc:aescbc:v1:key1:0123456789abcdef0123456789abcdef".to_vec(), "stale"),
+        ("secretbox", b"k8s:enc:secretbox:v1:key1:0123456789abcdef0123456789abcdef".to_vec(), "stale"),
+        ("kms-v1", b"k8s:enc:kms:v1:old:\x00\x20abcdefabcdefabcdefabcdefabcdefab".to_vec(), "stale"),
+        ("truncated", truncated, "undecryptable"),
+        ("wrong-prefix", b"k8s:enc:kms:v3:kmsgate:whatever".to_vec(), "unknown"),
+    ];
+    let mut client = etcd.client().await.unwrap();
+    let mut expected = HashMap::new();
+    for (name, value, finding) in values {
+        client.put(format!("/registry/secrets/ns/{name}"), value, None).await.unwrap();
+        expected.insert(name, finding);
+    }
+    // Another provider's value on another resource: only --provider/--all scans see it.
+    let other = sealed("/registry/configmaps/ns/cm", &key_id);
+    client.put("/registry/configmaps/ns/cm", other, None).await.unwrap();
+    (key_id, expected)
+}
+
+fn run_audit(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = common::kmsgate_command().arg("audit").args(args).output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_format_is_reported_with_its_finding_and_exit_code() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(
+        dir.path(),
+        &[("local.keyring".into(), dir.path().join("k.json").display().to_string())],
+    )
+    .await;
+    plugin.wait_healthy().await;
+    let (key_id, expected) = plant(&etcd, &plugin).await;
+    let socket = plugin.socket.display().to_string();
+
+    let (code, stdout, stderr) =
+        run_audit(&["--endpoints", &etcd.endpoint, "--plugin-socket", &socket, "--output", "json"]);
+    assert_eq!(code, Some(1), "findings exit 1: {stderr}");
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut seen = HashMap::new();
+    for line in &lines {
+        if line["type"] == "finding" {
+            let key = line["key"].as_str().unwrap().trim_start_matches("/registry/secrets/ns/").to_owned();
+            seen.insert(key, line["finding"].as_str().unwrap().to_owned());
+        }
+    }
+    for (name, finding) in &expected {
+        match *finding {
+            "ok" => assert!(!seen.contains_key(*name), "{name} is fine but was reported"),
+            want => assert_eq!(seen.get(*name).map(String::as_str), Some(want), "{name}"),
+        }
+    }
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(summary["objects"], 9);
+    assert_eq!(summary["classes"]["kms_v2"]["kmsgate"][&key_id], 1);
+    assert_eq!(summary["findings"]["plaintext"], 2);
+    assert_eq!(summary["findings"]["stale"], 4);
+    assert!(!stdout.contains("Secret\""), "plaintext must never be printed");
+
+    // Only the current key and no plaintext: --fail-on decides.
+    let (code, _, _) =
+        run_audit(&["--endpoints", &etcd.endpoint, "--key-id", &key_id, "--fail-on", "undecryptable"]);
+    assert_eq!(code, Some(1));
+    let (code, stdout, _) =
+        run_audit(&["--endpoints", &etcd.endpoint, "--key-id", &key_id, "--resources", "configmaps"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("1 objects"), "{stdout}");
+
+    // --provider sees every resource, and only that provider's values.
+    let (_, stdout, _) = run_audit(&[
+        "--endpoints",
+        &etcd.endpoint,
+        "--key-id",
+        &key_id,
+        "--provider",
+        "kmsgate",
+        "--output",
+        "json",
+    ]);
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["objects"], 4, "current, old-key, truncated and the configmap: {summary}");
+
+    // Could not run: exit 2 with a reason.
+    let (code, _, stderr) = run_audit(&["--endpoints", "http://127.0.0.1:1", "--key-id", "x"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("etcd"), "{stderr}");
+    let (code, _, stderr) = run_audit(&["--endpoints", &etcd.endpoint, "--fail-on", "everything"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--fail-on"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_thousand_objects_in_bounded_pages() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await.unwrap();
+    // NB: batched puts in transactions keep fixture setup to a few seconds.
+    for chunk in 0..200 {
+        let ops: Vec<etcd_client::TxnOp> = (0..100)
+            .map(|i| {
+                let n = chunk * 100 + i;
+                let value =
+                    if n % 1000 == 0 { b"k8s\x00plain".to_vec() } else { b"k8s:enc:aescbc:v1:k:xx".to_vec() };
+                etcd_client::TxnOp::put(format!("/registry/secrets/ns{}/s{n}", n % 50), value, None)
+            })
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let mut scanner = Scanner::prefix(b"/registry/secrets/", 500);
+    let (mut total, mut pages) = (0, 0);
+    while let Some(page) = scanner.next_page(&mut client).await.unwrap() {
+        assert!(page.len() <= 500, "a page held {} values", page.len());
+        total += page.len();
+        pages += 1;
+    }
+    assert_eq!((total, pages), (20_000, 40));
+
+    let options = audit::Options {
+        prefixes: vec!["/registry/secrets/".into()],
+        provider: None,
+        current_key_id: Some("kmsgate:1:transit:v::transit:k:1:1".into()),
+        page_size: 500,
+        json: true,
+    };
+    let mut out = Vec::new();
+    let summary = audit::run(&mut client, &options, &mut out).await.unwrap();
+    assert_eq!(summary.objects, 20_000);
+    assert_eq!(summary.findings[&audit::Finding::Plaintext], 20);
+    assert_eq!(summary.findings[&audit::Finding::Stale], 19_980);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_during_a_scan_is_detected() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await.unwrap();
+    for n in 0..30 {
+        client.put(format!("/registry/secrets/ns/s{n:02}"), b"k8s\x00x".to_vec(), None).await.unwrap();
+    }
+    let mut scanner = Scanner::prefix(b"/registry/secrets/", 10);
+    assert_eq!(scanner.next_page(&mut client).await.unwrap().unwrap().len(), 10);
+    // The API server writes and compacts while the audit runs.
+    let put = client.put("/registry/secrets/ns/new", b"k8s\x00y".to_vec(), None).await.unwrap();
+    let latest = put.header().unwrap().revision();
+    client.compact(latest, None).await.unwrap();
+    let err = scanner.next_page(&mut client).await.unwrap_err();
+    assert!(matches!(err, audit::ScanError::Compacted { .. }), "{err}");
+    assert!(err.to_string().contains("partial"), "{err}");
+}
