@@ -26,11 +26,16 @@ pub async fn audit(
     etcd: &audit::EtcdSettings,
     options: &audit::Options,
     plugin_socket: Option<SocketSpec>,
+    deep: bool,
     fail_on: &[audit::Finding],
 ) -> Result<AuditVerdict, CommandError> {
     let mut options = options.clone();
+    let mut deep_checker = None;
     if let Some(socket) = plugin_socket {
         let mut client = selftest::connect(&socket).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+        if deep {
+            deep_checker = Some(audit::deep::Deep::new(client.clone(), Duration::from_secs(3)));
+        }
         let status = client
             .status(crate::proto::v2::StatusRequest {})
             .await
@@ -39,13 +44,18 @@ pub async fn audit(
         if status.key_id.is_empty() {
             return Err(CommandError::Audit("the plugin reports no key_id yet".into()));
         }
-        options.current_key_id = Some(status.key_id);
+        if options.current_key_id.is_none() {
+            options.current_key_id = Some(status.key_id);
+        }
+    } else if deep {
+        return Err(CommandError::Audit("--deep needs --plugin-socket to decrypt DEK sources".into()));
     }
     let mut client = audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let summary =
-        audit::run(&mut client, &options, &mut out).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+    let summary = audit::run(&mut client, &options, deep_checker.as_mut(), &mut out)
+        .await
+        .map_err(|e| CommandError::Audit(e.to_string()))?;
     audit::write_summary(&summary, options.json, &mut out).map_err(|e| CommandError::Audit(e.to_string()))?;
     std::io::Write::flush(&mut out).map_err(|e| CommandError::Audit(e.to_string()))?;
     let failing = fail_on.iter().any(|f| summary.findings.get(f).is_some_and(|n| *n > 0));

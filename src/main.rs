@@ -91,12 +91,15 @@ struct AuditArgs {
     /// Only values of this KMS v2 provider, whatever the resource (scans the whole prefix).
     #[arg(long)]
     provider: Option<String>,
-    /// The key_id objects should be on.
-    #[arg(long, conflicts_with = "plugin_socket")]
+    /// The key_id objects should be on (default: the plugin's, with --plugin-socket).
+    #[arg(long)]
     key_id: Option<String>,
-    /// Read the current key_id from a plugin's Status over its socket.
+    /// A plugin's socket: its Status gives the current key_id, its Decrypt serves --deep.
     #[arg(long)]
     plugin_socket: Option<String>,
+    /// Decrypt every KMS v2 object end to end (needs --plugin-socket).
+    #[arg(long)]
+    deep: bool,
     /// text or json (JSON lines: findings, then a summary).
     #[arg(long, default_value = "text")]
     output: String,
@@ -239,7 +242,7 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
         json,
     };
     // NB: an audit that could not run or finish exits 2, never 0 or 1.
-    match commands::audit(&etcd, &options, plugin_socket, &fail_on).await {
+    match commands::audit(&etcd, &options, plugin_socket, args.deep, &fail_on).await {
         Ok(commands::AuditVerdict::Clean) => Ok(()),
         Ok(commands::AuditVerdict::Findings) => Err(Failure::Findings),
         Err(e) => Err(Failure::Usage(e.to_string())),

@@ -164,7 +164,7 @@ async fn twenty_thousand_objects_in_bounded_pages() {
         json: true,
     };
     let mut out = Vec::new();
-    let summary = audit::run(&mut client, &options, &mut out).await.unwrap();
+    let summary = audit::run(&mut client, &options, None, &mut out).await.unwrap();
     assert_eq!(summary.objects, 20_000);
     assert_eq!(summary.findings[&audit::Finding::Plaintext], 20);
     assert_eq!(summary.findings[&audit::Finding::Stale], 19_980);
@@ -186,4 +186,93 @@ async fn compaction_during_a_scan_is_detected() {
     let err = scanner.next_page(&mut client).await.unwrap_err();
     assert!(matches!(err, audit::ScanError::Compacted { .. }), "{err}");
     assert!(err.to_string().contains("partial"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deep_decrypts_each_object_and_names_each_failure() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(
+        dir.path(),
+        &[("local.keyring".into(), dir.path().join("k.json").display().to_string())],
+    )
+    .await;
+    plugin.wait_healthy().await;
+    let mut kms = plugin.client().await;
+    let key_id = kms.status(StatusRequest {}).await.unwrap().into_inner().key_id;
+    let seed = [7u8; 32];
+    let wrapped =
+        kms.encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: "u".into() }).await.unwrap().into_inner();
+    let object =
+        |name: &str| format!(r#"{{"kind":"Secret","metadata":{{"name":"{name}","namespace":"ns"}}}}"#);
+    let value = |data: Vec<u8>, kind: DekSourceType, key_id: &str| {
+        EncryptedObject {
+            encrypted_data: data,
+            key_id: key_id.to_owned(),
+            encrypted_dek_source: wrapped.ciphertext.clone(),
+            annotations: HashMap::new(),
+            dek_source_type: kind,
+        }
+        .to_value("kmsgate")
+    };
+    let key = |name: &str| format!("/registry/secrets/ns/{name}");
+    let seal = |name: &str, body: &[u8]| storage::seal_with_seed(&seed, body, key(name).as_bytes()).unwrap();
+    let hkdf = DekSourceType::HkdfSha256XnonceAesGcmSeed;
+    let good = value(seal("good", object("good").as_bytes()), hkdf, &key_id);
+    let mut flipped_data = seal("flipped", object("flipped").as_bytes());
+    *flipped_data.last_mut().unwrap() ^= 1;
+    let type0 = storage::seal_with_dek(&seed, object("type0").as_bytes(), key("type0").as_bytes()).unwrap();
+    let foreign = key_id.replace("kmsgate:1:local:", "kmsgate:1:transit:");
+    let planted: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("good", good.clone(), None),
+        ("type0", value(type0, DekSourceType::AesGcmKey, &key_id), None),
+        ("moved", good, Some("tag mismatch")),
+        ("flipped", value(flipped_data, hkdf, &key_id), Some("tag mismatch")),
+        (
+            "refused",
+            value(seal("refused", object("refused").as_bytes()), hkdf, &foreign),
+            Some("plugin refused"),
+        ),
+        ("garbage", value(seal("garbage", b"\x01\x02not an object"), hkdf, &key_id), Some("not an object")),
+        (
+            "renamed",
+            value(seal("renamed", object("someone-else").as_bytes()), hkdf, &key_id),
+            Some("not an object"),
+        ),
+    ];
+    let mut client = etcd.client().await.unwrap();
+    for (name, value, _) in &planted {
+        client.put(key(name), value.clone(), None).await.unwrap();
+    }
+
+    let socket = plugin.socket.display().to_string();
+    let (code, stdout, stderr) =
+        run_audit(&["--endpoints", &etcd.endpoint, "--plugin-socket", &socket, "--deep", "--output", "json"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (name, _, want) in &planted {
+        let found = lines.iter().find(|l| l["key"] == key(name).as_str());
+        match want {
+            None => assert!(found.is_none(), "{name} decrypts and must not be reported: {found:?}"),
+            Some(reason) => {
+                let found = found.unwrap_or_else(|| panic!("{name} not reported"));
+                assert_eq!(found["finding"], "undecryptable", "{name}");
+                assert!(found["detail"].as_str().unwrap().contains(reason), "{name}: {found}");
+            }
+        }
+    }
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["deep_verified"], 2, "{summary}");
+    assert_eq!(
+        summary["deep_decrypt_calls"], 3,
+        "one Decrypt per distinct (type, source, key_id): {summary}"
+    );
+    assert!(
+        !stdout.contains("someone-else") && !stdout.contains("not an object\\u0001"),
+        "no plaintext in the report"
+    );
+
+    let (code, _, stderr) = run_audit(&["--endpoints", &etcd.endpoint, "--deep"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--plugin-socket"), "{stderr}");
 }

@@ -2,6 +2,7 @@
 //! stored value is encrypted, streaming each finding and keeping only counts in memory.
 
 pub mod classify;
+pub mod deep;
 pub mod scan;
 
 use std::{collections::BTreeMap, io::Write};
@@ -75,14 +76,20 @@ pub struct Summary {
     pub skipped: u64,
     /// Findings by kind.
     pub findings: BTreeMap<Finding, u64>,
+    /// KMS v2 objects decrypted end to end by `--deep`.
+    pub deep_verified: u64,
+    /// Plugin Decrypt calls `--deep` made (one per distinct DEK source).
+    pub deep_decrypt_calls: u64,
     /// Counts by `class`, then provider (or key name), then key_id.
     pub classes: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
 }
 
 /// Scans etcd and streams findings to `out`; returns the summary.
+/// With `deep`, every KMS v2 object is also decrypted end to end.
 pub async fn run(
     client: &mut etcd_client::Client,
     options: &Options,
+    mut deep: Option<&mut deep::Deep>,
     out: &mut impl Write,
 ) -> Result<Summary, ScanError> {
     let mut summary = Summary::default();
@@ -91,15 +98,25 @@ pub async fn run(
         while let Some(page) = scanner.next_page(client).await? {
             summary.revision = scanner.revision();
             for kv in &page {
-                observe(&mut summary, options, kv.key(), kv.value(), out);
+                observe(&mut summary, options, deep.as_deref_mut(), kv.key(), kv.value(), out).await;
             }
         }
+    }
+    if let Some(deep) = deep {
+        summary.deep_decrypt_calls = deep.decrypt_calls() as u64;
     }
     Ok(summary)
 }
 
-fn observe(summary: &mut Summary, options: &Options, key: &[u8], value: &[u8], out: &mut impl Write) {
-    let (class, _object) = classify(value);
+async fn observe(
+    summary: &mut Summary,
+    options: &Options,
+    deep: Option<&mut deep::Deep>,
+    key: &[u8],
+    value: &[u8],
+    out: &mut impl Write,
+) {
+    let (class, object) = classify(value);
     let provider = match &class {
         Class::KmsV1 { provider } | Class::KmsV2 { provider, .. } | Class::KmsV2Invalid { provider, .. } => {
             provider.clone()
@@ -127,7 +144,18 @@ fn observe(summary: &mut Summary, options: &Options, key: &[u8], value: &[u8], o
         .or_default()
         .entry(key_id.clone())
         .or_default() += 1;
+    let verified = match (deep, &object) {
+        (Some(deep), Some(object)) => Some(deep.check(key, object).await),
+        _ => None,
+    };
+    if let Some(Ok(())) = verified {
+        summary.deep_verified += 1;
+    }
     let finding = match &class {
+        _ if matches!(verified, Some(Err(_))) => Some((
+            Finding::Undecryptable,
+            verified.and_then(Result::err).map(|e| e.to_string()).unwrap_or_default(),
+        )),
         c if c.is_plaintext() => Some((Finding::Plaintext, String::new())),
         Class::KmsV2 { .. } => match &options.current_key_id {
             Some(current) if &key_id != current => Some((Finding::Stale, format!("key_id {key_id}"))),
@@ -170,6 +198,13 @@ pub fn write_summary(summary: &Summary, json: bool, out: &mut impl Write) -> std
                 writeln!(out, "{class:<20} {provider:<20} {count:>8}  {key_id}")?;
             }
         }
+    }
+    if summary.deep_verified > 0 || summary.deep_decrypt_calls > 0 {
+        writeln!(
+            out,
+            "deep: {} KMS v2 objects decrypted end to end ({} plugin Decrypt calls)",
+            summary.deep_verified, summary.deep_decrypt_calls
+        )?;
     }
     for (finding, count) in &summary.findings {
         writeln!(out, "findings: {count} {}", finding.name())?;

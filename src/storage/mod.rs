@@ -13,4 +13,4 @@ pub use limits::{
     validate_ciphertext, validate_key_id,
 };
 pub use object::{DekSourceType, EncryptedObject, KMS_V2_PREFIX, ObjectError, kms_v2_prefix};
-pub use transformer::{TransformError, open_with_dek, open_with_seed, seal_with_seed};
+pub use transformer::{TransformError, open_with_dek, open_with_seed, seal_with_dek, seal_with_seed};

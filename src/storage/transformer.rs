@@ -71,6 +71,18 @@ pub fn open_with_seed(seed: &[u8], data: &[u8], aad: &[u8]) -> Result<Zeroizing<
     open_gcm(key.as_slice(), rest, aad)
 }
 
+/// Encrypts one object as a 1.27/1.28 API server did (type 0): `nonce(12) ‖ ciphertext ‖ tag`.
+pub fn seal_with_dek(dek: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, TransformError> {
+    let cipher = Aes256Gcm::new_from_slice(dek).map_err(|_| TransformError::DekLength { len: dek.len() })?;
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| TransformError::Random)?;
+    let mut body = plaintext.to_vec();
+    cipher
+        .encrypt_in_place(&nonce_from(&nonce), aad, &mut body)
+        .map_err(|_| TransformError::Authentication)?;
+    Ok([nonce.as_slice(), &body].concat())
+}
+
 /// Decrypts a type-0 value's `encryptedData`: `nonce(12) ‖ ciphertext ‖ tag`, key = the DEK.
 pub fn open_with_dek(dek: &[u8], data: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, TransformError> {
     open_gcm(dek, data, aad)
@@ -167,6 +179,17 @@ mod tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert_eq!(
             open_with_seed(&seed, &tampered, b"/registry/secrets/a/b"),
+            Err(TransformError::Authentication)
+        );
+    }
+
+    #[test]
+    fn type_0_round_trip() {
+        let dek = [9u8; 32];
+        let sealed = seal_with_dek(&dek, b"object", b"/registry/secrets/a/b").unwrap();
+        assert_eq!(open_with_dek(&dek, &sealed, b"/registry/secrets/a/b").unwrap().as_slice(), b"object");
+        assert_eq!(
+            open_with_dek(&dek, &sealed, b"/registry/secrets/a/c"),
             Err(TransformError::Authentication)
         );
     }
