@@ -240,6 +240,7 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
         current_key_id: args.key_id,
         page_size: args.page_size,
         json,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     // NB: an audit that could not run or finish exits 2, never 0 or 1.
     match commands::audit(&etcd, &options, plugin_socket, args.deep, &fail_on).await {

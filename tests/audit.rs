@@ -162,6 +162,7 @@ async fn twenty_thousand_objects_in_bounded_pages() {
         current_key_id: Some("kmsgate:1:transit:v::transit:k:1:1".into()),
         page_size: 500,
         json: true,
+        progress: false,
     };
     let mut out = Vec::new();
     let summary = audit::run(&mut client, &options, None, &mut out).await.unwrap();
@@ -275,4 +276,42 @@ async fn deep_decrypts_each_object_and_names_each_failure() {
     let (code, _, stderr) = run_audit(&["--endpoints", &etcd.endpoint, "--deep"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--plugin-socket"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_with_tls_and_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let issue = |name: &str, usage: rcgen::ExtendedKeyUsagePurpose| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    };
+    issue("server", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    issue("client", rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let tls = [
+        format!("--cert-file={}", path("server.pem")),
+        format!("--key-file={}", path("server-key.pem")),
+        format!("--trusted-ca-file={}", path("ca.pem")),
+        "--client-cert-auth".to_owned(),
+    ];
+    let etcd = Etcd::start_with(&tls).await;
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client-key.pem"));
+    let args =
+        ["--endpoints", &etcd.endpoint, "--cacert", &ca, "--cert", &cert, "--key", &key, "--key-id", "k"];
+    let (code, stdout, stderr) = run_audit(&args);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("0 objects"), "{stdout}");
+    // Without the client certificate etcd refuses: the audit says it could not run.
+    let (code, _, stderr) = run_audit(&["--endpoints", &etcd.endpoint, "--cacert", &ca, "--key-id", "k"]);
+    assert_eq!(code, Some(2), "{stderr}");
 }

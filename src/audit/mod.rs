@@ -63,6 +63,8 @@ pub struct Options {
     pub page_size: usize,
     /// JSON lines instead of text.
     pub json: bool,
+    /// A progress line with the rate on stderr (the CLI sets it when stderr is a terminal).
+    pub progress: bool,
 }
 
 /// Counts, by class, provider and key_id; no object lists are kept.
@@ -93,6 +95,8 @@ pub async fn run(
     out: &mut impl Write,
 ) -> Result<Summary, ScanError> {
     let mut summary = Summary::default();
+    let started = std::time::Instant::now();
+    let mut shown = started;
     for prefix in &options.prefixes {
         let mut scanner = Scanner::prefix(prefix.as_bytes(), options.page_size);
         while let Some(page) = scanner.next_page(client).await? {
@@ -100,7 +104,20 @@ pub async fn run(
             for kv in &page {
                 observe(&mut summary, options, deep.as_deref_mut(), kv.key(), kv.value(), out).await;
             }
+            if options.progress && shown.elapsed() >= std::time::Duration::from_millis(250) {
+                shown = std::time::Instant::now();
+                let seen = summary.objects + summary.skipped;
+                let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                eprint!("\rscanned {seen} values ({rate:.0}/s) at revision {}   ", summary.revision);
+            }
         }
+    }
+    if options.progress {
+        eprintln!(
+            "\rscanned {} values in {:.1}s            ",
+            summary.objects + summary.skipped,
+            started.elapsed().as_secs_f64()
+        );
     }
     if let Some(deep) = deep {
         summary.deep_decrypt_calls = deep.decrypt_calls() as u64;

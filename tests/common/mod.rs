@@ -539,10 +539,18 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd (Debian `etcd-server`) and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// The same with extra flags; TLS flags (`--cert-file`) make it serve https.
+    pub async fn start_with(extra: &[String]) -> Self {
+        init_crypto();
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if extra.iter().any(|a| a.starts_with("--cert-file")) { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let child = Command::new("etcd")
+            .args(extra)
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={endpoint}"))
@@ -558,9 +566,16 @@ impl Etcd {
             .expect("start etcd (Debian etcd-server; scripts/test.sh installs it)");
         let etcd = Self { child, endpoint, _dir: dir };
         for _ in 0..200 {
-            if let Ok(mut c) = etcd.client().await
-                && c.status().await.is_ok()
-            {
+            let up = if scheme == "https" {
+                // NB: with client-certificate auth only a TCP connect can tell it is listening.
+                tokio::net::TcpStream::connect(("127.0.0.1", client)).await.is_ok()
+            } else {
+                match etcd.client().await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
+                }
+            };
+            if up {
                 return etcd;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
