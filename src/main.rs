@@ -106,8 +106,8 @@ struct AuditArgs {
     /// Findings that make the exit code 1.
     #[arg(long, value_delimiter = ',', default_value = "plaintext,stale,undecryptable,unknown")]
     fail_on: Vec<String>,
-    /// Values per etcd request; bounds memory.
-    #[arg(long, default_value = "500")]
+    /// Values per etcd request; memory is about this times the average value size.
+    #[arg(long, default_value = "5000")]
     page_size: usize,
 }
 

@@ -76,6 +76,9 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client, ScanError> {
         .map_err(|source| ScanError::Connect { endpoints: settings.endpoints.clone(), source })
 }
 
+/// The largest page response accepted.
+const MAX_PAGE_BYTES: usize = 256 * 1024 * 1024;
+
 /// A paged read of `[start, end)` at one revision.
 pub struct Scanner {
     start: Vec<u8>,
@@ -104,6 +107,9 @@ impl Scanner {
 
     /// The next page of at most `page_size` key-values, or `None` at the end.
     pub async fn next_page(&mut self, client: &mut Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
+        // NB: a page holds page_size values of up to etcd's 1.5 MiB each; allow more than tonic's
+        // 4 MiB default so a page of large objects does not fail, while page_size keeps the bound.
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_PAGE_BYTES);
         if self.done {
             return Ok(None);
         }
@@ -111,7 +117,7 @@ impl Scanner {
         if self.revision > 0 {
             options = options.with_revision(self.revision);
         }
-        let mut response = client.get(self.start.clone(), Some(options)).await.map_err(|e| {
+        let mut response = kv.get(self.start.clone(), Some(options)).await.map_err(|e| {
             if e.to_string().contains("compacted") {
                 ScanError::Compacted { revision: self.revision }
             } else {
