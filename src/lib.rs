@@ -7,6 +7,7 @@ pub mod audit;
 pub mod backend;
 pub mod commands;
 pub mod config;
+pub mod error;
 pub mod http;
 pub mod keyid;
 pub mod keyring;

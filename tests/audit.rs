@@ -56,6 +56,14 @@ async fn plant(etcd: &Etcd, plugin: &Plugin) -> (String, HashMap<&'static str, &
     (key_id, expected)
 }
 
+/// A healthy plugin on a fresh local keyring in `dir`.
+async fn local_plugin(dir: &std::path::Path) -> Plugin {
+    let plugin =
+        Plugin::start(dir, &[("local.keyring".into(), dir.join("k.json").display().to_string())]).await;
+    plugin.wait_healthy().await;
+    plugin
+}
+
 fn run_audit(args: &[&str]) -> (Option<i32>, String, String) {
     let out = common::kmsgate_command().arg("audit").args(args).output().unwrap();
     (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
@@ -65,12 +73,7 @@ fn run_audit(args: &[&str]) -> (Option<i32>, String, String) {
 async fn every_format_is_reported_with_its_finding_and_exit_code() {
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let plugin = Plugin::start(
-        dir.path(),
-        &[("local.keyring".into(), dir.path().join("k.json").display().to_string())],
-    )
-    .await;
-    plugin.wait_healthy().await;
+    let plugin = local_plugin(dir.path()).await;
     let (key_id, expected) = plant(&etcd, &plugin).await;
     let socket = plugin.socket.display().to_string();
 
@@ -193,12 +196,7 @@ async fn compaction_during_a_scan_is_detected() {
 async fn deep_decrypts_each_object_and_names_each_failure() {
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let plugin = Plugin::start(
-        dir.path(),
-        &[("local.keyring".into(), dir.path().join("k.json").display().to_string())],
-    )
-    .await;
-    plugin.wait_healthy().await;
+    let plugin = local_plugin(dir.path()).await;
     let mut kms = plugin.client().await;
     let key_id = kms.status(StatusRequest {}).await.unwrap().into_inner().key_id;
     let seed = [7u8; 32];

@@ -70,7 +70,7 @@ pub fn classify(value: &[u8]) -> (Class, Option<EncryptedObject>) {
                 let class = Class::KmsV2 { provider, key_id: object.key_id.clone(), dek_source_type };
                 (class, Some(object))
             }
-            Err(e) => (Class::KmsV2Invalid { provider, reason: error_chain(&e) }, None),
+            Err(e) => (Class::KmsV2Invalid { provider, reason: crate::error::chain(&e) }, None),
         };
     }
     for (prefix, make) in [
@@ -103,17 +103,6 @@ pub fn classify(value: &[u8]) -> (Class, Option<EncryptedObject>) {
     }
     let reason = if value.is_empty() { "empty value" } else { "no known prefix" };
     (Class::Unknown { reason: reason.into() }, None)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

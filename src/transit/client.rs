@@ -578,7 +578,7 @@ impl VaultClient {
         }
         let transport = |e: reqwest::Error| ClientError::Transport {
             address: address.to_owned(),
-            problem: error_chain(&e.without_url()),
+            problem: crate::error::chain(&e.without_url()),
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
@@ -639,15 +639,4 @@ fn random_u8() -> u8 {
     // NB: jitter only spreads retries; a failed random source just means no spread.
     let _ = getrandom::fill(&mut byte);
     byte[0]
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
