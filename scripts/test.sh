@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs protoc and OpenBao first (scripts/setup.sh), then
+# Runs the whole test suite: installs protoc, OpenBao and etcd first (scripts/setup.sh), then
 # `cargo test`. Each OpenBao- or etcd-backed test starts its own server on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
