@@ -337,29 +337,12 @@ async fn etcd_user_and_password() {
     let password = dir.path().join("password");
     std::fs::write(&password, "audit-pw\n").unwrap();
     let pw = password.display().to_string();
-    let (code, stdout, stderr) = run_audit(&[
-        "--endpoints",
-        &etcd.endpoint,
-        "--user",
-        "auditor",
-        "--password-file",
-        &pw,
-        "--key-id",
-        "k",
-    ]);
+    let args = ["--endpoints", &etcd.endpoint, "--user", "auditor", "--password-file", &pw, "--key-id", "k"];
+    let (code, stdout, stderr) = run_audit(&args);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stdout.contains("stale") && stdout.contains("1 objects"), "{stdout}");
     std::fs::write(&password, "wrong").unwrap();
-    let (code, _, stderr) = run_audit(&[
-        "--endpoints",
-        &etcd.endpoint,
-        "--user",
-        "auditor",
-        "--password-file",
-        &pw,
-        "--key-id",
-        "k",
-    ]);
+    let (code, _, stderr) = run_audit(&args);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(!stderr.contains("wrong") && !stderr.contains("audit-pw"), "no password in errors: {stderr}");
 }

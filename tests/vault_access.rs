@@ -21,6 +21,18 @@ fn transit(settings: &VaultSettings, metrics: &VaultMetrics) -> (Transit, tokio:
     (Transit::new(client, "test-bao", "", "transit", "kmsgate"), maintenance)
 }
 
+/// A Transit backend whose client allows one Vault call at a time.
+fn one_slot_transit(
+    bao: &Bao,
+    dir: &Path,
+) -> (std::sync::Arc<Transit>, VaultMetrics, tokio::task::JoinHandle<()>) {
+    let mut settings = bao.vault_settings(dir);
+    settings.max_concurrent_calls = 1;
+    let metrics = VaultMetrics::default();
+    let (transit, maintenance) = transit(&settings, &metrics);
+    (std::sync::Arc::new(transit), metrics, maintenance)
+}
+
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(3)
 }
@@ -239,11 +251,7 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
     use kmsgate::backend::BackendError;
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = bao.vault_settings(dir.path());
-    settings.max_concurrent_calls = 1;
-    let metrics = VaultMetrics::default();
-    let (transit, _m) = transit(&settings, &metrics);
-    let transit = std::sync::Arc::new(transit);
+    let (transit, metrics, _m) = one_slot_transit(&bao, dir.path());
     transit.metadata(soon()).await.unwrap();
     bao.pause();
     let holder = {
@@ -471,11 +479,7 @@ async fn waiting_decrypts_are_batched_and_each_gets_its_own_answer() {
     use kmsgate::backend::BackendError;
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = bao.vault_settings(dir.path());
-    settings.max_concurrent_calls = 1;
-    let metrics = VaultMetrics::default();
-    let (transit, _m) = transit(&settings, &metrics);
-    let transit = std::sync::Arc::new(transit);
+    let (transit, metrics, _m) = one_slot_transit(&bao, dir.path());
     let mut sealed = Vec::new();
     for i in 0..12 {
         let seed = format!("seed-{i}");
