@@ -16,6 +16,9 @@ use serde::Deserialize;
 
 use crate::{backend::versioned_ciphertext_len, keyring, storage::CIPHERTEXT_MAX_BYTES, transit};
 
+/// Where a pod's service-account token is mounted.
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
 /// The config file format this code reads.
 pub const FORMAT: i64 = 1;
 
@@ -103,7 +106,7 @@ pub const SETTINGS: &[(&str, Kind, &str, &str)] = &[
         "vault.auth",
         Kind::Str,
         "token",
-        "vault: token, approle, cert or jwt (kubernetes is refused for the plugin)",
+        "vault: token, approle, cert or jwt; kubernetes for the controller only",
     ),
     ("vault.auth_mount", Kind::Str, "(the method name)", "vault: mount path of the auth method"),
     ("vault.token_file", Kind::Str, "", "vault auth token: file holding the token; re-read when it changes"),
@@ -148,6 +151,42 @@ pub const SETTINGS: &[(&str, Kind, &str, &str)] = &[
     ),
     ("vault.client_key", Kind::Str, "", "vault: PEM key of vault.client_cert"),
     ("vault.insecure_allow_http", Kind::Bool, "false", "vault: allow http:// to non-loopback addresses"),
+    ("controller.policy", Kind::Str, "kmsgate", "controller: the RotationPolicy it follows"),
+    (
+        "controller.lease_namespace",
+        Kind::Str,
+        "kmsgate",
+        "controller: namespace of its leader-election Lease",
+    ),
+    (
+        "controller.lease_name",
+        Kind::Str,
+        "kmsgate-controller",
+        "controller: name of its leader-election Lease",
+    ),
+    (
+        "controller.lease_duration",
+        Kind::Str,
+        "15s",
+        "controller: a leader that stops renewing loses the lease after this",
+    ),
+    (
+        "controller.poll_interval",
+        Kind::Str,
+        "10s",
+        "controller: longest wait between checks while a phase waits",
+    ),
+    (
+        "etcd.endpoints",
+        Kind::List,
+        "",
+        "controller verify.mode Etcd, retire: etcd client URLs (use a read-only etcd user)",
+    ),
+    ("etcd.ca_cert", Kind::Str, "", "etcd: PEM CA bundle of the etcd server"),
+    ("etcd.client_cert", Kind::Str, "", "etcd: PEM client certificate"),
+    ("etcd.client_key", Kind::Str, "", "etcd: PEM key of etcd.client_cert"),
+    ("etcd.user", Kind::Str, "", "etcd: user whose role can only read the prefix"),
+    ("etcd.password_file", Kind::Str, "", "etcd: file holding etcd.user's password"),
 ];
 
 /// The VAULT_* variables read, and the setting each one fills.
@@ -215,6 +254,34 @@ pub struct Config {
     pub log: LogConfig,
     /// The key store.
     pub backend: BackendConfig,
+    /// The rotation controller.
+    pub controller: ControllerConfig,
+    /// etcd access for verification and retire; `None` when not configured.
+    pub etcd: Option<crate::audit::EtcdSettings>,
+}
+
+/// Who loads the configuration; the plugin and the controller accept different auth methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `kmsgate plugin` and the commands that share its file.
+    Plugin,
+    /// `kmsgate controller`, `rotate`, `retire`: may use Kubernetes auth.
+    Controller,
+}
+
+/// The rotation controller's settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// RotationPolicy name.
+    pub policy: String,
+    /// Lease namespace.
+    pub lease_namespace: String,
+    /// Lease name.
+    pub lease_name: String,
+    /// Lease duration.
+    pub lease_duration: Duration,
+    /// Longest wait between checks.
+    pub poll_interval: Duration,
 }
 
 /// Where the socket lives.
@@ -379,6 +446,31 @@ struct Raw {
     local: RawLocal,
     #[serde(default)]
     vault: RawVault,
+    #[serde(default)]
+    controller: RawController,
+    #[serde(default)]
+    etcd: RawEtcd,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    policy: Option<String>,
+    lease_namespace: Option<String>,
+    lease_name: Option<String>,
+    lease_duration: Option<String>,
+    poll_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Option<Vec<String>>,
+    ca_cert: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+    user: Option<String>,
+    password_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -462,6 +554,16 @@ impl Config {
         flags: &[(String, String)],
         env: &impl Env,
     ) -> Result<Self, ConfigError> {
+        Self::load_as(Role::Plugin, file, flags, env)
+    }
+
+    /// [`Config::load`] for a role.
+    pub fn load_as(
+        role: Role,
+        file: Option<&Path>,
+        flags: &[(String, String)],
+        env: &impl Env,
+    ) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => read_file(path)?,
             None => toml::Table::new(),
@@ -484,7 +586,7 @@ impl Config {
             .map_err(|e| ConfigError::Parse { origin: "settings".into(), message: e.to_string() })?;
         let raw: Raw = toml::from_str(&text)
             .map_err(|e| ConfigError::Parse { origin: "settings".into(), message: e.message().to_owned() })?;
-        validate(raw)
+        validate(raw, role)
     }
 }
 
@@ -545,7 +647,7 @@ fn set(table: &mut toml::Table, name: &str, value: &str, origin: &str) -> Result
     Ok(())
 }
 
-fn validate(raw: Raw) -> Result<Config, ConfigError> {
+fn validate(raw: Raw, role: Role) -> Result<Config, ConfigError> {
     let p = raw.plugin;
     let socket = SocketSpec::parse(p.socket.as_deref().unwrap_or("/run/kmsgate/kms.sock"))
         .map_err(|e| field("plugin.socket", e))?;
@@ -586,7 +688,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
     if staleness_window < round_trip_interval {
         return Err(field("plugin.staleness_window", "must be at least plugin.round_trip_interval"));
     }
-    let backend = backend(raw.backend, raw.local, raw.vault)?;
+    let backend = backend(raw.backend, raw.local, raw.vault, role)?;
     let max_plaintext_bytes = int("plugin.max_plaintext_bytes", p.max_plaintext_bytes, 256, 1)? as usize;
     let tag = match backend {
         BackendConfig::Local { .. } => keyring::CIPHERTEXT_TAG,
@@ -646,10 +748,53 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         other => return Err(field("log.format", format!("{other:?} must be text or json"))),
     };
     let log = LogConfig { level: raw.log.level.unwrap_or_else(|| "info".into()), json };
-    Ok(Config { plugin, http_listen, log, backend })
+    let c = raw.controller;
+    let name = |field: &str, value: Option<String>, default: &str| -> Result<String, ConfigError> {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        name_chars(field, &value, 253, |b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+        })?;
+        Ok(value)
+    };
+    let controller = ControllerConfig {
+        policy: name("controller.policy", c.policy, "kmsgate")?,
+        lease_namespace: name("controller.lease_namespace", c.lease_namespace, "kmsgate")?,
+        lease_name: name("controller.lease_name", c.lease_name, "kmsgate-controller")?,
+        lease_duration: duration("controller.lease_duration", c.lease_duration.as_deref(), "15s")?,
+        poll_interval: duration("controller.poll_interval", c.poll_interval.as_deref(), "10s")?,
+    };
+    if controller.lease_duration < Duration::from_secs(3) {
+        return Err(field("controller.lease_duration", "must be at least 3s"));
+    }
+    let e = raw.etcd;
+    let path = |value: Option<String>| value.filter(|p| !p.is_empty()).map(PathBuf::from);
+    let endpoints = e.endpoints.unwrap_or_default().into_iter().filter(|e| !e.is_empty()).collect::<Vec<_>>();
+    let etcd = if endpoints.is_empty() {
+        None
+    } else {
+        let etcd = crate::audit::EtcdSettings {
+            endpoints,
+            ca: path(e.ca_cert),
+            cert: path(e.client_cert),
+            key: path(e.client_key),
+            user: e.user.filter(|u| !u.is_empty()),
+            password_file: path(e.password_file),
+        };
+        if etcd.cert.is_some() != etcd.key.is_some() {
+            return Err(field(
+                "etcd.client_cert",
+                "etcd.client_cert and etcd.client_key must be set together",
+            ));
+        }
+        if etcd.user.is_some() != etcd.password_file.is_some() {
+            return Err(field("etcd.user", "etcd.user and etcd.password_file must be set together"));
+        }
+        Some(etcd)
+    };
+    Ok(Config { plugin, http_listen, log, backend, controller, etcd })
 }
 
-fn backend(b: RawBackend, local: RawLocal, v: RawVault) -> Result<BackendConfig, ConfigError> {
+fn backend(b: RawBackend, local: RawLocal, v: RawVault, role: Role) -> Result<BackendConfig, ConfigError> {
     match b.kind.as_deref().unwrap_or("local") {
         "local" => {
             if b.identity.as_deref().is_some_and(|i| !i.is_empty()) {
@@ -717,9 +862,9 @@ fn backend(b: RawBackend, local: RawLocal, v: RawVault) -> Result<BackendConfig,
                 v.auth_mount.filter(|m| !m.is_empty()),
                 path(v.token_file),
                 (path(v.role_id_file), path(v.secret_id_file)),
-                v.role.unwrap_or_default(),
-                path(v.jwt_file),
+                (v.role.unwrap_or_default(), path(v.jwt_file)),
                 tls.client_cert.is_some(),
+                role,
             )?;
             Ok(BackendConfig::Vault(Box::new(VaultConfig {
                 identity,
@@ -746,9 +891,9 @@ fn auth_method(
     mount: Option<String>,
     token_file: Option<PathBuf>,
     approle: (Option<PathBuf>, Option<PathBuf>),
-    role: String,
-    jwt_file: Option<PathBuf>,
+    (role, jwt_file): (String, Option<PathBuf>),
     has_client_cert: bool,
+    who: Role,
 ) -> Result<transit::AuthMethod, ConfigError> {
     let mount = |default: &str| mount.clone().unwrap_or_else(|| default.to_owned());
     let required = |value: Option<PathBuf>, name: &str| {
@@ -768,6 +913,14 @@ fn auth_method(
             mount: mount("jwt"),
             role,
             jwt_file: required(jwt_file, "vault.jwt_file")?,
+        }),
+        "kubernetes" if who == Role::Controller && role.is_empty() => {
+            Err(field("vault.role", "required for vault.auth = \"kubernetes\""))
+        }
+        "kubernetes" if who == Role::Controller => Ok(transit::AuthMethod::Kubernetes {
+            mount: mount("kubernetes"),
+            role,
+            jwt_file: jwt_file.unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_TOKEN)),
         }),
         "kubernetes" => Err(field(
             "vault.auth",
@@ -848,7 +1001,8 @@ fn resolve_group(group: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("group {group:?} not found in /etc/group"))
 }
 
-fn hostname() -> String {
+/// This machine's host name (the pod name in a pod).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
@@ -873,6 +1027,40 @@ mod tests {
         let path = dir.path().join("kmsgate.toml");
         std::fs::write(&path, file).unwrap();
         Config::load(Some(&path), &flags(f), &env(e))
+    }
+
+    #[test]
+    fn the_controller_may_use_kubernetes_auth_and_reads_etcd_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, VAULT).unwrap();
+        let set = flags(&[
+            ("vault.auth", "kubernetes"),
+            ("vault.role", "kmsgate-controller"),
+            ("etcd.endpoints", "https://10.0.0.1:2379,https://10.0.0.2:2379"),
+            ("etcd.user", "kmsgate-verify"),
+            ("etcd.password_file", "/etc/kmsgate/etcd-password"),
+            ("controller.policy", "prod"),
+        ]);
+        let config = Config::load_as(Role::Controller, Some(&path), &set, &env(&[])).unwrap();
+        let BackendConfig::Vault(v) = &config.backend else { panic!("vault backend") };
+        let transit::AuthMethod::Kubernetes { role, jwt_file, mount } = &v.client.auth else {
+            panic!("kubernetes auth")
+        };
+        assert_eq!((role.as_str(), mount.as_str()), ("kmsgate-controller", "kubernetes"));
+        assert_eq!(jwt_file, Path::new(SERVICE_ACCOUNT_TOKEN));
+        assert_eq!(config.etcd.as_ref().unwrap().endpoints.len(), 2);
+        assert_eq!(config.controller.policy, "prod");
+        assert_eq!(config.controller.lease_duration, Duration::from_secs(15));
+        // The same settings are refused for the plugin.
+        let refused = Config::load_as(Role::Plugin, Some(&path), &set, &env(&[])).unwrap_err();
+        assert!(refused.to_string().contains("static pod"), "{refused}");
+        let no_role = flags(&[("vault.auth", "kubernetes")]);
+        let refused = Config::load_as(Role::Controller, Some(&path), &no_role, &env(&[])).unwrap_err();
+        assert!(refused.to_string().contains("vault.role"), "{refused}");
+        let half = flags(&[("etcd.endpoints", "https://e:2379"), ("etcd.user", "u")]);
+        let refused = Config::load_as(Role::Controller, Some(&path), &half, &env(&[])).unwrap_err();
+        assert!(refused.to_string().contains("etcd.user"), "{refused}");
     }
 
     const VAULT: &str = r#"

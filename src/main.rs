@@ -43,6 +43,57 @@ enum Command {
         #[command(subcommand)]
         action: KeyringAction,
     },
+    /// Run the rotation controller (leader-elected; follows a RotationPolicy).
+    Controller(ConfigArgs),
+    /// Rotate the Transit key now: asks the running controller, or runs the loop here.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// With a running controller: follow its progress until the run ends.
+        #[arg(long)]
+        wait: bool,
+        /// Show what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Rewrite objects so the API server re-encrypts them with the current key.
+    Reencrypt(ReencryptArgs),
+    /// Raise the Transit key's min_decryption_version after a clean audit of every value.
+    Retire {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The oldest key version that stays readable.
+        #[arg(long)]
+        to_version: u64,
+        /// Skip the audit; needs --reason, which is logged.
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Why the audit is skipped.
+        #[arg(long)]
+        reason: Option<String>,
+        /// KMS provider name in the EncryptionConfiguration.
+        #[arg(long, default_value = "kmsgate")]
+        provider: String,
+        /// The API server's --etcd-prefix.
+        #[arg(long, default_value = "/registry")]
+        etcd_prefix: String,
+    },
+    /// Verify a rotation from etcd and report into the policy status (the verify Job runs this).
+    Verify {
+        /// RotationPolicy name.
+        #[arg(long)]
+        policy: String,
+        /// The run being verified.
+        #[arg(long)]
+        run_id: String,
+        /// The verify round.
+        #[arg(long, default_value = "1")]
+        round: u32,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Print the RotationPolicy CustomResourceDefinition.
+    Crd,
     /// Print the EncryptionConfiguration that points kube-apiserver at this plugin.
     EncryptionConfig {
         #[command(flatten)]
@@ -60,7 +111,7 @@ enum Command {
 }
 
 #[derive(Args)]
-struct AuditArgs {
+struct EtcdArgs {
     /// etcd client URLs.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     endpoints: Vec<String>,
@@ -79,6 +130,25 @@ struct AuditArgs {
     /// File holding the etcd user's password.
     #[arg(long)]
     password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn settings(self) -> kmsgate::audit::EtcdSettings {
+        kmsgate::audit::EtcdSettings {
+            endpoints: self.endpoints,
+            ca: self.cacert,
+            cert: self.cert,
+            key: self.key,
+            user: self.user,
+            password_file: self.password_file,
+        }
+    }
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// The API server's --etcd-prefix.
     #[arg(long, default_value = "/registry")]
     prefix: String,
@@ -109,6 +179,34 @@ struct AuditArgs {
     /// Values per etcd request; memory is about this times the average value size.
     #[arg(long, default_value = "5000")]
     page_size: usize,
+}
+
+#[derive(Args)]
+struct ReencryptArgs {
+    /// Resources: secrets, deployments.apps, ...
+    #[arg(long, value_delimiter = ',', default_value = "secrets")]
+    resources: Vec<String>,
+    /// Only these namespaces (repeatable or comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    namespace: Vec<String>,
+    /// Label selector.
+    #[arg(long)]
+    selector: Option<String>,
+    /// Most writes per second.
+    #[arg(long, default_value = "20")]
+    qps: f64,
+    /// Writes in flight.
+    #[arg(long, default_value = "4")]
+    concurrency: usize,
+    /// Objects per list page.
+    #[arg(long, default_value = "500")]
+    page_size: u32,
+    /// Attempts per object on 429/5xx/timeouts.
+    #[arg(long, default_value = "5")]
+    max_attempts: u32,
+    /// List and count; write nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +249,10 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(self) -> Result<Config, config::ConfigError> {
+        self.load_as(config::Role::Plugin)
+    }
+
+    fn load_as(self, role: config::Role) -> Result<Config, config::ConfigError> {
         let mut flags = Vec::new();
         let shorthands = [
             ("plugin.socket", self.socket),
@@ -164,7 +266,7 @@ impl ConfigArgs {
         }
         // NB: --set comes last so it wins over the shorthands.
         flags.extend(self.set);
-        Config::load(self.config.as_deref(), &flags, &ProcessEnv)
+        Config::load_as(role, self.config.as_deref(), &flags, &ProcessEnv)
     }
 }
 
@@ -226,14 +328,7 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
         Ok(socket) => socket,
         Err(e) => return Err(Failure::Usage(format!("--plugin-socket: {e}"))),
     };
-    let etcd = kmsgate::audit::EtcdSettings {
-        endpoints: args.endpoints,
-        ca: args.cacert,
-        cert: args.cert,
-        key: args.key,
-        user: args.user,
-        password_file: args.password_file,
-    };
+    let etcd = args.etcd.settings();
     let options = kmsgate::audit::Options {
         prefixes,
         provider: args.provider,
@@ -246,6 +341,46 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
     match commands::audit(&etcd, &options, plugin_socket, args.deep, &fail_on).await {
         Ok(commands::AuditVerdict::Clean) => Ok(()),
         Ok(commands::AuditVerdict::Findings) => Err(Failure::Findings),
+        Err(e) => Err(Failure::Usage(e.to_string())),
+    }
+}
+
+/// Exit codes: 0 every object written, 1 some writes failed, 2 could not run.
+async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
+    telemetry::init("warn", false);
+    let resources = args
+        .resources
+        .iter()
+        .map(|r| kmsgate::policy::ResourceRef::parse(r))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::Usage(format!("--resources: {e}")))?;
+    if args.qps.is_nan()
+        || args.qps <= 0.0
+        || args.concurrency == 0
+        || args.page_size == 0
+        || args.max_attempts == 0
+    {
+        return Err(Failure::Usage(
+            "--qps, --concurrency, --page-size and --max-attempts must be above 0".into(),
+        ));
+    }
+    let options = commands::rotation::Reencrypt {
+        resources,
+        namespaces: args.namespace,
+        settings: kmsgate::rotation::migrate::Settings {
+            qps: args.qps,
+            concurrency: args.concurrency,
+            page_size: args.page_size,
+            max_attempts: args.max_attempts,
+            selector: args.selector,
+            dry_run: args.dry_run,
+        },
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let kube = kmsgate::k8s::Kube::infer().await.map_err(|e| Failure::Usage(e.to_string()))?;
+    match commands::rotation::reencrypt(&kube, &options, &mut std::io::stdout()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Failure::Findings),
         Err(e) => Err(Failure::Usage(e.to_string())),
     }
 }
@@ -264,6 +399,40 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             commands::selftest(selftest::Options { socket, provider, timeout, wait }).await.map_err(run)
         }
         Command::Audit(args) => audit(args).await,
+        Command::Controller(args) => {
+            let config = args.load_as(config::Role::Controller).map_err(usage)?;
+            telemetry::init(&config.log.level, config.log.json);
+            commands::rotation::controller(config).await.map_err(run)
+        }
+        Command::Rotate { config, wait, dry_run } => {
+            let config = config.load_as(config::Role::Controller).map_err(usage)?;
+            telemetry::init(&config.log.level, config.log.json);
+            commands::rotation::rotate(config, wait, dry_run).await.map_err(run)
+        }
+        Command::Reencrypt(args) => reencrypt(args).await,
+        Command::Retire { config, to_version, force, reason, provider, etcd_prefix } => {
+            let config = config.load_as(config::Role::Controller).map_err(usage)?;
+            telemetry::init(&config.log.level, config.log.json);
+            let reason = reason.filter(|r| !r.trim().is_empty());
+            if force && reason.is_none() {
+                return Err(Failure::Usage("--force needs a non-empty --reason".into()));
+            }
+            let force = if force { reason.as_deref() } else { None };
+            commands::rotation::retire(&config, to_version, &provider, &etcd_prefix, force).await.map_err(run)
+        }
+        Command::Verify { policy, run_id, round, etcd } => {
+            telemetry::init("info", false);
+            match commands::rotation::verify(&policy, &run_id, round, &etcd.settings()).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Failure::Findings),
+                Err(e) => Err(Failure::Usage(e.to_string())),
+            }
+        }
+        Command::Crd => {
+            let yaml = kmsgate::policy::crd_yaml().map_err(|e| Failure::Run(format!("render CRD: {e}")))?;
+            print!("{yaml}");
+            Ok(())
+        }
         Command::Keyring { action } => {
             let (config, init) = match action {
                 KeyringAction::Init { identity, key, config } => (config, Some((identity, key))),

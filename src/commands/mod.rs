@@ -1,5 +1,7 @@
 //! The commands behind the command line; main.rs parses and dispatches to these.
 
+pub mod rotation;
+
 use std::{path::Path, time::Duration};
 
 use crate::{
@@ -84,6 +86,18 @@ pub enum CommandError {
     /// The command does not apply to the configured backend.
     #[error("{0}")]
     WrongBackend(&'static str),
+    /// A Kubernetes call failed.
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::KubeError),
+    /// A rotation step failed.
+    #[error(transparent)]
+    Rotation(#[from] crate::rotation::RotationError),
+    /// A Transit call failed.
+    #[error("Transit: {0}")]
+    Transit(#[from] crate::backend::BackendError),
+    /// The command refuses to act, and says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// `kmsgate plugin`: serves KMS v2 until SIGTERM or SIGINT.

@@ -1,0 +1,222 @@
+//! `kmsgate controller`: Lease-based leader election around the rotation state machine. Only the
+//! replica holding the Lease steps; losing it cuts the current step short, which is safe because
+//! every step resumes from the status.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::{
+    config::ControllerConfig,
+    k8s::Kube,
+    metrics::ControllerMetrics,
+    rotation::{Context, KeyAdmin, Step},
+};
+
+/// Keeps trying to take and renew a Lease; publishes whether this process holds it.
+pub struct Leadership {
+    leader: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Starts campaigning for `namespace/name` as `holder`.
+    pub fn start(
+        kube: Kube,
+        config: &ControllerConfig,
+        holder: String,
+        metrics: Arc<ControllerMetrics>,
+    ) -> Self {
+        let (tx, leader) = watch::channel(false);
+        let (namespace, name, duration) =
+            (config.lease_namespace.clone(), config.lease_name.clone(), config.lease_duration);
+        let task = tokio::spawn(async move {
+            let renew_every = duration / 3;
+            loop {
+                // NB: a renewal that hangs past renew_every counts as lost, so a partitioned leader
+                // stops acting before its lease can expire and pass to another replica.
+                let held = tokio::time::timeout(
+                    renew_every,
+                    kube.acquire_lease(&namespace, &name, &holder, duration),
+                )
+                .await;
+                let held = match held {
+                    Ok(Ok(held)) => held,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "leader lease call failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!("leader lease call timed out");
+                        false
+                    }
+                };
+                tx.send_if_modified(|current| {
+                    if *current != held {
+                        tracing::info!(leader = held, holder = %holder, "leadership changed");
+                        *current = held;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                metrics.leader.set(i64::from(held));
+                tokio::time::sleep(renew_every).await;
+            }
+        });
+        Self { leader, task }
+    }
+
+    /// Whether this process holds the Lease now.
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Waits until this process holds the Lease.
+    pub async fn acquired(&mut self) {
+        let _ = self.leader.wait_for(|held| *held).await;
+    }
+
+    /// Completes when the Lease is lost (or the campaign stopped).
+    pub async fn lost(&self) {
+        let mut leader = self.leader.clone();
+        let _ = leader.wait_for(|held| !*held).await;
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the controller's /status shows.
+#[derive(Default)]
+pub struct View {
+    state: Mutex<serde_json::Value>,
+    metrics: Arc<ControllerMetrics>,
+}
+
+impl View {
+    fn set(&self, value: serde_json::Value) {
+        *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+    }
+}
+
+impl crate::http::HttpView for View {
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+}
+
+impl View {
+    /// A view over `metrics`.
+    pub fn new(metrics: Arc<ControllerMetrics>) -> Self {
+        Self { state: Mutex::new(json!({"leader": false})), metrics }
+    }
+}
+
+/// Runs the controller until `shutdown` completes.
+pub async fn run<K: KeyAdmin + 'static>(
+    ctx: Arc<Context<K>>,
+    config: &ControllerConfig,
+    holder: String,
+    view: Arc<View>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut leadership = Leadership::start(ctx.kube.clone(), config, holder.clone(), ctx.metrics.clone());
+    let policy = config.policy.clone();
+    let work = async {
+        let mut errors = 0u32;
+        loop {
+            view.set(json!({"leader": false, "holder": holder, "policy": policy}));
+            leadership.acquired().await;
+            tracing::info!(policy, "leading: following the rotation policy");
+            loop {
+                let outcome = tokio::select! {
+                    outcome = ctx.step(&policy) => outcome,
+                    () = leadership.lost() => break,
+                };
+                let wait = match outcome {
+                    Ok(Step::Again) => {
+                        errors = 0;
+                        continue;
+                    }
+                    Ok(Step::Wait(wait) | Step::Rest(wait)) => {
+                        errors = 0;
+                        view.set(
+                            json!({"leader": true, "holder": holder, "policy": policy, "last_step": "ok"}),
+                        );
+                        wait
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        let message = crate::error::chain(&e);
+                        tracing::warn!(policy, error = %message, "rotation step failed; retrying");
+                        view.set(json!({"leader": true, "holder": holder, "policy": policy, "last_error": message}));
+                        crate::rotation::migrate::backoff(errors).min(ctx.poll)
+                    }
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = leadership.lost() => break,
+                }
+            }
+            tracing::warn!(policy, "lost the leader lease; stopped acting");
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = shutdown => tracing::info!("shutting down"),
+    }
+}
+
+/// Steps until the run that handles `request` has finished (Idle or Failed), calling `report`
+/// with the status after every step. For `kmsgate rotate` when no controller is running.
+pub async fn drive<K: KeyAdmin>(
+    ctx: &Context<K>,
+    policy: &str,
+    request: &str,
+    mut report: impl FnMut(&crate::policy::RotationStatus),
+) -> Result<crate::policy::RotationStatus, crate::rotation::RotationError> {
+    use crate::policy::Phase;
+    let mut errors = 0u32;
+    loop {
+        let outcome = ctx.step(policy).await;
+        let status = ctx.kube.policy(policy).await?.status.unwrap_or_default();
+        report(&status);
+        let done = status.handled_request == request && matches!(status.phase, Phase::Idle | Phase::Failed);
+        if done {
+            return Ok(status);
+        }
+        match outcome {
+            Ok(Step::Again) => errors = 0,
+            Ok(Step::Wait(wait) | Step::Rest(wait)) => {
+                errors = 0;
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) if errors < 5 => {
+                errors += 1;
+                tracing::warn!(error = %crate::error::chain(&e), "step failed; retrying");
+                tokio::time::sleep(crate::rotation::migrate::backoff(errors)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How long `kmsgate rotate` waits for a running controller between status reads.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);

@@ -1,0 +1,343 @@
+//! The rotation state machine and the re-encrypt engine against the in-memory fake API server:
+//! thousands of objects, paging, conflicts, deletions, transient errors, a crash and a resume.
+
+mod common;
+#[path = "common/fake_api.rs"]
+mod fake_api;
+#[path = "common/fake_keys.rs"]
+mod fake_keys;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use fake_api::FakeApi;
+use fake_keys::FakeKeys;
+use kmsgate::{
+    k8s::Kube,
+    metrics::ControllerMetrics,
+    policy::TransitKey,
+    rotation::{Context, KeyAdmin, Step},
+};
+use serde_json::{Value, json};
+
+/// A plugin /status endpoint reporting whatever key_id the test sets.
+async fn plugin_status(key_id: Arc<Mutex<String>>) -> String {
+    let app = axum::Router::new().route(
+        "/status",
+        axum::routing::get(move || {
+            let key_id = key_id.lock().unwrap().clone();
+            async move { axum::Json(json!({"promoted": {"key_id": key_id}})) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn policy(plugin: &str, extra: Value) -> Value {
+    let mut policy = json!({
+        "apiVersion": "kmsgate.io/v1alpha1",
+        "kind": "RotationPolicy",
+        "metadata": {"name": "p", "resourceVersion": "1"},
+        "spec": {
+            "transit": {"key": "k"},
+            "converge": {"plugins": [plugin], "settle": "0s", "apiServerMetrics": false},
+            "migrate": {"qps": 10000.0, "concurrency": 16, "pageSize": 200},
+        }
+    });
+    fake_api::merge(&mut policy, &extra);
+    policy
+}
+
+fn context(fake: &FakeApi, keys: FakeKeys) -> Context<FakeKeys> {
+    common::init_crypto();
+    Context::new(
+        Kube::new(fake.client()),
+        keys,
+        None,
+        Arc::new(ControllerMetrics::new()),
+        Duration::from_millis(20),
+    )
+}
+
+/// Steps until the policy rests (Idle or Failed), failing the test on a step error.
+async fn run_to_rest(ctx: &Context<FakeKeys>) -> Value {
+    for _ in 0..10_000 {
+        match ctx.step("p").await.unwrap() {
+            Step::Again => {}
+            Step::Wait(d) => tokio::time::sleep(d.min(Duration::from_millis(20))).await,
+            Step::Rest(_) => {
+                return serde_json::to_value(ctx.kube.policy("p").await.unwrap().status).unwrap();
+            }
+        }
+    }
+    panic!("the run never came to rest");
+}
+
+/// A run already at Migrating from v1 to v2: the engine alone.
+fn migrating(plugin: &str, extra: Value) -> Value {
+    let mut p = policy(plugin, extra);
+    p["status"] = json!({
+        "phase": "Migrating", "runId": "11111111-run", "fromVersion": 1, "toVersion": 2,
+        "fromKeyId": FakeKeys::key_id(1), "toKeyId": FakeKeys::key_id(2), "knownVersion": 1,
+        "phaseStartedAt": "2026-01-01T00:00:00Z"
+    });
+    p
+}
+
+#[tokio::test]
+async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
+    let (old, new) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let plugin = plugin_status(Arc::new(Mutex::new(new.clone()))).await;
+    let fake = FakeApi::new(&new);
+    fake.seed(5000, &["a", "b", "c", "d", "e", "f", "g"], &old).await;
+    fake.set_policy(migrating(&plugin, json!({}))).await;
+    let names: Vec<String> =
+        fake.state.lock().await.objects.values().map(|o| format!("{}/{}", o.namespace, o.name)).collect();
+    {
+        let mut state = fake.state.lock().await;
+        state.faults.race_writes = names.iter().step_by(97).take(50).cloned().collect();
+        state.faults.race_deletes = names.iter().skip(5).step_by(151).take(30).cloned().collect();
+        state.faults.unavailable =
+            names.iter().skip(11).step_by(113).take(40).map(|n| (n.clone(), 2)).collect();
+    }
+    let status = run_to_rest(&context(&fake, FakeKeys::new(2))).await;
+
+    assert_eq!(status["phase"], "Idle", "{status:#}");
+    assert_eq!(status["result"], "Unverified");
+    let state = fake.state.lock().await;
+    assert_eq!(state.objects.len(), 4970);
+    assert!(fake_stale(&state, &new).is_empty(), "every remaining object is on the new key");
+    // Every object was re-encrypted exactly once: by us, or by the racing writer (our write then conflicts).
+    assert!(state.rewrites.values().all(|n| *n == 1), "no object written twice");
+    assert_eq!(state.rewrites.len(), 4970);
+    assert_eq!(status["totals"]["rewritten"], 4920);
+    assert_eq!(status["totals"]["conflicts"], 50);
+    assert_eq!(status["totals"]["skipped"], 30);
+    assert_eq!(status["totals"]["failed"], 0);
+    // 5000 objects in pages of 200: 25 lists, one continue token each after the first.
+    let lists = state.log.iter().filter(|l| l.starts_with("GET /api/v1/secrets")).count();
+    assert_eq!(lists, 25);
+}
+
+fn fake_stale(state: &fake_api::State, key_id: &str) -> Vec<String> {
+    state.objects.values().filter(|o| o.key_id != key_id).map(|o| o.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn a_crash_halfway_resumes_without_redoing_finished_work() {
+    let (old, new) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let plugin = plugin_status(Arc::new(Mutex::new(new.clone()))).await;
+    let fake = FakeApi::new(&new);
+    fake.seed(5000, &["a", "b", "c", "d"], &old).await;
+    fake.set_policy(migrating(&plugin, json!({"spec": {"namespaces": ["a", "b", "c", "d"]}}))).await;
+
+    // The first controller dies abruptly after 2600 writes, mid-page.
+    let first = context(&fake, FakeKeys::new(2));
+    let crashed = {
+        let fake = fake.clone();
+        tokio::select! {
+            _ = run_to_rest(&first) => false,
+            () = async move {
+                while fake.state.lock().await.patches < 2600 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            } => true,
+        }
+    };
+    assert!(crashed);
+    drop(first);
+    let (patches_before, log_before, saved) = {
+        let state = fake.state.lock().await;
+        (state.patches, state.log.len(), state.policy["status"].clone())
+    };
+    let done: Vec<String> = saved["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["complete"] == true)
+        .map(|p| p["namespace"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(done, ["a", "b"], "two namespaces of 1250 finished before the crash: {saved:#}");
+
+    // A new controller resumes from the status.
+    let status = run_to_rest(&context(&fake, FakeKeys::new(2))).await;
+    assert_eq!(status["phase"], "Idle", "{status:#}");
+    let state = fake.state.lock().await;
+    assert!(fake_stale(&state, &new).is_empty());
+    assert!(state.rewrites.values().all(|n| *n == 1), "no object rewritten twice");
+    assert_eq!(state.rewrites.len(), 5000, "no object skipped");
+    // Finished namespaces are not listed again, and at most one page is written again.
+    let resumed = &state.log[log_before..];
+    assert!(
+        !resumed.iter().any(
+            |l| l.contains("/namespaces/a/secrets?") || l.starts_with("GET /api/v1/namespaces/a/secrets")
+        )
+    );
+    assert!(!resumed.iter().any(|l| l.starts_with("GET /api/v1/namespaces/b/secrets")));
+    let patches_after = state.patches - patches_before;
+    assert!(patches_after <= 2500 - (patches_before - 2500) + 200, "resume wrote {patches_after} objects");
+    // Counts are exact per page: a page cut short by the crash is redone and its rewritten objects
+    // count as unchanged, never twice.
+    let t = &status["totals"];
+    let ours: u64 = state.rewrites.len() as u64;
+    assert!(t["rewritten"].as_u64().unwrap() <= ours);
+}
+
+#[tokio::test]
+async fn the_whole_loop_runs_on_request_and_retires_after_a_clean_verify_only() {
+    let (v1, v2) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let reported = Arc::new(Mutex::new(v1.clone()));
+    let plugin = plugin_status(reported.clone()).await;
+    let fake = FakeApi::new(&v1);
+    fake.seed(300, &["a"], &v1).await;
+    fake.set_policy(policy(&plugin, json!({"spec": {"retire": {"enabled": true, "grace": "0s"}}}))).await;
+    let keys = FakeKeys::new(1);
+    let ctx = context(&fake, keys.clone());
+
+    // First sight: adopt version 1, do nothing else.
+    let status = run_to_rest(&ctx).await;
+    assert_eq!(status["knownVersion"], 1);
+    assert_eq!(status["phase"], "Idle");
+    assert_eq!(fake.state.lock().await.patches, 0);
+
+    // A request starts a run; the plugins have not switched yet, so it waits in Converging.
+    fake_api::merge(
+        &mut fake.state.lock().await.policy,
+        &json!({"metadata": {"annotations": {"kmsgate.io/rotate-requested": "r1"}}}),
+    );
+    for _ in 0..5 {
+        ctx.step("p").await.unwrap();
+    }
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Converging", "{status:#}");
+    assert_eq!(status["toKeyId"], v2);
+    assert_eq!(keys.0.lock().unwrap().latest, 2, "rotated exactly once");
+    assert!(status["message"].as_str().unwrap().contains("waiting for plugins"));
+
+    // The plugins and the API server switch; the run goes to the end. verify.mode None: unverified, no retire.
+    *reported.lock().unwrap() = v2.clone();
+    fake.state.lock().await.current_key_id = v2.clone();
+    let status = run_to_rest(&ctx).await;
+    assert_eq!(status["result"], "Unverified", "{status:#}");
+    assert_eq!(status["handledRequest"], "r1");
+    assert_eq!(status["knownVersion"], 2);
+    assert_eq!(keys.0.lock().unwrap().min_decryption_version, 1, "never retire without a clean verify");
+    assert!(fake.stale(&v2).await.is_empty());
+    let reasons: Vec<String> =
+        fake.state.lock().await.events.iter().map(|e| e["reason"].as_str().unwrap().to_owned()).collect();
+    for reason in [
+        "Rotating",
+        "Rotated",
+        "Converging",
+        "PluginsConverged",
+        "Migrating",
+        "Verifying",
+        "RotationFinished",
+    ] {
+        assert!(reasons.iter().any(|r| r == reason), "event {reason} missing from {reasons:?}");
+    }
+
+    // A version made outside the controller starts a run at Converging, without rotating again.
+    keys.rotate(&TransitKey::default()).await.unwrap();
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["trigger"], "external");
+    assert_eq!(status["phase"], "Converging");
+    assert_eq!(keys.0.lock().unwrap().latest, 3);
+}
+
+#[tokio::test]
+async fn convergence_times_out_into_failed_and_a_request_resumes_it() {
+    let (v1, v2) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let reported = Arc::new(Mutex::new(v1.clone()));
+    let plugin = plugin_status(reported.clone()).await;
+    let fake = FakeApi::new(&v1);
+    fake.seed(10, &["a"], &v1).await;
+    let mut p = policy(&plugin, json!({"spec": {"converge": {"timeout": "1s"}}}));
+    p["status"] = json!({"phase": "Converging", "runId": "r", "fromVersion": 1, "toVersion": 2, "toKeyId": v2,
+        "knownVersion": 1, "phaseStartedAt": "2026-01-01T00:00:00Z"});
+    fake.set_policy(p).await;
+    let ctx = context(&fake, FakeKeys::new(2));
+    let status = run_to_rest(&ctx).await;
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(status["failedPhase"], "Converging");
+    assert_eq!(status["conditions"][0]["type"], "Stalled");
+    assert_eq!(status["conditions"][0]["reason"], "ConvergeTimeout");
+    assert_eq!(fake.state.lock().await.patches, 0, "no migration after a failed convergence");
+
+    *reported.lock().unwrap() = v2.clone();
+    fake.state.lock().await.current_key_id = v2.clone();
+    fake_api::merge(
+        &mut fake.state.lock().await.policy,
+        &json!({"metadata": {"annotations": {"kmsgate.io/rotate-requested": "again"}}, "status": {"phaseStartedAt": null}}),
+    );
+    let status = run_to_rest(&ctx).await;
+    assert_eq!(status["result"], "Unverified", "{status:#}");
+    assert_eq!(status["totals"]["rewritten"], 10);
+}
+
+#[tokio::test]
+async fn api_server_metrics_end_the_settle_wait_once_every_server_reports_the_key() {
+    let (v1, v2) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    let mut p = policy(&plugin, json!({"spec": {"converge": {"settle": "1h", "apiServerMetrics": true}}}));
+    p["status"] = json!({"phase": "Converging", "runId": "r", "fromVersion": 1, "toVersion": 2, "toKeyId": v2,
+        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::rotation::now_text()});
+    fake.set_policy(p).await;
+    let lease = |id: &str| json!({"metadata": {"name": format!("apiserver-{id}"), "namespace": "kube-system"}, "spec": {"holderIdentity": id}});
+    let line = |id: &str| {
+        format!(
+            "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{{apiserver_id_hash=\"{}\",key_id_hash=\"{}\",provider_name=\"kmsgate\"}} 1.8e9\n",
+            kmsgate::k8s::sha256_label(id),
+            kmsgate::k8s::sha256_label(&v2)
+        )
+    };
+    {
+        let mut state = fake.state.lock().await;
+        state.identity_leases = vec![lease("kube-apiserver-a"), lease("kube-apiserver-b")];
+        state.metrics = line("kube-apiserver-a");
+    }
+    let ctx = context(&fake, FakeKeys::new(2));
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Wait(_)));
+    assert_eq!(fake.status().await["phase"], "Converging", "one API server of two has not reported the key");
+    fake.state.lock().await.metrics.push_str(&line("kube-apiserver-b"));
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Migrating", "{status:#}");
+    assert_eq!(status["message"], "every API server reported the new key_id");
+}
+
+#[tokio::test]
+async fn an_invalid_policy_stalls_with_the_field_named() {
+    let fake = FakeApi::new("k");
+    fake.set_policy(policy("http://127.0.0.1:9", json!({"spec": {"migrate": {"qps": 0.0}}}))).await;
+    let ctx = context(&fake, FakeKeys::new(1));
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+    let status = fake.status().await;
+    assert_eq!(status["conditions"][0]["reason"], "InvalidSpec");
+    assert!(status["message"].as_str().unwrap().contains("spec.migrate.qps"), "{status:#}");
+}
+
+#[tokio::test]
+async fn only_one_replica_holds_the_lease() {
+    let fake = FakeApi::new("k");
+    let kube = Kube::new(fake.client());
+    let ttl = Duration::from_secs(15);
+    assert!(kube.acquire_lease("kmsgate", "lead", "one", ttl).await.unwrap());
+    assert!(!kube.acquire_lease("kmsgate", "lead", "two", ttl).await.unwrap());
+    assert!(kube.acquire_lease("kmsgate", "lead", "one", ttl).await.unwrap(), "the holder renews");
+    assert_eq!(kube.lease_holder("kmsgate", "lead").await.unwrap().as_deref(), Some("one"));
+    // An expired lease passes to the next candidate.
+    fake_api::merge(
+        fake.state.lock().await.leases.get_mut(&("kmsgate".into(), "lead".into())).unwrap(),
+        &json!({"spec": {"renewTime": "2020-01-01T00:00:00.000000Z"}}),
+    );
+    assert_eq!(kube.lease_holder("kmsgate", "lead").await.unwrap(), None);
+    assert!(kube.acquire_lease("kmsgate", "lead", "two", ttl).await.unwrap());
+    assert!(!kube.acquire_lease("kmsgate", "lead", "one", ttl).await.unwrap());
+}

@@ -1,0 +1,197 @@
+//! End to end with real OpenBao and real etcd: a fake API server stores each Secret the way
+//! kube-apiserver does (DEK seed wrapped by the real plugin, HKDF + AES-GCM with the etcd key as
+//! AAD, written to etcd), polls Status and switches key_id; the controller rotates, converges,
+//! migrates, verifies from etcd and retires.
+
+mod common;
+#[path = "common/fake_api.rs"]
+mod fake_api;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use common::{Bao, Etcd, Plugin};
+use fake_api::{FakeApi, Store};
+use futures::{FutureExt, future::BoxFuture};
+use kmsgate::{
+    k8s::Kube,
+    metrics::{ControllerMetrics, VaultMetrics},
+    proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
+    rotation::{Context, Step, VaultKeys},
+    selftest::KmsClient,
+    storage::{self, DekSourceType, EncryptedObject},
+    transit::VaultClient,
+};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+/// key_id, DEK seed, and the seed as the plugin wrapped it.
+type WriteState = (String, [u8; 32], Vec<u8>);
+
+/// kube-apiserver's write path: a DEK seed per key_id, wrapped by the plugin.
+#[derive(Clone)]
+struct ApiServerStorage(Arc<Inner>);
+
+struct Inner {
+    kms: KmsClient,
+    etcd: Mutex<etcd_client::Client>,
+    /// (key_id, seed, wrapped seed) of the current write state.
+    state: Mutex<Option<WriteState>>,
+}
+
+impl Inner {
+    /// Polls Status; on a new key_id, makes a new seed and calls Encrypt (facts §2.3).
+    async fn refresh(&self) -> WriteState {
+        let mut kms = self.kms.clone();
+        let key_id = kms.status(StatusRequest {}).await.unwrap().into_inner().key_id;
+        let mut state = self.state.lock().await;
+        if state.as_ref().is_none_or(|(current, _, _)| *current != key_id) {
+            let seed: [u8; 32] = rand_seed();
+            let response = kms
+                .encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: uuid::Uuid::new_v4().to_string() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(response.key_id, key_id, "Encrypt must answer with the key_id Status reported");
+            *state = Some((key_id, seed, response.ciphertext));
+        }
+        state.clone().unwrap()
+    }
+}
+
+fn rand_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(&uuid::Uuid::new_v4().as_bytes().repeat(2));
+    seed
+}
+
+impl Store for ApiServerStorage {
+    fn write(&self, namespace: &str, name: &str, data: &[u8]) -> BoxFuture<'static, String> {
+        let key = format!("/registry/secrets/{namespace}/{name}");
+        let data = data.to_vec();
+        let this = self.0.clone();
+        async move {
+            let (key_id, seed, wrapped) = this.refresh().await;
+            let value = EncryptedObject {
+                encrypted_data: storage::seal_with_seed(&seed, &data, key.as_bytes()).unwrap(),
+                key_id: key_id.clone(),
+                encrypted_dek_source: wrapped,
+                annotations: HashMap::new(),
+                dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
+            }
+            .to_value("kmsgate");
+            this.etcd.lock().await.put(key, value, None).await.unwrap();
+            key_id
+        }
+        .boxed()
+    }
+
+    fn current_key_id(&self) -> BoxFuture<'static, String> {
+        let this = self.0.clone();
+        async move { this.refresh().await.0 }.boxed()
+    }
+}
+
+#[tokio::test]
+async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
+    let bao = Bao::start().await;
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = bao.plugin_settings(dir.path());
+    settings.extend(common::fast_probes());
+    let plugin = Plugin::start(dir.path(), &settings).await;
+    let v1 = plugin.wait_healthy().await;
+
+    let storage = ApiServerStorage(Arc::new(Inner {
+        kms: plugin.client().await,
+        etcd: Mutex::new(etcd.client().await.unwrap()),
+        state: Mutex::new(None),
+    }));
+    let fake = FakeApi { store: Some(Arc::new(storage.clone())), ..FakeApi::new(&v1) };
+    for i in 0..120 {
+        fake.insert(["a", "b", "c"][i % 3], &format!("s{i:03}"), "", format!("{{\"value\":{i}}}").as_bytes())
+            .await;
+    }
+    let mut kv = etcd.client().await.unwrap();
+    let saved = kv.get("/registry/secrets/a/s000", None).await.unwrap().kvs()[0].value().to_vec();
+    let saved = EncryptedObject::from_value(&saved, "kmsgate").unwrap();
+    assert_eq!(saved.key_id, v1);
+
+    fake.set_policy(json!({
+        "apiVersion": "kmsgate.io/v1alpha1",
+        "kind": "RotationPolicy",
+        "metadata": {"name": "p", "annotations": {"kmsgate.io/rotate-requested": "now"}},
+        "spec": {
+            "transit": {"key": "kmsgate"},
+            "converge": {"plugins": [plugin.http], "settle": "0s", "apiServerMetrics": false, "timeout": "60s"},
+            "migrate": {"qps": 1000.0, "concurrency": 8, "pageSize": 50},
+            "verify": {"mode": "Etcd", "provider": "kmsgate"},
+            "retire": {"enabled": true, "grace": "0s"},
+        },
+        "status": {"knownVersion": 1},
+    }))
+    .await;
+    let client = VaultClient::new(&bao.vault_settings(dir.path()), VaultMetrics::default()).unwrap();
+    let keys = VaultKeys::new(client, "test-bao", "");
+    let etcd_settings =
+        kmsgate::audit::EtcdSettings { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
+    let ctx = Context::new(
+        Kube::new(fake.client()),
+        keys,
+        Some(etcd_settings),
+        Arc::new(ControllerMetrics::new()),
+        Duration::from_millis(50),
+    );
+
+    // The controller rotates, then waits for the plugin.
+    while fake.status().await["phase"] != "Converging" {
+        ctx.step("p").await.unwrap();
+    }
+    let v2 = fake.status().await["toKeyId"].as_str().unwrap().to_owned();
+    assert_ne!(v2, v1);
+    // 1. the plugin promotes the new version.
+    let (_, promoted) = plugin.wait_status(|_, key_id| key_id == v2).await;
+    assert_eq!(promoted, v2);
+    // 2. the fake API server switches at its next Status poll.
+    assert_eq!(storage.current_key_id().await, v2);
+    // 3. the controller migrates, 4. verifies from etcd, 5. retires.
+    let status = loop {
+        match ctx.step("p").await.unwrap() {
+            Step::Again => {}
+            Step::Wait(d) => tokio::time::sleep(d).await,
+            Step::Rest(_) => break fake.status().await,
+        }
+    };
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    assert_eq!(status["totals"]["rewritten"], 120);
+    let verification = &status["verification"];
+    assert_eq!(verification["clean"], true);
+    assert_eq!(verification["oldKey"], 0);
+    assert_eq!(verification["current"], 120);
+    assert_eq!(status["retiredBelow"], 2);
+    let key = bao.get("transit/keys/kmsgate").await;
+    assert_eq!(key["data"]["min_decryption_version"], 2);
+
+    // 4 (again, by the CLI): the audit finds nothing on the old key, and --deep decrypts every object.
+    let out = common::kmsgate_command()
+        .args(["audit", "--endpoints", &etcd.endpoint, "--provider", "kmsgate", "--deep", "--output", "json"])
+        .arg("--plugin-socket")
+        .arg(&plugin.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["deep_verified"], 120, "{summary:#}");
+
+    // 6. a value saved from before no longer decrypts.
+    let mut kms = plugin.client().await;
+    let refused = kms
+        .decrypt(DecryptRequest {
+            ciphertext: saved.encrypted_dek_source.clone(),
+            key_id: saved.key_id.clone(),
+            uid: "old".into(),
+            annotations: HashMap::new(),
+        })
+        .await;
+    assert!(refused.is_err(), "a seed wrapped by the retired version must not decrypt");
+}

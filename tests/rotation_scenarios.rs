@@ -1,0 +1,225 @@
+//! Rotation steps against kube-rs's tower-test mock: every request the controller sends is
+//! asserted (method, path, query, headers, body) and answered the way kube-apiserver would.
+
+#[path = "common/fake_keys.rs"]
+mod fake_keys;
+
+use std::{sync::Arc, time::Duration};
+
+use fake_keys::FakeKeys;
+use http::{Request, Response};
+use kmsgate::{k8s::Kube, metrics::ControllerMetrics, rotation::Context};
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<kube::client::Body>, Response<kube::client::Body>>;
+
+/// Asserts more about a request (headers, body).
+type Check = Box<dyn Fn(&Request<()>, &Value) + Send>;
+
+/// One expected request and the answer to give.
+struct Expect {
+    method: &'static str,
+    path_and_query: String,
+    check: Check,
+    reply: (u16, Value),
+}
+
+fn expect(method: &'static str, path_and_query: &str, reply: (u16, Value)) -> Expect {
+    Expect { method, path_and_query: path_and_query.into(), check: Box::new(|_, _| {}), reply }
+}
+
+impl Expect {
+    fn check(mut self, f: impl Fn(&Request<()>, &Value) + Send + 'static) -> Self {
+        self.check = Box::new(f);
+        self
+    }
+}
+
+/// Serves the expected requests in order; panics on anything else, and on a missing request.
+fn verifier(mut handle: ApiHandle, scenario: Vec<Expect>) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        for expected in scenario {
+            let (request, send) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("missing request {} {}", expected.method, expected.path_and_query))
+                .expect("service dropped");
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            let body: Value =
+                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            assert_eq!(parts.method.as_str(), expected.method, "{}", parts.uri);
+            assert_eq!(parts.uri.path_and_query().unwrap().as_str(), expected.path_and_query);
+            (expected.check)(&Request::from_parts(parts, ()), &body);
+            bodies.push(body);
+            let (code, reply) = expected.reply;
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+        bodies
+    })
+}
+
+fn context(keys: FakeKeys) -> (Context<FakeKeys>, ApiHandle) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (service, handle) = mock::pair::<Request<kube::client::Body>, Response<kube::client::Body>>();
+    let kube = Kube::new(kube::Client::new(service, "default"));
+    (Context::new(kube, keys, None, Arc::new(ControllerMetrics::new()), Duration::from_millis(10)), handle)
+}
+
+fn policy(status: Value) -> Value {
+    json!({
+        "apiVersion": "kmsgate.io/v1alpha1", "kind": "RotationPolicy",
+        "metadata": {"name": "p", "resourceVersion": "7"},
+        "spec": {"transit": {"key": "k"}, "converge": {"plugins": ["http://127.0.0.1:9"]}, "migrate": {"pageSize": 2}},
+        "status": status,
+    })
+}
+
+const POLICY: &str = "/apis/kmsgate.io/v1alpha1/rotationpolicies/p";
+const STATUS: &str = "/apis/kmsgate.io/v1alpha1/rotationpolicies/p/status?&fieldManager=kmsgate";
+
+fn event(reason: &'static str, kind: &'static str) -> Expect {
+    expect("POST", "/apis/events.k8s.io/v1/namespaces/default/events?", (201, json!({}))).check(
+        move |_, body| {
+            assert_eq!(body["reason"], reason);
+            assert_eq!(body["type"], kind);
+            assert_eq!(body["regarding"]["kind"], "RotationPolicy");
+            assert_eq!(body["regarding"]["name"], "p");
+            assert_eq!(body["reportingController"], "kmsgate.io/controller");
+        },
+    )
+}
+
+fn merge_patch(request: &Request<()>) {
+    assert_eq!(request.headers()["content-type"], "application/merge-patch+json");
+}
+
+#[tokio::test]
+async fn first_sight_adopts_the_latest_version_and_writes_only_the_status() {
+    let (ctx, handle) = context(FakeKeys::new(3));
+    let scenario = vec![
+        expect("GET", POLICY, (200, policy(Value::Null))),
+        expect("PATCH", STATUS, (200, policy(json!({"knownVersion": 3})))).check(|request, body| {
+            merge_patch(request);
+            assert_eq!(body["status"]["knownVersion"], 3);
+            assert_eq!(body["status"]["phase"], "Idle");
+            assert_eq!(body["status"]["message"], "adopted key version 3");
+            assert!(body["status"].get("runId").is_none(), "no run starts on first sight");
+        }),
+    ];
+    let verify = verifier(handle, scenario);
+    ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_migrate_page_lists_metadata_only_and_patches_only_the_resource_version() {
+    let (ctx, handle) = context(FakeKeys::new(2));
+    let status = json!({
+        "phase": "Migrating", "runId": "r1", "fromVersion": 1, "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
+        "progress": [{"resource": "secrets"}],
+    });
+    let item = |name: &str, rv: &str| {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+               "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}})
+    };
+    let patched = |name: &str, rv: &str| item(name, rv);
+    let scenario = vec![
+        expect("GET", POLICY, (200, policy(status.clone()))),
+        expect("GET", "/api/v1/secrets?&limit=2", (200, json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": {"resourceVersion": "50", "continue": "token-2"},
+            "items": [item("a", "10"), item("b", "11")],
+        })))
+        .check(|request, _| {
+            let accept = request.headers()["accept"].to_str().unwrap();
+            assert!(accept.contains("as=PartialObjectMetadataList"), "Secret data must never be listed: {accept}");
+        }),
+        // Concurrency 4: both patches are in flight; answer in arrival order.
+        expect("PATCH", "/api/v1/namespaces/ns/secrets/a?&fieldManager=kmsgate", (200, patched("a", "51"))).check(|request, body| {
+            merge_patch(request);
+            assert_eq!(*body, json!({"metadata": {"resourceVersion": "10"}}));
+            assert!(request.headers()["accept"].to_str().unwrap().contains("as=PartialObjectMetadata"));
+        }),
+        expect("PATCH", "/api/v1/namespaces/ns/secrets/b?&fieldManager=kmsgate", (409, json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+            "message": "Operation cannot be fulfilled on secrets \"b\": the object has been modified"
+        })))
+        .check(|_, body| assert_eq!(*body, json!({"metadata": {"resourceVersion": "11"}}))),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            let progress = &body["status"]["progress"][0];
+            assert_eq!(progress["rewritten"], 1);
+            assert_eq!(progress["conflicts"], 1);
+            assert_eq!(progress["continueToken"], "token-2", "the next page resumes here after a crash");
+            assert_eq!(progress["complete"], false);
+            assert_eq!(body["status"]["totals"]["rewritten"], 1);
+        }),
+    ];
+    let verify = verifier(handle, scenario);
+    ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+}
+
+#[tokio::test]
+async fn retire_raises_the_floor_after_a_clean_verification_and_records_events() {
+    let keys = FakeKeys::new(2);
+    let (ctx, handle) = context(keys.clone());
+    let status = json!({
+        "phase": "Retiring", "runId": "r1", "fromVersion": 1, "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
+        "verifyRound": 1,
+        "verification": {"runId": "r1", "round": 1, "keyId": FakeKeys::key_id(2), "revision": 9, "objects": 4,
+            "current": 4, "oldKey": 0, "invalid": 0, "unencrypted": 0, "unmapped": 0, "clean": true,
+            "finishedAt": "2026-01-01T00:00:00Z"},
+    });
+    let mut p = policy(status);
+    p["spec"]["retire"] = json!({"enabled": true, "grace": "1h"});
+    let scenario = vec![
+        expect("GET", POLICY, (200, p)),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            assert_eq!(body["status"]["phase"], "Idle");
+            assert_eq!(body["status"]["result"], "Succeeded");
+            assert_eq!(body["status"]["retiredBelow"], 2);
+            assert_eq!(body["status"]["knownVersion"], 2);
+        }),
+        event("Retired", "Normal"),
+        event("Idle", "Normal"),
+        event("RotationFinished", "Normal"),
+    ];
+    let verify = verifier(handle, scenario);
+    ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+    assert_eq!(keys.0.lock().unwrap().min_decryption_version, 2);
+}
+
+#[tokio::test]
+async fn retire_refuses_a_verification_of_another_run() {
+    let keys = FakeKeys::new(2);
+    let (ctx, handle) = context(keys.clone());
+    let status = json!({
+        "phase": "Retiring", "runId": "r2", "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
+        "verification": {"runId": "r1", "round": 1, "keyId": FakeKeys::key_id(2), "revision": 9, "objects": 4,
+            "current": 4, "oldKey": 0, "invalid": 0, "unencrypted": 0, "unmapped": 0, "clean": true,
+            "finishedAt": "2026-01-01T00:00:00Z"},
+    });
+    let scenario = vec![
+        expect("GET", POLICY, (200, policy(status))),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            assert_eq!(body["status"]["phase"], "Failed");
+            assert_eq!(body["status"]["failedPhase"], "Retiring");
+            assert_eq!(body["status"]["conditions"][0]["reason"], "NotVerified");
+        }),
+        event("Failed", "Normal"),
+        event("NotVerified", "Warning"),
+    ];
+    let verify = verifier(handle, scenario);
+    ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+    assert_eq!(keys.0.lock().unwrap().min_decryption_version, 1, "the floor is untouched");
+}
