@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, path::Path, process::Command};
 
-use kmsgate::config::{BackendConfig, Config};
+use kmsgate::config::{BackendConfig, Config, Role};
 
 #[test]
 fn example_configs_load() {
@@ -13,6 +13,11 @@ fn example_configs_load() {
     let BackendConfig::Vault(v) = vault.backend else { panic!("vault example must use the vault backend") };
     assert_eq!(v.identity, "prod-vault");
     assert_eq!(v.client.addresses.len(), 2);
+    let controller =
+        Config::load_as(Role::Controller, Some(Path::new("examples/controller.toml")), &[], &env).unwrap();
+    assert_eq!(controller.controller.policy, "kmsgate");
+    let refused = Config::load(Some(Path::new("examples/controller.toml")), &[], &env);
+    assert!(refused.is_err(), "the plugin must refuse the controller's kubernetes auth");
 }
 
 #[test]
@@ -37,4 +42,23 @@ fn readme_documents_every_setting() {
     for (name, ..) in kmsgate::config::SETTINGS {
         assert!(readme.contains(&format!("`{name}`")), "README.md does not document `{name}`");
     }
+}
+
+#[test]
+fn shipped_crd_matches_the_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kmsgate")).arg("crd").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shipped = std::fs::read_to_string("deploy/controller/crd.yaml").unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        shipped,
+        "regenerate with: kmsgate crd > deploy/controller/crd.yaml"
+    );
+}
+
+#[test]
+fn shipped_rotation_policy_is_valid() {
+    let text = std::fs::read_to_string("deploy/controller/rotationpolicy.yaml").unwrap();
+    let policy: kmsgate::policy::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
+    kmsgate::policy::validate(&policy.spec).unwrap();
 }
