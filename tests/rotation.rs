@@ -341,3 +341,20 @@ async fn only_one_replica_holds_the_lease() {
     assert!(kube.acquire_lease("kmsgate", "lead", "two", ttl).await.unwrap());
     assert!(!kube.acquire_lease("kmsgate", "lead", "one", ttl).await.unwrap());
 }
+
+#[tokio::test]
+async fn storage_version_migration_falls_back_to_rewriting_where_not_served() {
+    let (old, new) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let plugin = plugin_status(Arc::new(Mutex::new(new.clone()))).await;
+    let fake = FakeApi::new(&new);
+    fake.seed(40, &["a"], &old).await;
+    fake.set_policy(migrating(
+        &plugin,
+        json!({"spec": {"migrate": {"strategy": "StorageVersionMigration"}}}),
+    ))
+    .await;
+    let status = run_to_rest(&context(&fake, FakeKeys::new(2))).await;
+    assert_eq!(status["storageMigrationFallback"], true, "{status:#}");
+    assert_eq!(status["totals"]["rewritten"], 40);
+    assert!(fake.stale(&new).await.is_empty());
+}

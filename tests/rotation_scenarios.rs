@@ -223,3 +223,73 @@ async fn retire_refuses_a_verification_of_another_run() {
     verify.await.unwrap();
     assert_eq!(keys.0.lock().unwrap().min_decryption_version, 1, "the floor is untouched");
 }
+
+#[tokio::test]
+async fn verify_mode_job_creates_a_pinned_read_only_job() {
+    let (ctx, handle) = context(FakeKeys::new(2));
+    let mut p = policy(json!({
+        "phase": "Verifying", "runId": "abcd1234-run", "toVersion": 2, "toKeyId": FakeKeys::key_id(2), "verifyRound": 1,
+    }));
+    p["spec"]["verify"] = json!({"mode": "Job", "job": {"image": "kmsgate:test"}});
+    let job = "/apis/batch/v1/namespaces/kmsgate/jobs";
+    let not_found =
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+    let scenario = vec![
+        expect("GET", POLICY, (200, p)),
+        expect("GET", &format!("{job}/p-verify-abcd1234-1"), (404, not_found)),
+        expect("POST", &format!("{job}?"), (201, json!({}))).check(|_, body| {
+            let pod = &body["spec"]["template"]["spec"];
+            assert_eq!(body["metadata"]["name"], "p-verify-abcd1234-1");
+            assert_eq!(pod["hostNetwork"], true);
+            assert_eq!(pod["nodeSelector"]["node-role.kubernetes.io/control-plane"], "");
+            assert_eq!(pod["serviceAccountName"], "kmsgate-verify");
+            let container = &pod["containers"][0];
+            assert_eq!(container["volumeMounts"][0]["readOnly"], true);
+            assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+            assert_eq!(container["securityContext"]["capabilities"]["drop"][0], "ALL");
+            let args: Vec<&str> =
+                container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+            assert_eq!(&args[..7], ["verify", "--policy", "p", "--run-id", "abcd1234-run", "--round", "1"]);
+            assert!(args.contains(&"/etc/kmsgate/etcd-pki/healthcheck-client.key"));
+        }),
+    ];
+    let verify = verifier(handle, scenario);
+    assert!(matches!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Wait(_)));
+    verify.await.unwrap();
+}
+
+#[tokio::test]
+async fn storage_version_migrations_are_created_where_served() {
+    let (ctx, handle) = context(FakeKeys::new(2));
+    let mut p = policy(json!({
+        "phase": "Migrating", "runId": "abcd1234-run", "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
+        "progress": [{"resource": "secrets"}],
+    }));
+    p["spec"]["migrate"]["strategy"] = json!("StorageVersionMigration");
+    let scenario = vec![
+        expect("GET", POLICY, (200, p)),
+        expect(
+            "GET",
+            "/apis/storagemigration.k8s.io",
+            (
+                200,
+                json!({
+                    "kind": "APIGroup", "name": "storagemigration.k8s.io",
+                    "versions": [{"groupVersion": "storagemigration.k8s.io/v1beta1", "version": "v1beta1"}],
+                }),
+            ),
+        ),
+        expect("POST", "/apis/storagemigration.k8s.io/v1beta1/storageversionmigrations?", (201, json!({})))
+            .check(|_, body| {
+                assert_eq!(body["metadata"]["name"], "kmsgate-abcd1234-secrets");
+                assert_eq!(body["spec"], json!({"resource": {"group": "", "resource": "secrets"}}));
+            }),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            assert_eq!(body["status"]["storageMigrations"], json!(["kmsgate-abcd1234-secrets"]));
+            assert_eq!(body["status"]["storageMigrationFallback"], false);
+        }),
+    ];
+    let verify = verifier(handle, scenario);
+    ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+}
