@@ -3,73 +3,20 @@
 
 #[path = "common/fake_keys.rs"]
 mod fake_keys;
+#[path = "common/mock_api.rs"]
+mod mock_api;
 
 use std::{sync::Arc, time::Duration};
 
 use fake_keys::FakeKeys;
-use http::{Request, Response};
+use http::Request;
 use kmsgate::{k8s::Kube, metrics::ControllerMetrics, rotation::Context};
+use mock_api::{ApiHandle, Expect, expect, verifier};
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle};
-
-type ApiHandle = Handle<Request<kube::client::Body>, Response<kube::client::Body>>;
-
-/// Asserts more about a request (headers, body).
-type Check = Box<dyn Fn(&Request<()>, &Value) + Send>;
-
-/// One expected request and the answer to give.
-struct Expect {
-    method: &'static str,
-    path_and_query: String,
-    check: Check,
-    reply: (u16, Value),
-}
-
-fn expect(method: &'static str, path_and_query: &str, reply: (u16, Value)) -> Expect {
-    Expect { method, path_and_query: path_and_query.into(), check: Box::new(|_, _| {}), reply }
-}
-
-impl Expect {
-    fn check(mut self, f: impl Fn(&Request<()>, &Value) + Send + 'static) -> Self {
-        self.check = Box::new(f);
-        self
-    }
-}
-
-/// Serves the expected requests in order; panics on anything else, and on a missing request.
-fn verifier(mut handle: ApiHandle, scenario: Vec<Expect>) -> tokio::task::JoinHandle<Vec<Value>> {
-    tokio::spawn(async move {
-        let mut bodies = Vec::new();
-        for expected in scenario {
-            let (request, send) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("missing request {} {}", expected.method, expected.path_and_query))
-                .expect("service dropped");
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect_bytes().await.unwrap();
-            let body: Value =
-                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-            assert_eq!(parts.method.as_str(), expected.method, "{}", parts.uri);
-            assert_eq!(parts.uri.path_and_query().unwrap().as_str(), expected.path_and_query);
-            (expected.check)(&Request::from_parts(parts, ()), &body);
-            bodies.push(body);
-            let (code, reply) = expected.reply;
-            send.send_response(
-                Response::builder()
-                    .status(code)
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-        bodies
-    })
-}
 
 fn context(keys: FakeKeys) -> (Context<FakeKeys>, ApiHandle) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (service, handle) = mock::pair::<Request<kube::client::Body>, Response<kube::client::Body>>();
-    let kube = Kube::new(kube::Client::new(service, "default"));
+    let (client, handle) = mock_api::client();
+    let kube = Kube::new(client);
     (Context::new(kube, keys, None, Arc::new(ControllerMetrics::new()), Duration::from_millis(10)), handle)
 }
 
