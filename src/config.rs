@@ -153,6 +153,18 @@ pub const SETTINGS: &[(&str, Kind, &str, &str)] = &[
     ("vault.insecure_allow_http", Kind::Bool, "false", "vault: allow http:// to non-loopback addresses"),
     ("controller.policy", Kind::Str, "kmsgate", "controller: the RotationPolicy it follows"),
     (
+        "controller.token_policy",
+        Kind::Str,
+        "kmsgate",
+        "controller: the TokenPolicy it follows (none there: token rotation idles)",
+    ),
+    (
+        "controller.service_account",
+        Kind::Str,
+        "kmsgate/kmsgate-controller",
+        "controller: its own ServiceAccount (namespace/name), never issued a managed token",
+    ),
+    (
         "controller.lease_namespace",
         Kind::Str,
         "kmsgate",
@@ -274,6 +286,10 @@ pub enum Role {
 pub struct ControllerConfig {
     /// RotationPolicy name.
     pub policy: String,
+    /// TokenPolicy name.
+    pub token_policy: String,
+    /// The controller's own ServiceAccount, `namespace/name`.
+    pub service_account: String,
     /// Lease namespace.
     pub lease_namespace: String,
     /// Lease name.
@@ -456,6 +472,8 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawController {
     policy: Option<String>,
+    token_policy: Option<String>,
+    service_account: Option<String>,
     lease_namespace: Option<String>,
     lease_name: Option<String>,
     lease_duration: Option<String>,
@@ -758,6 +776,18 @@ fn validate(raw: Raw, role: Role) -> Result<Config, ConfigError> {
     };
     let controller = ControllerConfig {
         policy: name("controller.policy", c.policy, "kmsgate")?,
+        token_policy: name("controller.token_policy", c.token_policy, "kmsgate")?,
+        service_account: {
+            let value = c.service_account.unwrap_or_else(|| "kmsgate/kmsgate-controller".into());
+            match value.split_once('/') {
+                Some((ns, sa)) => {
+                    name("controller.service_account", Some(ns.to_owned()), "")?;
+                    name("controller.service_account", Some(sa.to_owned()), "")?;
+                }
+                None => return Err(field("controller.service_account", "must be namespace/name")),
+            }
+            value
+        },
         lease_namespace: name("controller.lease_namespace", c.lease_namespace, "kmsgate")?,
         lease_name: name("controller.lease_name", c.lease_name, "kmsgate-controller")?,
         lease_duration: duration("controller.lease_duration", c.lease_duration.as_deref(), "15s")?,
@@ -1052,6 +1082,14 @@ mod tests {
         assert_eq!(config.etcd.as_ref().unwrap().endpoints.len(), 2);
         assert_eq!(config.controller.policy, "prod");
         assert_eq!(config.controller.lease_duration, Duration::from_secs(15));
+        assert_eq!(config.controller.token_policy, "kmsgate");
+        assert_eq!(config.controller.service_account, "kmsgate/kmsgate-controller");
+        let own = env(&[("KMSGATE_CONTROLLER_SERVICE_ACCOUNT", "platform/kmsgate")]);
+        let config = Config::load_as(Role::Controller, Some(&path), &set, &own).unwrap();
+        assert_eq!(config.controller.service_account, "platform/kmsgate");
+        let bad = env(&[("KMSGATE_CONTROLLER_SERVICE_ACCOUNT", "kmsgate")]);
+        let refused = Config::load_as(Role::Controller, Some(&path), &set, &bad).unwrap_err();
+        assert!(refused.to_string().contains("controller.service_account"), "{refused}");
         // The same settings are refused for the plugin.
         let refused = Config::load_as(Role::Plugin, Some(&path), &set, &env(&[])).unwrap_err();
         assert!(refused.to_string().contains("static pod"), "{refused}");

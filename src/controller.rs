@@ -1,6 +1,6 @@
-//! `kmsgate controller`: Lease-based leader election around the rotation state machine. Only the
-//! replica holding the Lease steps; losing it cuts the current step short, which is safe because
-//! every step resumes from the status.
+//! `kmsgate controller`: Lease-based leader election around the rotation state machine and the
+//! token loops. Only the replica holding the Lease acts; losing it cuts the current step short,
+//! which is safe because every step resumes from the status.
 
 use std::{
     future::Future,
@@ -72,6 +72,11 @@ impl Leadership {
         Self { leader, task }
     }
 
+    /// Follows whether this process holds the Lease.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.leader.clone()
+    }
+
     /// Whether this process holds the Lease now.
     pub fn is_leader(&self) -> bool {
         *self.leader.borrow()
@@ -138,6 +143,14 @@ pub async fn run<K: KeyAdmin + 'static>(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut leadership = Leadership::start(ctx.kube.clone(), config, holder.clone(), ctx.metrics.clone());
+    let tokens = crate::tokens::reconcile::TokenLoop {
+        kube: ctx.kube.clone(),
+        clock: Arc::new(crate::tokens::SystemClock),
+        metrics: ctx.metrics.clone(),
+        policy: config.token_policy.clone(),
+        own: config.service_account.clone(),
+    };
+    let token_work = tokens.run(leadership.subscribe());
     let policy = config.policy.clone();
     let work = async {
         let mut errors = 0u32;
@@ -180,6 +193,7 @@ pub async fn run<K: KeyAdmin + 'static>(
     };
     tokio::select! {
         () = work => {}
+        () = token_work => {}
         () = shutdown => tracing::info!("shutting down"),
     }
 }

@@ -21,4 +21,5 @@ pub mod rotation;
 pub mod selftest;
 pub mod storage;
 pub mod telemetry;
+pub mod tokens;
 pub mod transit;

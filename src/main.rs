@@ -92,7 +92,12 @@ enum Command {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
-    /// Print the RotationPolicy CustomResourceDefinition.
+    /// Rotate service-account tokens: legacy token Secrets and managed bound tokens.
+    Tokens {
+        #[command(subcommand)]
+        action: TokensAction,
+    },
+    /// Print the CustomResourceDefinitions (RotationPolicy, TokenPolicy).
     Crd,
     /// Print the EncryptionConfiguration that points kube-apiserver at this plugin.
     EncryptionConfig {
@@ -108,6 +113,39 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "secrets")]
         resources: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum TokensAction {
+    /// List legacy token Secrets (with what a rotation would do) and managed tokens.
+    List(TokensArgs),
+    /// Rotate the legacy token Secrets that are due and issue the managed tokens that are due.
+    Rotate {
+        #[command(flatten)]
+        args: TokensArgs,
+        /// Say what would be rotated and why; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args)]
+struct TokensArgs {
+    /// The TokenPolicy whose rules apply (and where interrupted rotations are recorded).
+    #[arg(long, default_value = kmsgate::tokens::policy::DEFAULT_POLICY)]
+    policy: String,
+    /// Rotate legacy token Secrets older than this (overrides the policy's maxAge), like 720h.
+    #[arg(long)]
+    older_than: Option<String>,
+    /// Only these namespaces (repeatable; overrides the policy).
+    #[arg(long)]
+    namespace: Vec<String>,
+    /// Only Secrets matching this label selector (overrides the policy).
+    #[arg(long)]
+    selector: Option<String>,
+    /// kmsgate's own ServiceAccount, never issued a managed token.
+    #[arg(long, default_value = "kmsgate/kmsgate-controller")]
+    service_account: String,
 }
 
 #[derive(Args)]
@@ -385,6 +423,45 @@ async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
     }
 }
 
+async fn tokens(action: TokensAction) -> Result<(), Failure> {
+    telemetry::init("warn", false);
+    let (args, dry_run, rotate) = match action {
+        TokensAction::List(args) => (args, true, false),
+        TokensAction::Rotate { args, dry_run } => (args, dry_run, true),
+    };
+    let older_than = args
+        .older_than
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()
+        .map_err(|e| Failure::Usage(format!("--older-than: {e} (use a duration like 720h)")))?;
+    if args.service_account.split_once('/').is_none_or(|(ns, sa)| ns.is_empty() || sa.is_empty()) {
+        return Err(Failure::Usage("--service-account must be namespace/name".into()));
+    }
+    let options = commands::tokens::Options {
+        policy: args.policy,
+        older_than,
+        namespaces: args.namespace,
+        selector: args.selector,
+        service_account: args.service_account,
+        dry_run,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let kube = kmsgate::k8s::Kube::infer().await.map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut out = std::io::stdout();
+    let clock = std::sync::Arc::new(kmsgate::tokens::SystemClock);
+    if !rotate {
+        return commands::tokens::list(&kube, &options, clock, &mut out)
+            .await
+            .map_err(|e| Failure::Run(e.to_string()));
+    }
+    match commands::tokens::rotate(&kube, &options, clock, &mut out).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Failure::Findings),
+        Err(e) => Err(Failure::Run(e.to_string())),
+    }
+}
+
 async fn dispatch(command: Command) -> Result<(), Failure> {
     let run = |e: commands::CommandError| Failure::Run(e.to_string());
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
@@ -428,9 +505,12 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 Err(e) => Err(Failure::Usage(e.to_string())),
             }
         }
+        Command::Tokens { action } => tokens(action).await,
         Command::Crd => {
-            let yaml = kmsgate::policy::crd_yaml().map_err(|e| Failure::Run(format!("render CRD: {e}")))?;
-            print!("{yaml}");
+            let render = |e: serde_saphyr::ser::Error| Failure::Run(format!("render CRD: {e}"));
+            let rotation = kmsgate::policy::crd_yaml().map_err(render)?;
+            let tokens = kmsgate::tokens::policy::crd_yaml().map_err(render)?;
+            print!("{rotation}---\n{tokens}");
             Ok(())
         }
         Command::Keyring { action } => {

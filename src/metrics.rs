@@ -260,6 +260,21 @@ pub struct ControllerMetrics {
     pub leader: Gauge,
     /// The controller's Vault client.
     pub vault: VaultMetrics,
+    /// Legacy token Secrets rotated.
+    pub tokens_rotated: Counter,
+    /// Managed tokens issued or refreshed.
+    pub tokens_refreshed: Counter,
+    /// Token rotations or issues that failed, by flow (`legacy`, `managed`).
+    pub tokens_failed: Family<FlowLabels, Counter>,
+    /// Unix time of the soonest expiry among managed tokens (0 when there are none).
+    pub tokens_earliest_expiry: Gauge<f64, AtomicU64>,
+}
+
+/// A token flow.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    /// `legacy` or `managed`.
+    pub flow: &'static str,
 }
 
 impl ControllerMetrics {
@@ -292,7 +307,48 @@ impl ControllerMetrics {
         registry.register("controller_leader", "1 while this replica holds the leader lease", leader.clone());
         let vault = VaultMetrics::default();
         vault.register(&mut registry);
-        Self { registry, phase, objects, phase_duration, last_success, leader, vault }
+        let tokens_rotated = Counter::default();
+        let tokens_refreshed = Counter::default();
+        let tokens_failed = Family::<FlowLabels, Counter>::default();
+        let tokens_earliest_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "tokens_rotated",
+            "Legacy service-account token Secrets rotated",
+            tokens_rotated.clone(),
+        );
+        registry.register(
+            "tokens_refreshed",
+            "Managed bound tokens issued or refreshed",
+            tokens_refreshed.clone(),
+        );
+        registry.register(
+            "tokens_failed",
+            "Token rotations or issues that failed, by flow",
+            tokens_failed.clone(),
+        );
+        registry.register(
+            "tokens_earliest_expiry_timestamp_seconds",
+            "Unix time of the soonest expiry among managed tokens (0: none)",
+            tokens_earliest_expiry.clone(),
+        );
+        Self {
+            registry,
+            phase,
+            objects,
+            phase_duration,
+            last_success,
+            leader,
+            vault,
+            tokens_rotated,
+            tokens_refreshed,
+            tokens_failed,
+            tokens_earliest_expiry,
+        }
+    }
+
+    /// Counts a failed token operation of `flow`.
+    pub fn token_failures(&self, flow: &'static str) -> u64 {
+        self.tokens_failed.get_or_create(&FlowLabels { flow }).inc()
     }
 
     /// Marks `current` as the phase.

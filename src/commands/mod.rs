@@ -1,6 +1,7 @@
 //! The commands behind the command line; main.rs parses and dispatches to these.
 
 pub mod rotation;
+pub mod tokens;
 
 use std::{path::Path, time::Duration};
 
@@ -92,6 +93,9 @@ pub enum CommandError {
     /// A rotation step failed.
     #[error(transparent)]
     Rotation(#[from] crate::rotation::RotationError),
+    /// A token operation failed.
+    #[error(transparent)]
+    Tokens(#[from] crate::tokens::TokenError),
     /// A Transit call failed.
     #[error("Transit: {0}")]
     Transit(#[from] crate::backend::BackendError),

@@ -395,7 +395,7 @@ pub fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-fn json_response(code: u16, body: Value) -> Response<kube::client::Body> {
+pub fn json_response(code: u16, body: Value) -> Response<kube::client::Body> {
     Response::builder()
         .status(StatusCode::from_u16(code).unwrap())
         .header("content-type", "application/json")

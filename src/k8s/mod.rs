@@ -2,7 +2,9 @@
 //! deploy/controller/ can be checked against one list ([`RBAC`]).
 //!
 //! Object data never passes through here: lists and writes use the metadata-only
-//! (`PartialObjectMetadata`) forms, so Secret values never reach the controller.
+//! (`PartialObjectMetadata`) forms, so Secret values never reach the controller. The one
+//! exception is a managed token the controller itself writes; it is never read back (the check
+//! that a legacy Secret holds a token decodes presence, not the value).
 
 use std::collections::BTreeMap;
 
@@ -24,6 +26,10 @@ use serde_json::json;
 
 use crate::policy::{RotationPolicy, RotationStatus};
 
+mod tokens;
+
+pub use tokens::{Created, Deleted, IssuedToken, TokenSecret};
+
 /// Every (API group, resource, verb) this module can call: the controller's RBAC must grant
 /// exactly these, plus the resources a policy re-encrypts (`get`, `list`, `patch`).
 pub const RBAC: &[(&str, &str, &[&str])] = &[
@@ -34,7 +40,11 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
     ("", "nodes", &["list"]),
     ("batch", "jobs", &["get", "create"]),
     ("storagemigration.k8s.io", "storageversionmigrations", &["get", "create", "delete"]),
-    ("", "secrets", &["get", "list", "patch"]),
+    ("", "secrets", &["get", "list", "watch", "create", "patch", "delete"]),
+    ("", "serviceaccounts", &["get"]),
+    ("", "serviceaccounts/token", &["create"]),
+    ("kmsgate.io", "tokenpolicies", &["get"]),
+    ("kmsgate.io", "tokenpolicies/status", &["patch"]),
 ];
 
 /// Non-resource URLs the controller reads.
@@ -362,10 +372,30 @@ impl Kube {
 
     /// Records an Event about a policy (best effort: a failure is logged, never fatal).
     pub async fn event(&self, policy: &str, kind: EventKind, reason: &str, note: &str) {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        let regarding = ObjectReference {
+            api_version: Some("kmsgate.io/v1alpha1".into()),
+            kind: Some("RotationPolicy".into()),
+            name: Some(policy.to_owned()),
+            ..ObjectReference::default()
+        };
+        self.record(Some("default"), regarding, kind, reason, note).await;
+    }
+
+    /// Creates an Event in `namespace` (best effort: a failure is logged, never fatal).
+    async fn record(
+        &self,
+        namespace: Option<&str>,
+        regarding: ObjectReference,
+        kind: EventKind,
+        reason: &str,
+        note: &str,
+    ) {
+        let namespace = namespace.filter(|n| !n.is_empty()).unwrap_or("default");
+        let events: Api<Event> = Api::namespaced(self.client.clone(), namespace);
         let now = Timestamp::now();
+        let prefix = regarding.name.clone().unwrap_or_else(|| "kmsgate".into());
         let event = Event {
-            metadata: ObjectMeta { generate_name: Some(format!("{policy}.")), ..ObjectMeta::default() },
+            metadata: ObjectMeta { generate_name: Some(format!("{prefix}.")), ..ObjectMeta::default() },
             event_time: Some(MicroTime(now)),
             action: Some(reason.to_owned()),
             reason: Some(reason.to_owned()),
@@ -373,16 +403,11 @@ impl Kube {
             type_: Some(kind.as_str().to_owned()),
             reporting_controller: Some("kmsgate.io/controller".into()),
             reporting_instance: Some(crate::config::hostname()),
-            regarding: Some(ObjectReference {
-                api_version: Some("kmsgate.io/v1alpha1".into()),
-                kind: Some("RotationPolicy".into()),
-                name: Some(policy.to_owned()),
-                ..ObjectReference::default()
-            }),
+            regarding: Some(regarding),
             ..Event::default()
         };
         if let Err(e) = events.create(&PostParams::default(), &event).await {
-            tracing::warn!(policy, reason, error = %e, "could not record an event");
+            tracing::warn!(namespace, reason, error = %e, "could not record an event");
         }
     }
 

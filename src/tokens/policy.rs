@@ -1,0 +1,367 @@
+//! The `TokenPolicy` custom resource (`kmsgate.io/v1alpha1`, cluster-scoped): which legacy token
+//! Secrets are rotated and which managed bound tokens may be issued, in `spec`; the crash record
+//! of Secrets being recreated and the last results, in `status`.
+//!
+//! A kind of its own rather than a field of `RotationPolicy`: token work is continuous (a
+//! reconcile loop) where key rotation is a run with phases, the two statuses share nothing, and
+//! an operator can let someone manage token policy without the right to rotate keys.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Schedule;
+
+/// The name the controller and `kmsgate tokens` use unless told otherwise.
+pub const DEFAULT_POLICY: &str = "kmsgate";
+
+/// The TokenRequest API refuses lifetimes under ten minutes.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Rules for legacy token Secrets and managed bound tokens.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "kmsgate.io",
+    version = "v1alpha1",
+    kind = "TokenPolicy",
+    plural = "tokenpolicies",
+    shortname = "tokpol",
+    status = "TokenStatus",
+    printcolumn = r#"{"name":"Rotated","type":"integer","jsonPath":".status.legacy.rotated"}"#,
+    printcolumn = r#"{"name":"Invalid","type":"integer","jsonPath":".status.legacy.invalid"}"#,
+    printcolumn = r#"{"name":"Managed","type":"integer","jsonPath":".status.managed.tokens"}"#,
+    printcolumn = r#"{"name":"Failing","type":"integer","jsonPath":".status.managed.failing"}"#,
+    printcolumn = r#"{"name":"Earliest-Expiry","type":"string","jsonPath":".status.managed.earliestExpiry"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenPolicySpec {
+    /// Rotation of legacy `kubernetes.io/service-account-token` Secrets.
+    #[serde(default)]
+    pub legacy: LegacySpec,
+    /// Bound tokens issued into Secrets that ask for one.
+    #[serde(default)]
+    pub managed: ManagedSpec,
+}
+
+/// Which legacy token Secrets are rotated, and when.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacySpec {
+    /// The controller rotates on `schedule`; `kmsgate tokens rotate` works either way.
+    #[serde(default)]
+    pub enabled: bool,
+    /// How often the controller looks: an interval (`24h`) or a 5-field cron expression (UTC).
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// Rotate Secrets created longer ago than this.
+    #[serde(default = "default_max_age")]
+    pub max_age: String,
+    /// Namespaces to look in; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Only Secrets matching this label selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<String>,
+    /// Skip Secrets with any of these labels (`key` or `key=value`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_labels: Vec<String>,
+    /// Skip Secrets with any of these annotations (`key` or `key=value`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_annotations: Vec<String>,
+    /// How long to wait for the token controller to fill a recreated Secret.
+    #[serde(default = "default_token_timeout")]
+    pub token_timeout: String,
+}
+
+impl Default for LegacySpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            schedule: default_schedule(),
+            max_age: default_max_age(),
+            namespaces: Vec::new(),
+            label_selector: None,
+            exclude_labels: Vec::new(),
+            exclude_annotations: Vec::new(),
+            token_timeout: default_token_timeout(),
+        }
+    }
+}
+
+/// Who may ask for a managed bound token, and what they may get.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedSpec {
+    /// Issue and refresh managed tokens.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The only namespaces whose Secrets may ask (required when enabled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Audiences a Secret may ask for; empty allows only the API server's default audience.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Lifetime asked for when a Secret names none.
+    #[serde(default = "default_lifetime")]
+    pub default_lifetime: String,
+    /// Longest lifetime a Secret may ask for.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: String,
+    /// Refresh when this fraction of the granted lifetime has passed.
+    #[serde(default = "default_refresh_fraction")]
+    pub refresh_fraction: f64,
+    /// Service accounts never issued for, as `namespace/name` or `namespace/*`. kmsgate's own
+    /// service account is always refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_service_accounts: Vec<String>,
+    /// Full re-list interval; annotation changes are seen at once through a watch.
+    #[serde(default = "default_resync")]
+    pub resync: String,
+}
+
+impl Default for ManagedSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespaces: Vec::new(),
+            audiences: Vec::new(),
+            default_lifetime: default_lifetime(),
+            max_lifetime: default_max_lifetime(),
+            refresh_fraction: default_refresh_fraction(),
+            deny_service_accounts: Vec::new(),
+            resync: default_resync(),
+        }
+    }
+}
+
+/// A legacy token Secret between its delete and its re-create: enough to recreate it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingSecret {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The uid of the Secret being deleted (a Secret with another uid is the recreated one).
+    pub uid: String,
+    /// The ServiceAccount the token is for.
+    pub service_account: String,
+    /// The user's labels to keep.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The user's annotations to keep.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// When the rotation started (RFC 3339).
+    pub since: String,
+}
+
+/// Results of the last legacy run.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyStatus {
+    /// When the last run finished (RFC 3339).
+    #[serde(default)]
+    pub last_run: String,
+    /// When the controller runs next (RFC 3339).
+    #[serde(default)]
+    pub next_run: String,
+    /// Secrets rotated by the last run.
+    #[serde(default)]
+    pub rotated: u64,
+    /// Secrets that could not be rotated.
+    #[serde(default)]
+    pub failed: u64,
+    /// Secrets the cleaner marked invalid (reported, not rotated).
+    #[serde(default)]
+    pub invalid: u64,
+    /// The last run's problems, for people.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Managed tokens after the last pass.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedStatus {
+    /// Secrets holding a managed token.
+    #[serde(default)]
+    pub tokens: u64,
+    /// Secrets whose last issue failed or was refused.
+    #[serde(default)]
+    pub failing: u64,
+    /// The soonest expiry among managed tokens (RFC 3339).
+    #[serde(default)]
+    pub earliest_expiry: String,
+}
+
+/// The controller's record.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenStatus {
+    /// Secrets deleted for rotation and not yet recreated: finished on restart.
+    #[serde(default)]
+    pub pending: Vec<PendingSecret>,
+    /// Legacy rotation.
+    #[serde(default)]
+    pub legacy: LegacyStatus,
+    /// Managed tokens.
+    #[serde(default)]
+    pub managed: ManagedStatus,
+}
+
+/// A spec value is invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("TokenPolicy spec.{field}: {problem}")]
+pub struct SpecError {
+    /// The field, e.g. `managed.maxLifetime`.
+    pub field: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// The parsed, checked form of a spec.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// When the legacy run is due.
+    pub schedule: Schedule,
+    /// Rotate legacy Secrets older than this.
+    pub max_age: Duration,
+    /// Wait this long for the token controller.
+    pub token_timeout: Duration,
+    /// Lifetime asked for by default.
+    pub default_lifetime: Duration,
+    /// Longest lifetime allowed.
+    pub max_lifetime: Duration,
+    /// Managed re-list interval.
+    pub resync: Duration,
+}
+
+fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
+    humantime::parse_duration(text)
+        .map_err(|e| SpecError { field, problem: format!("{text:?} is not a duration like 24h: {e}") })
+}
+
+/// Checks every field, so a bad policy fails once with a message naming the field.
+pub fn validate(spec: &TokenPolicySpec) -> Result<Rules, SpecError> {
+    let bad = |field, problem: &str| Err(SpecError { field, problem: problem.to_owned() });
+    let schedule = Schedule::parse(Some(&spec.legacy.schedule))
+        .map_err(|e| SpecError { field: "legacy.schedule", problem: e.problem })?;
+    let max_age = duration("legacy.maxAge", &spec.legacy.max_age)?;
+    if max_age < Duration::from_secs(3600) {
+        return bad("legacy.maxAge", "must be at least 1h");
+    }
+    let token_timeout = duration("legacy.tokenTimeout", &spec.legacy.token_timeout)?;
+    if token_timeout.is_zero() {
+        return bad("legacy.tokenTimeout", "must be above 0");
+    }
+    for (field, entries) in [
+        ("legacy.excludeLabels", &spec.legacy.exclude_labels),
+        ("legacy.excludeAnnotations", &spec.legacy.exclude_annotations),
+    ] {
+        if entries.iter().any(|e| e.split('=').next().is_none_or(str::is_empty)) {
+            return bad(field, "entries are `key` or `key=value`");
+        }
+    }
+    let m = &spec.managed;
+    let default_lifetime = duration("managed.defaultLifetime", &m.default_lifetime)?;
+    let max_lifetime = duration("managed.maxLifetime", &m.max_lifetime)?;
+    if max_lifetime < MIN_LIFETIME || max_lifetime > Duration::from_secs(1 << 32) {
+        return bad("managed.maxLifetime", "must be 10m to 2^32 seconds (the TokenRequest API's range)");
+    }
+    if default_lifetime < MIN_LIFETIME || default_lifetime > max_lifetime {
+        return bad("managed.defaultLifetime", "must be at least 10m and at most maxLifetime");
+    }
+    if !(m.refresh_fraction >= 0.1 && m.refresh_fraction <= 0.95) {
+        return bad("managed.refreshFraction", "must be 0.1 to 0.95");
+    }
+    let resync = duration("managed.resync", &m.resync)?;
+    if resync < Duration::from_secs(10) {
+        return bad("managed.resync", "must be at least 10s");
+    }
+    if m.enabled && m.namespaces.is_empty() {
+        return bad("managed.namespaces", "list the namespaces allowed to ask for tokens");
+    }
+    if m.namespaces.iter().any(|n| n.is_empty() || n.contains('*')) {
+        return bad("managed.namespaces", "entries are namespace names (no wildcards)");
+    }
+    for entry in &m.deny_service_accounts {
+        match entry.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {}
+            _ => return bad("managed.denyServiceAccounts", "entries are `namespace/name` or `namespace/*`"),
+        }
+    }
+    Ok(Rules { schedule, max_age, token_timeout, default_lifetime, max_lifetime, resync })
+}
+
+/// The CRD as YAML.
+pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    use kube::CustomResourceExt;
+    serde_saphyr::to_string(&TokenPolicy::crd())
+}
+
+fn default_schedule() -> String {
+    "24h".into()
+}
+fn default_max_age() -> String {
+    "2160h".into()
+}
+fn default_token_timeout() -> String {
+    "2m".into()
+}
+fn default_lifetime() -> String {
+    "1h".into()
+}
+fn default_max_lifetime() -> String {
+    "24h".into()
+}
+fn default_refresh_fraction() -> f64 {
+    0.8
+}
+fn default_resync() -> String {
+    "5m".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_spec_is_valid_and_does_nothing() {
+        let spec: TokenPolicySpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert!(!spec.legacy.enabled && !spec.managed.enabled);
+        let rules = validate(&spec).unwrap();
+        assert_eq!(rules.max_age, Duration::from_secs(90 * 24 * 3600));
+        assert_eq!(rules.default_lifetime, Duration::from_secs(3600));
+        assert_eq!(spec.managed.refresh_fraction, 0.8);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let check = |json: serde_json::Value, field: &str| {
+            let spec: TokenPolicySpec = serde_json::from_value(json).unwrap();
+            let error = validate(&spec).unwrap_err().to_string();
+            assert!(error.starts_with(&format!("TokenPolicy spec.{field}:")), "{error}");
+        };
+        check(serde_json::json!({"managed": {"enabled": true}}), "managed.namespaces");
+        check(serde_json::json!({"managed": {"maxLifetime": "5m"}}), "managed.maxLifetime");
+        check(serde_json::json!({"managed": {"defaultLifetime": "48h"}}), "managed.defaultLifetime");
+        check(serde_json::json!({"managed": {"refreshFraction": 1.0}}), "managed.refreshFraction");
+        check(
+            serde_json::json!({"managed": {"denyServiceAccounts": ["kmsgate"]}}),
+            "managed.denyServiceAccounts",
+        );
+        check(serde_json::json!({"legacy": {"maxAge": "soon"}}), "legacy.maxAge");
+        check(serde_json::json!({"legacy": {"schedule": "5m"}}), "legacy.schedule");
+        check(serde_json::json!({"legacy": {"excludeLabels": ["=x"]}}), "legacy.excludeLabels");
+    }
+
+    #[test]
+    fn crd_is_cluster_scoped_with_status() {
+        let yaml = crd_yaml().unwrap();
+        assert!(yaml.contains("scope: Cluster") && yaml.contains("kind: TokenPolicy"), "{yaml}");
+        assert!(yaml.contains("status: {}"));
+    }
+}
