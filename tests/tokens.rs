@@ -405,3 +405,17 @@ async fn a_replica_that_does_not_lead_issues_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fake.state.lock().await.issued.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_token_granted_already_expired_is_refused_not_stored() {
+    let fake = managed_cluster().await;
+    fake.state.lock().await.max_expiration = Some(0);
+    let tokens = token_loop(&fake, Arc::new(ControllerMetrics::new()));
+    let mut managed = Managed::new(tokens.kube.clone(), fake.clock.clone(), tokens.metrics.clone());
+    let (wait, _) = tokens.managed_once(&mut managed).await.unwrap();
+    assert_eq!(wait, Duration::from_secs(10), "retried with backoff, not at once");
+    let state = fake.state.lock().await;
+    let secret = &state.secrets[&("apps".to_owned(), "ci".to_owned())];
+    assert!(!secret.data.contains_key("token"));
+    assert!(secret.annotations[ERROR_ANNOTATION].contains("not after now"), "{:?}", secret.annotations);
+}

@@ -357,6 +357,13 @@ impl Managed {
             )
             .await
             .map_err(|e| explain(&e, ns, &request.service_account))?;
+        if issued.expires <= now {
+            return Err(format!(
+                "the API server granted a token for {ns}/{} that expires at {}, not after now",
+                request.service_account,
+                rfc3339(issued.expires)
+            ));
+        }
         let annotations = [
             (ISSUED_ANNOTATION, Some(rfc3339(now))),
             (EXPIRES_ANNOTATION, Some(rfc3339(issued.expires))),

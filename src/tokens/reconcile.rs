@@ -215,6 +215,7 @@ impl TokenLoop {
             update_status(&self.kube, &self.policy, |s| s.managed = summary.clone()).await?;
         }
         let wait = pass.next.map_or(rules.resync, |next| until(now, next).min(rules.resync));
-        Ok((wait, true))
+        // NB: whatever the answers said, never spin.
+        Ok((wait.max(Duration::from_secs(1)), true))
     }
 }
