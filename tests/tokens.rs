@@ -419,3 +419,39 @@ async fn a_token_granted_already_expired_is_refused_not_stored() {
     assert!(!secret.data.contains_key("token"));
     assert!(secret.annotations[ERROR_ANNOTATION].contains("not after now"), "{:?}", secret.annotations);
 }
+
+#[tokio::test(start_paused = true)]
+async fn tokens_list_shows_both_kinds_and_changes_nothing() {
+    let (fake, _) = legacy_cluster().await;
+    fake.state.lock().await.policy["spec"]["managed"] = json!({"enabled": true, "namespaces": ["apps"]});
+    fake.add_secret("apps", "ci", "Opaque", &[(SERVICE_ACCOUNT_ANNOTATION, "builder")], &[], Duration::ZERO)
+        .await;
+    fake.add_secret(
+        "apps",
+        "stolen",
+        "Opaque",
+        &[(SERVICE_ACCOUNT_ANNOTATION, "kube-system/admin")],
+        &[],
+        Duration::ZERO,
+    )
+    .await;
+    let options = commands::tokens::Options {
+        policy: "kmsgate".into(),
+        service_account: "kmsgate/kmsgate-controller".into(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    commands::tokens::list(&kube(&fake), &options, fake.clock.clone(), &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let row = |name: &str| text.lines().find(|l| l.starts_with(&format!("apps/{name} "))).unwrap().to_owned();
+    assert!(row("builder-token").contains("rotate"), "{text}");
+    assert!(row("dead-token").contains("invalid"), "{text}");
+    assert!(row("ci").contains("due"), "{text}");
+    assert!(
+        row("stolen").contains("refused: the serviceaccount must be in the secret's own namespace"),
+        "{text}"
+    );
+    let state = fake.state.lock().await;
+    assert!(state.issued.is_empty() && state.events.is_empty(), "list only reads");
+    assert!(state.log.iter().all(|l| l.starts_with("GET ")), "{:?}", state.log);
+}
