@@ -8,6 +8,7 @@ pub mod backend;
 pub mod commands;
 pub mod config;
 pub mod controller;
+pub mod encryption_config;
 pub mod error;
 pub mod http;
 pub mod k8s;

@@ -538,7 +538,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             }
             humantime::parse_duration(&timeout)
                 .map_err(|e| Failure::Usage(format!("--timeout {timeout:?}: {e}")))?;
-            print!("{}", commands::encryption_config(&config, &name, &timeout, &resources));
+            let yaml = commands::encryption_config(&config, &name, &timeout, &resources)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            print!("{yaml}");
             Ok(())
         }
     }
