@@ -127,6 +127,8 @@ pub struct Metrics {
     pub key_version: Gauge,
     /// Seconds since the last successful encrypt+decrypt round trip (-1 before the first).
     pub seconds_since_round_trip: Gauge<f64, AtomicU64>,
+    /// 1 when Status answers "ok" (Encrypt and Decrypt would work), 0 otherwise.
+    pub healthy: Gauge,
     /// Key version promotions.
     pub promotions: Counter,
     /// Lower key versions seen and refused.
@@ -146,6 +148,7 @@ impl Metrics {
             Family::<OperationLabels, Histogram>::new_with_constructor(buckets as fn() -> Histogram);
         let key_version = Gauge::default();
         let seconds_since_round_trip = Gauge::default();
+        let healthy = Gauge::default();
         let promotions = Counter::default();
         let rollbacks_refused = Counter::default();
         registry.register("grpc_requests", "KMS gRPC requests by method and code", grpc_requests.clone());
@@ -166,6 +169,7 @@ impl Metrics {
             "Seconds since the last successful encrypt+decrypt probe (-1 before the first)",
             seconds_since_round_trip.clone(),
         );
+        registry.register("healthy", "1 when Status answers ok, 0 otherwise", healthy.clone());
         registry.register("key_promotions", "Key version promotions", promotions.clone());
         registry.register(
             "key_rollbacks_refused",
@@ -183,6 +187,7 @@ impl Metrics {
             backend_duration,
             key_version,
             seconds_since_round_trip,
+            healthy,
             promotions,
             rollbacks_refused,
         }
@@ -268,6 +273,17 @@ pub struct ControllerMetrics {
     pub tokens_failed: Family<FlowLabels, Counter>,
     /// Unix time of the soonest expiry among managed tokens (0 when there are none).
     pub tokens_earliest_expiry: Gauge<f64, AtomicU64>,
+    /// Unix time the schedule next starts a rotation (0: none scheduled).
+    pub next_run: Gauge<f64, AtomicU64>,
+    /// The latest verification's counts, by class.
+    pub verification: Family<ClassLabels, Gauge>,
+}
+
+/// A class of stored values in a verification.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `current`, `old_key`, `invalid`, `unencrypted` or `unmapped`.
+    pub class: &'static str,
 }
 
 /// A token flow.
@@ -331,6 +347,18 @@ impl ControllerMetrics {
             "Unix time of the soonest expiry among managed tokens (0: none)",
             tokens_earliest_expiry.clone(),
         );
+        let next_run = Gauge::<f64, AtomicU64>::default();
+        let verification = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "rotation_next_run_timestamp_seconds",
+            "Unix time the schedule next starts a rotation (0: none scheduled)",
+            next_run.clone(),
+        );
+        registry.register(
+            "rotation_verification_objects",
+            "Stored values by class in the latest verification (old_key, unencrypted: not done)",
+            verification.clone(),
+        );
         Self {
             registry,
             phase,
@@ -343,6 +371,31 @@ impl ControllerMetrics {
             tokens_refreshed,
             tokens_failed,
             tokens_earliest_expiry,
+            next_run,
+            verification,
+        }
+    }
+
+    /// Mirrors a RotationPolicy status: phase, last success, next run, latest verification.
+    /// Called after every step, so a restarted controller exports the truth at once.
+    pub fn observe(&self, status: &crate::policy::RotationStatus) {
+        let seconds =
+            |text: &str| text.parse::<k8s_openapi::jiff::Timestamp>().map_or(0.0, |t| t.as_second() as f64);
+        self.set_phase(status.phase.as_str());
+        if !status.last_success.is_empty() {
+            self.last_success.set(seconds(&status.last_success));
+        }
+        self.next_run.set(seconds(&status.next_run));
+        if let Some(v) = &status.verification {
+            for (class, count) in [
+                ("current", v.current),
+                ("old_key", v.old_key),
+                ("invalid", v.invalid),
+                ("unencrypted", v.unencrypted),
+                ("unmapped", v.unmapped),
+            ] {
+                self.verification.get_or_create(&ClassLabels { class }).set(count as i64);
+            }
         }
     }
 

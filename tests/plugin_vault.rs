@@ -68,6 +68,7 @@ async fn selftest_passes_and_status_document_is_complete() {
         "kmsgate_grpc_requests_total{method=\"Encrypt\",code=\"OK\"}",
         "kmsgate_backend_calls_total{operation=\"metadata\",outcome=\"ok\"}",
         "kmsgate_key_version 1",
+        "kmsgate_healthy 1",
         "kmsgate_seconds_since_last_round_trip",
         "kmsgate_key_promotions_total 0",
         "kmsgate_key_rollbacks_refused_total 0",

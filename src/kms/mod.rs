@@ -212,6 +212,7 @@ impl<B: Backend> HttpView for Shared<B> {
     fn metrics(&self) -> String {
         let since = self.lock().health.last_round_trip_ok.map(|t| t.elapsed().as_secs_f64()).unwrap_or(-1.0);
         self.metrics.seconds_since_round_trip.set(since);
+        self.metrics.healthy.set(i64::from(self.ready().is_ok()));
         self.metrics.encode()
     }
 }

@@ -180,8 +180,8 @@ impl<K: KeyAdmin> Context<K> {
         // NB: progress made before an error (a finished page) is still written.
         if run.status != before {
             self.kube.patch_status(name, &run.status).await?;
-            self.metrics.set_phase(run.status.phase.as_str());
         }
+        self.metrics.observe(&run.status);
         for (kind, reason, note) in run.events {
             self.kube.event(name, kind, reason, &note).await;
         }
