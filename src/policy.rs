@@ -280,7 +280,8 @@ pub struct VerifyJob {
     /// etcd client URLs as seen from the node (hostNetwork).
     #[serde(default = "default_etcd_endpoints")]
     pub etcd_endpoints: Vec<String>,
-    /// Host directory with the etcd CA and client certificate, mounted read-only.
+    /// Host directory with the etcd CA and a client certificate readable by uid 65532 (see
+    /// deploy/controller/etcd-verify-cert.sh), mounted read-only.
     #[serde(default = "default_pki_dir")]
     pub pki_host_path: String,
     /// CA file name inside that directory.
@@ -708,16 +709,16 @@ fn default_etcd_endpoints() -> Vec<String> {
     vec!["https://127.0.0.1:2379".into()]
 }
 fn default_pki_dir() -> String {
-    "/etc/kubernetes/pki/etcd".into()
+    "/etc/kmsgate/etcd-pki".into()
 }
 fn default_ca_file() -> String {
     "ca.crt".into()
 }
 fn default_cert_file() -> String {
-    "healthcheck-client.crt".into()
+    "kmsgate-verify.crt".into()
 }
 fn default_key_file() -> String {
-    "healthcheck-client.key".into()
+    "kmsgate-verify.key".into()
 }
 
 #[cfg(test)]

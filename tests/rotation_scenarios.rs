@@ -197,7 +197,10 @@ async fn verify_mode_job_creates_a_pinned_read_only_job() {
             let args: Vec<&str> =
                 container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
             assert_eq!(&args[..7], ["verify", "--policy", "p", "--run-id", "abcd1234-run", "--round", "1"]);
-            assert!(args.contains(&"/etc/kmsgate/etcd-pki/healthcheck-client.key"));
+            assert!(args.contains(&"/etc/kmsgate/etcd-pki/kmsgate-verify.key"));
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+            assert_eq!(container["securityContext"]["runAsNonRoot"], true);
+            assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/etc/kmsgate/etcd-pki");
         }),
     ];
     let verify = verifier(handle, scenario);

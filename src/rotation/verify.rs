@@ -121,6 +121,9 @@ pub fn job_name(policy: &str, run_id: &str, round: u32) -> String {
     name.trim_end_matches('-').to_owned()
 }
 
+/// The user the verify Job runs as: the image's non-root user (distroless `nonroot`).
+pub const RUN_AS: i64 = 65532;
+
 /// The verify Job: pinned to a control-plane node, the etcd client certificate mounted
 /// read-only, reporting into the policy status. The controller never holds etcd credentials.
 pub fn job(
@@ -170,23 +173,29 @@ pub fn job(
                     "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
                     "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}],
                     "automountServiceAccountToken": true,
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [{
                         "name": "verify",
                         "image": spec.image,
                         "args": args,
-                        // NB: kubeadm's etcd keys are root-owned 0600; root with every capability
-                        // dropped can read its own files and nothing more.
+                        // NB: the certificate is a dedicated one owned by this uid
+                        // (deploy/controller/etcd-verify-cert.sh), never kubeadm's root-only
+                        // keys, so nothing here needs root or a capability.
                         "securityContext": {
-                            "runAsUser": 0,
-                            "runAsNonRoot": false,
+                            "runAsNonRoot": true,
                             "allowPrivilegeEscalation": false,
                             "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"},
                         },
                         "resources": {
                             "requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": {"memory": "512Mi"},
+                            "limits": {"cpu": "1", "memory": "512Mi"},
                         },
                         "volumeMounts": [{"name": "etcd-pki", "mountPath": pki, "readOnly": true}],
                     }],
