@@ -6,6 +6,8 @@ mod common;
 mod fake_api;
 #[path = "common/fake_keys.rs"]
 mod fake_keys;
+#[path = "common/rbac.rs"]
+mod rbac;
 
 use std::{
     sync::{Arc, Mutex},
@@ -248,6 +250,14 @@ async fn the_whole_loop_runs_on_request_and_retires_after_a_clean_verify_only() 
     assert_eq!(status["trigger"], "external");
     assert_eq!(status["phase"], "Converging");
     assert_eq!(keys.0.lock().unwrap().latest, 3);
+
+    // The metrics mirror the status, and every call made was one the shipped RBAC grants.
+    let text = ctx.metrics.encode();
+    assert!(text.contains("kmsgate_rotation_phase{phase=\"Converging\"} 1"), "{text}");
+    assert!(!text.contains("kmsgate_rotation_last_success_timestamp_seconds 0"), "{text}");
+    let log = fake.state.lock().await.log.clone();
+    let used = rbac::assert_allowed(&log, kmsgate::k8s::RBAC, kmsgate::k8s::RBAC_NON_RESOURCE);
+    assert!(used >= 5, "the loop read and wrote its policy, listed and patched secrets, made events");
 }
 
 #[tokio::test]

@@ -6,6 +6,8 @@
 mod fake_api;
 #[path = "common/fake_tokens.rs"]
 mod fake_tokens;
+#[path = "common/rbac.rs"]
+mod rbac;
 
 use std::{sync::Arc, time::Duration};
 
@@ -121,6 +123,8 @@ async fn legacy_rotation_replaces_the_token_and_keeps_the_users_metadata() {
     assert_eq!(warnings[0]["regarding"]["name"], "orphan-token");
     assert_eq!(warnings[0]["reason"], "TokenRotationFailed");
     drop(state);
+    let log = fake.state.lock().await.log.clone();
+    rbac::assert_allowed(&log, kmsgate::k8s::RBAC, kmsgate::k8s::RBAC_NON_RESOURCE);
     let text = metrics.encode();
     assert!(text.contains("kmsgate_tokens_rotated_total 1"), "{text}");
     assert!(text.contains("kmsgate_tokens_failed_total{flow=\"legacy\"} 1"), "{text}");
@@ -231,6 +235,8 @@ async fn managed_tokens_refresh_at_80_percent_of_every_lifetime_and_never_expire
     let state = fake.state.lock().await;
     let at: Vec<u64> = state.issued.iter().map(|i| i.at).collect();
     assert_eq!(at, [0, 2880, 5760, 8640, 11520, 14400, 17280], "every 48 minutes of a 1h lifetime");
+    assert!(state.log.iter().any(|l| l.starts_with("WATCH ")), "the loop watches Secrets");
+    rbac::assert_allowed(&state.log, kmsgate::k8s::RBAC, kmsgate::k8s::RBAC_NON_RESOURCE);
     for pair in state.issued.windows(2) {
         assert!(pair[1].at < pair[0].expires, "refreshed before the previous token expired");
     }

@@ -33,8 +33,8 @@ pub use tokens::{Created, Deleted, IssuedToken, TokenSecret};
 /// Every (API group, resource, verb) this module can call: the controller's RBAC must grant
 /// exactly these, plus the resources a policy re-encrypts (`get`, `list`, `patch`).
 pub const RBAC: &[(&str, &str, &[&str])] = &[
-    ("kmsgate.io", "rotationpolicies", &["get", "list", "patch"]),
-    ("kmsgate.io", "rotationpolicies/status", &["get", "patch"]),
+    ("kmsgate.io", "rotationpolicies", &["get", "patch"]),
+    ("kmsgate.io", "rotationpolicies/status", &["patch"]),
     ("coordination.k8s.io", "leases", &["get", "list", "create", "update"]),
     ("events.k8s.io", "events", &["create"]),
     ("", "nodes", &["list"]),
@@ -46,6 +46,10 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
     ("kmsgate.io", "tokenpolicies", &["get"]),
     ("kmsgate.io", "tokenpolicies/status", &["patch"]),
 ];
+
+/// What the verify Job (`kmsgate verify`) calls: read its policy, report into the status.
+pub const VERIFY_RBAC: &[(&str, &str, &[&str])] =
+    &[("kmsgate.io", "rotationpolicies", &["get"]), ("kmsgate.io", "rotationpolicies/status", &["patch"])];
 
 /// Non-resource URLs the controller reads.
 pub const RBAC_NON_RESOURCE: &[(&str, &[&str])] = &[("/metrics", &["get"])];

@@ -285,9 +285,8 @@ impl FakeTokens {
             if state.crashed {
                 return status_response(503, "ServiceUnavailable", "the fake has crashed");
             }
-            if !query.contains_key("watch") {
-                state.log.push(line.clone());
-            }
+            let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+            state.log.push(if watch { format!("WATCH {path}") } else { line.clone() });
         }
         let body: Value =
             if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
