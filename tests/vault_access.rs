@@ -101,7 +101,8 @@ async fn approle(bao: &Bao, dir: &Path, ttl: &str, max_ttl: &str) -> (VaultSetti
     bao.post("sys/auth/approle", json!({"type": "approle"})).await;
     bao.post(
         "auth/approle/role/kmsgate",
-        json!({"token_policies": ["kmsgate"], "token_ttl": ttl, "token_max_ttl": max_ttl}),
+        // NB: no `default` policy, so renewal and lookup work through the shipped policy alone.
+        json!({"token_policies": ["kmsgate"], "token_no_default_policy": true, "token_ttl": ttl, "token_max_ttl": max_ttl}),
     )
     .await;
     let role_id =

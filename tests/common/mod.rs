@@ -21,7 +21,8 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn bao_binary() -> PathBuf {
+/// The `bao` binary the tests use.
+pub fn bao_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("KMSGATE_TEST_BAO") {
         return PathBuf::from(path);
     }
@@ -133,13 +134,10 @@ impl Bao {
         serde_json::from_str(&text).unwrap()
     }
 
-    /// A policy `kmsgate` that allows exactly what the plugin needs.
+    /// Policy `kmsgate`: the shipped plugin policy (deploy/vault/plugin-policy.hcl), so every
+    /// test that logs in with it proves the policy is enough.
     pub async fn plugin_policy(&self) {
-        let policy = r#"
-path "transit/encrypt/kmsgate" { capabilities = ["update"] }
-path "transit/decrypt/kmsgate" { capabilities = ["update"] }
-path "transit/keys/kmsgate" { capabilities = ["read"] }
-"#;
+        let policy = std::fs::read_to_string("deploy/vault/plugin-policy.hcl").unwrap();
         self.post("sys/policies/acl/kmsgate", json!({ "policy": policy })).await;
     }
 

@@ -1,0 +1,207 @@
+//! deploy/vault against a real OpenBao: setup.sh makes what it says, and each identity is
+//! refused what it must not do. The plugin runs on the credentials setup.sh wrote, so the
+//! plugin policy is proven sufficient as well as narrow.
+
+mod common;
+
+use std::{path::Path, process::Command};
+
+use common::{Bao, Plugin, bao_binary};
+use serde_json::{Value, json};
+
+fn script(bao: &Bao, name: &str, args: &[&str], home: &Path) -> String {
+    let out = Command::new("bash")
+        .arg(format!("deploy/vault/{name}"))
+        .args(args)
+        .env("VAULT_ADDR", &bao.addr)
+        .env("VAULT_TOKEN", &bao.token)
+        .env("BAO", bao_binary())
+        .env("HOME", home)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} {args:?}: {text}");
+    text
+}
+
+/// A raw call as `token`: the HTTP status and the body.
+async fn call(bao: &Bao, token: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/{path}", bao.addr);
+    let request = match method {
+        "GET" => client.get(url),
+        "LIST" => client.request(reqwest::Method::from_bytes(b"LIST").unwrap(), url),
+        "DELETE" => client.delete(url),
+        _ => client.post(url).json(&body),
+    };
+    let response = request.header("X-Vault-Token", token).send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn login(bao: &Bao, dir: &Path) -> (u16, Value) {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap().trim().to_owned();
+    call(
+        bao,
+        "",
+        "POST",
+        "auth/approle/login",
+        json!({"role_id": read("role_id"), "secret_id": read("secret_id")}),
+    )
+    .await
+}
+
+fn ok(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plugin_identity_wraps_and_unwraps_and_nothing_else() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("creds");
+    let out_arg = out.display().to_string();
+    let args = ["--out", out_arg.as_str(), "cp-1=127.0.0.1", "cp-2=192.0.2.10"];
+    script(&bao, "setup.sh", &args, dir.path());
+    // Safe to run again (mount, key, roles exist).
+    script(&bao, "setup.sh", &args, dir.path());
+
+    let (status, answer) = login(&bao, &out.join("cp-1")).await;
+    assert!(ok(status), "{answer}");
+    assert_eq!(answer["auth"]["policies"], json!(["kmsgate-plugin"]), "no default policy");
+    let token = answer["auth"]["client_token"].as_str().unwrap().to_owned();
+    let t = token.as_str();
+    let (status, sealed) =
+        call(&bao, t, "POST", "transit/encrypt/kmsgate", json!({"plaintext": "aGVsbG8="})).await;
+    assert!(ok(status), "{sealed}");
+    let ciphertext = sealed["data"]["ciphertext"].clone();
+    let (status, opened) =
+        call(&bao, t, "POST", "transit/decrypt/kmsgate", json!({"ciphertext": ciphertext})).await;
+    assert_eq!((status, opened["data"]["plaintext"].clone()), (200, json!("aGVsbG8=")));
+    assert!(ok(call(&bao, t, "GET", "transit/keys/kmsgate", Value::Null).await.0));
+    assert!(ok(call(&bao, t, "POST", "auth/token/renew-self", json!({})).await.0));
+    assert!(ok(call(&bao, t, "GET", "auth/token/lookup-self", Value::Null).await.0));
+    for (method, path, body) in [
+        ("POST", "transit/keys/kmsgate/rotate", json!({})),
+        ("POST", "transit/keys/kmsgate/config", json!({"min_decryption_version": 1})),
+        ("POST", "transit/keys/kmsgate/config", json!({"deletion_allowed": true})),
+        ("DELETE", "transit/keys/kmsgate", Value::Null),
+        ("GET", "transit/export/encryption-key/kmsgate", Value::Null),
+        ("LIST", "transit/keys", Value::Null),
+        ("POST", "transit/keys/other", json!({})),
+        ("POST", "transit/encrypt/other", json!({"plaintext": "aGVsbG8="})),
+        ("GET", "sys/policies/acl/kmsgate-plugin", Value::Null),
+        ("POST", "auth/token/create", json!({})),
+    ] {
+        let (status, answer) = call(&bao, t, method, path, body).await;
+        assert_eq!(status, 403, "the plugin must not {method} {path}: {answer}");
+    }
+
+    // cp-2's credentials only work from cp-2's address.
+    let (status, answer) = login(&bao, &out.join("cp-2")).await;
+    assert!(!ok(status) && answer.to_string().contains("CIDR"), "{status} {answer}");
+
+    // The real plugin runs on exactly these credentials and this policy.
+    let plugin_dir = tempfile::tempdir().unwrap();
+    let settings: Vec<(String, String)> = [
+        ("backend.kind", "vault".to_owned()),
+        ("backend.identity", "deploy-test".to_owned()),
+        ("vault.addresses", bao.addr.clone()),
+        ("vault.auth", "approle".to_owned()),
+        ("vault.role_id_file", out.join("cp-1/role_id").display().to_string()),
+        ("vault.secret_id_file", out.join("cp-1/secret_id").display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .chain(common::fast_probes())
+    .collect();
+    let plugin = Plugin::start(plugin_dir.path(), &settings).await;
+    let key_id = plugin.wait_healthy().await;
+    assert!(key_id.contains(":deploy-test:"), "{key_id}");
+    let selftest =
+        common::kmsgate_command().args(["selftest", "--socket"]).arg(&plugin.socket).output().unwrap();
+    assert!(selftest.status.success(), "{}", String::from_utf8_lossy(&selftest.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_identity_rotates_and_retires_and_nothing_else() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    script(&bao, "setup.sh", &[], dir.path());
+    let created = bao
+        .post(
+            "auth/token/create",
+            json!({"policies": ["kmsgate-controller"], "no_default_policy": true, "ttl": "1h"}),
+        )
+        .await;
+    let token = created["auth"]["client_token"].as_str().unwrap().to_owned();
+    let t = token.as_str();
+    assert!(ok(call(&bao, t, "GET", "transit/keys/kmsgate", Value::Null).await.0));
+    assert!(ok(call(&bao, t, "POST", "transit/keys/kmsgate/rotate", json!({})).await.0));
+    let (status, answer) =
+        call(&bao, t, "POST", "transit/keys/kmsgate/config", json!({"min_decryption_version": 2})).await;
+    assert!(ok(status), "{answer}");
+    assert_eq!(bao.get("transit/keys/kmsgate").await["data"]["min_decryption_version"], 2);
+    assert!(ok(call(&bao, t, "POST", "auth/token/renew-self", json!({})).await.0));
+    for (method, path, body) in [
+        ("POST", "transit/keys/kmsgate/config", json!({"deletion_allowed": true})),
+        ("POST", "transit/keys/kmsgate/config", json!({"exportable": true})),
+        (
+            "POST",
+            "transit/keys/kmsgate/config",
+            json!({"min_decryption_version": 2, "allow_plaintext_backup": true}),
+        ),
+        ("POST", "transit/keys/kmsgate/config", json!({"auto_rotate_period": "1h"})),
+        ("POST", "transit/encrypt/kmsgate", json!({"plaintext": "aGVsbG8="})),
+        ("POST", "transit/decrypt/kmsgate", json!({"ciphertext": "vault:v1:AAAA"})),
+        ("DELETE", "transit/keys/kmsgate", Value::Null),
+        ("GET", "transit/backup/kmsgate", Value::Null),
+        ("POST", "transit/keys/kmsgate/trim", json!({"min_available_version": 2})),
+    ] {
+        let (status, answer) = call(&bao, t, method, path, body).await;
+        assert_eq!(status, 403, "the controller must not {method} {path} {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_secret_id_rotates_without_a_gap_and_a_custom_key_gets_its_own_policy() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("creds");
+    let out_arg = out.display().to_string();
+    script(
+        &bao,
+        "setup.sh",
+        &["--out", &out_arg, "--mount", "kms", "--key", "k8s", "cp-1=127.0.0.1"],
+        dir.path(),
+    );
+    let node = out.join("cp-1");
+    let old = std::fs::read_to_string(node.join("secret_id")).unwrap();
+
+    script(&bao, "rotate-secret-id.sh", &["cp-1", &out_arg], dir.path());
+    let new = std::fs::read_to_string(node.join("secret_id")).unwrap();
+    assert_ne!(old, new);
+    let (status, answer) = login(&bao, &node).await;
+    assert!(ok(status), "the new secret_id works: {answer}");
+    std::fs::write(dir.path().join("old_secret_id"), &old).unwrap();
+    std::fs::copy(node.join("role_id"), dir.path().join("role_id")).unwrap();
+    std::fs::rename(dir.path().join("old_secret_id"), dir.path().join("secret_id")).unwrap();
+    assert!(ok(login(&bao, dir.path()).await.0), "the old one still works until --finish");
+
+    let finished = script(&bao, "rotate-secret-id.sh", &["--finish", "cp-1", &out_arg], dir.path());
+    assert!(finished.contains("destroyed 1 old"), "{finished}");
+    assert!(!ok(login(&bao, dir.path()).await.0), "the old secret_id is gone");
+    let (status, answer) = login(&bao, &node).await;
+    assert!(ok(status), "{answer}");
+
+    // The policy follows --mount and --key.
+    let token = answer["auth"]["client_token"].as_str().unwrap().to_owned();
+    let (status, sealed) =
+        call(&bao, &token, "POST", "kms/encrypt/k8s", json!({"plaintext": "aGVsbG8="})).await;
+    assert!(ok(status), "{sealed}");
+    assert_eq!(
+        call(&bao, &token, "POST", "transit/encrypt/kmsgate", json!({"plaintext": "aGVsbG8="})).await.0,
+        403
+    );
+}
