@@ -32,6 +32,9 @@ pub struct Settings {
     pub dry_run: bool,
 }
 
+/// The resolution of tokio's timer.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// Spaces calls evenly at a rate: each caller reserves the next free slot.
 #[derive(Debug)]
 pub struct Pacer {
@@ -57,7 +60,12 @@ impl Pacer {
             *next = slot + self.interval;
             slot
         };
-        tokio::time::sleep_until(slot).await;
+        // NB: tokio's timer rounds every sleep up to the next millisecond, so sleeping for a slot
+        // less than a tick away would cap each caller near 1 000 calls per second. Such a slot is
+        // taken at once; the schedule still advances one interval per call, so the rate holds.
+        if slot > Instant::now() + TIMER_TICK {
+            tokio::time::sleep_until(slot).await;
+        }
     }
 }
 
@@ -192,6 +200,17 @@ mod tests {
         }
         // 21 slots at 10/s: the first is immediate, the last 2 s later.
         assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_high_rate_does_not_round_every_wait_up_to_a_millisecond() {
+        // 100 slots at 100 000/s are due within 1 ms: none may wait for a timer tick.
+        let pacer = Pacer::new(100_000.0);
+        let start = tokio::time::Instant::now();
+        for _ in 0..100 {
+            pacer.wait().await;
+        }
+        assert!(start.elapsed() < Duration::from_millis(2), "{:?}", start.elapsed());
     }
 
     #[test]
