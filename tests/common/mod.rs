@@ -273,6 +273,11 @@ impl Plugin {
         panic!("plugin socket did not appear: {}", self.log_text());
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops with SIGTERM and returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
