@@ -94,11 +94,10 @@ impl FakeApi {
     /// A kube client talking to this fake.
     pub fn client(&self) -> kube::Client {
         let fake = self.clone();
-        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+        client_for(move |incoming| {
             let fake = fake.clone();
-            async move { Ok::<_, Infallible>(fake.handle(request).await) }
-        });
-        kube::Client::new(service, "default")
+            async move { fake.handle(incoming).await }
+        })
     }
 
     /// Adds `count` Secrets named `s00000...` in `namespaces` round robin, on `key_id`.
@@ -174,17 +173,8 @@ impl FakeApi {
         *state.rewrites.entry(format!("{}/{}", id.0, id.1)).or_default() += 1;
     }
 
-    async fn handle(&self, request: Request<kube::client::Body>) -> Response<kube::client::Body> {
-        let (parts, body) = request.into_parts();
-        let body = body.collect_bytes().await.unwrap_or_default();
-        let method = parts.method.as_str().to_owned();
-        let path = parts.uri.path().to_owned();
-        let query: HashMap<String, String> = parts
-            .uri
-            .query()
-            .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-            .unwrap_or_default();
-        let accept = parts.headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    async fn handle(&self, incoming: Incoming) -> Response<kube::client::Body> {
+        let Incoming { method, path, query, accept, body } = incoming;
         {
             let mut state = self.state.lock().await;
             state.log.push(format!("{method} {path}"));
@@ -192,8 +182,6 @@ impl FakeApi {
                 return status_response(503, "ServiceUnavailable", "the fake has crashed");
             }
         }
-        let body: Value =
-            if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method.as_str(), segments.as_slice()) {
             ("GET", ["metrics"]) => text_response(self.state.lock().await.metrics.clone()),
@@ -374,6 +362,48 @@ fn meta(obj: &Obj) -> Value {
             "labels": obj.labels,
         }
     })
+}
+
+/// A request as the fakes route it.
+pub struct Incoming {
+    /// `GET`, `PATCH`, ...
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// Decoded query parameters.
+    pub query: HashMap<String, String>,
+    /// The Accept header.
+    pub accept: String,
+    /// The JSON body (`Null` when empty or not JSON).
+    pub body: Value,
+}
+
+/// A kube client whose every request is read into an [`Incoming`] and answered by `handle`.
+pub fn client_for<H, F>(handle: H) -> kube::Client
+where
+    H: Fn(Incoming) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Response<kube::client::Body>> + Send + 'static,
+{
+    let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+        let handle = handle.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let incoming = Incoming {
+                method: parts.method.as_str().to_owned(),
+                path: parts.uri.path().to_owned(),
+                query: parts
+                    .uri
+                    .query()
+                    .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+                    .unwrap_or_default(),
+                accept: parts.headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            };
+            Ok::<_, Infallible>(handle(incoming).await)
+        }
+    });
+    kube::Client::new(service, "default")
 }
 
 /// RFC 7386 JSON merge patch.

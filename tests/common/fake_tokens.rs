@@ -9,18 +9,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    convert::Infallible,
     sync::Arc,
     time::Duration,
 };
 
 use base64::Engine;
-use http::{Request, Response};
+use http::Response;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
-use super::fake_api::{json_response, merge, status_response};
+use super::fake_api::{Incoming, client_for, json_response, merge, status_response};
 
 /// Wall-clock time that advances with tokio's (paused) clock.
 pub struct TestClock {
@@ -134,11 +133,10 @@ impl FakeTokens {
     /// A kube client talking to this fake.
     pub fn client(&self) -> kube::Client {
         let fake = self.clone();
-        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+        client_for(move |incoming| {
             let fake = fake.clone();
-            async move { Ok::<_, Infallible>(fake.handle(request).await) }
-        });
-        kube::Client::new(service, "default")
+            async move { fake.handle(incoming).await }
+        })
     }
 
     /// Adds a ServiceAccount.
@@ -268,17 +266,8 @@ impl FakeTokens {
         json!({"apiVersion": "v1", "kind": "Secret", "type": s.type_, "metadata": Self::meta(namespace, name, s), "data": data})
     }
 
-    async fn handle(&self, request: Request<kube::client::Body>) -> Response<kube::client::Body> {
-        let (parts, body) = request.into_parts();
-        let body = body.collect_bytes().await.unwrap_or_default();
-        let method = parts.method.as_str().to_owned();
-        let path = parts.uri.path().to_owned();
-        let query: HashMap<String, String> = parts
-            .uri
-            .query()
-            .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-            .unwrap_or_default();
-        let accept = parts.headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    async fn handle(&self, incoming: Incoming) -> Response<kube::client::Body> {
+        let Incoming { method, path, query, accept, body } = incoming;
         let line = format!("{method} {path}");
         {
             let mut state = self.state.lock().await;
@@ -288,8 +277,6 @@ impl FakeTokens {
             let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
             state.log.push(if watch { format!("WATCH {path}") } else { line.clone() });
         }
-        let body: Value =
-            if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let response = match (method.as_str(), segments.as_slice()) {
             ("GET", ["api", "v1", "secrets"]) if query.contains_key("watch") => self.watch(&query).await,
