@@ -30,6 +30,7 @@ use std::{
 };
 
 use common::{Bao, Plugin};
+use futures::future::BoxFuture;
 use kmsgate::{
     backend::Backend,
     config::SocketSpec,
@@ -102,6 +103,36 @@ where
     }
     samples.sort_by_key(|s| s.p50);
     samples[RUNS / 2]
+}
+
+fn deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(10)
+}
+
+/// A plugin Encrypt of `seed` per call.
+fn plugin_encrypt(
+    kms: KmsClient,
+    seed: Vec<u8>,
+) -> impl Fn(usize) -> BoxFuture<'static, ()> + Clone + Send + Sync {
+    move |_| {
+        let (mut kms, plaintext) = (kms.clone(), seed.clone());
+        Box::pin(async move {
+            kms.encrypt(EncryptRequest { plaintext, uid: "b".into() }).await.unwrap();
+        })
+    }
+}
+
+/// A direct Transit encrypt of `seed` per call, with the associated data the bench uses.
+fn direct_encrypt(
+    transit: Arc<Transit>,
+    seed: Vec<u8>,
+) -> impl Fn(usize) -> BoxFuture<'static, ()> + Clone + Send + Sync {
+    move |_| {
+        let (transit, plaintext) = (transit.clone(), seed.clone());
+        Box::pin(async move {
+            transit.encrypt(1, &plaintext, b"bench", deadline()).await.unwrap();
+        })
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -280,7 +311,6 @@ async fn main() {
     let client = VaultClient::new(&bao.vault_settings(dir.path()), VaultMetrics::default()).unwrap();
     tokio::spawn(client.clone().maintain());
     let transit = Arc::new(Transit::new(client, "bench", "", "transit", "kmsgate"));
-    let deadline = || tokio::time::Instant::now() + Duration::from_secs(10);
     let idle_rss = rss_kib(pid, "VmRSS:");
 
     println!("# kmsgate plugin benchmarks ({})\n", machine());
@@ -305,22 +335,8 @@ async fn main() {
     let mut results = Vec::new();
     for concurrency in [1usize, 16, 64] {
         let ops = if concurrency == 1 { OPS / 4 } else { OPS };
-        let (k, s) = (kms.clone(), seed.clone());
-        let plugin_encrypt = measure(concurrency, ops, move |_| {
-            let (mut k, s) = (k.clone(), s.clone());
-            async move {
-                k.encrypt(EncryptRequest { plaintext: s, uid: "b".into() }).await.unwrap();
-            }
-        })
-        .await;
-        let (t, s) = (transit.clone(), seed.clone());
-        let direct_encrypt = measure(concurrency, ops, move |_| {
-            let (t, s) = (t.clone(), s.clone());
-            async move {
-                t.encrypt(1, &s, b"bench", deadline()).await.unwrap();
-            }
-        })
-        .await;
+        let plugin_encrypt = measure(concurrency, ops, plugin_encrypt(kms.clone(), seed.clone())).await;
+        let direct_encrypt = measure(concurrency, ops, direct_encrypt(transit.clone(), seed.clone())).await;
         let (k, cts) = (kms.clone(), plugin_ct.clone());
         let plugin_decrypt = measure(concurrency, ops, move |i| {
             let (mut k, ct) = (k.clone(), cts[i % cts.len()].clone());
@@ -383,31 +399,12 @@ async fn main() {
         ("OpenBao", bao.pid().to_string()),
         ("bench client", "self".to_owned()),
     ];
-    let ops16 = OPS * (RUNS + 1);
-    let (k, s) = (kms.clone(), seed.clone());
-    let (_, plugin_cpu) = cpu_per_op(
-        &pids,
-        ops16,
-        measure(16, OPS, move |_| {
-            let (mut k, s) = (k.clone(), s.clone());
-            async move {
-                k.encrypt(EncryptRequest { plaintext: s, uid: "b".into() }).await.unwrap();
-            }
-        }),
-    )
-    .await;
-    let (t, s) = (transit.clone(), seed.clone());
-    let (_, direct_cpu) = cpu_per_op(
-        &pids,
-        ops16,
-        measure(16, OPS, move |_| {
-            let (t, s) = (t.clone(), s.clone());
-            async move {
-                t.encrypt(1, &s, b"bench", deadline()).await.unwrap();
-            }
-        }),
-    )
-    .await;
+    // NB: measure() runs a quarter-size warm-up, then RUNS full runs.
+    let ops16 = OPS / 4 + OPS * RUNS;
+    let (_, plugin_cpu) =
+        cpu_per_op(&pids, ops16, measure(16, OPS, plugin_encrypt(kms.clone(), seed.clone()))).await;
+    let (_, direct_cpu) =
+        cpu_per_op(&pids, ops16, measure(16, OPS, direct_encrypt(transit.clone(), seed.clone()))).await;
     println!();
     println!(
         "| CPU µs per Encrypt at 16 | {} |",
@@ -460,22 +457,8 @@ async fn main() {
     let near_client = VaultClient::new(&near_settings, VaultMetrics::default()).unwrap();
     tokio::spawn(near_client.clone().maintain());
     let near_transit = Arc::new(Transit::new(near_client, "bench", "", "transit", "kmsgate"));
-    let (k, s) = (near.client().await, seed.clone());
-    let near_plugin = measure(16, OPS / 2, move |_| {
-        let (mut k, s) = (k.clone(), s.clone());
-        async move {
-            k.encrypt(EncryptRequest { plaintext: s, uid: "b".into() }).await.unwrap();
-        }
-    })
-    .await;
-    let (t, s) = (near_transit.clone(), seed.clone());
-    let near_direct = measure(16, OPS / 2, move |_| {
-        let (t, s) = (t.clone(), s.clone());
-        async move {
-            t.encrypt(1, &s, b"bench", deadline()).await.unwrap();
-        }
-    })
-    .await;
+    let near_plugin = measure(16, OPS / 2, plugin_encrypt(near.client().await, seed.clone())).await;
+    let near_direct = measure(16, OPS / 2, direct_encrypt(near_transit.clone(), seed.clone())).await;
     row("plugin Encrypt, Vault +2 ms (16)", near_plugin);
     row("direct Transit encrypt, Vault +2 ms (16)", near_direct);
 
