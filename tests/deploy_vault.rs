@@ -205,3 +205,45 @@ async fn a_node_secret_id_rotates_without_a_gap_and_a_custom_key_gets_its_own_po
         403
     );
 }
+
+/// `bao … list` keeps writing after the line grep wants; under `pipefail` the writer's SIGPIPE
+/// once made setup.sh believe Transit was missing and enable it a second time, which Vault
+/// refuses. A fake `bao` with a long listing makes that race certain.
+#[test]
+fn setup_sees_existing_mounts_however_long_the_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls");
+    let fake = dir.path().join("bao");
+    std::fs::write(
+        &fake,
+        r#"#!/usr/bin/env bash
+echo "$*" >> "$LOG"
+listing() { printf '{"%s/": {},\n' "$1"; head -c 4000000 /dev/zero | tr '\0' ' '; echo '}'; }
+case "$1 $2" in
+  "secrets list") listing transit ;;
+  "auth list") listing approle; echo '"kubernetes/"' ;;
+  "secrets enable"|"auth enable") echo "path is already in use" >&2; exit 2 ;;
+  "policy write") cat >/dev/null ;;
+  *) echo '{"secret_id": "s", "secret_id_accessor": "a"}' ;;
+esac
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, "").unwrap();
+    let out = Command::new("bash")
+        .arg("deploy/vault/setup.sh")
+        .args(["--out", &dir.path().join("creds").display().to_string(), "cp-1=127.0.0.1"])
+        .args(["--kubernetes-host", "https://127.0.0.1:6443", "--kubernetes-ca"])
+        .arg(&ca)
+        .env("VAULT_ADDR", "http://127.0.0.1:1")
+        .env("VAULT_TOKEN", "admin")
+        .env("BAO", &fake)
+        .env("LOG", &log)
+        .output()
+        .unwrap();
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(out.status.success(), "{}{calls}", String::from_utf8_lossy(&out.stderr));
+    assert!(!calls.contains("enable"), "{calls}");
+}

@@ -51,10 +51,13 @@ fi
 : "${VAULT_ADDR:?set VAULT_ADDR}" "${VAULT_TOKEN:?set VAULT_TOKEN (an admin token)}"
 export BAO_ADDR="$VAULT_ADDR" BAO_TOKEN="$VAULT_TOKEN"
 
+# Reads a whole listing before grep looks at it: grep -q quits at the first match, and under
+# pipefail the lister's SIGPIPE would read as "not there".
+mounted() { local listing; listing="$("$BAO" "$1" list -format=json)"; grep -q "\"$2/\"" <<<"$listing"; }
 policy() { sed -e "s#\"transit/#\"$MOUNT/#g" -e "s#/kmsgate\"#/$KEY\"#g" -e "s#/kmsgate/#/$KEY/#g" "$here/$1"; }
 
 # Transit and the key (an existing key is kept as it is).
-if ! "$BAO" secrets list -format=json | grep -q "\"$MOUNT/\""; then
+if ! mounted secrets "$MOUNT"; then
   "$BAO" secrets enable -path="$MOUNT" transit >/dev/null
 fi
 if ! "$BAO" read -format=json "$MOUNT/keys/$KEY" >/dev/null 2>&1; then
@@ -65,7 +68,7 @@ policy plugin-policy.hcl | "$BAO" policy write kmsgate-plugin - >/dev/null
 policy controller-policy.hcl | "$BAO" policy write kmsgate-controller - >/dev/null
 
 if [ ${#NODES[@]} -gt 0 ]; then
-  if ! "$BAO" auth list -format=json | grep -q '"approle/"'; then
+  if ! mounted auth approle; then
     "$BAO" auth enable approle >/dev/null
   fi
 fi
@@ -91,7 +94,7 @@ for entry in "${NODES[@]}"; do
 done
 
 if [ -n "$K8S_HOST" ]; then
-  if ! "$BAO" auth list -format=json | grep -q '"kubernetes/"'; then
+  if ! mounted auth kubernetes; then
     "$BAO" auth enable kubernetes >/dev/null
   fi
   "$BAO" write auth/kubernetes/config kubernetes_host="$K8S_HOST" kubernetes_ca_cert=@"$K8S_CA" >/dev/null
