@@ -257,18 +257,15 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
     bao.pause();
     let holder = {
         let transit = transit.clone();
-        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(5)).await })
+        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(60)).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let waiter = {
         let transit = transit.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            (transit.metadata(Instant::now() + Duration::from_secs(1)).await, started.elapsed())
-        })
+        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(2)).await })
     };
     let mut waiting = 0;
-    for _ in 0..80 {
+    for _ in 0..150 {
         waiting = metrics.calls_waiting.get();
         if waiting == 1 {
             break;
@@ -276,9 +273,11 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(waiting, 1, "the second call waits for the one slot");
-    let (result, elapsed) = waiter.await.unwrap();
+    let result = waiter.await.unwrap();
     assert!(matches!(result, Err(BackendError::Deadline)), "{result:?}");
-    assert!(elapsed < Duration::from_millis(1500), "waited {elapsed:?} past a 1s deadline");
+    // Vault is still paused, so the slot is still held: the waiter left at its own deadline, not
+    // when the slot came free. Proven by order, not by a wall-clock bound a busy machine breaks.
+    assert!(!holder.is_finished(), "the holder keeps the slot while Vault is paused");
     assert_eq!(metrics.calls_waiting.get(), 0);
     // A waiting call whose caller goes away (a cancelled gRPC request) is no longer counted.
     let abandoned = {
