@@ -53,7 +53,11 @@ export BAO_ADDR="$VAULT_ADDR" BAO_TOKEN="$VAULT_TOKEN"
 
 # Reads a whole listing before grep looks at it: grep -q quits at the first match, and under
 # pipefail the lister's SIGPIPE would read as "not there".
-mounted() { local listing; listing="$("$BAO" "$1" list -format=json)"; grep -q "\"$2/\"" <<<"$listing"; }
+mounted() {
+  local listing
+  listing="$("$BAO" "$1" list -format=json)" || { echo "setup.sh: cannot list $1 mounts (see above)" >&2; exit 1; }
+  grep -q "\"$2/\"" <<<"$listing"
+}
 policy() { sed -e "s#\"transit/#\"$MOUNT/#g" -e "s#/kmsgate\"#/$KEY\"#g" -e "s#/kmsgate/#/$KEY/#g" "$here/$1"; }
 
 # Transit and the key (an existing key is kept as it is).
