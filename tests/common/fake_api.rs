@@ -267,10 +267,6 @@ impl FakeApi {
         query: &HashMap<String, String>,
         accept: &str,
     ) -> Response<kube::client::Body> {
-        assert!(
-            accept.contains("as=PartialObjectMetadataList"),
-            "lists must be metadata-only, got Accept {accept:?}"
-        );
         let state = self.state.lock().await;
         let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
         let after = query.get("continue").cloned().unwrap_or_default();
@@ -299,15 +295,7 @@ impl FakeApi {
         } else {
             String::new()
         };
-        json_response(
-            200,
-            json!({
-                "apiVersion": "meta.k8s.io/v1",
-                "kind": "PartialObjectMetadataList",
-                "metadata": {"resourceVersion": state.next_rv.to_string(), "continue": continue_token},
-                "items": items,
-            }),
-        )
+        metadata_list(accept, state.next_rv, &continue_token, items)
     }
 
     async fn patch(&self, ns: &str, name: &str, body: &Value) -> Response<kube::client::Body> {
@@ -423,6 +411,29 @@ pub fn merge(target: &mut Value, patch: &Value) {
             merge(object.entry(key.clone()).or_insert(Value::Null), value);
         }
     }
+}
+
+/// The answer to a list; kmsgate's lists must ask for metadata only, so any other Accept fails
+/// the test.
+pub fn metadata_list(
+    accept: &str,
+    resource_version: u64,
+    continue_token: &str,
+    items: Vec<Value>,
+) -> Response<kube::client::Body> {
+    assert!(
+        accept.contains("as=PartialObjectMetadataList"),
+        "lists must be metadata-only, got Accept {accept:?}"
+    );
+    json_response(
+        200,
+        json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadataList",
+            "metadata": {"resourceVersion": resource_version.to_string(), "continue": continue_token},
+            "items": items,
+        }),
+    )
 }
 
 pub fn json_response(code: u16, body: Value) -> Response<kube::client::Body> {

@@ -19,7 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
-use super::fake_api::{Incoming, client_for, json_response, merge, status_response};
+use super::fake_api::{Incoming, client_for, json_response, merge, metadata_list, status_response};
 
 /// Wall-clock time that advances with tokio's (paused) clock.
 pub struct TestClock {
@@ -370,10 +370,6 @@ impl FakeTokens {
         query: &HashMap<String, String>,
         accept: &str,
     ) -> Response<kube::client::Body> {
-        assert!(
-            accept.contains("as=PartialObjectMetadataList"),
-            "lists must be metadata-only, got {accept:?}"
-        );
         let state = self.state.lock().await;
         let selector = query.get("labelSelector").and_then(|s| s.split_once('='));
         let type_ = query.get("fieldSelector").and_then(|f| f.strip_prefix("type="));
@@ -385,11 +381,7 @@ impl FakeTokens {
             .filter(|(_, s)| selector.is_none_or(|(k, v)| s.labels.get(k).is_some_and(|l| l == v)))
             .map(|((ns, name), s)| Self::partial(ns, name, s))
             .collect();
-        json_response(
-            200,
-            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
-                   "metadata": {"resourceVersion": state.next_rv.to_string()}, "items": items}),
-        )
+        metadata_list(accept, state.next_rv, "", items)
     }
 
     /// Holds the watch until something changes after the requested resourceVersion, then sends
