@@ -204,9 +204,9 @@ pub async fn drive<K: KeyAdmin>(
     ctx: &Context<K>,
     policy: &str,
     request: &str,
-    mut report: impl FnMut(&crate::policy::RotationStatus),
-) -> Result<crate::policy::RotationStatus, crate::rotation::RotationError> {
-    use crate::policy::Phase;
+    mut report: impl FnMut(&crate::crd::rotation::RotationStatus),
+) -> Result<crate::crd::rotation::RotationStatus, crate::rotation::RotationError> {
+    use crate::crd::rotation::Phase;
     let mut errors = 0u32;
     loop {
         let outcome = ctx.step(policy).await;

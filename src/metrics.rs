@@ -378,7 +378,7 @@ impl ControllerMetrics {
 
     /// Mirrors a RotationPolicy status: phase, last success, next run, latest verification.
     /// Called after every step, so a restarted controller exports the truth at once.
-    pub fn observe(&self, status: &crate::policy::RotationStatus) {
+    pub fn observe(&self, status: &crate::crd::rotation::RotationStatus) {
         let seconds =
             |text: &str| text.parse::<k8s_openapi::jiff::Timestamp>().map_or(0.0, |t| t.as_second() as f64);
         self.set_phase(status.phase.as_str());

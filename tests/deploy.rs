@@ -383,8 +383,8 @@ fn the_shipped_configs_load_for_their_role() {
 #[test]
 fn the_shipped_verify_job_is_what_the_controller_creates() {
     let text = std::fs::read_to_string("deploy/controller/rotationpolicy.yaml").unwrap();
-    let policy: kmsgate::policy::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
-    kmsgate::policy::validate(&policy.spec).unwrap();
+    let policy: kmsgate::crd::rotation::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
+    kmsgate::crd::rotation::parse(&policy.spec).unwrap();
     let spec = policy.spec.verify.job.clone().expect("the shipped policy verifies with a Job");
     let job = kmsgate::rotation::verify::job(&policy, &spec, "0f1e2d3c-example", 1, 1800).unwrap();
     let yaml = format!(

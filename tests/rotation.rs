@@ -17,9 +17,9 @@ use std::{
 use fake_api::FakeApi;
 use fake_keys::FakeKeys;
 use kmsgate::{
+    crd::rotation::TransitKey,
     k8s::Kube,
     metrics::ControllerMetrics,
-    policy::TransitKey,
     rotation::{Context, KeyAdmin, Step},
 };
 use serde_json::{Value, json};

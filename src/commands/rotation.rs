@@ -6,10 +6,13 @@ use crate::{
     audit::{Class, EtcdSettings, Scanner, classify},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
+    crd::rotation::{
+        self as policy, MigrateSettings, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef,
+        RotationStatus,
+    },
     k8s::Kube,
     keyid::KeyId,
     metrics::ControllerMetrics,
-    policy::{self, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef, RotationStatus},
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
     transit::VaultClient,
 };
@@ -83,20 +86,20 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
     let name = config.controller.policy.clone();
     let kube = Kube::infer().await?;
     let policy = kube.policy(&name).await?;
-    policy::validate(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
+    let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
     let status = policy.status.clone().unwrap_or_default();
     if dry_run {
         let metrics = Arc::new(ControllerMetrics::new());
         let ctx = context(&config, metrics).await?;
-        let meta = ctx.keys.metadata(&policy.spec.transit).await?;
+        let meta = ctx.keys.metadata(&plan.transit).await?;
         println!(
             "policy {name}: phase {}, key {}/{}",
             status.phase.as_str(),
-            policy.spec.transit.mount,
-            policy.spec.transit.key
+            plan.transit.mount,
+            plan.transit.key
         );
         println!("would rotate version {} -> {}", meta.latest, meta.latest + 1);
-        for (endpoint, report) in ctx.plugin_key_ids(&policy).await? {
+        for (endpoint, report) in ctx.plugin_key_ids(&plan.converge).await? {
             match report {
                 Ok(key_id) => println!("plugin {endpoint}: {key_id}"),
                 Err(e) => println!("plugin {endpoint}: unreachable ({e})"),
@@ -104,11 +107,12 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         }
         println!(
             "then rewrite {} ({} qps, {} in flight), verify: {:?}, retire: {}",
-            policy.spec.resources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-            policy.spec.migrate.qps,
-            policy.spec.migrate.concurrency,
+            plan.resources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            plan.migrate.settings.qps(),
+            plan.migrate.settings.concurrency(),
             policy.spec.verify.mode,
-            if policy.spec.retire.enabled {
+            if plan.retire.enabled {
+                // NB: the spec's own text, so `24h` reads as written.
                 format!("after {}", policy.spec.retire.grace)
             } else {
                 "off".into()
@@ -182,14 +186,14 @@ pub struct Reencrypt {
     /// Namespaces (empty: all).
     pub namespaces: Vec<String>,
     /// Engine settings.
-    pub settings: migrate::Settings,
+    pub settings: MigrateSettings,
     /// A progress line on stderr.
     pub progress: bool,
 }
 
 /// `kmsgate reencrypt`: rewrites every object; `Ok(false)` when some writes failed.
 pub async fn reencrypt(kube: &Kube, options: &Reencrypt, out: &mut impl Write) -> Result<bool, CommandError> {
-    let pacer = migrate::Pacer::new(options.settings.qps);
+    let pacer = migrate::Pacer::new(options.settings.qps());
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
     for resource in &options.resources {
@@ -263,14 +267,8 @@ pub async fn verify(
             status.run_id
         )));
     }
-    let input = verify::Input {
-        provider: policy.spec.verify.provider.clone(),
-        etcd_prefix: policy.spec.verify.etcd_prefix.clone(),
-        key_id: status.to_key_id.clone(),
-        resources: policy.spec.resources.clone(),
-        run_id: run_id.to_owned(),
-        round,
-    };
+    let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
+    let input = verify::Input::new(&plan, &status.to_key_id, run_id, round);
     let result = match crate::audit::scan::connect(etcd).await {
         Ok(mut client) => verify::scan(&mut client, &input, 5000).await.map_err(|e| crate::error::chain(&e)),
         Err(e) => Err(crate::error::chain(&e)),

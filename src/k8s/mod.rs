@@ -24,7 +24,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::policy::{RotationPolicy, RotationStatus};
+use crate::crd::rotation::{ResourceRef, RotationPolicy, RotationStatus, Verification};
 
 mod tokens;
 
@@ -216,7 +216,7 @@ impl Kube {
     pub async fn report_verification(
         &self,
         name: &str,
-        verification: &crate::policy::Verification,
+        verification: &Verification,
     ) -> Result<(), KubeError> {
         let patch = json!({ "status": { "verification": verification } });
         self.policies()
@@ -237,7 +237,7 @@ impl Kube {
     }
 
     /// Resolves `secrets` or `deployments.apps` to its preferred version.
-    pub async fn resolve(&self, resource: &crate::policy::ResourceRef) -> Result<Target, KubeError> {
+    pub async fn resolve(&self, resource: &ResourceRef) -> Result<Target, KubeError> {
         if resource.group.is_empty() && resource.resource == "secrets" {
             // NB: the default target needs no discovery round trips (and no discovery RBAC).
             let api = ApiResource {

@@ -19,9 +19,9 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::{EventKind, Kube, KubeError, MANAGER, call};
-use crate::tokens::{
-    BearerToken, LEGACY_TYPE, TOKEN_KEY,
-    policy::{TokenPolicy, TokenStatus},
+use crate::{
+    crd::tokens::{TokenPolicy, TokenStatus},
+    tokens::{BearerToken, LEGACY_TYPE, TOKEN_KEY},
 };
 
 /// What a delete did.

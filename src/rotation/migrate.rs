@@ -10,27 +10,10 @@ use tokio::time::Instant;
 use futures::StreamExt;
 
 use crate::{
+    crd::rotation::{MigrateSettings as Settings, ResourceProgress},
     k8s::{KubeError, ObjectKey, Target, Touch},
     metrics::{ControllerMetrics, ObjectLabels},
-    policy::ResourceProgress,
 };
-
-/// How the engine writes.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Most writes per second.
-    pub qps: f64,
-    /// Writes in flight.
-    pub concurrency: usize,
-    /// Objects per list page.
-    pub page_size: u32,
-    /// Attempts per object on retryable errors.
-    pub max_attempts: u32,
-    /// Label selector.
-    pub selector: Option<String>,
-    /// List only; write nothing (counts land in `rewritten` as "would write").
-    pub dry_run: bool,
-}
 
 /// The resolution of tokio's timer.
 const TIMER_TICK: Duration = Duration::from_millis(1);
@@ -113,7 +96,7 @@ async fn touch_one(
             // NB: 409 means someone wrote the object after our list, and that write re-encrypted it.
             Err(e) if e.code() == Some(409) => return (Outcome::Conflict, None),
             Err(e) if e.code() == Some(404) => return (Outcome::Skipped, None),
-            Err(e) if e.retryable() && attempt < settings.max_attempts => {
+            Err(e) if e.retryable() && attempt < settings.max_attempts() => {
                 tracing::debug!(error = %e, attempt, "retrying a write");
                 tokio::time::sleep(backoff(attempt)).await;
             }
@@ -138,7 +121,9 @@ pub async fn run_page(
     let page = loop {
         attempt += 1;
         let token = Some(progress.continue_token.as_str()).filter(|t| !t.is_empty());
-        match kube.list_page(target, namespace, settings.selector.as_deref(), settings.page_size, token).await
+        match kube
+            .list_page(target, namespace, settings.selector.as_deref(), settings.page_size(), token)
+            .await
         {
             Ok(page) => break page,
             Err(e) if e.code() == Some(410) && token.is_some() => {
@@ -147,7 +132,7 @@ pub async fn run_page(
                 tracing::warn!(resource = %progress.resource, "list continue token expired; starting the list over");
                 progress.continue_token.clear();
             }
-            Err(e) if e.retryable() && attempt < settings.max_attempts => {
+            Err(e) if e.retryable() && attempt < settings.max_attempts() => {
                 tokio::time::sleep(backoff(attempt)).await;
             }
             Err(e) => return Err(e),
@@ -159,7 +144,7 @@ pub async fn run_page(
     } else {
         let mut results = futures::stream::iter(page.items.iter())
             .map(|key| touch_one(kube, target, key, settings, pacer))
-            .buffer_unordered(settings.concurrency.max(1));
+            .buffer_unordered(settings.concurrency());
         while let Some((outcome, failure)) = results.next().await {
             match outcome {
                 Outcome::Rewritten => progress.rewritten += 1,

@@ -8,7 +8,7 @@ use k8s_openapi::api::batch::v1::Job;
 
 use crate::{
     audit::{Class, ScanError, Scanner, classify},
-    policy::{ResourceRef, RotationPolicy, Verification, VerifyJob},
+    crd::rotation::{Plan, ResourceRef, RotationPolicy, Verification, VerifyJob},
 };
 
 /// Most stragglers listed by name in the status; more means a full migrate pass instead.
@@ -29,6 +29,20 @@ pub struct Input {
     pub run_id: String,
     /// Round.
     pub round: u32,
+}
+
+impl Input {
+    /// Round `round` of run `run_id`, which moves every value to `key_id`.
+    pub fn new(plan: &Plan, key_id: &str, run_id: &str, round: u32) -> Self {
+        Self {
+            provider: plan.verify.provider.clone(),
+            etcd_prefix: plan.verify.etcd_prefix.clone(),
+            key_id: key_id.to_owned(),
+            resources: plan.resources.clone(),
+            run_id: run_id.to_owned(),
+            round,
+        }
+    }
 }
 
 /// Scans etcd and judges every value.

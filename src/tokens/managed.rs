@@ -13,11 +13,10 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 
 use super::{
     AUDIENCES_ANNOTATION, Clock, ERROR_ANNOTATION, EXPIRES_ANNOTATION, ISSUED_ANNOTATION,
-    LIFETIME_ANNOTATION, REQUEST_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, TokenError, parse_time,
-    policy::{MIN_LIFETIME, ManagedSpec, Rules},
-    rfc3339,
+    LIFETIME_ANNOTATION, REQUEST_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, TokenError, parse_time, rfc3339,
 };
 use crate::{
+    crd::tokens::{MIN_LIFETIME, ManagedSpec, Plan},
     k8s::{EventKind, Kube, KubeError},
     metrics::ControllerMetrics,
 };
@@ -53,7 +52,7 @@ pub struct Guard {
 
 impl Guard {
     /// From a policy; `own` is kmsgate's own ServiceAccount as `namespace/name`.
-    pub fn new(spec: &ManagedSpec, rules: &Rules, own: &str) -> Self {
+    pub fn new(spec: &ManagedSpec, rules: &Plan, own: &str) -> Self {
         Self {
             namespaces: spec.namespaces.clone(),
             audiences: spec.audiences.clone(),
@@ -450,7 +449,7 @@ mod tests {
             deny_service_accounts: vec!["apps/root".into(), "ops/*".into()],
             ..ManagedSpec::default()
         };
-        let rules = super::super::policy::validate(&super::super::policy::TokenPolicySpec {
+        let rules = crate::crd::tokens::parse(&crate::crd::tokens::TokenPolicySpec {
             managed: spec.clone(),
             ..Default::default()
         })

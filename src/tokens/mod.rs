@@ -10,7 +10,6 @@
 
 pub mod legacy;
 pub mod managed;
-pub mod policy;
 pub mod reconcile;
 
 use std::collections::BTreeMap;
@@ -63,7 +62,7 @@ pub enum TokenError {
     Kube(#[from] KubeError),
     /// The TokenPolicy is invalid.
     #[error(transparent)]
-    Spec(#[from] policy::SpecError),
+    Spec(#[from] crate::crd::tokens::SpecError),
     /// The TokenPolicy does not exist.
     #[error(
         "TokenPolicy {0:?} not found: create one (deploy/controller/tokenpolicy.yaml) so rotations can be \
@@ -120,8 +119,8 @@ impl Clock for SystemClock {
 pub async fn update_status(
     kube: &crate::k8s::Kube,
     name: &str,
-    change: impl Fn(&mut policy::TokenStatus),
-) -> Result<policy::TokenStatus, TokenError> {
+    change: impl Fn(&mut crate::crd::tokens::TokenStatus),
+) -> Result<crate::crd::tokens::TokenStatus, TokenError> {
     for _ in 0..8 {
         let policy = kube.token_policy(name).await?.ok_or_else(|| TokenError::NoPolicy(name.into()))?;
         let mut status = policy.status.unwrap_or_default();

@@ -11,10 +11,10 @@ use super::{
     Clock, TokenError,
     legacy::{Legacy, Selection},
     managed::{Guard, Managed},
-    policy::{LegacyStatus, ManagedStatus, TokenPolicy, validate},
     rfc3339, update_status,
 };
 use crate::{
+    crd::tokens::{LegacyStatus, ManagedStatus, TokenPolicy, parse},
     k8s::{Kube, KubeError},
     metrics::ControllerMetrics,
 };
@@ -153,7 +153,7 @@ impl TokenLoop {
     /// One legacy round: a run when due; returns how long until the next.
     pub async fn legacy_once(&self) -> Result<Duration, TokenError> {
         let Some(policy) = self.policy().await? else { return Ok(ABSENT_WAIT) };
-        let rules = validate(&policy.spec)?;
+        let rules = parse(&policy.spec)?;
         if !policy.spec.legacy.enabled {
             return Ok(ABSENT_WAIT);
         }
@@ -199,7 +199,7 @@ impl TokenLoop {
     /// One managed pass; returns how long until the next and whether to watch Secrets.
     pub async fn managed_once(&self, managed: &mut Managed) -> Result<(Duration, bool), TokenError> {
         let Some(policy) = self.policy().await? else { return Ok((ABSENT_WAIT, false)) };
-        let rules = validate(&policy.spec)?;
+        let rules = parse(&policy.spec)?;
         if !policy.spec.managed.enabled {
             return Ok((ABSENT_WAIT, false));
         }

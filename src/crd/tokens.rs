@@ -12,7 +12,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Schedule;
+use crate::crd::schedule::Schedule;
 
 /// The name the controller and `kmsgate tokens` use unless told otherwise.
 pub const DEFAULT_POLICY: &str = "kmsgate";
@@ -224,7 +224,7 @@ pub struct SpecError {
 
 /// The parsed, checked form of a spec.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub struct Plan {
     /// When the legacy run is due.
     pub schedule: Schedule,
     /// Rotate legacy Secrets older than this.
@@ -244,11 +244,11 @@ fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
         .map_err(|e| SpecError { field, problem: format!("{text:?} is not a duration like 24h: {e}") })
 }
 
-/// Checks every field, so a bad policy fails once with a message naming the field.
-pub fn validate(spec: &TokenPolicySpec) -> Result<Rules, SpecError> {
+/// Parses and checks every field, so a bad policy fails once with a message naming the field.
+pub fn parse(spec: &TokenPolicySpec) -> Result<Plan, SpecError> {
     let bad = |field, problem: &str| Err(SpecError { field, problem: problem.to_owned() });
     let schedule = Schedule::parse(Some(&spec.legacy.schedule))
-        .map_err(|e| SpecError { field: "legacy.schedule", problem: e.problem })?;
+        .map_err(|e| SpecError { field: "legacy.schedule", problem: e.to_string() })?;
     let max_age = duration("legacy.maxAge", &spec.legacy.max_age)?;
     if max_age < Duration::from_secs(3600) {
         return bad("legacy.maxAge", "must be at least 1h");
@@ -293,7 +293,7 @@ pub fn validate(spec: &TokenPolicySpec) -> Result<Rules, SpecError> {
             _ => return bad("managed.denyServiceAccounts", "entries are `namespace/name` or `namespace/*`"),
         }
     }
-    Ok(Rules { schedule, max_age, token_timeout, default_lifetime, max_lifetime, resync })
+    Ok(Plan { schedule, max_age, token_timeout, default_lifetime, max_lifetime, resync })
 }
 
 /// The CRD as YAML.
@@ -332,7 +332,7 @@ mod tests {
     fn an_empty_spec_is_valid_and_does_nothing() {
         let spec: TokenPolicySpec = serde_json::from_value(serde_json::json!({})).unwrap();
         assert!(!spec.legacy.enabled && !spec.managed.enabled);
-        let rules = validate(&spec).unwrap();
+        let rules = parse(&spec).unwrap();
         assert_eq!(rules.max_age, Duration::from_secs(90 * 24 * 3600));
         assert_eq!(rules.default_lifetime, Duration::from_secs(3600));
         assert_eq!(spec.managed.refresh_fraction, 0.8);
@@ -342,7 +342,7 @@ mod tests {
     fn validation_names_the_field() {
         let check = |json: serde_json::Value, field: &str| {
             let spec: TokenPolicySpec = serde_json::from_value(json).unwrap();
-            let error = validate(&spec).unwrap_err().to_string();
+            let error = parse(&spec).unwrap_err().to_string();
             assert!(error.starts_with(&format!("TokenPolicy spec.{field}:")), "{error}");
         };
         check(serde_json::json!({"managed": {"enabled": true}}), "managed.namespaces");
