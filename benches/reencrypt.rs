@@ -42,7 +42,7 @@ fn secrets() -> ResourceRef {
 /// The floor: list pages and patch every object, nothing else.
 async fn baseline() -> f64 {
     let (fake, kube) = cluster(OBJECTS).await;
-    let target = kube.resolve(&secrets()).await.unwrap();
+    let target = kube.resolve(&secrets().id()).await.unwrap();
     let started = Instant::now();
     let mut token: Option<String> = None;
     loop {

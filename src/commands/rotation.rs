@@ -197,15 +197,14 @@ pub async fn reencrypt(kube: &Kube, options: &Reencrypt, out: &mut impl Write) -
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
     for resource in &options.resources {
-        let target = kube.resolve(resource).await?;
+        let target = kube.resolve(&resource.id()).await?;
         let namespaces = if target.namespaced && !options.namespaces.is_empty() {
             options.namespaces.clone()
         } else {
             vec![String::new()]
         };
         for namespace in namespaces {
-            let mut progress =
-                ResourceProgress { resource: resource.to_string(), namespace, ..Default::default() };
+            let mut progress = ResourceProgress { resource: resource.id(), namespace, ..Default::default() };
             while !progress.complete {
                 let failure =
                     migrate::run_page(kube, &target, &options.settings, &pacer, &mut progress, None).await?;

@@ -13,7 +13,7 @@ pub use plan::{
     ConvergePlan, MigrateKnob, MigratePlan, MigrateSettings, Plan, PluginSource, RetirePlan, SettingsError,
     SpecError, Verifier, VerifyPlan, parse,
 };
-pub use status::{Condition, Phase, ResourceProgress, RotationStatus, Totals, Verification};
+pub use status::{Condition, Phase, ResourceProgress, RotationStatus, Straggler, Totals, Verification};
 
 /// API group of kmsgate's resources.
 pub const GROUP: &str = "kmsgate.io";
@@ -99,14 +99,13 @@ pub struct ResourceRef {
 impl ResourceRef {
     /// Parses `secrets` or `deployments.apps` (`resource.group`).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let (resource, group) = text.split_once('.').unwrap_or((text, ""));
-        let valid =
-            |s: &str| s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
-        if resource.is_empty() || !valid(resource) || !valid(group) {
-            return Err(format!("{text:?} is not a resource like secrets or deployments.apps"));
-        }
-        Ok(Self { group: group.to_owned(), resource: resource.to_owned(), etcd_prefix: None })
+        let id: ResourceId = text.parse()?;
+        Ok(Self { group: id.group, resource: id.resource, etcd_prefix: None })
+    }
+
+    /// Which resource this is, without where it is stored.
+    pub fn id(&self) -> ResourceId {
+        ResourceId { group: self.group.clone(), resource: self.resource.clone() }
     }
 
     /// The etcd path below the API server's prefix, without slashes at either end.
@@ -121,10 +120,55 @@ impl ResourceRef {
 
 impl std::fmt::Display for ResourceRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.id().fmt(f)
+    }
+}
+
+/// A resource by group and plural name; written as `secrets` or `deployments.apps` wherever the
+/// status names one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    /// API group; empty for the core group.
+    pub group: String,
+    /// Plural resource name.
+    pub resource: String,
+}
+
+impl std::fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // NB: pad, so table columns (`{:<28}`) line up.
         match self.group.as_str() {
-            "" => f.write_str(&self.resource),
-            group => write!(f, "{}.{group}", self.resource),
+            "" => f.pad(&self.resource),
+            group => f.pad(&format!("{}.{group}", self.resource)),
         }
+    }
+}
+
+impl std::str::FromStr for ResourceId {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (resource, group) = text.split_once('.').unwrap_or((text, ""));
+        let valid =
+            |s: &str| s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
+        if resource.is_empty() || !valid(resource) || !valid(group) {
+            return Err(format!("{text:?} is not a resource like secrets or deployments.apps"));
+        }
+        Ok(Self { group: group.to_owned(), resource: resource.to_owned() })
+    }
+}
+
+impl Serialize for ResourceId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

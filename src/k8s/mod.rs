@@ -24,7 +24,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::crd::rotation::{ResourceRef, RotationPolicy, RotationStatus, Verification};
+use crate::crd::rotation::{ResourceId, RotationPolicy, RotationStatus, Verification};
 
 mod tokens;
 
@@ -237,7 +237,7 @@ impl Kube {
     }
 
     /// Resolves `secrets` or `deployments.apps` to its preferred version.
-    pub async fn resolve(&self, resource: &ResourceRef) -> Result<Target, KubeError> {
+    pub async fn resolve(&self, resource: &ResourceId) -> Result<Target, KubeError> {
         if resource.group.is_empty() && resource.resource == "secrets" {
             // NB: the default target needs no discovery round trips (and no discovery RBAC).
             let api = ApiResource {

@@ -154,7 +154,8 @@ pub async fn run_page(
                 Outcome::Failed => progress.failed += 1,
             }
             if let Some(metrics) = metrics {
-                let labels = ObjectLabels { resource: progress.resource.clone(), outcome: outcome.name() };
+                let labels =
+                    ObjectLabels { resource: progress.resource.to_string(), outcome: outcome.name() };
                 metrics.objects.get_or_create(&labels).inc();
             }
             if first_failure.is_none() {

@@ -21,8 +21,8 @@ use crate::{
     backend::{Backend, BackendError, KeyMetadata},
     crd::rotation::{
         self, Condition, ConvergePlan, MigrateStrategy, Phase, Plan, PluginSource, REQUEST_ANNOTATION,
-        ResourceProgress, ResourceRef, RotationPolicy, RotationStatus, Totals, TransitKey, Verification,
-        Verifier, VerifyJob,
+        ResourceId, ResourceProgress, RotationPolicy, RotationStatus, Straggler, Totals, TransitKey,
+        Verification, Verifier, VerifyJob,
     },
     k8s::{EventKind, Kube, KubeError, MigrationState, ObjectKey, Target},
     keyid::{BackendKind, KeyScope},
@@ -126,7 +126,7 @@ pub struct Context<K> {
     /// Longest wait between checks while waiting on something.
     pub poll: Duration,
     http: reqwest::Client,
-    targets: Mutex<HashMap<ResourceRef, Target>>,
+    targets: Mutex<HashMap<ResourceId, Target>>,
 }
 
 /// Unix seconds now.
@@ -195,7 +195,7 @@ impl<K: KeyAdmin> Context<K> {
         step
     }
 
-    async fn target(&self, resource: &ResourceRef) -> Result<Target, KubeError> {
+    async fn target(&self, resource: &ResourceId) -> Result<Target, KubeError> {
         if let Some(target) = self.lock_targets().get(resource) {
             return Ok(target.clone());
         }
@@ -204,7 +204,7 @@ impl<K: KeyAdmin> Context<K> {
         Ok(target)
     }
 
-    fn lock_targets(&self) -> std::sync::MutexGuard<'_, HashMap<ResourceRef, Target>> {
+    fn lock_targets(&self) -> std::sync::MutexGuard<'_, HashMap<ResourceId, Target>> {
         // NB: the map is a cache; a panic elsewhere cannot leave it inconsistent.
         self.targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -503,7 +503,7 @@ impl<K: KeyAdmin> Run<'_, K> {
     async fn init_progress(&mut self) -> Result<(), RotationError> {
         let mut progress = Vec::new();
         for resource in &self.plan.resources {
-            let target = self.ctx.target(resource).await?;
+            let target = self.ctx.target(&resource.id()).await?;
             let namespaces: Vec<String> = if target.namespaced && !self.plan.namespaces.is_empty() {
                 self.plan.namespaces.clone()
             } else {
@@ -511,7 +511,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             };
             for namespace in namespaces {
                 progress.push(ResourceProgress {
-                    resource: resource.to_string(),
+                    resource: resource.id(),
                     namespace,
                     ..ResourceProgress::default()
                 });
@@ -546,9 +546,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             return Ok(Step::Again);
         };
         let settings = &self.plan.migrate.settings;
-        let resource =
-            ResourceRef::parse(&self.book.status.progress[index].resource).map_err(KubeError::Unexpected)?;
-        let target = self.ctx.target(&resource).await?;
+        let target = self.ctx.target(&self.book.status.progress[index].resource).await?;
         let pacer = migrate::Pacer::new(settings.qps());
         let mut progress = self.book.status.progress[index].clone();
         let failure = migrate::run_page(
@@ -706,7 +704,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             // NB: too many to name: run the whole migrate pass again for the resources involved.
             let involved = verify::stragglers_by_resource(&verification.stragglers);
             for p in &mut self.book.status.progress {
-                if involved.keys().any(|r| r.to_string() == p.resource) {
+                if involved.contains_key(&p.resource) {
                     p.complete = false;
                     p.continue_token.clear();
                 }
@@ -720,7 +718,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         Ok(Step::Again)
     }
 
-    async fn rewrite_stragglers(&mut self, stragglers: &[String]) -> Result<(), RotationError> {
+    async fn rewrite_stragglers(&mut self, stragglers: &[Straggler]) -> Result<(), RotationError> {
         let pacer = migrate::Pacer::new(self.plan.migrate.settings.qps());
         let mut rewritten = 0;
         for (resource, objects) in verify::stragglers_by_resource(stragglers) {

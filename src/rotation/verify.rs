@@ -8,7 +8,7 @@ use k8s_openapi::api::batch::v1::Job;
 
 use crate::{
     audit::{Class, ScanError, Scanner, classify},
-    crd::rotation::{Plan, ResourceRef, RotationPolicy, Verification, VerifyJob},
+    crd::rotation::{Plan, ResourceId, ResourceRef, RotationPolicy, Straggler, Verification, VerifyJob},
 };
 
 /// Most stragglers listed by name in the status; more means a full migrate pass instead.
@@ -99,7 +99,11 @@ pub async fn scan(
                 if result.stragglers.len() < MAX_STRAGGLERS {
                     // NB: `<ns>/<name>` for namespaced objects, `<name>` for cluster-scoped ones.
                     let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
-                    result.stragglers.push(format!("{resource}/{namespace}/{name}"));
+                    result.stragglers.push(Straggler {
+                        resource: resource.id(),
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                    });
                 } else {
                     result.truncated = true;
                 }
@@ -111,18 +115,11 @@ pub async fn scan(
     Ok(result)
 }
 
-/// Splits a straggler `resource/namespace/name` back into its parts.
-pub fn parse_straggler(text: &str) -> Option<(ResourceRef, String, String)> {
-    let (resource, rest) = text.split_once('/')?;
-    let (namespace, name) = rest.split_once('/')?;
-    Some((ResourceRef::parse(resource).ok()?, namespace.to_owned(), name.to_owned()))
-}
-
-/// Groups stragglers by resource.
-pub fn stragglers_by_resource(list: &[String]) -> BTreeMap<ResourceRef, Vec<(String, String)>> {
-    let mut out: BTreeMap<ResourceRef, Vec<(String, String)>> = BTreeMap::new();
-    for (resource, namespace, name) in list.iter().filter_map(|s| parse_straggler(s)) {
-        out.entry(resource).or_default().push((namespace, name));
+/// Groups stragglers by resource, as (namespace, name).
+pub fn stragglers_by_resource(list: &[Straggler]) -> BTreeMap<ResourceId, Vec<(String, String)>> {
+    let mut out: BTreeMap<ResourceId, Vec<(String, String)>> = BTreeMap::new();
+    for s in list {
+        out.entry(s.resource.clone()).or_default().push((s.namespace.clone(), s.name.clone()));
     }
     out
 }
@@ -223,18 +220,6 @@ pub fn job(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stragglers_round_trip_through_their_text_form() {
-        let (r, ns, name) = parse_straggler("deployments.apps/default/web").unwrap();
-        assert_eq!(
-            (r.to_string().as_str(), ns.as_str(), name.as_str()),
-            ("deployments.apps", "default", "web")
-        );
-        let (r, ns, name) = parse_straggler("clusterroles.rbac.authorization.k8s.io//admin").unwrap();
-        assert_eq!((r.resource.as_str(), ns.as_str(), name.as_str()), ("clusterroles", "", "admin"));
-        assert!(parse_straggler("secrets").is_none());
-    }
 
     #[test]
     fn job_names_fit_a_label() {

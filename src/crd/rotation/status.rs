@@ -4,6 +4,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::ResourceId;
+
 /// Where the rotation stands.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum Phase {
@@ -44,7 +46,8 @@ impl Phase {
 #[serde(rename_all = "camelCase")]
 pub struct ResourceProgress {
     /// `secrets`, `deployments.apps`.
-    pub resource: String,
+    #[schemars(with = "String")]
+    pub resource: ResourceId,
     /// The namespace, when the policy lists namespaces.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
@@ -111,7 +114,8 @@ pub struct Verification {
     pub unmapped: u64,
     /// Objects to rewrite by name, as `resource/namespace/name` (at most a bounded number).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stragglers: Vec<String>,
+    #[schemars(with = "Vec<String>")]
+    pub stragglers: Vec<Straggler>,
     /// More stragglers existed than are listed.
     #[serde(default)]
     pub truncated: bool,
@@ -220,4 +224,72 @@ pub struct RotationStatus {
     /// Conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// An object verify found on an old key (or unencrypted), to rewrite by name; written as
+/// `resource/namespace/name`, with an empty namespace for cluster-scoped objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Straggler {
+    /// Its resource.
+    pub resource: ResourceId,
+    /// Namespace, empty for cluster-scoped objects.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for Straggler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.resource, self.namespace, self.name)
+    }
+}
+
+impl std::str::FromStr for Straggler {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let not_one = || format!("{text:?} is not a straggler like secrets/namespace/name");
+        let (resource, rest) = text.split_once('/').ok_or_else(not_one)?;
+        let (namespace, name) = rest.split_once('/').ok_or_else(not_one)?;
+        if name.is_empty() {
+            return Err(not_one());
+        }
+        Ok(Self { resource: resource.parse()?, namespace: namespace.to_owned(), name: name.to_owned() })
+    }
+}
+
+impl Serialize for Straggler {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Straggler {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stragglers_round_trip_through_their_text_form() {
+        let s: Straggler = "deployments.apps/default/web".parse().unwrap();
+        assert_eq!(
+            (s.resource.to_string().as_str(), s.namespace.as_str(), s.name.as_str()),
+            ("deployments.apps", "default", "web")
+        );
+        assert_eq!(s.to_string(), "deployments.apps/default/web");
+        let s: Straggler = "clusterroles.rbac.authorization.k8s.io//admin".parse().unwrap();
+        assert_eq!(
+            (s.resource.resource.as_str(), s.namespace.as_str(), s.name.as_str()),
+            ("clusterroles", "", "admin")
+        );
+        assert_eq!(serde_json::to_value(&s).unwrap(), "clusterroles.rbac.authorization.k8s.io//admin");
+        assert!("secrets".parse::<Straggler>().is_err());
+        assert!(serde_json::from_value::<Straggler>(serde_json::json!("Secrets/a/b")).is_err());
+    }
 }
