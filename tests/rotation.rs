@@ -297,7 +297,7 @@ async fn api_server_metrics_end_the_settle_wait_once_every_server_reports_the_ke
     let fake = FakeApi::new(&v2);
     let mut p = policy(&plugin, json!({"spec": {"converge": {"settle": "1h", "apiServerMetrics": true}}}));
     p["status"] = json!({"phase": "Converging", "runId": "r", "fromVersion": 1, "toVersion": 2, "toKeyId": v2,
-        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::rotation::now_text()});
+        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::clock::rfc3339(k8s_openapi::jiff::Timestamp::now())});
     fake.set_policy(p).await;
     let lease = |id: &str| json!({"metadata": {"name": format!("apiserver-{id}"), "namespace": "kube-system"}, "spec": {"holderIdentity": id}});
     let line = |id: &str| {

@@ -4,6 +4,7 @@ use std::{io::Write, sync::Arc};
 
 use crate::{
     audit::{Class, EtcdSettings, Scanner, classify},
+    clock::{Clock, SystemClock},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
     crd::rotation::{
@@ -120,8 +121,11 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         );
         return Ok(());
     }
-    let request =
-        format!("{}-{}", crate::rotation::now_text(), &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let request = format!(
+        "{}-{}",
+        crate::clock::rfc3339(SystemClock.now()),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
     let lease = (&config.controller.lease_namespace, &config.controller.lease_name);
     if let Some(holder) = kube.lease_holder(lease.0, lease.1).await? {
         kube.annotate_policy(&name, REQUEST_ANNOTATION, &request).await?;
@@ -269,7 +273,9 @@ pub async fn verify(
     let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
     let input = verify::Input::new(&plan, &status.to_key_id, run_id, round);
     let result = match crate::audit::scan::connect(etcd).await {
-        Ok(mut client) => verify::scan(&mut client, &input, 5000).await.map_err(|e| crate::error::chain(&e)),
+        Ok(mut client) => {
+            verify::scan(&mut client, &input, 5000, &SystemClock).await.map_err(|e| crate::error::chain(&e))
+        }
         Err(e) => Err(crate::error::chain(&e)),
     };
     let verification = match result {
@@ -279,7 +285,7 @@ pub async fn verify(
             round,
             key_id: input.key_id.clone(),
             error: format!("etcd: {error}"),
-            finished_at: crate::rotation::now_text(),
+            finished_at: crate::clock::rfc3339(SystemClock.now()),
             ..Default::default()
         },
     };

@@ -340,7 +340,7 @@ impl Kube {
             .create_subresource("token", service_account, &PostParams::default(), &body)
             .await
             .map_err(call(format!("request a token for serviceaccount {namespace}/{service_account}")))?;
-        let expires = crate::tokens::parse_time(&answer.status.expiration_timestamp).ok_or_else(|| {
+        let expires = crate::clock::parse_time(&answer.status.expiration_timestamp).ok_or_else(|| {
             KubeError::Unexpected(format!(
                 "TokenRequest for {namespace}/{service_account}: expirationTimestamp {:?} is not a time",
                 answer.status.expiration_timestamp

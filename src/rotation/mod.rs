@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::{
     audit::EtcdSettings,
     backend::{Backend, BackendError, KeyMetadata},
+    clock::{self, Clock, SystemClock, parse_time},
     crd::rotation::{
         self, Condition, ConvergePlan, MigrateStrategy, Phase, Plan, PluginSource, REQUEST_ANNOTATION,
         ResourceId, ResourceProgress, RotationPolicy, RotationStatus, Straggler, Totals, TransitKey,
@@ -127,28 +128,7 @@ pub struct Context<K> {
     pub poll: Duration,
     http: reqwest::Client,
     targets: Mutex<HashMap<ResourceId, Target>>,
-}
-
-/// Unix seconds now.
-pub fn now() -> i64 {
-    Timestamp::now().as_second()
-}
-
-/// RFC 3339 (seconds) for now.
-pub fn now_text() -> String {
-    time_text(now())
-}
-
-fn time_text(seconds: i64) -> String {
-    Timestamp::from_second(seconds).map(|t| t.to_string()).unwrap_or_default()
-}
-
-fn parse_time(text: &str) -> Option<i64> {
-    text.parse::<Timestamp>().ok().map(|t| t.as_second())
-}
-
-fn elapsed_since(text: &str) -> Duration {
-    parse_time(text).map(|t| Duration::from_secs((now() - t).max(0) as u64)).unwrap_or_default()
+    clock: Arc<dyn Clock>,
 }
 
 impl<K: KeyAdmin> Context<K> {
@@ -163,7 +143,14 @@ impl<K: KeyAdmin> Context<K> {
         // NB: plugin status endpoints are plain HTTP on the node network; a short timeout keeps a
         // dead node from stalling the loop.
         let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
-        Self { kube, keys, etcd, metrics, poll, http, targets: Mutex::new(HashMap::new()) }
+        let clock = Arc::new(SystemClock);
+        Self { kube, keys, etcd, metrics, poll, http, targets: Mutex::new(HashMap::new()), clock }
+    }
+
+    /// Reads the time from `clock` instead of the system clock (tests run on paused time).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Does one unit of work on policy `name` and records it in the status.
@@ -171,7 +158,13 @@ impl<K: KeyAdmin> Context<K> {
         let policy = self.kube.policy(name).await?;
         let before = policy.status.clone().unwrap_or_default();
         let parsed = rotation::parse(&policy.spec);
-        let mut book = Book { name, status: before.clone(), events: Vec::new(), metrics: &self.metrics };
+        let mut book = Book {
+            name,
+            status: before.clone(),
+            events: Vec::new(),
+            metrics: &self.metrics,
+            clock: &*self.clock,
+        };
         let step = match &parsed {
             Err(e) => {
                 book.stall("InvalidSpec", &e.to_string());
@@ -252,6 +245,7 @@ struct Book<'a> {
     status: RotationStatus,
     events: Vec<(EventKind, &'static str, String)>,
     metrics: &'a ControllerMetrics,
+    clock: &'a dyn Clock,
 }
 
 impl<K: KeyAdmin> Run<'_, K> {
@@ -267,18 +261,27 @@ impl<K: KeyAdmin> Run<'_, K> {
         }
     }
 
+    /// When the schedule next starts a run, from now (RFC 3339; empty for never).
+    fn next_run(&self) -> String {
+        self.plan
+            .schedule
+            .next_after(self.book.now().as_second())
+            .map(clock::seconds_text)
+            .unwrap_or_default()
+    }
+
     fn new_request(&self) -> Option<String> {
         let value = self.policy.metadata.annotations.as_ref()?.get(REQUEST_ANNOTATION)?;
         (!value.is_empty() && *value != self.book.status.handled_request).then(|| value.clone())
     }
 
     fn due(&self) -> bool {
-        parse_time(&self.book.status.next_run).is_some_and(|t| t <= now())
+        parse_time(&self.book.status.next_run).is_some_and(|t| t <= self.book.now())
     }
 
     fn rest(&self) -> Step {
         let until_next = parse_time(&self.book.status.next_run)
-            .map(|t| Duration::from_secs((t - now()).max(1) as u64))
+            .map(|t| Duration::from_secs((t.as_second() - self.book.now().as_second()).max(1) as u64))
             .unwrap_or(self.ctx.poll);
         Step::Rest(until_next.min(self.ctx.poll))
     }
@@ -295,7 +298,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         self.book.enter(Phase::Failed);
         self.book.status.result = "Failed".into();
         self.book.stall(reason, message);
-        self.book.status.next_run = self.plan.schedule.next_after(now()).map(time_text).unwrap_or_default();
+        self.book.status.next_run = self.next_run();
         self.rest()
     }
 
@@ -303,17 +306,17 @@ impl<K: KeyAdmin> Run<'_, K> {
         self.book.enter(Phase::Idle);
         self.book.status.result = result.into();
         self.book.status.message = message.clone();
-        self.book.status.last_success = now_text();
+        self.book.status.last_success = self.book.now_text();
         self.book.status.known_version = self.book.status.to_version.or(self.book.status.known_version);
         self.book.status.failed_phase = None;
-        self.book.status.next_run = self.plan.schedule.next_after(now()).map(time_text).unwrap_or_default();
+        self.book.status.next_run = self.next_run();
         if let Some(request) =
             self.policy.metadata.annotations.as_ref().and_then(|a| a.get(REQUEST_ANNOTATION))
         {
             // NB: a request that arrived during the run is satisfied by it.
             self.book.status.handled_request = request.clone();
         }
-        self.ctx.metrics.last_success.set(now() as f64);
+        self.ctx.metrics.last_success.set(self.book.now().as_second() as f64);
         self.book.condition("Ready", true, result, &message);
         self.book.condition("Stalled", false, result, "");
         self.book.events.push((EventKind::Normal, "RotationFinished", message));
@@ -337,7 +340,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         self.book.status = keep;
         self.book.status.run_id = uuid::Uuid::new_v4().to_string();
         self.book.status.trigger = trigger.into();
-        self.book.status.started_at = now_text();
+        self.book.status.started_at = self.book.now_text();
         self.book.status.from_version = Some(from);
         self.book.status.from_key_id = self.key_id(meta, from);
         if let Some(to) = to {
@@ -354,8 +357,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         let Some(known) = self.book.status.known_version else {
             // NB: the first sight of a key adopts it as it is; only later versions start runs.
             self.book.status.known_version = Some(meta.latest);
-            self.book.status.next_run =
-                self.plan.schedule.next_after(now()).map(time_text).unwrap_or_default();
+            self.book.status.next_run = self.next_run();
             self.book.status.message = format!("adopted key version {}", meta.latest);
             return Ok(self.rest());
         };
@@ -372,8 +374,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             return Ok(Step::Again);
         }
         if self.book.status.next_run.is_empty() {
-            self.book.status.next_run =
-                self.plan.schedule.next_after(now()).map(time_text).unwrap_or_default();
+            self.book.status.next_run = self.next_run();
         }
         Ok(self.rest())
     }
@@ -423,7 +424,7 @@ impl<K: KeyAdmin> Run<'_, K> {
 
     async fn converging(&mut self) -> Result<Step, RotationError> {
         let timeout = self.plan.converge.timeout;
-        let waited = elapsed_since(&self.book.status.phase_started_at);
+        let waited = self.book.elapsed_since(&self.book.status.phase_started_at);
         let wanted = self.book.status.to_key_id.clone();
         let reports = self.ctx.plugin_key_ids(&self.plan.converge).await?;
         let lagging: Vec<String> = reports
@@ -450,7 +451,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             return Ok(Step::Wait(self.ctx.poll));
         }
         if self.book.status.plugins_converged_at.is_empty() {
-            self.book.status.plugins_converged_at = now_text();
+            self.book.status.plugins_converged_at = self.book.now_text();
             self.book.events.push((
                 EventKind::Normal,
                 "PluginsConverged",
@@ -463,7 +464,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             return Ok(Step::Again);
         }
         let settle = self.plan.converge.settle;
-        let settled = elapsed_since(&self.book.status.plugins_converged_at);
+        let settled = self.book.elapsed_since(&self.book.status.plugins_converged_at);
         if settled >= settle {
             self.book.status.message = format!("plugins converged and API servers had {settle:?} to switch");
             self.book.enter(Phase::Migrating);
@@ -594,7 +595,10 @@ impl<K: KeyAdmin> Run<'_, K> {
             }
         }
         let timeout = self.plan.migrate.svm_timeout;
-        if problem.is_none() && running && elapsed_since(&self.book.status.phase_started_at) >= timeout {
+        if problem.is_none()
+            && running
+            && self.book.elapsed_since(&self.book.status.phase_started_at) >= timeout
+        {
             // NB: served does not mean a migrator runs (the controller-manager gate may be off).
             problem = Some(format!("no result within {timeout:?}; is the StorageVersionMigrator gate on?"));
         }
@@ -752,7 +756,9 @@ impl<K: KeyAdmin> Run<'_, K> {
             return Err("verify.mode is Etcd but the controller has no etcd.* settings".into());
         };
         let mut client = crate::audit::scan::connect(etcd).await.map_err(|e| crate::error::chain(&e))?;
-        verify::scan(&mut client, &self.verify_input(round), 5000).await.map_err(|e| crate::error::chain(&e))
+        verify::scan(&mut client, &self.verify_input(round), 5000, &*self.ctx.clock)
+            .await
+            .map_err(|e| crate::error::chain(&e))
     }
 
     /// `Ok(Ok(Some))` with the Job's report, `Ok(Ok(None))` while it runs.
@@ -774,7 +780,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             crate::k8s::JobState::Running => Ok(Ok(None)),
             // NB: a finished Job whose report has not arrived yet: the status may lag one read.
             crate::k8s::JobState::Succeeded
-                if elapsed_since(&self.book.status.phase_started_at) < timeout =>
+                if self.book.elapsed_since(&self.book.status.phase_started_at) < timeout =>
             {
                 Ok(Ok(None))
             }
@@ -793,7 +799,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             return Ok(self.fail("NotVerified", "retire needs a clean verification of this run"));
         };
         let grace = self.plan.retire.grace;
-        let since = elapsed_since(&v.finished_at);
+        let since = self.book.elapsed_since(&v.finished_at);
         if since < grace {
             self.book.status.message =
                 format!("retiring versions below {:?} in {:?}", self.book.status.to_version, grace - since);
@@ -818,15 +824,27 @@ impl<K: KeyAdmin> Run<'_, K> {
 }
 
 impl Book<'_> {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn now_text(&self) -> String {
+        clock::rfc3339(self.now())
+    }
+
+    fn elapsed_since(&self, text: &str) -> Duration {
+        clock::elapsed_since(self.now(), text)
+    }
+
     fn enter(&mut self, phase: Phase) {
         let left = self.status.phase;
-        let spent = elapsed_since(&self.status.phase_started_at);
+        let spent = self.elapsed_since(&self.status.phase_started_at);
         self.metrics
             .phase_duration
             .get_or_create(&PhaseLabels { phase: left.as_str() })
             .observe(spent.as_secs_f64());
         self.status.phase = phase;
-        self.status.phase_started_at = now_text();
+        self.status.phase_started_at = self.now_text();
         self.events.push((
             EventKind::Normal,
             phase.as_str(),
@@ -837,12 +855,13 @@ impl Book<'_> {
 
     fn condition(&mut self, kind: &str, status: bool, reason: &str, message: &str) {
         let value = if status { "True" } else { "False" };
+        let now = self.now_text();
         let conditions = &mut self.status.conditions;
         match conditions.iter_mut().find(|c| c.type_ == kind) {
             Some(c) if c.status == value && c.reason == reason && c.message == message => {}
             Some(c) => {
                 if c.status != value {
-                    c.last_transition_time = now_text();
+                    c.last_transition_time = now;
                 }
                 c.status = value.into();
                 c.reason = reason.into();
@@ -853,7 +872,7 @@ impl Book<'_> {
                 status: value.into(),
                 reason: reason.into(),
                 message: message.into(),
-                last_transition_time: now_text(),
+                last_transition_time: now,
             }),
         }
     }

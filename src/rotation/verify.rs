@@ -8,6 +8,7 @@ use k8s_openapi::api::batch::v1::Job;
 
 use crate::{
     audit::{Class, ScanError, Scanner, classify},
+    clock::Clock,
     crd::rotation::{Plan, ResourceId, ResourceRef, RotationPolicy, Straggler, Verification, VerifyJob},
 };
 
@@ -50,6 +51,7 @@ pub async fn scan(
     client: &mut etcd_client::Client,
     input: &Input,
     page_size: usize,
+    clock: &dyn Clock,
 ) -> Result<Verification, ScanError> {
     let base = format!("{}/", input.etcd_prefix.trim_end_matches('/'));
     // NB: longest prefix first, so `apps/deployments` wins over a resource named `apps`.
@@ -111,7 +113,7 @@ pub async fn scan(
         }
     }
     result.clean = result.old_key == 0 && result.invalid == 0 && result.unencrypted == 0;
-    result.finished_at = super::now_text();
+    result.finished_at = crate::clock::rfc3339(clock.now());
     Ok(result)
 }
 

@@ -14,9 +14,9 @@ pub mod reconcile;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::jiff::Timestamp;
 use zeroize::Zeroizing;
 
+pub use crate::clock::{Clock, SystemClock, parse_time, rfc3339};
 use crate::k8s::KubeError;
 
 /// The Secret type of legacy tokens.
@@ -98,22 +98,6 @@ impl std::fmt::Debug for BearerToken {
     }
 }
 
-/// Wall-clock time, replaceable in tests (paused tokio time drives a test clock).
-pub trait Clock: Send + Sync {
-    /// Now.
-    fn now(&self) -> Timestamp;
-}
-
-/// The system clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::now()
-    }
-}
-
 /// Applies `change` to a TokenPolicy's status, read-modify-write with the resourceVersion as a
 /// precondition, retrying when someone else wrote first, so no crash record is ever lost.
 pub async fn update_status(
@@ -133,16 +117,6 @@ pub async fn update_status(
         }
     }
     Err(TokenError::Journal(format!("TokenPolicy {name}")))
-}
-
-/// `now` to the second, as the API server writes timestamps.
-pub fn rfc3339(at: Timestamp) -> String {
-    Timestamp::from_second(at.as_second()).unwrap_or(at).to_string()
-}
-
-/// Parses an RFC 3339 annotation value.
-pub fn parse_time(text: &str) -> Option<Timestamp> {
-    text.trim().parse().ok()
 }
 
 /// Whether `map` has any of `rules` (`key` or `key=value`).
@@ -188,11 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn times_round_trip_to_the_second() {
-        let at = Timestamp::from_second(1_795_723_200).unwrap();
-        assert_eq!(rfc3339(at), "2026-11-26T20:00:00Z");
-        assert_eq!(parse_time("2026-11-26T20:00:00Z"), Some(at));
-        assert_eq!(parse_time("yesterday"), None);
+    fn ages_read_in_the_largest_units() {
         assert_eq!(age(90_061), "1d1h");
     }
 }
