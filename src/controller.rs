@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::{
+    backoff::Backoff,
     config::ControllerConfig,
     k8s::Kube,
     metrics::ControllerMetrics,
@@ -180,7 +181,7 @@ pub async fn run<K: KeyAdmin + 'static>(
                         let message = crate::error::chain(&e);
                         tracing::warn!(policy, error = %message, "rotation step failed; retrying");
                         view.set(json!({"leader": true, "holder": holder, "policy": policy, "last_error": message}));
-                        crate::rotation::migrate::backoff(errors).min(ctx.poll)
+                        Backoff::CALLS.delay(errors).min(ctx.poll)
                     }
                 };
                 tokio::select! {
@@ -225,7 +226,7 @@ pub async fn drive<K: KeyAdmin>(
             Err(e) if errors < 5 => {
                 errors += 1;
                 tracing::warn!(error = %crate::error::chain(&e), "step failed; retrying");
-                tokio::time::sleep(crate::rotation::migrate::backoff(errors)).await;
+                tokio::time::sleep(Backoff::CALLS.delay(errors)).await;
             }
             Err(e) => return Err(e),
         }

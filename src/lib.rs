@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod backoff;
 pub mod clock;
 pub mod commands;
 pub mod config;

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use futures::StreamExt;
 
 use crate::{
+    backoff::Backoff,
     crd::rotation::{MigrateSettings as Settings, ResourceProgress},
     k8s::{KubeError, ObjectKey, Target, Touch},
     metrics::{ControllerMetrics, ObjectLabels},
@@ -74,11 +75,6 @@ impl Outcome {
     }
 }
 
-/// Backoff before retry `attempt` (1-based): 200 ms doubling, capped at 10 s.
-pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(10))
-}
-
 async fn touch_one(
     kube: &crate::k8s::Kube,
     target: &Target,
@@ -98,7 +94,7 @@ async fn touch_one(
             Err(e) if e.code() == Some(404) => return (Outcome::Skipped, None),
             Err(e) if e.retryable() && attempt < settings.max_attempts() => {
                 tracing::debug!(error = %e, attempt, "retrying a write");
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(Backoff::CALLS.delay(attempt)).await;
             }
             Err(e) => return (Outcome::Failed, Some(crate::error::chain(&e))),
         }
@@ -133,7 +129,7 @@ pub async fn run_page(
                 progress.continue_token.clear();
             }
             Err(e) if e.retryable() && attempt < settings.max_attempts() => {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(Backoff::CALLS.delay(attempt)).await;
             }
             Err(e) => return Err(e),
         }
@@ -197,12 +193,5 @@ mod tests {
             pacer.wait().await;
         }
         assert!(start.elapsed() < Duration::from_millis(2), "{:?}", start.elapsed());
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_millis(400));
-        assert_eq!(backoff(2), Duration::from_millis(800));
-        assert_eq!(backoff(30), Duration::from_secs(10));
     }
 }

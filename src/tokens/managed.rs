@@ -16,13 +16,14 @@ use super::{
     LIFETIME_ANNOTATION, REQUEST_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, TokenError, parse_time, rfc3339,
 };
 use crate::{
+    backoff::Backoff,
     crd::tokens::{MIN_LIFETIME, ManagedSpec, Plan},
     k8s::{EventKind, Kube, KubeError},
     metrics::ControllerMetrics,
 };
 
-/// First retry after a failure; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+/// Retries after a failure: 10 s after the first, doubling up to [`MAX_BACKOFF`].
+const RETRIES: Backoff = Backoff::new(Duration::from_secs(5), MAX_BACKOFF);
 /// Longest wait between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Shortest wait between retries, even close to expiry (never a hot loop).
@@ -417,7 +418,7 @@ pub fn refresh_point(issued: Timestamp, expires: Timestamp, fraction: f64) -> Ti
 /// Exponential backoff, but while the current token is valid at least two more tries before it
 /// expires, and never faster than every few seconds.
 pub fn retry_after(failures: u32, valid_for: Option<Duration>) -> Duration {
-    let exp = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(10)).min(MAX_BACKOFF);
+    let exp = RETRIES.delay(failures.max(1));
     match valid_for {
         Some(left) if !left.is_zero() => exp.min(left / 2).max(MIN_BACKOFF),
         _ => exp,

@@ -14,6 +14,7 @@ use super::{
     rfc3339, update_status,
 };
 use crate::{
+    backoff::Backoff,
     crd::tokens::{LegacyStatus, ManagedStatus, TokenPolicy, parse},
     k8s::{Kube, KubeError},
     metrics::ControllerMetrics,
@@ -93,7 +94,7 @@ impl TokenLoop {
                 Err(e) => {
                     errors += 1;
                     tracing::warn!(error = %crate::error::chain(&e), "managed token pass failed; retrying");
-                    crate::rotation::migrate::backoff(errors).min(ABSENT_WAIT)
+                    Backoff::CALLS.delay(errors).min(ABSENT_WAIT)
                 }
             };
             let deadline = tokio::time::Instant::now() + wait;
@@ -138,7 +139,7 @@ impl TokenLoop {
                     Err(e) => {
                         errors += 1;
                         tracing::warn!(error = %crate::error::chain(&e), "legacy token run failed; retrying");
-                        crate::rotation::migrate::backoff(errors).min(ABSENT_WAIT)
+                        Backoff::CALLS.delay(errors).min(ABSENT_WAIT)
                     }
                 },
                 () = lost(&leader) => continue,
