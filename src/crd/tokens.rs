@@ -14,6 +14,41 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::schedule::Schedule;
 
+/// The Secret type of legacy tokens.
+pub const LEGACY_TYPE: &str = "kubernetes.io/service-account-token";
+/// Names the ServiceAccount of a legacy token (kept across rotation).
+pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
+/// The ServiceAccount's uid on a legacy token (dropped on rotation: the token controller sets it,
+/// and a stale one makes it delete the Secret).
+pub const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
+/// Set by the API server on each use of a legacy token.
+pub const LAST_USED_LABEL: &str = "kubernetes.io/legacy-token-last-used";
+/// Set by the legacy token cleaner: the token no longer authenticates.
+pub const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
+
+/// On a legacy token Secret: when kmsgate last rotated it (RFC 3339).
+pub const ROTATED_ANNOTATION: &str = "token.kmsgate.io/rotated-at";
+/// On a legacy token Secret: `"false"` keeps kmsgate from rotating it.
+pub const ROTATE_ANNOTATION: &str = "token.kmsgate.io/rotate";
+
+/// On a Secret: asks for a managed token of this ServiceAccount (in the Secret's namespace).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "token.kmsgate.io/service-account";
+/// On a managed Secret: comma-separated audiences (default: the API server's).
+pub const AUDIENCES_ANNOTATION: &str = "token.kmsgate.io/audiences";
+/// On a managed Secret: the lifetime to ask for, like `2h` (default: the policy's).
+pub const LIFETIME_ANNOTATION: &str = "token.kmsgate.io/lifetime";
+/// Written by kmsgate: when the token in the Secret was issued (RFC 3339).
+pub const ISSUED_ANNOTATION: &str = "token.kmsgate.io/issued-at";
+/// Written by kmsgate: the expiry the API server granted (RFC 3339).
+pub const EXPIRES_ANNOTATION: &str = "token.kmsgate.io/expires-at";
+/// Written by kmsgate: a digest of the request the token answers; a change means re-issue.
+pub const REQUEST_ANNOTATION: &str = "token.kmsgate.io/request";
+/// Written by kmsgate: why the last attempt failed or was refused (removed on success).
+pub const ERROR_ANNOTATION: &str = "token.kmsgate.io/error";
+
+/// The `token` data key of both kinds.
+pub const TOKEN_KEY: &str = "token";
+
 /// The name the controller and `kmsgate tokens` use unless told otherwise.
 pub const DEFAULT_POLICY: &str = "kmsgate";
 

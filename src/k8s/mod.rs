@@ -28,7 +28,7 @@ use crate::crd::rotation::{ResourceId, RotationPolicy, RotationStatus, Verificat
 
 mod tokens;
 
-pub use tokens::{Created, Deleted, IssuedToken, TokenSecret};
+pub use tokens::{BearerToken, Created, Deleted, IssuedToken, TokenSecret};
 
 /// Every (API group, resource, verb) this module can call: the controller's RBAC must grant
 /// exactly these, plus the resources a policy re-encrypts (`get`, `list`, `patch`).

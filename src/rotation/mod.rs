@@ -27,7 +27,7 @@ use crate::{
     },
     k8s::{EventKind, Kube, KubeError, MigrationState, ObjectKey, Target},
     keyid::{BackendKind, KeyScope},
-    metrics::{ControllerMetrics, PhaseLabels},
+    metrics::{ClassLabels, ControllerMetrics, PhaseLabels},
     transit::{Transit, VaultClient},
 };
 
@@ -181,7 +181,7 @@ impl<K: KeyAdmin> Context<K> {
         if book.status != before {
             self.kube.patch_status(name, &book.status).await?;
         }
-        self.metrics.observe(&book.status);
+        observe(&self.metrics, &book.status);
         for (kind, reason, note) in book.events {
             self.kube.event(name, kind, reason, &note).await;
         }
@@ -884,6 +884,28 @@ impl Book<'_> {
         }
         self.status.message = message.to_owned();
         self.condition("Stalled", true, reason, message);
+    }
+}
+
+/// Mirrors a status into the gauges: phase, last success, next run, latest verification.
+/// Called after every step, so a restarted controller exports the truth at once.
+fn observe(metrics: &ControllerMetrics, status: &RotationStatus) {
+    let seconds = |text: &str| parse_time(text).map_or(0.0, |t| t.as_second() as f64);
+    metrics.set_phase(status.phase.as_str());
+    if !status.last_success.is_empty() {
+        metrics.last_success.set(seconds(&status.last_success));
+    }
+    metrics.next_run.set(seconds(&status.next_run));
+    if let Some(v) = &status.verification {
+        for (class, count) in [
+            ("current", v.current),
+            ("old_key", v.old_key),
+            ("invalid", v.invalid),
+            ("unencrypted", v.unencrypted),
+            ("unmapped", v.unmapped),
+        ] {
+            metrics.verification.get_or_create(&ClassLabels { class }).set(count as i64);
+        }
     }
 }
 
