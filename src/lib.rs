@@ -19,6 +19,7 @@ pub mod keyid;
 pub mod keyring;
 pub mod kms;
 pub mod metrics;
+pub mod plugin_status;
 pub mod proto;
 pub mod rotation;
 pub mod selftest;

@@ -20,17 +20,21 @@ use kmsgate::{
     crd::rotation::TransitKey,
     k8s::Kube,
     metrics::ControllerMetrics,
+    plugin_status::{PluginStatus, PromotedKey},
     rotation::{Context, KeyAdmin, Step},
 };
 use serde_json::{Value, json};
 
-/// A plugin /status endpoint reporting whatever key_id the test sets.
+/// A plugin /status endpoint reporting whatever key_id the test sets, through the type the
+/// plugin writes (`kms` serializes `PluginStatus` fields into its /status).
 async fn plugin_status(key_id: Arc<Mutex<String>>) -> String {
     let app = axum::Router::new().route(
         "/status",
         axum::routing::get(move || {
             let key_id = key_id.lock().unwrap().clone();
-            async move { axum::Json(json!({"promoted": {"key_id": key_id}})) }
+            let version = kmsgate::keyid::KeyId::parse(&key_id).map_or(0, |id| id.version);
+            let promoted = PromotedKey { key_id, version };
+            async move { axum::Json(PluginStatus { promoted: Some(promoted) }) }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,10 +9,11 @@ use tokio::time::Instant;
 
 use futures::StreamExt;
 
+use super::{KeyAdmin, RotationError, Run, Step, status::totals};
 use crate::{
     backoff::Backoff,
-    crd::rotation::{MigrateSettings as Settings, ResourceProgress},
-    k8s::{KubeError, ObjectKey, Target, Touch},
+    crd::rotation::{MigrateSettings as Settings, MigrateStrategy, Phase, ResourceProgress},
+    k8s::{EventKind, KubeError, MigrationState, ObjectKey, Target, Touch},
     metrics::{ControllerMetrics, ObjectLabels},
 };
 
@@ -167,6 +168,128 @@ pub async fn run_page(
         }
     }
     Ok(first_failure)
+}
+
+impl<K: KeyAdmin> Run<'_, K> {
+    async fn init_progress(&mut self) -> Result<(), RotationError> {
+        let mut progress = Vec::new();
+        for resource in &self.plan.resources {
+            let target = self.ctx.target(&resource.id()).await?;
+            let namespaces: Vec<String> = if target.namespaced && !self.plan.namespaces.is_empty() {
+                self.plan.namespaces.clone()
+            } else {
+                vec![String::new()]
+            };
+            for namespace in namespaces {
+                progress.push(ResourceProgress {
+                    resource: resource.id(),
+                    namespace,
+                    ..ResourceProgress::default()
+                });
+            }
+        }
+        self.book.status.progress = progress;
+        Ok(())
+    }
+
+    pub(super) async fn migrating(&mut self) -> Result<Step, RotationError> {
+        if self.book.status.progress.is_empty() {
+            self.init_progress().await?;
+            return Ok(Step::Again);
+        }
+        if self.plan.migrate.strategy == MigrateStrategy::StorageVersionMigration
+            && !self.book.status.storage_migration_fallback
+            && self.book.status.progress.iter().any(|p| !p.complete)
+        {
+            return self.storage_migrations().await;
+        }
+        let Some(index) = self.book.status.progress.iter().position(|p| !p.complete) else {
+            self.book.status.verify_round += 1;
+            let failed = self.book.status.totals.failed;
+            if failed > 0 {
+                self.book.events.push((
+                    EventKind::Warning,
+                    "RewriteFailed",
+                    format!("{failed} objects could not be rewritten; verify will find them"),
+                ));
+            }
+            self.book.enter(Phase::Verifying);
+            return Ok(Step::Again);
+        };
+        let settings = &self.plan.migrate.settings;
+        let target = self.ctx.target(&self.book.status.progress[index].resource).await?;
+        let pacer = Pacer::new(settings.qps());
+        let mut progress = self.book.status.progress[index].clone();
+        let failure =
+            run_page(&self.ctx.kube, &target, settings, &pacer, &mut progress, Some(&self.ctx.metrics))
+                .await?;
+        self.book.status.progress[index] = progress;
+        self.book.status.totals = totals(&self.book.status.progress);
+        if let Some(failure) = failure {
+            self.book.status.message = format!("some writes failed: {failure}");
+        }
+        Ok(Step::Again)
+    }
+
+    async fn storage_migrations(&mut self) -> Result<Step, RotationError> {
+        let Some(version) = self.ctx.kube.migration_version().await? else {
+            self.book.status.storage_migration_fallback = true;
+            self.book.status.message =
+                "storagemigration.k8s.io is not served; rewriting objects instead".into();
+            return Ok(Step::Again);
+        };
+        if self.book.status.storage_migrations.is_empty() {
+            let short: String = self.book.status.run_id.chars().take(8).collect();
+            for resource in &self.plan.resources {
+                let name = format!("kmsgate-{short}-{}", resource.to_string().replace('.', "-"));
+                self.ctx.kube.create_migration(version, &name, &resource.group, &resource.resource).await?;
+                self.book.status.storage_migrations.push(name);
+            }
+            self.book.status.message = "StorageVersionMigrations created".into();
+            return Ok(Step::Wait(self.ctx.poll));
+        }
+        let mut problem = None;
+        let mut running = false;
+        for name in self.book.status.storage_migrations.clone() {
+            match self.ctx.kube.migration_state(version, &name).await? {
+                MigrationState::Succeeded => {}
+                MigrationState::Running => running = true,
+                MigrationState::Failed(message) => problem = Some(format!("{name} failed: {message}")),
+                MigrationState::Missing => problem = Some(format!("{name} disappeared")),
+            }
+        }
+        let timeout = self.plan.migrate.svm_timeout;
+        if problem.is_none()
+            && running
+            && self.book.elapsed_since(&self.book.status.phase_started_at) >= timeout
+        {
+            // NB: served does not mean a migrator runs (the controller-manager gate may be off).
+            problem = Some(format!("no result within {timeout:?}; is the StorageVersionMigrator gate on?"));
+        }
+        if let Some(problem) = problem {
+            for name in self.book.status.storage_migrations.clone() {
+                self.ctx.kube.delete_migration(version, &name).await?;
+            }
+            self.book.status.storage_migration_fallback = true;
+            self.book.status.message =
+                format!("StorageVersionMigration: {problem}; rewriting objects instead");
+            self.book.events.push((
+                EventKind::Warning,
+                "StorageMigrationFallback",
+                self.book.status.message.clone(),
+            ));
+            return Ok(Step::Again);
+        }
+        if running {
+            return Ok(Step::Wait(self.ctx.poll));
+        }
+        for p in &mut self.book.status.progress {
+            p.complete = true;
+            p.continue_token.clear();
+        }
+        self.book.status.message = "StorageVersionMigrations succeeded".into();
+        Ok(Step::Again)
+    }
 }
 
 #[cfg(test)]
