@@ -251,29 +251,26 @@ impl<K: KeyAdmin> Run<'_, K> {
 
     async fn idle(&mut self) -> Result<Step, RotationError> {
         let meta = self.ctx.keys.metadata(&self.plan.transit).await?;
-        let Some(known) = self.book.status.known_version else {
-            // NB: the first sight of a key adopts it as it is; only later versions start runs.
-            self.book.status.known_version = Some(meta.latest);
-            self.book.status.next_run = self.next_run();
-            self.book.status.message = format!("adopted key version {}", meta.latest);
-            return Ok(self.rest());
-        };
-        if meta.latest > known {
-            self.start("external", &meta, known, Some(meta.latest));
-            return Ok(Step::Again);
+        let known = self.book.status.known_version;
+        match decide_idle(known, meta.latest, self.new_request().is_some(), self.due()) {
+            Idle::Adopt => {
+                // NB: the first sight of a key adopts it as it is; only later versions start runs.
+                self.book.status.known_version = Some(meta.latest);
+                self.book.status.next_run = self.next_run();
+                self.book.status.message = format!("adopted key version {}", meta.latest);
+                Ok(self.rest())
+            }
+            Idle::Start { trigger, from, to } => {
+                self.start(trigger, &meta, from, to);
+                Ok(Step::Again)
+            }
+            Idle::Rest => {
+                if self.book.status.next_run.is_empty() {
+                    self.book.status.next_run = self.next_run();
+                }
+                Ok(self.rest())
+            }
         }
-        if self.new_request().is_some() {
-            self.start("request", &meta, meta.latest, None);
-            return Ok(Step::Again);
-        }
-        if self.due() {
-            self.start("schedule", &meta, meta.latest, None);
-            return Ok(Step::Again);
-        }
-        if self.book.status.next_run.is_empty() {
-            self.book.status.next_run = self.next_run();
-        }
-        Ok(self.rest())
     }
 
     fn failed(&mut self) -> Step {
@@ -317,5 +314,62 @@ impl<K: KeyAdmin> Run<'_, K> {
         ));
         self.book.enter(Phase::Converging);
         Ok(Step::Again)
+    }
+}
+
+/// What an idle policy does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// First sight of the key: take its latest version as the starting point.
+    Adopt,
+    /// Start a run from version `from`; `to` is known when someone else already rotated.
+    Start {
+        /// `external`, `request` or `schedule`.
+        trigger: &'static str,
+        /// The version before the run.
+        from: u64,
+        /// The version the run moves to, if it exists already.
+        to: Option<u64>,
+    },
+    /// Nothing to do yet.
+    Rest,
+}
+
+/// Decides from the version last handled, Transit's latest, whether a new request arrived and
+/// whether the schedule is due. A version made outside the controller wins over both.
+pub fn decide_idle(known: Option<u64>, latest: u64, requested: bool, due: bool) -> Idle {
+    let Some(known) = known else { return Idle::Adopt };
+    if latest > known {
+        return Idle::Start { trigger: "external", from: known, to: Some(latest) };
+    }
+    if requested {
+        return Idle::Start { trigger: "request", from: latest, to: None };
+    }
+    if due {
+        return Idle::Start { trigger: "schedule", from: latest, to: None };
+    }
+    Idle::Rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_policy_starts_on_an_outside_version_a_request_or_the_schedule() {
+        assert_eq!(decide_idle(None, 3, true, true), Idle::Adopt);
+        assert_eq!(
+            decide_idle(Some(2), 3, true, true),
+            Idle::Start { trigger: "external", from: 2, to: Some(3) }
+        );
+        assert_eq!(
+            decide_idle(Some(3), 3, true, true),
+            Idle::Start { trigger: "request", from: 3, to: None }
+        );
+        assert_eq!(
+            decide_idle(Some(3), 3, false, true),
+            Idle::Start { trigger: "schedule", from: 3, to: None }
+        );
+        assert_eq!(decide_idle(Some(3), 3, false, false), Idle::Rest);
     }
 }
