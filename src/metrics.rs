@@ -381,9 +381,9 @@ impl ControllerMetrics {
         self.tokens_failed.get_or_create(&FlowLabels { flow }).inc()
     }
 
-    /// Marks `current` as the phase.
-    pub fn set_phase(&self, current: &'static str) {
-        for name in ["Idle", "Rotating", "Converging", "Migrating", "Verifying", "Retiring", "Failed"] {
+    /// Marks `current` as the phase, and every other of `phases` as not.
+    pub fn set_phase(&self, phases: impl IntoIterator<Item = &'static str>, current: &'static str) {
+        for name in phases {
             self.phase.get_or_create(&PhaseLabels { phase: name }).set(i64::from(name == current));
         }
     }

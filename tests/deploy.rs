@@ -456,7 +456,7 @@ fn monitoring_uses_only_metrics_the_code_exports() {
     plugin.backend_duration.get_or_create(&OperationLabels { operation: "encrypt" }).observe(0.001);
     touch_vault(&plugin.vault);
     let controller = ControllerMetrics::new();
-    controller.set_phase("Idle");
+    controller.set_phase(["Idle"], "Idle");
     controller
         .objects
         .get_or_create(&ObjectLabels { resource: "secrets".into(), outcome: "rewritten" })

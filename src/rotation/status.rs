@@ -89,7 +89,7 @@ impl Book<'_> {
 /// Called after every step, so a restarted controller exports the truth at once.
 pub(super) fn observe(metrics: &ControllerMetrics, status: &RotationStatus) {
     let seconds = |text: &str| parse_time(text).map_or(0.0, |t| t.as_second() as f64);
-    metrics.set_phase(status.phase.as_str());
+    metrics.set_phase(Phase::ALL.map(Phase::as_str), status.phase.as_str());
     if !status.last_success.is_empty() {
         metrics.last_success.set(seconds(&status.last_success));
     }

@@ -27,6 +27,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order a run goes through them.
+    pub const ALL: [Self; 7] = [
+        Self::Idle,
+        Self::Rotating,
+        Self::Converging,
+        Self::Migrating,
+        Self::Verifying,
+        Self::Retiring,
+        Self::Failed,
+    ];
+
     /// Its name.
     pub fn as_str(self) -> &'static str {
         match self {
