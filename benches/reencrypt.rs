@@ -10,8 +10,7 @@
 //!
 //! One warm-up, then five runs; medians. No external services needed.
 
-#[path = "../tests/common/fake_api.rs"]
-mod fake_api;
+use kmsgate_testkit::fake_api;
 
 use std::time::Instant;
 

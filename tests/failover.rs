@@ -2,7 +2,7 @@
 //! behind. Two independent dev servers holding the same key (restored from a Transit backup) are a
 //! test setup only; production DR is Vault replication or raft.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,6 +1,6 @@
 //! The plugin on the embedded local keyring, its socket handling, and the command line.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 

@@ -1,7 +1,7 @@
 //! The plugin over its real socket against a real OpenBao: round trip, rotation, retirement,
 //! outages, bad input, log hygiene.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,13 +1,10 @@
 //! The rotation state machine and the re-encrypt engine against the in-memory fake API server:
 //! thousands of objects, paging, conflicts, deletions, transient errors, a crash and a resume.
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
-#[path = "common/fake_keys.rs"]
-mod fake_keys;
-#[path = "common/rbac.rs"]
-mod rbac;
+use kmsgate_testkit as common;
+use kmsgate_testkit::fake_api;
+use kmsgate_testkit::fake_keys;
+use kmsgate_testkit::rbac;
 
 use std::{
     sync::{Arc, Mutex},

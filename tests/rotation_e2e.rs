@@ -3,9 +3,8 @@
 //! AAD, written to etcd), polls Status and switches key_id; the controller rotates, converges,
 //! migrates, verifies from etcd and retires.
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
+use kmsgate_testkit as common;
+use kmsgate_testkit::fake_api;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

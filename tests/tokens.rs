@@ -2,12 +2,8 @@
 //! controller (tests/common/fake_tokens.rs). Time is paused, so lifetimes of hours run in
 //! milliseconds and refresh times are asserted to the second.
 
-#[path = "common/fake_api.rs"]
-mod fake_api;
-#[path = "common/fake_tokens.rs"]
-mod fake_tokens;
-#[path = "common/rbac.rs"]
-mod rbac;
+use kmsgate_testkit::fake_tokens;
+use kmsgate_testkit::rbac;
 
 use std::{sync::Arc, time::Duration};
 

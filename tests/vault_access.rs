@@ -1,7 +1,7 @@
 //! Vault access fit for production, against real OpenBao: TLS trust and reloads, AppRole,
 //! certificate and JWT logins, token renewal and re-login across short TTLs.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{path::Path, time::Duration};
 

@@ -6,7 +6,6 @@
 //! (new resourceVersion) only when that key_id differs from the current write key_id, exactly
 //! as kube-apiserver skips an unchanged, non-stale write. An optional [`Store`] mirrors every
 //! write into real storage (the end-to-end test seals it through the plugin into etcd).
-#![allow(dead_code)]
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -1,5 +1,4 @@
 //! Transit in memory for controller tests: versions with creation times, rotate and retire.
-#![allow(dead_code)]
 
 use std::{
     collections::BTreeMap,

@@ -5,7 +5,6 @@
 //! kube-controller-manager does.
 //!
 //! Time is a [`TestClock`] over tokio's clock, so paused-time tests move both together.
-#![allow(dead_code)]
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -19,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
-use super::fake_api::{Incoming, client_for, json_response, merge, metadata_list, status_response};
+use crate::fake_api::{Incoming, client_for, json_response, merge, metadata_list, status_response};
 
 /// Wall-clock time that advances with tokio's (paused) clock.
 pub struct TestClock {
@@ -36,6 +35,12 @@ impl TestClock {
     /// Seconds since the clock started.
     pub fn elapsed(&self) -> u64 {
         self.start.elapsed().as_secs()
+    }
+}
+
+impl Default for TestClock {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -1,6 +1,5 @@
 //! kube-rs's tower-test mock, scripted: each expected request (method, path and query, plus any
 //! header and body checks) is answered the way kube-apiserver would; anything else fails.
-#![allow(dead_code)]
 
 use std::time::Duration;
 

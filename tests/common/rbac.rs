@@ -1,6 +1,5 @@
 //! The RBAC attributes kube-apiserver checks for a request (as its request-info resolver derives
 //! them), so tests can prove every call the code made is in `kmsgate::k8s::RBAC`.
-#![allow(dead_code)]
 
 /// What a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]

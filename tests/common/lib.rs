@@ -1,5 +1,11 @@
-//! Test fixtures: a real OpenBao dev server on a free loopback port, and the real kmsgate binary.
-#![allow(dead_code)]
+//! Test fixtures for kmsgate's integration tests: a real OpenBao dev server (or raft cluster) and
+//! etcd on free loopback ports, the real kmsgate binary, and the fake Kubernetes API servers.
+
+pub mod fake_api;
+pub mod fake_keys;
+pub mod fake_tokens;
+pub mod mock_api;
+pub mod rbac;
 
 use std::{
     net::TcpListener,
@@ -214,6 +220,7 @@ async fn send_as(request: reqwest::RequestBuilder, token: &str, what: &str) -> V
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
+/// Sends `sig` (as `kill` spells it, `-TERM`) to a process; panics unless it was delivered.
 pub fn signal(pid: u32, sig: &str) {
     let ok =
         Command::new("kill").arg(sig).arg(pid.to_string()).status().map(|s| s.success()).unwrap_or(false);
@@ -359,7 +366,11 @@ impl Drop for Plugin {
 
 /// The kmsgate binary, with no KMSGATE_* or VAULT_* variables from the developer's shell.
 pub fn kmsgate_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsgate"));
+    // NB: cargo also sets CARGO_BIN_EXE_<name> in a running integration test's environment, so
+    // a library can find the binary without the test's `env!`.
+    let binary = std::env::var_os("CARGO_BIN_EXE_kmsgate")
+        .expect("CARGO_BIN_EXE_kmsgate is unset: run this from an integration test under `cargo test`");
+    let mut command = Command::new(binary);
     for (key, _) in std::env::vars() {
         if key.starts_with("KMSGATE_") || key.starts_with("VAULT_") {
             command.env_remove(key);
