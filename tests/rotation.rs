@@ -140,11 +140,9 @@ async fn a_crash_halfway_resumes_without_redoing_finished_work() {
         let fake = fake.clone();
         tokio::select! {
             _ = run_to_rest(&first) => false,
-            () = async move {
-                while fake.state.lock().await.patches < 2600 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            } => true,
+            () = common::eventually(Duration::from_secs(120), "2600 patches", async move || {
+                fake.state.lock().await.patches >= 2600
+            }) => true,
         }
     };
     assert!(crashed);

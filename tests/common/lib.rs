@@ -1,6 +1,7 @@
 //! Test fixtures for kmsgate's integration tests: a real OpenBao dev server (or raft cluster) and
 //! etcd on free loopback ports, the real kmsgate binary, and the fake Kubernetes API servers.
 
+mod eventually;
 pub mod fake_api;
 pub mod fake_keys;
 pub mod fake_tokens;
@@ -14,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+pub use eventually::{Settled, eventually};
 use kmsgate::{config::SocketSpec, selftest};
 use serde_json::{Value, json};
 
@@ -97,26 +99,23 @@ impl Bao {
         let ca = tls.then(|| cert_dir.join("vault-ca.pem"));
         let mut http = reqwest::Client::builder();
         if let Some(ca) = &ca {
-            for _ in 0..200 {
-                if ca.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
+            eventually(Duration::from_secs(5), "OpenBao writes its CA", async || ca.exists()).await;
             let pem = std::fs::read(ca).unwrap();
             http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
         }
         let bao = Self { child, addr, token, ca, home, http: http.build().unwrap() };
-        for _ in 0..200 {
-            let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await;
-            if health.is_ok_and(|r| r.status().is_success()) {
-                bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
-                bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
-                return bao;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("OpenBao did not become healthy on {}", bao.addr);
+        eventually(
+            Duration::from_secs(10),
+            &format!("OpenBao becomes healthy on {}", bao.addr),
+            async || {
+                let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await;
+                health.is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+        bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
+        bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+        bao
     }
 
     /// POSTs to `/v1/{path}` as root; panics on failure.
@@ -267,17 +266,17 @@ impl Plugin {
     }
 
     async fn wait_for_socket(&mut self) {
-        for _ in 0..200 {
+        eventually(Duration::from_secs(5), "the plugin socket appears", async || {
             // NB: connect, not exists(): a stale socket file may be there before the plugin binds.
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("plugin exited with {status}: {}", self.log_text());
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("plugin socket did not appear: {}", self.log_text());
+            Err(self.log_text())
+        })
+        .await;
     }
 
     /// The process id while it runs.
@@ -341,17 +340,17 @@ impl Plugin {
     pub async fn wait_status(&self, done: impl Fn(&str, &str) -> bool) -> (String, String) {
         let mut client = self.client().await;
         let mut last = (String::new(), String::new());
-        for _ in 0..400 {
+        eventually(Duration::from_secs(10), "Status reaches the wanted state", async || {
             if let Ok(r) = client.status(kmsgate::proto::v2::StatusRequest {}).await {
                 let r = r.into_inner();
                 last = (r.healthz, r.key_id);
                 if done(&last.0, &last.1) {
-                    return last;
+                    return Ok(last.clone());
                 }
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("Status never reached the wanted state; last {last:?}; log:\n{}", self.log_text());
+            Err(format!("{last:?}; log:\n{}", self.log_text()))
+        })
+        .await
     }
 }
 
@@ -474,28 +473,23 @@ impl RaftCluster {
             cluster.put(node, "sys/storage/raft/join", join).await;
             cluster.put(node, "sys/unseal", json!({"key": key})).await;
         }
-        for _ in 0..300 {
+        eventually(Duration::from_secs(30), "the raft cluster has three voters", async || {
             let config = cluster.get(0, "sys/storage/raft/configuration").await;
             let servers = config["data"]["config"]["servers"].as_array().cloned().unwrap_or_default();
-            if servers.len() == 3 && servers.iter().all(|s| s["voter"] == true) {
-                cluster.put(0, "sys/mounts/transit", json!({"type": "transit"})).await;
-                cluster.put(0, "transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
-                return cluster;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("raft cluster never had three voters");
+            servers.len() == 3 && servers.iter().all(|s| s["voter"] == true)
+        })
+        .await;
+        cluster.put(0, "sys/mounts/transit", json!({"type": "transit"})).await;
+        cluster.put(0, "transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+        cluster
     }
 
     async fn wait(&self, addr: &str, ready: impl Fn(u16) -> bool) {
-        for _ in 0..300 {
+        eventually(Duration::from_secs(15), &format!("{addr} reaches the wanted health state"), async || {
             let health = self.http.get(format!("{addr}/v1/sys/health")).send().await;
-            if health.is_ok_and(|r| ready(r.status().as_u16())) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{addr} never reached the wanted health state");
+            health.is_ok_and(|r| ready(r.status().as_u16()))
+        })
+        .await;
     }
 
     /// PUTs to a node as root; panics on failure.
@@ -579,8 +573,8 @@ impl Etcd {
             .spawn()
             .expect("start etcd (Debian etcd-server; scripts/test.sh installs it)");
         let etcd = Self { child, endpoint, _dir: dir };
-        for _ in 0..200 {
-            let up = if scheme == "https" {
+        eventually(Duration::from_secs(10), &format!("etcd starts on {}", etcd.endpoint), async || {
+            if scheme == "https" {
                 // NB: with client-certificate auth only a TCP connect can tell it is listening.
                 tokio::net::TcpStream::connect(("127.0.0.1", client)).await.is_ok()
             } else {
@@ -588,13 +582,10 @@ impl Etcd {
                     Ok(mut c) => c.status().await.is_ok(),
                     Err(_) => false,
                 }
-            };
-            if up {
-                return etcd;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("etcd did not start on {}", etcd.endpoint);
+        })
+        .await;
+        etcd
     }
 
     /// A client for writing fixtures.
