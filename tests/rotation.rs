@@ -95,7 +95,7 @@ async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
     fake.seed(5000, &["a", "b", "c", "d", "e", "f", "g"], &old).await;
     fake.set_policy(migrating(&plugin, json!({}))).await;
     let names: Vec<String> =
-        fake.state.lock().await.objects.values().map(|o| format!("{}/{}", o.namespace, o.name)).collect();
+        fake.state.lock().await.secrets.values().map(|o| format!("{}/{}", o.namespace, o.name)).collect();
     {
         let mut state = fake.state.lock().await;
         state.faults.race_writes = names.iter().step_by(97).take(50).cloned().collect();
@@ -108,7 +108,7 @@ async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
     assert_eq!(status["phase"], "Idle", "{status:#}");
     assert_eq!(status["result"], "Unverified");
     let state = fake.state.lock().await;
-    assert_eq!(state.objects.len(), 4970);
+    assert_eq!(state.secrets.len(), 4970);
     assert!(fake_stale(&state, &new).is_empty(), "every remaining object is on the new key");
     // Every object was re-encrypted exactly once: by us, or by the racing writer (our write then conflicts).
     assert!(state.rewrites.values().all(|n| *n == 1), "no object written twice");
@@ -123,7 +123,7 @@ async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
 }
 
 fn fake_stale(state: &fake_api::State, key_id: &str) -> Vec<String> {
-    state.objects.values().filter(|o| o.key_id != key_id).map(|o| o.name.clone()).collect()
+    state.secrets.values().filter(|o| o.key_id != key_id).map(|o| o.name.clone()).collect()
 }
 
 #[tokio::test]

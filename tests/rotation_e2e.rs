@@ -105,7 +105,7 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
         etcd: Mutex::new(etcd.client().await.unwrap()),
         state: Mutex::new(None),
     }));
-    let fake = FakeApi { store: Some(Arc::new(storage.clone())), ..FakeApi::new(&v1) };
+    let fake = FakeApi::new(&v1).with_store(Arc::new(storage.clone()));
     for i in 0..120 {
         fake.insert(["a", "b", "c"][i % 3], &format!("s{i:03}"), "", format!("{{\"value\":{i}}}").as_bytes())
             .await;

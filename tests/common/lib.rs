@@ -4,7 +4,6 @@
 mod eventually;
 pub mod fake_api;
 pub mod fake_keys;
-pub mod fake_tokens;
 pub mod mock_api;
 pub mod rbac;
 
