@@ -45,15 +45,23 @@ pub trait Store: Send + Sync {
 /// One Secret.
 #[derive(Debug, Clone)]
 pub struct Secret {
+    /// `metadata.namespace`.
     pub namespace: String,
+    /// `metadata.name`.
     pub name: String,
+    /// `metadata.uid`, new for every create.
     pub uid: String,
+    /// `metadata.resourceVersion`, new for every write.
     pub resource_version: u64,
+    /// `type`.
     pub type_: String,
+    /// `metadata.labels`.
     pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
     pub annotations: BTreeMap<String, String>,
     /// Decoded values.
     pub data: BTreeMap<String, String>,
+    /// `metadata.creationTimestamp`.
     pub created: Timestamp,
     /// The key_id of the last write.
     pub key_id: String,
@@ -72,14 +80,17 @@ pub struct Faults {
 
 /// Everything the fake holds.
 pub struct State {
+    /// Secrets by (namespace, name).
     pub secrets: BTreeMap<(String, String), Secret>,
     /// ServiceAccounts by (namespace, name), with their uid.
     pub service_accounts: BTreeMap<(String, String), String>,
     /// The one policy object served (a RotationPolicy or a TokenPolicy, by its `kind`).
     pub policy: Value,
+    /// Leases by (namespace, name).
     pub leases: HashMap<(String, String), Value>,
     /// The API servers' identity Leases, listed in kube-system.
     pub identity_leases: Vec<Value>,
+    /// Events created, as sent.
     pub events: Vec<Value>,
     /// The API server's own /metrics text.
     pub metrics: String,
@@ -89,6 +100,7 @@ pub struct State {
     pub rewrites: HashMap<String, u32>,
     /// Patches of Secrets that reached the fake (any outcome).
     pub patches: u64,
+    /// Faults to inject into Secret patches.
     pub faults: Faults,
     /// Every Secret patch must be the migrate patch (only `metadata.resourceVersion`): the
     /// rotation tests prove so that the controller never sends Secret data.
@@ -111,9 +123,13 @@ pub struct State {
     pub crash_after: Option<String>,
     /// Answer 503 to all once `patches` reaches this.
     pub crash_after_patches: Option<u64>,
+    /// Whether the fake answers 503 to everything.
     pub crashed: bool,
+    /// The last resourceVersion given out.
     pub next_rv: u64,
+    /// The last uid number given out.
     pub next_uid: u64,
+    /// The last token number given out.
     pub next_token: u64,
 }
 
@@ -153,6 +169,7 @@ impl Default for State {
 /// dropped, the test fails if RBAC refused any request.
 #[derive(Clone)]
 pub struct FakeApi {
+    /// Everything the fake holds, for tests to read and change.
     pub state: Arc<Mutex<State>>,
     /// Wall-clock time that advances with tokio's clock.
     pub clock: Arc<TestClock>,

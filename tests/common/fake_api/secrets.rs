@@ -16,7 +16,8 @@ impl Secret {
         json!({
             "name": self.name, "namespace": self.namespace, "uid": self.uid,
             "resourceVersion": self.resource_version.to_string(),
-            "creationTimestamp": self.created.to_string(), "labels": self.labels, "annotations": self.annotations,
+            "creationTimestamp": self.created.to_string(),
+            "labels": self.labels, "annotations": self.annotations,
         })
     }
 
@@ -30,7 +31,9 @@ impl Secret {
     pub fn full(&self) -> Value {
         let data: BTreeMap<&String, String> =
             self.data.iter().map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v))).collect();
-        json!({"apiVersion": "v1", "kind": "Secret", "type": self.type_, "metadata": self.meta(), "data": data})
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": self.type_, "metadata": self.meta(), "data": data,
+        })
     }
 
     /// What storage holds: the object without its resourceVersion, which etcd keeps beside it.
@@ -254,7 +257,10 @@ impl Server {
         {
             return conflict("secrets", name);
         }
-        let mut object = json!({"metadata": {"labels": secret.labels, "annotations": secret.annotations}, "data": secret.data});
+        let mut object = json!({
+            "metadata": {"labels": secret.labels, "annotations": secret.annotations},
+            "data": secret.data,
+        });
         let mut changes = body.clone();
         if let Some(data) = changes.get_mut("data").and_then(Value::as_object_mut) {
             for value in data.values_mut() {
@@ -277,9 +283,11 @@ impl Server {
         json_response(200, state.secrets[&id].partial())
     }
 
-    /// Holds the watch until something changes after the requested resourceVersion, then sends
-    /// those changes and ends the stream (the client re-watches from the last one), as a watch
-    /// that the server times out does.
+    /// Holds the watch until something changes after the requested resourceVersion, or until
+    /// `timeoutSeconds` (staging/src/k8s.io/apiserver/pkg/endpoints/handlers/get.go,
+    /// `ListResource`, which passes it to `serveWatch`). NB: unlike upstream, the stream ends
+    /// right after the first batch of changes, every one sent as `MODIFIED` and deletions not at
+    /// all; the client re-watches from the last resourceVersion, as after a server timeout.
     pub(super) async fn watch(&self, query: &HashMap<String, String>) -> Response<kube::client::Body> {
         let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let timeout = query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290);

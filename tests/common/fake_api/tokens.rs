@@ -45,9 +45,13 @@ impl kmsgate::tokens::Clock for TestClock {
 pub struct Issued {
     /// Seconds since the clock started.
     pub at: u64,
+    /// The ServiceAccount's namespace.
     pub namespace: String,
+    /// The ServiceAccount's name.
     pub service_account: String,
+    /// The TokenRequest as sent.
     pub body: Value,
+    /// The token given.
     pub token: String,
     /// Seconds since the clock started.
     pub expires: u64,
@@ -191,7 +195,9 @@ impl Server {
             && uid != secret.uid
         {
             let message = format!(
-                "Operation cannot be fulfilled on Secret \"{bound_name}\": the UID in the bound object reference ({uid}) does not match the UID in record ({}). The object might have been deleted and then recreated",
+                "Operation cannot be fulfilled on Secret \"{bound_name}\": the UID in the bound object \
+                 reference ({uid}) does not match the UID in record ({}). The object might have been \
+                 deleted and then recreated",
                 secret.uid
             );
             state.refused.push((now, format!("409 {id}")));

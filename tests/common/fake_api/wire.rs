@@ -143,7 +143,10 @@ pub fn text_response(text: String) -> Response<kube::client::Body> {
 pub fn status_response(code: u16, reason: &str, message: &str) -> Response<kube::client::Body> {
     json_response(
         code,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}),
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code,
+        }),
     )
 }
 
@@ -154,7 +157,8 @@ pub fn conflict(resource: &str, name: &str) -> Response<kube::client::Body> {
         409,
         "Conflict",
         &format!(
-            "Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            "Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; \
+             please apply your changes to the latest version and try again"
         ),
     )
 }
