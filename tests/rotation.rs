@@ -1,10 +1,7 @@
 //! The rotation state machine and the re-encrypt engine against the in-memory fake API server:
 //! thousands of objects, paging, conflicts, deletions, transient errors, a crash and a resume.
 
-use kmsgate_testkit as common;
-use kmsgate_testkit::fake_api;
-use kmsgate_testkit::fake_keys;
-use kmsgate_testkit::rbac;
+use kmsgate_testkit::{self as common, fake_api, fake_keys, rbac};
 
 use std::{
     sync::{Arc, Mutex},

@@ -3,8 +3,7 @@
 //! AAD, written to etcd), polls Status and switches key_id; the controller rotates, converges,
 //! migrates, verifies from etcd and retires.
 
-use kmsgate_testkit as common;
-use kmsgate_testkit::fake_api;
+use kmsgate_testkit::{self as common, fake_api};
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -1,8 +1,7 @@
 //! Rotation steps against kube-rs's tower-test mock: every request the controller sends is
 //! asserted (method, path, query, headers, body) and answered the way kube-apiserver would.
 
-use kmsgate_testkit::fake_keys;
-use kmsgate_testkit::mock_api;
+use kmsgate_testkit::{fake_keys, mock_api};
 
 use std::{sync::Arc, time::Duration};
 

@@ -2,8 +2,6 @@
 //! controller (tests/common/fake_api/). Time is paused, so lifetimes of hours run in
 //! milliseconds and refresh times are asserted to the second.
 
-use kmsgate_testkit::rbac;
-
 use std::{sync::Arc, time::Duration};
 
 use kmsgate::{
@@ -19,7 +17,7 @@ use kmsgate::{
         reconcile::TokenLoop,
     },
 };
-use kmsgate_testkit::fake_api::FakeApi;
+use kmsgate_testkit::{fake_api::FakeApi, rbac};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 

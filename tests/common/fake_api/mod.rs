@@ -263,7 +263,8 @@ impl FakeApi {
     /// Adds one Opaque Secret stored under `key_id` (through the store, when there is one).
     pub async fn insert(&self, namespace: &str, name: &str, key_id: &str, data: &[u8]) {
         let data = [("value".to_owned(), String::from_utf8_lossy(data).into_owned())].into();
-        self.server.create(namespace, name, "Opaque", BTreeMap::new(), BTreeMap::new(), data, None).await;
+        let now = kmsgate::tokens::Clock::now(&*self.clock);
+        self.server.create(Secret { data, ..Secret::unstored(namespace, name, "Opaque", now) }).await;
         if self.server.store.is_none() {
             let mut state = self.state.lock().await;
             state.secrets.get_mut(&(namespace.into(), name.into())).unwrap().key_id = key_id.into();

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine;
 use http::Response;
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use super::{
@@ -12,6 +13,22 @@ use super::{
 };
 
 impl Secret {
+    /// A Secret not stored yet: no uid, resourceVersion, labels, annotations, data or key_id.
+    pub(super) fn unstored(namespace: &str, name: &str, type_: &str, created: Timestamp) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: String::new(),
+            resource_version: 0,
+            type_: type_.into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            data: BTreeMap::new(),
+            created,
+            key_id: String::new(),
+        }
+    }
+
     fn meta(&self) -> Value {
         json!({
             "name": self.name, "namespace": self.namespace, "uid": self.uid,
@@ -85,34 +102,14 @@ impl Server {
         true
     }
 
-    /// Creates a Secret (the caller checked it does not exist).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn create(
-        &self,
-        namespace: &str,
-        name: &str,
-        type_: &str,
-        labels: BTreeMap<String, String>,
-        annotations: BTreeMap<String, String>,
-        data: BTreeMap<String, String>,
-        created: Option<k8s_openapi::jiff::Timestamp>,
-    ) -> Secret {
+    /// Creates a Secret with a new uid (the caller checked it does not exist).
+    pub(super) async fn create(&self, mut secret: Secret) -> Secret {
         let mut state = self.state.lock().await;
         state.next_uid += 1;
-        let secret = Secret {
-            namespace: namespace.into(),
-            name: name.into(),
-            uid: format!("uid-{}", state.next_uid),
-            resource_version: 0,
-            type_: type_.into(),
-            labels,
-            annotations,
-            data,
-            created: created.unwrap_or_else(|| kmsgate::tokens::Clock::now(&*self.clock)),
-            key_id: String::new(),
-        };
+        secret.uid = format!("uid-{}", state.next_uid);
+        let id = (secret.namespace.clone(), secret.name.clone());
         self.write(&mut state, secret).await;
-        state.secrets[&(namespace.to_owned(), name.to_owned())].clone()
+        state.secrets[&id].clone()
     }
 
     /// One page of a metadata-only list. The continue token names the last key returned, as
@@ -201,16 +198,14 @@ impl Server {
             body.get("data").is_none_or(Value::is_null),
             "a recreated token Secret carries no data: {body}"
         );
+        let now = kmsgate::tokens::Clock::now(&*self.clock);
+        let type_ = body["type"].as_str().unwrap_or("Opaque");
         let secret = self
-            .create(
-                ns,
-                &name,
-                body["type"].as_str().unwrap_or("Opaque"),
-                strings(&body["metadata"]["labels"]),
-                strings(&body["metadata"]["annotations"]),
-                BTreeMap::new(),
-                None,
-            )
+            .create(Secret {
+                labels: strings(&body["metadata"]["labels"]),
+                annotations: strings(&body["metadata"]["annotations"]),
+                ..Secret::unstored(ns, &name, type_, now)
+            })
             .await;
         if secret.type_ == kmsgate::tokens::LEGACY_TYPE {
             self.spawn_token_controller(ns, &name).await;

@@ -1,13 +1,13 @@
 //! ServiceAccounts, the TokenRequest API and the legacy token controller, with a clock that
 //! moves with tokio's so paused-time tests move both together.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use http::Response;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
-use super::{FakeApi, Server, json_response, not_found, status_response};
+use super::{FakeApi, Secret, Server, json_response, not_found, status_response};
 
 /// Wall-clock time that advances with tokio's (paused) clock.
 pub struct TestClock {
@@ -88,11 +88,12 @@ impl FakeApi {
             kmsgate::tokens::Clock::now(&*self.clock).as_second() - age.as_secs() as i64,
         )
         .unwrap();
-        let secret = self
-            .server
-            .create(namespace, name, type_, BTreeMap::new(), map(annotations), map(data), Some(created))
-            .await;
-        secret.uid
+        let secret = Secret {
+            annotations: map(annotations),
+            data: map(data),
+            ..Secret::unstored(namespace, name, type_, created)
+        };
+        self.server.create(secret).await.uid
     }
 
     /// Adds a legacy token Secret of `sa`, `age_days` old, filled as the token controller would.
