@@ -1,6 +1,8 @@
 //! Test fixtures for kmsgate's integration tests: a real OpenBao dev server (or raft cluster) and
 //! etcd on free loopback ports, the real kmsgate binary, one in-memory Kubernetes API server (with
 //! a scripted verifier beside it), and `eventually`.
+// NB: every public item is documented, so a test author sees what a fixture models.
+#![warn(missing_docs)]
 
 mod etcd;
 mod eventually;

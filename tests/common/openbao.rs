@@ -25,7 +25,9 @@ pub fn bao_binary() -> PathBuf {
 /// A real `bao server -dev`, killed on drop.
 pub struct Bao {
     child: Child,
+    /// The API address, `http(s)://127.0.0.1:port`.
     pub addr: String,
+    /// The root token.
     pub token: String,
     /// With TLS: the CA that signed the server certificate.
     pub ca: Option<PathBuf>,

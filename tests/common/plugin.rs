@@ -14,8 +14,11 @@ use crate::{eventually, free_port, signal};
 /// A running `kmsgate plugin`, killed on drop.
 pub struct Plugin {
     child: Option<Child>,
+    /// The KMS socket.
     pub socket: PathBuf,
+    /// The HTTP endpoint, `http://127.0.0.1:port`.
     pub http: String,
+    /// The file collecting stdout and stderr.
     pub log: PathBuf,
     settings: Vec<(String, String)>,
 }
