@@ -59,6 +59,11 @@ pub fn verifier(mut handle: ApiHandle, scenario: Vec<Expect>) -> tokio::task::Jo
             let (parts, body) = request.into_parts();
             let bytes = body.collect_bytes().await.unwrap();
             let incoming = Incoming::read(&parts, &bytes);
+            assert!(
+                bytes.is_empty() || !incoming.body.is_null(),
+                "{} sent a body that is not JSON",
+                incoming.line()
+            );
             if let Err(needs) = rbac::authorize(&incoming.line()) {
                 panic!("{} needs {needs:?}, which kmsgate::k8s::RBAC does not grant", incoming.line());
             }
