@@ -206,6 +206,7 @@ impl<B: Backend> HttpView for Shared<B> {
                 "reason": "the key store reported an older latest version than the one promoted; it was not adopted",
             })),
             "started": at(self.started),
+            "build": crate::build_info::BuildInfo::current(),
         })
     }
 
