@@ -12,8 +12,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 cargo auditable build --locked --quiet --bin kmsgate
-objcopy --dump-section .dep-v0="$work/dep-v0" target/debug/kmsgate "$work/copy" \
-  || { echo "auditable-check: target/debug/kmsgate has no .dep-v0 section" >&2; exit 1; }
+objcopy --dump-section .dep-v0="$work/dep-v0" "${CARGO_TARGET_DIR:-target}/debug/kmsgate" "$work/copy" \
+  || { echo "auditable-check: the debug kmsgate binary has no .dep-v0 section" >&2; exit 1; }
 cargo tree --locked --edges normal,build --prefix none --format '{p}' --package kmsgate >"$work/tree"
 python3 - "$work/dep-v0" "$work/tree" <<'PY'
 import json, sys, zlib

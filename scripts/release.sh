@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The release build, as the Dockerfile does it: `cargo auditable` embeds the dependency list in the
 # binary (for Trivy, Grype, `cargo audit bin`), and the CycloneDX SBOM of Cargo.lock is written
-# beside it. Out: target/release/kmsgate and target/release/kmsgate.cdx.json.
+# beside it. Out: target/release/kmsgate and target/release/kmsgate.cdx.json (under
+# $CARGO_TARGET_DIR when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ export PATH="${KMSGATE_TOOLS_DIR:-$HOME/.cache/kmsgate/tools}/cargo/bin:$PATH"
 KMSGATE_GIT_COMMIT="${KMSGATE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 export KMSGATE_GIT_COMMIT
 cargo auditable build --release --locked --bin kmsgate
-scripts/sbom.py target/release/kmsgate.cdx.json
-scripts/sbom.py --check target/release/kmsgate.cdx.json
-target/release/kmsgate version
+out="${CARGO_TARGET_DIR:-target}/release"
+scripts/sbom.py "$out/kmsgate.cdx.json"
+scripts/sbom.py --check "$out/kmsgate.cdx.json"
+"$out/kmsgate" version
