@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod build_info;
 pub mod commands;
 pub mod config;
 pub mod controller;

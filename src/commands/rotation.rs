@@ -3,14 +3,14 @@
 use std::{io::Write, sync::Arc};
 
 use crate::{
-    audit::{Class, EtcdSettings, Scanner, classify},
+    audit::{EtcdSettings, Scanner},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
     k8s::Kube,
-    keyid::KeyId,
     metrics::ControllerMetrics,
     policy::{self, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef, RotationStatus},
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
+    storage::{Current, Judge, Standing},
     transit::VaultClient,
 };
 
@@ -320,21 +320,16 @@ pub async fn retire_check(
 ) -> Result<RetireCheck, CommandError> {
     let base = format!("{}/", etcd_prefix.trim_end_matches('/'));
     let mut check = RetireCheck::default();
+    let judge = Judge { provider: Some(provider), current: Current::AtLeast { scope, version: to_version } };
     let mut scanner = Scanner::prefix(base.as_bytes(), 5000);
     while let Some(page) = scanner.next_page(client).await.map_err(|e| CommandError::Audit(e.to_string()))? {
         for kv in &page {
-            let blocker = match classify(kv.value()).0 {
-                Class::KmsV2 { provider: p, key_id, .. } if p == provider => {
-                    check.values += 1;
-                    // NB: a key_id that is not this key's cannot be proven safe, so it blocks.
-                    !matches!(KeyId::parse(&key_id), Ok(id) if id.scope == *scope && id.version >= to_version)
-                }
-                Class::KmsV2Invalid { provider: p, .. } if p == provider => {
-                    check.values += 1;
-                    true
-                }
-                _ => false,
+            let blocker = match judge.judge(kv.value()).standing {
+                Standing::Current => false,
+                Standing::Stale | Standing::Invalid => true,
+                Standing::Other => continue,
             };
+            check.values += 1;
             if blocker {
                 check.blockers += 1;
                 if check.examples.len() < 10 {

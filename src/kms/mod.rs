@@ -206,6 +206,7 @@ impl<B: Backend> HttpView for Shared<B> {
                 "reason": "the key store reported an older latest version than the one promoted; it was not adopted",
             })),
             "started": at(self.started),
+            "build": crate::build_info::BuildInfo::current(),
         })
     }
 
@@ -217,8 +218,8 @@ impl<B: Backend> HttpView for Shared<B> {
     }
 }
 
-/// Serves the plugin until `shutdown` resolves, then drains in-flight calls (bounded by
-/// `plugin.shutdown_timeout`) and removes the socket.
+/// Serves the plugin until `shutdown` resolves, then removes the socket and drains in-flight calls
+/// (bounded by `plugin.shutdown_timeout`).
 pub async fn serve<B: Backend>(
     config: &Config,
     backend: B,
@@ -251,7 +252,14 @@ pub async fn serve<B: Backend>(
     let result = tokio::select! {
         result = &mut server => result.map_err(PluginError::Serve),
         () = shutdown => {
-            tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: no new connections; draining in-flight calls");
+            // NB: unlink first, so the next plugin can bind the path at once while this one drains
+            // the connections it already has (an upgrade's gap is the successor's start, not our drain).
+            drop(guard);
+            // NB: and free http.listen, which the successor binds with the same address.
+            if let Some(task) = &http_task {
+                task.abort();
+            }
+            tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: socket removed; draining in-flight calls");
             let _ = stop_tx.send(());
             match tokio::time::timeout(config.plugin.shutdown_timeout, &mut server).await {
                 Ok(result) => result.map_err(PluginError::Serve),
@@ -266,7 +274,6 @@ pub async fn serve<B: Backend>(
     if let Some(task) = http_task {
         task.abort();
     }
-    drop(guard);
     tracing::info!("stopped");
     result
 }
