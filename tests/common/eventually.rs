@@ -2,8 +2,9 @@
 
 use std::{fmt::Display, time::Duration};
 
-/// How often a check runs: often enough that a test sees a change a few milliseconds after it
-/// happens, and the checks are cheap local calls.
+/// How long to wait between checks at most: a test sees a change within about this long, and the
+/// checks are cheap local calls. The first waits are shorter (from 1 ms, doubling), so a test
+/// that measures how soon something happens gets millisecond resolution.
 const POLL: Duration = Duration::from_millis(10);
 
 /// What a check passed to [`eventually`] answers: done (with a value), or not yet (with what it
@@ -44,6 +45,7 @@ pub async fn eventually<S: Settled>(
     mut check: impl AsyncFnMut() -> S,
 ) -> S::Value {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
     loop {
         match check().await.settled() {
             Ok(value) => return value,
@@ -53,7 +55,10 @@ pub async fn eventually<S: Settled>(
                     if seen.is_empty() { "" } else { "; last seen: " }
                 )
             }
-            Err(_) => tokio::time::sleep(POLL).await,
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(POLL);
+            }
         }
     }
 }
