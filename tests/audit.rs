@@ -1,6 +1,6 @@
 //! `kmsgate audit` against a real etcd: every format, corruptions, scale, compaction.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::collections::HashMap;
 

@@ -2,11 +2,7 @@
 //! from one long-lived gRPC channel (as kube-apiserver holds), and the controller handing its
 //! Lease to the next replica on SIGTERM. The measured numbers are printed (`--nocapture`).
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
-#[path = "common/fake_keys.rs"]
-mod fake_keys;
+use kmsgate_testkit::{self as common, fake_api, fake_keys};
 
 use std::{
     sync::{
@@ -16,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::Plugin;
+use common::{Plugin, eventually};
 use fake_api::FakeApi;
 use fake_keys::FakeKeys;
 use kmsgate::{
@@ -139,15 +135,10 @@ async fn a_plugin_restart_under_load_interrupts_calls_for_under_a_second() {
     let term = Instant::now();
     old.terminate();
     // The old process unlinks its socket as SIGTERM arrives, before it drains.
-    let mut unlinked = None;
-    for _ in 0..2000 {
-        if !old.socket.exists() {
-            unlinked = Some(term.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let unlinked = unlinked.expect("the old plugin never removed its socket");
+    let unlinked = eventually(Duration::from_secs(2), "the old plugin removes its socket", async || {
+        (!old.socket.exists()).then(|| term.elapsed())
+    })
+    .await;
     let new = Plugin::start(dir.path(), &settings).await;
     let bound = term.elapsed();
     assert_eq!(new.wait_healthy().await, key_id, "same keyring, same key_id");
@@ -243,11 +234,8 @@ async fn a_stopping_controller_hands_its_lease_to_the_next_replica() {
         }
     };
     let script = async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while holder(&kube).await.as_deref() != Some("a") {
-            assert!(Instant::now() < deadline, "a never led");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(Duration::from_secs(10), "a leads", async || holder(&kube).await.as_deref() == Some("a"))
+            .await;
         start_b.send(()).unwrap();
         // b campaigns and loses while a renews.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -259,10 +247,8 @@ async fn a_stopping_controller_hands_its_lease_to_the_next_replica() {
         let lease =
             fake.state.lock().await.leases[&("kmsgate".to_owned(), "kmsgate-controller".to_owned())].clone();
         assert!(lease["spec"].get("holderIdentity").is_none(), "released: {lease}");
-        while holder(&kube).await.as_deref() != Some("b") {
-            assert!(sigterm.elapsed() < Duration::from_secs(10), "b never led");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(Duration::from_secs(10), "b leads", async || holder(&kube).await.as_deref() == Some("b"))
+            .await;
         let new_leader = sigterm.elapsed();
         println!(
             "controller handover (lease_duration 3s, so replicas retry every 1s): lease released \
