@@ -12,10 +12,10 @@ use fake_api::{FakeApi, Store};
 use futures::{FutureExt, future::BoxFuture};
 use kmsgate::{
     k8s::Kube,
+    kms::client::KmsClient,
     metrics::{ControllerMetrics, VaultMetrics},
     proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
     rotation::{Context, Step, VaultKeys},
-    selftest::KmsClient,
     storage::{self, DekSourceType, EncryptedObject},
     transit::VaultClient,
 };

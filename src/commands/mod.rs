@@ -35,7 +35,8 @@ pub async fn audit(
     let mut options = options.clone();
     let mut deep_checker = None;
     if let Some(socket) = plugin_socket {
-        let mut client = selftest::connect(&socket).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+        let mut client =
+            kms::client::connect(&socket).await.map_err(|e| CommandError::Audit(e.to_string()))?;
         if deep {
             deep_checker = Some(audit::deep::Deep::new(client.clone(), Duration::from_secs(3)));
         }
