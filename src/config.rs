@@ -269,7 +269,7 @@ pub struct Config {
     /// The rotation controller.
     pub controller: ControllerConfig,
     /// etcd access for verification and retire; `None` when not configured.
-    pub etcd: Option<crate::audit::EtcdSettings>,
+    pub etcd: Option<crate::etcd::EtcdSettings>,
 }
 
 /// Who loads the configuration; the plugin and the controller accept different auth methods.
@@ -802,7 +802,7 @@ fn validate(raw: Raw, role: Role) -> Result<Config, ConfigError> {
     let etcd = if endpoints.is_empty() {
         None
     } else {
-        let etcd = crate::audit::EtcdSettings {
+        let etcd = crate::etcd::EtcdSettings {
             endpoints,
             ca: path(e.ca_cert),
             cert: path(e.client_cert),

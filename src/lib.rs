@@ -11,6 +11,7 @@ pub mod config;
 pub mod controller;
 pub mod encryption_config;
 pub mod error;
+pub mod etcd;
 pub mod http;
 pub mod k8s;
 pub mod keyid;

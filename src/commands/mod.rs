@@ -26,7 +26,7 @@ pub enum AuditVerdict {
 
 /// `kmsgate audit`: scans, streams findings to stdout, prints the summary.
 pub async fn audit(
-    etcd: &audit::EtcdSettings,
+    etcd: &crate::etcd::EtcdSettings,
     options: &audit::Options,
     plugin_socket: Option<SocketSpec>,
     deep: bool,
@@ -54,7 +54,7 @@ pub async fn audit(
     } else if deep {
         return Err(CommandError::Audit("--deep needs --plugin-socket to decrypt DEK sources".into()));
     }
-    let mut client = audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+    let mut client = crate::etcd::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let summary = audit::run(&mut client, &options, deep_checker.as_mut(), &mut out)

@@ -3,9 +3,9 @@
 use std::{io::Write, sync::Arc};
 
 use crate::{
-    audit::{EtcdSettings, Scanner},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
+    etcd::{EtcdSettings, Scanner},
     k8s::Kube,
     metrics::ControllerMetrics,
     policy::{self, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef, RotationStatus},
@@ -271,7 +271,7 @@ pub async fn verify(
         run_id: run_id.to_owned(),
         round,
     };
-    let result = match crate::audit::scan::connect(etcd).await {
+    let result = match crate::etcd::connect(etcd).await {
         Ok(mut client) => verify::scan(&mut client, &input, 5000).await.map_err(|e| crate::error::chain(&e)),
         Err(e) => Err(crate::error::chain(&e)),
     };
@@ -377,7 +377,7 @@ pub async fn retire(
                 )
             })?;
             let mut client =
-                crate::audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+                crate::etcd::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
             let check =
                 retire_check(&mut client, etcd_prefix, provider, &keys.scope(&key), to_version).await?;
             if check.blockers > 0 {

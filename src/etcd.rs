@@ -1,5 +1,5 @@
-//! Reads a key range from etcd page by page at one pinned revision, so the report is one
-//! consistent snapshot and memory is bounded by the page size.
+//! The etcd client side: how to connect (read-only use), and a range read page by page at one
+//! pinned revision, so a scan is one consistent snapshot and memory is bounded by the page size.
 
 use std::path::PathBuf;
 
