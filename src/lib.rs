@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod backend;
 pub mod build_info;
+pub mod ciphertext;
 pub mod commands;
 pub mod config;
 pub mod controller;

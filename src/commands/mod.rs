@@ -7,12 +7,12 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     audit,
-    config::{BackendConfig, Config, SocketSpec},
+    config::{BackendConfig, Config, SocketSpec, VaultAuth},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
     selftest,
-    transit::{AuthMethod, ClientError, Transit, VaultClient},
+    transit::{ClientError, Transit, VaultClient, VaultSettings},
 };
 
 /// `kmsgate audit`: how it ended when it could run.
@@ -123,14 +123,14 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
             kms::serve(&config, backend, metrics, shutdown).await?;
         }
         BackendConfig::Vault(v) => {
-            if let AuthMethod::Jwt { jwt_file, .. } = &v.client.auth {
+            if let VaultAuth::Jwt { jwt_file, .. } = &v.client.auth {
                 tracing::warn!(
                     jwt_file = %jwt_file.display(),
                     "Vault auth is a JWT from a file: it must come from outside this cluster (a static pod has no \
                      service-account token, and this plugin starts before the API server it serves)"
                 );
             }
-            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
             let maintenance = tokio::spawn(client.clone().maintain());
             let backend = Transit::new(client, &v.identity, &v.client.namespace, &v.mount, &v.key);
             let result = kms::serve(&config, backend, metrics, shutdown).await;

@@ -11,7 +11,7 @@ use crate::{
     policy::{self, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef, RotationStatus},
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
     storage::{Current, Judge, Standing},
-    transit::VaultClient,
+    transit::{VaultClient, VaultSettings},
 };
 
 use super::CommandError;
@@ -32,11 +32,17 @@ async fn context(
     metrics: Arc<ControllerMetrics>,
 ) -> Result<Context<VaultKeys>, CommandError> {
     let v = vault(config)?;
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let kube = Kube::infer().await?;
-    Ok(Context::new(kube, keys, config.etcd.clone(), metrics, config.controller.poll_interval))
+    Ok(Context::new(
+        kube,
+        keys,
+        config.etcd.as_ref().map(EtcdSettings::from),
+        metrics,
+        config.controller.poll_interval,
+    ))
 }
 
 fn holder(role: &str) -> String {
@@ -352,7 +358,7 @@ pub async fn retire(
 ) -> Result<(), CommandError> {
     let v = vault(config)?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let key = policy::TransitKey { mount: v.mount.clone(), key: v.key.clone() };
@@ -376,8 +382,9 @@ pub async fn retire(
                         .into(),
                 )
             })?;
-            let mut client =
-                crate::etcd::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+            let mut client = crate::etcd::connect(&EtcdSettings::from(etcd))
+                .await
+                .map_err(|e| CommandError::Audit(e.to_string()))?;
             let check =
                 retire_check(&mut client, etcd_prefix, provider, &keys.scope(&key), to_version).await?;
             if check.blockers > 0 {

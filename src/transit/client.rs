@@ -20,7 +20,7 @@ use tokio::{
 };
 use zeroize::Zeroizing;
 
-use super::{auth::AuthMethod, tls::TlsSettings};
+use super::{auth::AuthMethod, settings::VaultSettings};
 use crate::metrics::{AddressLabels, OutcomeLabels, VaultMetrics};
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -32,25 +32,6 @@ const ATTEMPT_SHARE: u32 = 2;
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Background renewals and logins get this long.
 const MAINTENANCE_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How to reach and authenticate to Vault.
-#[derive(Debug, Clone)]
-pub struct VaultSettings {
-    /// Base addresses of one cluster, in order of preference (`https://vault-1:8200`).
-    pub addresses: Vec<String>,
-    /// Vault Enterprise namespace; empty for none.
-    pub namespace: String,
-    /// CA and client certificate files.
-    pub tls: TlsSettings,
-    /// Where the token comes from.
-    pub auth: AuthMethod,
-    /// Renew the token when this fraction of its TTL has passed.
-    pub renew_fraction: f64,
-    /// Most Vault calls in flight at once; the rest wait (within their deadline).
-    pub max_concurrent_calls: usize,
-    /// How often credential and TLS files, and failed addresses, are checked.
-    pub check_interval: Duration,
-}
 
 /// Setting up or calling Vault failed. No variant carries a token or credential.
 #[derive(Debug, thiserror::Error)]
