@@ -10,7 +10,7 @@ use super::{
 use crate::ciphertext;
 
 /// Where a pod's service-account token is mounted.
-pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub(super) const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 /// The key store.
 #[derive(Debug, Clone)]

@@ -21,9 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use backend::{
-    BackendConfig, SERVICE_ACCOUNT_TOKEN, VaultAuth, VaultClientConfig, VaultConfig, VaultTls,
-};
+pub use backend::{BackendConfig, VaultAuth, VaultClientConfig, VaultConfig, VaultTls};
 pub use controller::ControllerConfig;
 pub use etcd::EtcdConfig;
 pub use http_log::LogConfig;

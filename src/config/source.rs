@@ -140,7 +140,12 @@ impl Values {
                 continue;
             }
             let toml::Value::Table(entries) = entries else {
-                return Err(field(&section, "must be a table"));
+                let is_section =
+                    SETTINGS.iter().any(|s| s.name.split_once('.').is_some_and(|(sec, _)| sec == section));
+                if is_section {
+                    return Err(field(&section, "must be a table"));
+                }
+                return Err(ConfigError::UnknownSetting { origin, name: section });
             };
             for (key, value) in entries {
                 let setting = known(&format!("{section}.{key}"), &origin)?;
@@ -163,7 +168,7 @@ impl Values {
 
     /// The value given, else the table's default; `None` when neither is there.
     fn value(&self, name: &str) -> Result<Option<Value>, ConfigError> {
-        let setting = known(name, "kmsgate")?;
+        let setting = Setting::find(name).ok_or_else(|| wrong_kind(name))?;
         if let Some(value) = self.given.get(setting.name) {
             return Ok(Some(value.clone()));
         }
@@ -241,8 +246,8 @@ fn known(name: &str, origin: &str) -> Result<&'static Setting, ConfigError> {
         .ok_or_else(|| ConfigError::UnknownSetting { origin: origin.to_owned(), name: name.to_owned() })
 }
 
-/// A section read a setting as the wrong kind, or without the default the table should give it:
-/// a bug here, caught by the tests that load every setting.
+/// A section read a setting the table lacks, as the wrong kind, or without the default the table
+/// should give it: a bug here, caught by the tests that load every setting.
 fn wrong_kind(name: &str) -> ConfigError {
     field(name, "is read in a way the settings table does not describe (a kmsgate bug)")
 }
@@ -292,5 +297,11 @@ mod tests {
         std::fs::write(&path, "format = 1\nplugin = 3\n").unwrap();
         let err = Values::gather(Some(&path), &[], &HashMap::new()).unwrap_err().to_string();
         assert!(err.contains("must be a table"), "{err}");
+        std::fs::write(&path, "format = 1\nplugn = 3\n").unwrap();
+        let err = Values::gather(Some(&path), &[], &HashMap::new()).unwrap_err().to_string();
+        assert!(err.contains("unknown setting \"plugn\""), "{err}");
+        std::fs::write(&path, "format = 1\n[vault]\naddresses = [\"https://a\", 3]\n").unwrap();
+        let err = Values::gather(Some(&path), &[], &HashMap::new()).unwrap_err().to_string();
+        assert!(err.contains("vault.addresses") && err.contains("list of strings"), "{err}");
     }
 }

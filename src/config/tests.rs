@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use super::*;
+use super::{backend::SERVICE_ACCOUNT_TOKEN, *};
 use crate::ciphertext;
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
