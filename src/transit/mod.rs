@@ -4,6 +4,7 @@
 mod auth;
 mod batch;
 mod client;
+mod error;
 mod settings;
 mod tls;
 
@@ -17,7 +18,8 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 pub use auth::AuthMethod;
-pub use client::{ClientError, VaultClient};
+pub use client::VaultClient;
+pub use error::ClientError;
 pub use settings::VaultSettings;
 pub use tls::TlsSettings;
 

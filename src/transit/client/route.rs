@@ -9,8 +9,9 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::{ClientError, VaultClient};
+use super::VaultClient;
 use crate::metrics::AddressLabels;
+use crate::transit::error::ClientError;
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);

@@ -10,10 +10,13 @@ use reqwest::{Method, header::HeaderValue};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::{ClientError, MAINTENANCE_DEADLINE, Token, VaultClient, route::AuthInfo};
+use super::{MAINTENANCE_DEADLINE, Token, VaultClient, route::AuthInfo};
 use crate::{
     metrics::OutcomeLabels,
-    transit::auth::{self, AuthMethod},
+    transit::{
+        auth::{self, AuthMethod},
+        error::ClientError,
+    },
 };
 
 impl VaultClient {
