@@ -6,11 +6,13 @@
 pub mod audit;
 pub mod backend;
 pub mod build_info;
+pub mod ciphertext;
 pub mod commands;
 pub mod config;
 pub mod controller;
 pub mod encryption_config;
 pub mod error;
+pub mod etcd;
 pub mod http;
 pub mod k8s;
 pub mod keyid;

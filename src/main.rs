@@ -174,8 +174,8 @@ struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    fn settings(self) -> kmsgate::audit::EtcdSettings {
-        kmsgate::audit::EtcdSettings {
+    fn settings(self) -> kmsgate::etcd::EtcdSettings {
+        kmsgate::etcd::EtcdSettings {
             endpoints: self.endpoints,
             ca: self.cacert,
             cert: self.cert,

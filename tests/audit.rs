@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use common::{Etcd, Plugin};
 use kmsgate::{
-    audit::{self, Scanner},
+    audit,
+    etcd::Scanner,
     proto::v2::{EncryptRequest, StatusRequest},
     storage::{self, DekSourceType, EncryptedObject},
 };
@@ -188,7 +189,7 @@ async fn compaction_during_a_scan_is_detected() {
     let latest = put.header().unwrap().revision();
     client.compact(latest, None).await.unwrap();
     let err = scanner.next_page(&mut client).await.unwrap_err();
-    assert!(matches!(err, audit::ScanError::Compacted { .. }), "{err}");
+    assert!(matches!(err, kmsgate::etcd::ScanError::Compacted { .. }), "{err}");
     assert!(err.to_string().contains("partial"), "{err}");
 }
 

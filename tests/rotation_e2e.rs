@@ -12,10 +12,10 @@ use fake_api::{FakeApi, Store};
 use futures::{FutureExt, future::BoxFuture};
 use kmsgate::{
     k8s::Kube,
+    kms::client::KmsClient,
     metrics::{ControllerMetrics, VaultMetrics},
     proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
     rotation::{Context, Step, VaultKeys},
-    selftest::KmsClient,
     storage::{self, DekSourceType, EncryptedObject},
     transit::VaultClient,
 };
@@ -131,7 +131,7 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
     let client = VaultClient::new(&bao.vault_settings(dir.path()), VaultMetrics::default()).unwrap();
     let keys = VaultKeys::new(client, "test-bao", "");
     let etcd_settings =
-        kmsgate::audit::EtcdSettings { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
+        kmsgate::etcd::EtcdSettings { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
     let ctx = Context::new(
         Kube::new(fake.client()),
         keys,

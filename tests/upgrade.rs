@@ -20,10 +20,10 @@ use kmsgate::{
     config::Config,
     controller::{self, View},
     k8s::Kube,
+    kms::client::KmsClient,
     metrics::ControllerMetrics,
     proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
     rotation::Context,
-    selftest::KmsClient,
 };
 use tokio::{sync::oneshot, time::Instant};
 

@@ -2,16 +2,16 @@
 //! stored value is encrypted, streaming each finding and keeping only counts in memory.
 
 pub mod deep;
-pub mod scan;
 
 use std::{collections::BTreeMap, io::Write};
 
 use serde::Serialize;
 use serde_json::json;
 
-use crate::storage::{Class, Current, Judge, Standing};
-
-pub use scan::{EtcdSettings, ScanError, Scanner};
+use crate::{
+    etcd::{ScanError, Scanner},
+    storage::{Class, Current, Judge, Standing},
+};
 
 /// The kinds of finding that can fail the audit (`--fail-on`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

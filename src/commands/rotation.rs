@@ -3,15 +3,15 @@
 use std::{io::Write, sync::Arc};
 
 use crate::{
-    audit::{EtcdSettings, Scanner},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
+    etcd::{EtcdSettings, Scanner},
     k8s::Kube,
     metrics::ControllerMetrics,
     policy::{self, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef, RotationStatus},
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
     storage::{Current, Judge, Standing},
-    transit::VaultClient,
+    transit::{VaultClient, VaultSettings},
 };
 
 use super::CommandError;
@@ -32,11 +32,17 @@ async fn context(
     metrics: Arc<ControllerMetrics>,
 ) -> Result<Context<VaultKeys>, CommandError> {
     let v = vault(config)?;
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let kube = Kube::infer().await?;
-    Ok(Context::new(kube, keys, config.etcd.clone(), metrics, config.controller.poll_interval))
+    Ok(Context::new(
+        kube,
+        keys,
+        config.etcd.as_ref().map(EtcdSettings::from),
+        metrics,
+        config.controller.poll_interval,
+    ))
 }
 
 fn holder(role: &str) -> String {
@@ -271,7 +277,7 @@ pub async fn verify(
         run_id: run_id.to_owned(),
         round,
     };
-    let result = match crate::audit::scan::connect(etcd).await {
+    let result = match crate::etcd::connect(etcd).await {
         Ok(mut client) => verify::scan(&mut client, &input, 5000).await.map_err(|e| crate::error::chain(&e)),
         Err(e) => Err(crate::error::chain(&e)),
     };
@@ -352,7 +358,7 @@ pub async fn retire(
 ) -> Result<(), CommandError> {
     let v = vault(config)?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let key = policy::TransitKey { mount: v.mount.clone(), key: v.key.clone() };
@@ -376,8 +382,9 @@ pub async fn retire(
                         .into(),
                 )
             })?;
-            let mut client =
-                crate::audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+            let mut client = crate::etcd::connect(&EtcdSettings::from(etcd))
+                .await
+                .map_err(|e| CommandError::Audit(e.to_string()))?;
             let check =
                 retire_check(&mut client, etcd_prefix, provider, &keys.scope(&key), to_version).await?;
             if check.blockers > 0 {

@@ -1,6 +1,7 @@
 //! The KMS v2 plugin: shared state, background probes, the gRPC service and its socket.
 
 pub mod audit_log;
+pub mod client;
 pub mod probe;
 pub mod service;
 pub mod socket;

@@ -17,8 +17,8 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use crate::{
-    audit::EtcdSettings,
     backend::{Backend, BackendError, KeyMetadata},
+    etcd::EtcdSettings,
     k8s::{EventKind, Kube, KubeError, MigrationState, ObjectKey, Target},
     keyid::{BackendKind, KeyScope},
     metrics::{ControllerMetrics, PhaseLabels},
@@ -810,7 +810,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         let Some(etcd) = &self.ctx.etcd else {
             return Err("verify.mode is Etcd but the controller has no etcd.* settings".into());
         };
-        let mut client = crate::audit::scan::connect(etcd).await.map_err(|e| crate::error::chain(&e))?;
+        let mut client = crate::etcd::connect(etcd).await.map_err(|e| crate::error::chain(&e))?;
         verify::scan(&mut client, &self.verify_input(round), 5000).await.map_err(|e| crate::error::chain(&e))
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::batch::v1::Job;
 
 use crate::{
-    audit::{ScanError, Scanner},
+    etcd::{ScanError, Scanner},
     policy::{ResourceRef, RotationPolicy, Verification, VerifyJob},
     storage::{Current, Judge, Standing},
 };

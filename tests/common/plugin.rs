@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use kmsgate::{config::SocketSpec, selftest};
+use kmsgate::{config::SocketSpec, kms};
 use serde_json::Value;
 
 use crate::{eventually, free_port, signal};
@@ -104,8 +104,8 @@ impl Plugin {
     }
 
     /// A KMS client on the socket.
-    pub async fn client(&self) -> selftest::KmsClient {
-        selftest::connect(&SocketSpec::Path(self.socket.clone())).await.unwrap()
+    pub async fn client(&self) -> kms::client::KmsClient {
+        kms::client::connect(&SocketSpec::Path(self.socket.clone())).await.unwrap()
     }
 
     /// GET /status.
