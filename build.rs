@@ -1,9 +1,79 @@
-//! Compiles the KMS v2 gRPC service and the stored EncryptedObject message.
+//! Compiles the KMS v2 gRPC service and the stored EncryptedObject message, and records what
+//! `kmsgate version` reports: the git commit, the compiler and the crypto and TLS crate versions.
+use std::{env, fmt::Write as _, fs, path::Path, process::Command};
+
+/// The crates whose versions say whether a build carries an affected crypto or TLS stack.
+const CRYPTO_CRATES: &[&str] = &["ring", "rustls", "rustls-webpki", "aes-gcm", "hkdf", "sha2"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .compile_protos(&["proto/kms_v2.proto", "proto/encrypted_object.proto"], &["proto"])?;
+    build_info()
+}
+
+fn build_info() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    println!("cargo:rerun-if-env-changed=KMSGATE_GIT_COMMIT");
+    let commit = env::var("KMSGATE_GIT_COMMIT").ok().filter(|c| !c.trim().is_empty());
+    let commit = commit.map(|c| c.trim().to_owned()).or_else(git_commit).unwrap_or_else(|| "unknown".into());
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let rustc = output(Command::new(rustc).arg("-V")).unwrap_or_else(|| "unknown".into());
+    let lock = fs::read_to_string("Cargo.lock").unwrap_or_default();
+    let mut crates = String::new();
+    for name in CRYPTO_CRATES {
+        let versions = locked_versions(&lock, name);
+        let version = if versions.is_empty() { "none".to_owned() } else { versions.join(",") };
+        writeln!(crates, "    ({name:?}, {version:?}),")?;
+    }
+    let code = format!(
+        "/// The git commit this binary was built from, or `unknown`.\n\
+         pub const GIT_COMMIT: &str = {commit:?};\n\
+         /// `rustc -V` of the compiler that built this binary.\n\
+         pub const RUSTC: &str = {rustc:?};\n\
+         /// The crypto and TLS crates compiled in, as `(name, version)` from Cargo.lock.\n\
+         pub const CRATES: &[(&str, &str)] = &[\n{crates}];\n"
+    );
+    let out = Path::new(&env::var("OUT_DIR")?).join("build_info.rs");
+    fs::write(out, code)?;
     Ok(())
+}
+
+/// The commit of HEAD, when built from a git checkout (the Docker build has no `.git`).
+fn git_commit() -> Option<String> {
+    // NB: rerun when HEAD moves, so a commit never reports its parent's hash.
+    for path in ["HEAD", "packed-refs"] {
+        if let Some(p) = output(Command::new("git").args(["rev-parse", "--git-path", path])) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    if let Some(head) = output(Command::new("git").args(["symbolic-ref", "-q", "HEAD"]))
+        && let Some(p) = output(Command::new("git").args(["rev-parse", "--git-path", &head]))
+    {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    output(Command::new("git").args(["rev-parse", "HEAD"]))
+}
+
+fn output(command: &mut Command) -> Option<String> {
+    let out = command.output().ok().filter(|o| o.status.success())?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+/// Every version of `name` in a Cargo.lock, in file order.
+fn locked_versions(lock: &str, name: &str) -> Vec<String> {
+    let wanted = format!("name = {name:?}");
+    let mut lines = lock.lines();
+    let mut versions = Vec::new();
+    while let Some(line) = lines.next() {
+        if line == wanted
+            && let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = "))
+        {
+            versions.push(v.trim_matches('"').to_owned());
+        }
+    }
+    versions
 }

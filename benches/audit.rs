@@ -6,9 +6,7 @@
 //! `kmsgate audit --deep`. Each is run once to warm up, then five times; medians and the ratio
 //! are printed with the machine. Needs `etcd`/`etcdctl` (scripts/setup.sh --etcd).
 
-#[path = "../tests/common/mod.rs"]
-#[allow(unused_imports)]
-mod common;
+use kmsgate_testkit as common;
 
 use std::{
     process::{Command, Stdio},

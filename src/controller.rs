@@ -23,6 +23,9 @@ use crate::{
 pub struct Leadership {
     leader: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
+    kube: Kube,
+    lease: (String, String),
+    holder: String,
 }
 
 impl Leadership {
@@ -36,7 +39,10 @@ impl Leadership {
         let (tx, leader) = watch::channel(false);
         let (namespace, name, duration) =
             (config.lease_namespace.clone(), config.lease_name.clone(), config.lease_duration);
+        let lease = (namespace.clone(), name.clone());
+        let (campaign_kube, campaign_holder) = (kube.clone(), holder.clone());
         let task = tokio::spawn(async move {
+            let (kube, holder) = (campaign_kube, campaign_holder);
             let renew_every = duration / 3;
             loop {
                 // NB: a renewal that hangs past renew_every counts as lost, so a partitioned leader
@@ -70,7 +76,28 @@ impl Leadership {
                 tokio::time::sleep(renew_every).await;
             }
         });
-        Self { leader, task }
+        Self { leader, task, kube, lease, holder }
+    }
+
+    /// Stops campaigning and, if this process holds the Lease, gives it up so another replica
+    /// leads within its next retry instead of after the Lease expires. Call it only once the
+    /// work the Lease guards has stopped.
+    pub async fn release(self) {
+        self.task.abort();
+        if !self.is_leader() {
+            return;
+        }
+        let (namespace, name) = &self.lease;
+        // NB: bounded, so a partitioned API server cannot hold up the exit; the Lease then expires.
+        let released =
+            tokio::time::timeout(RELEASE_TIMEOUT, self.kube.release_lease(namespace, name, &self.holder))
+                .await;
+        match released {
+            Ok(Ok(true)) => tracing::info!(holder = %self.holder, "released the leader lease"),
+            Ok(Ok(false)) => tracing::info!("the leader lease had already passed to another holder"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the leader lease; it will expire"),
+            Err(_) => tracing::warn!("releasing the leader lease timed out; it will expire"),
+        }
     }
 
     /// Follows whether this process holds the Lease.
@@ -197,6 +224,9 @@ pub async fn run<K: KeyAdmin + 'static>(
         () = token_work => {}
         () = shutdown => tracing::info!("shutting down"),
     }
+    // NB: the select dropped the work above, so nothing acts under the Lease once it is released.
+    leadership.release().await;
+    ctx.metrics.leader.set(0);
 }
 
 /// Steps until the run that handles `request` has finished (Idle or Failed), calling `report`
@@ -232,6 +262,9 @@ pub async fn drive<K: KeyAdmin>(
         }
     }
 }
+
+/// The longest a stopping controller waits to give up its Lease.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long `kmsgate rotate` waits for a running controller between status reads.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);

@@ -6,6 +6,8 @@
 pub mod audit;
 pub mod backend;
 pub mod backoff;
+pub mod build_info;
+pub mod ciphertext;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod controller;
 pub mod crd;
 pub mod encryption_config;
 pub mod error;
+pub mod etcd;
 pub mod http;
 pub mod k8s;
 pub mod keyid;

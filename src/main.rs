@@ -2,8 +2,9 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kmsgate::{
+    build_info::BuildInfo,
     commands,
     config::{self, Config, ProcessEnv, SocketSpec},
     selftest, telemetry,
@@ -99,6 +100,8 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions (RotationPolicy, TokenPolicy).
     Crd,
+    /// Print the version, git commit, rustc and crypto and TLS crate versions (as --version).
+    Version,
     /// Print the EncryptionConfiguration that points kube-apiserver at this plugin.
     EncryptionConfig {
         #[command(flatten)]
@@ -171,8 +174,8 @@ struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    fn settings(self) -> kmsgate::audit::EtcdSettings {
-        kmsgate::audit::EtcdSettings {
+    fn settings(self) -> kmsgate::etcd::EtcdSettings {
+        kmsgate::etcd::EtcdSettings {
             endpoints: self.endpoints,
             ca: self.cacert,
             cert: self.cert,
@@ -309,7 +312,9 @@ impl ConfigArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // NB: --version prints the same text as `kmsgate version`; -V stays the short one.
+    let matches = Cli::command().long_version(BuildInfo::long_version()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // NB: ring is the only TLS provider in this binary; install it before any client is built.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -499,6 +504,10 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             }
         }
         Command::Tokens { action } => tokens(action).await,
+        Command::Version => {
+            println!("kmsgate {}", BuildInfo::long_version());
+            Ok(())
+        }
         Command::Crd => {
             let render = |e: serde_saphyr::ser::Error| Failure::Run(format!("render CRD: {e}"));
             let rotation = kmsgate::crd::rotation::crd_yaml().map_err(render)?;

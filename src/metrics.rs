@@ -14,6 +14,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::build_info::BuildInfo;
+
 /// gRPC method and result code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
@@ -81,6 +83,13 @@ pub struct VaultMetrics {
     pub batch_calls: Counter,
     /// Decrypts served through batch calls.
     pub batched_items: Counter,
+}
+
+/// Registers `kmsgate_build_info`: always 1, its labels name this build (see [`BuildInfo::labels`]).
+fn register_build_info(registry: &mut Registry) {
+    let info = Family::<Vec<(String, String)>, Gauge>::default();
+    info.get_or_create(&BuildInfo::current().labels()).set(1);
+    registry.register("build_info", "This build: version, git commit, rustc, crypto and TLS crates", info);
 }
 
 impl VaultMetrics {
@@ -178,6 +187,7 @@ impl Metrics {
         );
         let vault = VaultMetrics::default();
         vault.register(&mut registry);
+        register_build_info(&mut registry);
         Self {
             registry,
             vault,
@@ -323,6 +333,7 @@ impl ControllerMetrics {
         registry.register("controller_leader", "1 while this replica holds the leader lease", leader.clone());
         let vault = VaultMetrics::default();
         vault.register(&mut registry);
+        register_build_info(&mut registry);
         let tokens_rotated = Counter::default();
         let tokens_refreshed = Counter::default();
         let tokens_failed = Family::<FlowLabels, Counter>::default();

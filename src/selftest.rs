@@ -4,33 +4,15 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use hyper_util::rt::TokioIo;
-use tonic::{
-    Code, Request,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Request};
 use zeroize::Zeroizing;
 
 use crate::{
     config::SocketSpec,
-    proto::v2::{
-        DecryptRequest, EncryptRequest, StatusRequest,
-        key_management_service_client::KeyManagementServiceClient,
-    },
+    kms::client::{KmsClient, connect},
+    proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
     storage::{self, DekSourceType, EncryptedObject},
 };
-
-/// A KMS v2 client over the plugin's socket.
-pub type KmsClient = KeyManagementServiceClient<Channel>;
-
-/// The socket could not be reached.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot connect to {endpoint}: {source}")]
-pub struct ConnectError {
-    endpoint: String,
-    #[source]
-    source: tonic::transport::Error,
-}
 
 /// How to run the selftest.
 #[derive(Debug, Clone)]
@@ -84,34 +66,6 @@ impl std::fmt::Display for Report {
         }
         let failed = self.checks.iter().filter(|c| !c.ok).count();
         write!(f, "selftest: {} passed, {failed} failed", self.checks.len() - failed)
-    }
-}
-
-/// Connects to a plugin socket (a path or an abstract `@name`), as the API server does.
-pub async fn connect(socket: &SocketSpec) -> Result<KmsClient, ConnectError> {
-    let target = socket.clone();
-    // NB: the URI is a placeholder; the connector below dials the socket. The API server sends
-    // :authority localhost too.
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let target = target.clone();
-            async move { dial(&target).await.map(TokioIo::new) }
-        }))
-        .await
-        .map_err(|source| ConnectError { endpoint: socket.endpoint(), source })?;
-    Ok(KeyManagementServiceClient::new(channel))
-}
-
-async fn dial(socket: &SocketSpec) -> std::io::Result<tokio::net::UnixStream> {
-    match socket {
-        SocketSpec::Path(path) => tokio::net::UnixStream::connect(path).await,
-        SocketSpec::Abstract(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-            let stream = std::os::unix::net::UnixStream::connect_addr(&addr)?;
-            stream.set_nonblocking(true)?;
-            tokio::net::UnixStream::from_std(stream)
-        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! `kmsgate audit` against a real etcd: every format, corruptions, scale, compaction.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::collections::HashMap;
 
 use common::{Etcd, Plugin};
 use kmsgate::{
-    audit::{self, Scanner},
+    audit,
+    etcd::Scanner,
     proto::v2::{EncryptRequest, StatusRequest},
     storage::{self, DekSourceType, EncryptedObject},
 };
@@ -188,7 +189,7 @@ async fn compaction_during_a_scan_is_detected() {
     let latest = put.header().unwrap().revision();
     client.compact(latest, None).await.unwrap();
     let err = scanner.next_page(&mut client).await.unwrap_err();
-    assert!(matches!(err, audit::ScanError::Compacted { .. }), "{err}");
+    assert!(matches!(err, kmsgate::etcd::ScanError::Compacted { .. }), "{err}");
     assert!(err.to_string().contains("partial"), "{err}");
 }
 
@@ -345,4 +346,88 @@ async fn etcd_user_and_password() {
     let (code, _, stderr) = run_audit(&args);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(!stderr.contains("wrong") && !stderr.contains("audit-pw"), "no password in errors: {stderr}");
+}
+
+/// Audit, the rotation's verify and retire's check read the same values through one judge, so they
+/// must agree on which values of the provider are current, stale or invalid.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_and_retire_judge_the_same_values_alike() {
+    use kmsgate::{
+        commands::rotation::retire_check,
+        crd::rotation::ResourceRef,
+        keyid::{BackendKind, KeyScope},
+        rotation::verify,
+    };
+
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await.unwrap();
+    let scope = KeyScope {
+        kind: BackendKind::Transit,
+        identity: "vault-a".into(),
+        namespace: String::new(),
+        mount: "transit".into(),
+        key: "kmsgate".into(),
+    };
+    let other_key = KeyScope { key: "other".into(), ..scope.clone() };
+    let current = scope.key_id(2, 200).to_string();
+    let object = |key_id: String, provider: &str| {
+        EncryptedObject {
+            encrypted_data: vec![7; 40],
+            key_id,
+            encrypted_dek_source: b"vault:v1:abc".to_vec(),
+            annotations: HashMap::new(),
+            dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
+        }
+        .to_value(provider)
+    };
+    let mut truncated = object(current.clone(), "kmsgate");
+    truncated.truncate(truncated.len() - 5);
+    let values: Vec<(&str, Vec<u8>)> = vec![
+        ("/registry/secrets/ns/current", object(current.clone(), "kmsgate")),
+        ("/registry/secrets/ns/old-version", object(scope.key_id(1, 100).to_string(), "kmsgate")),
+        ("/registry/secrets/ns/other-key", object(other_key.key_id(5, 500).to_string(), "kmsgate")),
+        ("/registry/secrets/ns/truncated", truncated),
+        ("/registry/secrets/ns/plain", br#"{"kind":"Secret"}"#.to_vec()),
+        ("/registry/secrets/ns/aescbc", b"k8s:enc:aescbc:v1:key1:0123456789abcdef".to_vec()),
+        ("/registry/configmaps/ns/other-provider", object(scope.key_id(1, 100).to_string(), "legacy")),
+        ("/registry/configmaps/ns/cm-current", object(current.clone(), "kmsgate")),
+    ];
+    for (key, value) in values {
+        client.put(key, value, None).await.unwrap();
+    }
+
+    let options = audit::Options {
+        prefixes: vec!["/registry/".into()],
+        provider: Some("kmsgate".into()),
+        current_key_id: Some(current.clone()),
+        page_size: 3,
+        json: true,
+        progress: false,
+    };
+    let audited = audit::run(&mut client, &options, None, &mut Vec::new()).await.unwrap();
+    let input = verify::Input {
+        provider: "kmsgate".into(),
+        etcd_prefix: "/registry".into(),
+        key_id: current.clone(),
+        resources: vec![ResourceRef::parse("secrets").unwrap()],
+        run_id: "r".into(),
+        round: 1,
+    };
+    let verified = verify::scan(&mut client, &input, 3, &kmsgate::clock::SystemClock).await.unwrap();
+    let retire = retire_check(&mut client, "/registry", "kmsgate", &scope, 2).await.unwrap();
+
+    let finding = |f| audited.findings.get(&f).copied().unwrap_or(0);
+    // The provider's values: current (2), old version, other key, truncated.
+    assert_eq!((audited.objects, audited.skipped), (5, 3));
+    assert_eq!((verified.current, verified.old_key, verified.invalid), (2, 2, 1));
+    assert_eq!((retire.values, retire.blockers), (5, 3));
+    // The three agree.
+    assert_eq!(audited.objects, verified.current + verified.old_key + verified.invalid);
+    assert_eq!(audited.objects, retire.values);
+    assert_eq!(finding(audit::Finding::Stale), verified.old_key);
+    assert_eq!(finding(audit::Finding::Undecryptable), verified.invalid);
+    assert_eq!(retire.blockers, verified.old_key + verified.invalid);
+    // Verify alone also judges the listed resources' values of no provider.
+    assert_eq!(verified.unencrypted, 2);
+    assert!(!verified.clean);
 }

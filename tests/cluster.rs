@@ -1,6 +1,6 @@
 //! Against a real cluster (see deploy/controller/README.md); never in CI.
 
-mod common;
+use kmsgate_testkit as common;
 
 #[test]
 #[ignore = "needs cluster (KUBECONFIG, the RotationPolicy CRD and a policy named kmsgate)"]

@@ -3,8 +3,7 @@
 //! locked down, RBAC is exactly what the code calls, the network policy denies by default, the
 //! EncryptionConfigurations parse strictly, the alert rules pass promtool, and the scripts work.
 
-#[path = "common/rbac.rs"]
-mod rbac;
+use kmsgate_testkit::rbac;
 
 use std::{
     collections::BTreeSet,

@@ -2,7 +2,7 @@
 //! refused what it must not do. The plugin runs on the credentials setup.sh wrote, so the
 //! plugin policy is proven sufficient as well as narrow.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{path::Path, process::Command};
 

@@ -39,7 +39,8 @@ fn shipped_encryption_configuration_matches_the_command() {
 #[test]
 fn readme_documents_every_setting() {
     let readme = std::fs::read_to_string("README.md").unwrap();
-    for (name, ..) in kmsgate::config::SETTINGS {
+    for setting in kmsgate::config::SETTINGS {
+        let name = setting.name;
         assert!(readme.contains(&format!("`{name}`")), "README.md does not document `{name}`");
     }
 }

@@ -2,11 +2,11 @@
 //! behind. Two independent dev servers holding the same key (restored from a Transit backup) are a
 //! test setup only; production DR is Vault replication or raft.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{Bao, Plugin, fast_probes};
+use common::{Bao, Plugin, eventually, fast_probes};
 use kmsgate::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
 use serde_json::json;
 use tonic::{Code, Request};
@@ -116,14 +116,11 @@ async fn a_server_that_is_behind_is_not_followed_back() {
 
     // Lose the first server: the second reports latest = 1, which is refused and reported.
     a.pause();
-    let mut refused = serde_json::Value::Null;
-    for _ in 0..100 {
-        refused = plugin.status_json().await["rollback_refused"].clone();
-        if refused.is_object() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let refused = eventually(Duration::from_secs(5), "the rollback is refused", async || {
+        let refused = plugin.status_json().await["rollback_refused"].clone();
+        refused.is_object().then_some(refused)
+    })
+    .await;
     assert_eq!(refused["promoted"], 2, "{refused}");
     assert_eq!(refused["seen_latest"], 1, "{refused}");
     let mut client = plugin.client().await;

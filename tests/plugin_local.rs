@@ -1,6 +1,6 @@
 //! The plugin on the embedded local keyring, its socket handling, and the command line.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
@@ -102,23 +102,21 @@ async fn abstract_socket_only_when_allowed() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("allow_abstract_socket"));
 
-    let mut child = common::kmsgate_command()
+    let mut command = common::kmsgate_command();
+    command
         .args(["plugin", "--socket", &name, "--keyring", keyring.to_str().unwrap()])
         .args(["--set", "plugin.allow_abstract_socket=true", "--set", "http.listen=off"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    // NB: killed on drop, so a selftest that never passes cannot leave the plugin running.
+    let mut child = tokio::process::Command::from(command).kill_on_drop(true).spawn().unwrap();
     let socket = SocketSpec::parse(&name).unwrap();
-    let mut report = run_selftest(socket.clone()).await;
-    for _ in 0..100 {
-        if report.passed() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        report = run_selftest(socket.clone()).await;
-    }
-    common::signal(child.id(), "-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let report = common::eventually(Duration::from_secs(5), "the selftest passes", async || {
+        let report = run_selftest(socket.clone()).await;
+        if report.passed() { Ok(report) } else { Err(report.to_string()) }
+    })
+    .await;
+    common::signal(child.id().unwrap(), "-TERM");
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
     assert!(report.passed(), "{report}");
 }
 

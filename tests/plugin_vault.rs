@@ -1,11 +1,11 @@
 //! The plugin over its real socket against a real OpenBao: round trip, rotation, retirement,
 //! outages, bad input, log hygiene.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{Bao, Plugin, fast_probes};
+use common::{Bao, Plugin, eventually, fast_probes};
 use kmsgate::{
     config::SocketSpec,
     keyid::KeyId,
@@ -97,20 +97,19 @@ async fn rotation_promotes_after_consecutive_polls_and_old_ciphertexts_still_dec
     bao.rotate().await;
     // Watch /status: the new version must sit as a candidate (seen once) before it is promoted.
     let mut saw_pending = false;
-    let give_up = std::time::Instant::now() + Duration::from_secs(20);
-    let v2 = loop {
-        assert!(std::time::Instant::now() < give_up, "never promoted: {}", plugin.log_text());
+    let v2 = eventually(Duration::from_secs(20), "the new version is promoted", async || {
         let status = plugin.status_json().await;
         let promoted = status["promoted"]["key_id"].as_str().unwrap().to_owned();
         if promoted != v1 {
-            break promoted;
+            return Ok(promoted);
         }
         // NB: one snapshot of the state Status answers from: v1 still promoted, v2 seen once.
         if status["candidate"]["version"] == 2 && status["candidate"]["seen"] == 1 {
             saw_pending = true;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        Err(plugin.log_text())
+    })
+    .await;
     assert!(saw_pending, "the new version was promoted without being seen in two polls");
     assert_eq!(KeyId::parse(&v2).unwrap().version, 2);
     let (_, status_key_id) = plugin.wait_status(|_, _| true).await;
@@ -209,12 +208,10 @@ async fn grace_outage_keeps_status_ok_for_a_bounded_time_and_fails_calls_fast() 
     bao.pause();
     let paused = std::time::Instant::now();
     // Fail-fast starts once the outage is established (two consecutive unreachable probes).
-    for _ in 0..100 {
-        if plugin.status_json().await["failing_fast"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(5), "fail-fast starts", async || {
+        plugin.status_json().await["failing_fast"] == true
+    })
+    .await;
     let status = plugin.status_json().await;
     assert!(
         status["unreachable_since"].is_string() && status["failing_fast"] == true,

@@ -1,13 +1,7 @@
 //! The rotation state machine and the re-encrypt engine against the in-memory fake API server:
 //! thousands of objects, paging, conflicts, deletions, transient errors, a crash and a resume.
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
-#[path = "common/fake_keys.rs"]
-mod fake_keys;
-#[path = "common/rbac.rs"]
-mod rbac;
+use kmsgate_testkit::{self as common, fake_api, fake_keys, rbac};
 
 use std::{
     sync::{Arc, Mutex},
@@ -102,7 +96,7 @@ async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
     fake.seed(5000, &["a", "b", "c", "d", "e", "f", "g"], &old).await;
     fake.set_policy(migrating(&plugin, json!({}))).await;
     let names: Vec<String> =
-        fake.state.lock().await.objects.values().map(|o| format!("{}/{}", o.namespace, o.name)).collect();
+        fake.state.lock().await.secrets.values().map(|o| format!("{}/{}", o.namespace, o.name)).collect();
     {
         let mut state = fake.state.lock().await;
         state.faults.race_writes = names.iter().step_by(97).take(50).cloned().collect();
@@ -115,7 +109,7 @@ async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
     assert_eq!(status["phase"], "Idle", "{status:#}");
     assert_eq!(status["result"], "Unverified");
     let state = fake.state.lock().await;
-    assert_eq!(state.objects.len(), 4970);
+    assert_eq!(state.secrets.len(), 4970);
     assert!(fake_stale(&state, &new).is_empty(), "every remaining object is on the new key");
     // Every object was re-encrypted exactly once: by us, or by the racing writer (our write then conflicts).
     assert!(state.rewrites.values().all(|n| *n == 1), "no object written twice");
@@ -130,7 +124,7 @@ async fn five_thousand_objects_with_conflicts_deletions_and_errors() {
 }
 
 fn fake_stale(state: &fake_api::State, key_id: &str) -> Vec<String> {
-    state.objects.values().filter(|o| o.key_id != key_id).map(|o| o.name.clone()).collect()
+    state.secrets.values().filter(|o| o.key_id != key_id).map(|o| o.name.clone()).collect()
 }
 
 #[tokio::test]
@@ -147,11 +141,9 @@ async fn a_crash_halfway_resumes_without_redoing_finished_work() {
         let fake = fake.clone();
         tokio::select! {
             _ = run_to_rest(&first) => false,
-            () = async move {
-                while fake.state.lock().await.patches < 2600 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            } => true,
+            () = common::eventually(Duration::from_secs(120), "2600 patches", async move || {
+                fake.state.lock().await.patches >= 2600
+            }) => true,
         }
     };
     assert!(crashed);

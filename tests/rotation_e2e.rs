@@ -3,9 +3,7 @@
 //! AAD, written to etcd), polls Status and switches key_id; the controller rotates, converges,
 //! migrates, verifies from etcd and retires.
 
-mod common;
-#[path = "common/fake_api.rs"]
-mod fake_api;
+use kmsgate_testkit::{self as common, fake_api};
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -14,10 +12,10 @@ use fake_api::{FakeApi, Store};
 use futures::{FutureExt, future::BoxFuture};
 use kmsgate::{
     k8s::Kube,
+    kms::client::KmsClient,
     metrics::{ControllerMetrics, VaultMetrics},
     proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
     rotation::{Context, Step, VaultKeys},
-    selftest::KmsClient,
     storage::{self, DekSourceType, EncryptedObject},
     transit::VaultClient,
 };
@@ -106,7 +104,7 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
         etcd: Mutex::new(etcd.client().await.unwrap()),
         state: Mutex::new(None),
     }));
-    let fake = FakeApi { store: Some(Arc::new(storage.clone())), ..FakeApi::new(&v1) };
+    let fake = FakeApi::new(&v1).with_store(Arc::new(storage.clone()));
     for i in 0..120 {
         fake.insert(["a", "b", "c"][i % 3], &format!("s{i:03}"), "", format!("{{\"value\":{i}}}").as_bytes())
             .await;
@@ -133,7 +131,7 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
     let client = VaultClient::new(&bao.vault_settings(dir.path()), VaultMetrics::default()).unwrap();
     let keys = VaultKeys::new(client, "test-bao", "");
     let etcd_settings =
-        kmsgate::audit::EtcdSettings { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
+        kmsgate::etcd::EtcdSettings { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
     let ctx = Context::new(
         Kube::new(fake.client()),
         keys,

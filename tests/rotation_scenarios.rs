@@ -1,10 +1,7 @@
 //! Rotation steps against kube-rs's tower-test mock: every request the controller sends is
 //! asserted (method, path, query, headers, body) and answered the way kube-apiserver would.
 
-#[path = "common/fake_keys.rs"]
-mod fake_keys;
-#[path = "common/mock_api.rs"]
-mod mock_api;
+use kmsgate_testkit::{fake_keys, mock_api};
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,8 +1,7 @@
 //! Token flows against kube-rs's tower-test mock: the exact TokenRequest and Secret requests,
 //! answered the way kube-apiserver would.
 
-#[path = "common/mock_api.rs"]
-mod mock_api;
+use kmsgate_testkit::mock_api;
 
 use std::{sync::Arc, time::Duration};
 

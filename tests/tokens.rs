@@ -1,17 +1,9 @@
-//! Service-account token flows end to end against an in-memory API server that plays the token
-//! controller (tests/common/fake_tokens.rs). Time is paused, so lifetimes of hours run in
+//! Service-account token flows end to end against the in-memory API server, which plays the token
+//! controller (tests/common/fake_api/). Time is paused, so lifetimes of hours run in
 //! milliseconds and refresh times are asserted to the second.
-
-#[path = "common/fake_api.rs"]
-mod fake_api;
-#[path = "common/fake_tokens.rs"]
-mod fake_tokens;
-#[path = "common/rbac.rs"]
-mod rbac;
 
 use std::{sync::Arc, time::Duration};
 
-use fake_tokens::FakeTokens;
 use kmsgate::{
     commands,
     k8s::Kube,
@@ -25,12 +17,13 @@ use kmsgate::{
         reconcile::TokenLoop,
     },
 };
+use kmsgate_testkit::{fake_api::FakeApi, rbac};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 const DAY: u64 = 86_400;
 
-fn kube(fake: &FakeTokens) -> Kube {
+fn kube(fake: &FakeApi) -> Kube {
     let _ = rustls::crypto::ring::default_provider().install_default();
     Kube::new(fake.client())
 }
@@ -45,9 +38,10 @@ fn selection() -> Selection {
 
 /// A cluster with one due legacy token Secret carrying the user's metadata, and one of each
 /// kind a run must leave alone.
-async fn legacy_cluster() -> (FakeTokens, String) {
-    let fake =
-        FakeTokens::new(json!({"legacy": {"enabled": true, "excludeAnnotations": ["example.com/keep"]}}));
+async fn legacy_cluster() -> (FakeApi, String) {
+    let fake = FakeApi::with_token_policy(
+        json!({"legacy": {"enabled": true, "excludeAnnotations": ["example.com/keep"]}}),
+    );
     fake.add_service_account("apps", "builder").await;
     let old = fake.add_legacy("apps", "builder-token", "builder", 120).await;
     fake.label("apps", "builder-token", "app", "ci").await;
@@ -197,7 +191,7 @@ async fn a_dry_run_says_what_would_rotate_and_why_and_changes_nothing() {
     assert_eq!(fake.secret("apps", "builder-token").await.unwrap().uid, old_uid);
 }
 
-fn token_loop(fake: &FakeTokens, metrics: Arc<ControllerMetrics>) -> TokenLoop {
+fn token_loop(fake: &FakeApi, metrics: Arc<ControllerMetrics>) -> TokenLoop {
     TokenLoop {
         kube: kube(fake),
         clock: fake.clock.clone(),
@@ -207,8 +201,8 @@ fn token_loop(fake: &FakeTokens, metrics: Arc<ControllerMetrics>) -> TokenLoop {
     }
 }
 
-async fn managed_cluster() -> FakeTokens {
-    let fake = FakeTokens::new(json!({"managed": {
+async fn managed_cluster() -> FakeApi {
+    let fake = FakeApi::with_token_policy(json!({"managed": {
         "enabled": true, "namespaces": ["apps"], "audiences": ["vault"], "denyServiceAccounts": ["apps/root"],
     }}));
     fake.add_service_account("apps", "builder").await;
@@ -218,7 +212,7 @@ async fn managed_cluster() -> FakeTokens {
 }
 
 /// Runs the controller's managed loop (as leader) in the background.
-fn spawn_managed(fake: &FakeTokens, metrics: Arc<ControllerMetrics>) -> watch::Sender<bool> {
+fn spawn_managed(fake: &FakeApi, metrics: Arc<ControllerMetrics>) -> watch::Sender<bool> {
     let tokens = token_loop(fake, metrics);
     let (leader, follower) = watch::channel(true);
     tokio::spawn(async move { tokens.run_managed(follower).await });

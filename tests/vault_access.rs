@@ -1,12 +1,12 @@
 //! Vault access fit for production, against real OpenBao: TLS trust and reloads, AppRole,
 //! certificate and JWT logins, token renewal and re-login across short TTLs.
 
-mod common;
+use kmsgate_testkit as common;
 
 use std::{path::Path, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use common::Bao;
+use common::{Bao, eventually};
 use kmsgate::{
     backend::Backend,
     metrics::{OutcomeLabels, VaultMetrics},
@@ -47,16 +47,6 @@ fn count(
     family.get_or_create(&OutcomeLabels { outcome }).get()
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what} did not happen within 10s");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_right_ca_works_wrong_ca_is_refused_and_a_replaced_ca_is_picked_up() {
     let bao = Bao::start_tls().await;
@@ -87,7 +77,10 @@ async fn tls_right_ca_works_wrong_ca_is_refused_and_a_replaced_ca_is_picked_up()
 
     // Replace the CA file in place: the client rebuilds itself, no restart.
     std::fs::copy(bao.ca.as_ref().unwrap(), &wrong_ca).unwrap();
-    eventually("the replaced CA to be picked up", async || wrong.metadata(soon()).await.is_ok()).await;
+    eventually(Duration::from_secs(10), "the replaced CA to be picked up", async || {
+        wrong.metadata(soon()).await.is_ok()
+    })
+    .await;
 
     // http:// to a non-loopback address is refused at config time (see config tests); a missing
     // CA file is a clear setup error.
@@ -140,12 +133,18 @@ async fn approle_login_renewal_and_relogin_after_secret_id_rotation() {
         .unwrap()
         .to_owned();
     std::fs::write(&secret_file, &new_secret).unwrap();
-    eventually("a re-login after the secret_id changed", async || count(&metrics.logins, "ok") >= 2).await;
+    eventually(Duration::from_secs(10), "a re-login after the secret_id changed", async || {
+        count(&metrics.logins, "ok") >= 2
+    })
+    .await;
     assert_eq!(transit.decrypt(1, &sealed, b"kid", soon()).await.unwrap().as_slice(), b"seed");
 
     // A bad secret_id is a clear error that does not contain it.
     std::fs::write(&secret_file, "not-the-secret-id").unwrap();
-    eventually("the failed login to be counted", async || count(&metrics.logins, "error") >= 1).await;
+    eventually(Duration::from_secs(10), "the failed login to be counted", async || {
+        count(&metrics.logins, "error") >= 1
+    })
+    .await;
     let text = format!("{:?}", transit.client());
     assert!(!text.contains(&new_secret) && !text.contains("not-the-secret-id"));
 }
@@ -265,13 +264,11 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
         tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(2)).await })
     };
     let mut waiting = 0;
-    for _ in 0..150 {
+    eventually(Duration::from_millis(1500), "the second call waits", async || {
         waiting = metrics.calls_waiting.get();
-        if waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        waiting == 1
+    })
+    .await;
     assert_eq!(waiting, 1, "the second call waits for the one slot");
     let result = waiter.await.unwrap();
     assert!(matches!(result, Err(BackendError::Deadline)), "{result:?}");
@@ -412,10 +409,16 @@ async fn a_changed_token_file_is_picked_up_before_the_old_token_dies() {
     let loads = count(&metrics.logins, "ok");
 
     std::fs::write(&token_file, &second).unwrap();
-    eventually("the new token file to be read", async || count(&metrics.logins, "ok") > loads).await;
+    eventually(Duration::from_secs(10), "the new token file to be read", async || {
+        count(&metrics.logins, "ok") > loads
+    })
+    .await;
     bao.post("auth/token/revoke", json!({"token": first})).await;
     transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
-    eventually("the token TTL to be known", async || metrics.token_ttl_seconds.get() > 3000.0).await;
+    eventually(Duration::from_secs(10), "the token TTL to be known", async || {
+        metrics.token_ttl_seconds.get() > 3000.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,8 +9,8 @@ use tonic::Request;
 use zeroize::Zeroizing;
 
 use crate::{
+    kms::client::KmsClient,
     proto::v2::DecryptRequest,
-    selftest::KmsClient,
     storage::{self, DekSourceType, EncryptedObject},
 };
 

@@ -1,17 +1,17 @@
 //! `kmsgate audit`: reads etcd (read-only) page by page at one revision and reports how every
 //! stored value is encrypted, streaming each finding and keeping only counts in memory.
 
-pub mod classify;
 pub mod deep;
-pub mod scan;
 
 use std::{collections::BTreeMap, io::Write};
 
 use serde::Serialize;
 use serde_json::json;
 
-pub use classify::{Class, classify};
-pub use scan::{EtcdSettings, ScanError, Scanner};
+use crate::{
+    etcd::{ScanError, Scanner},
+    storage::{Class, Current, Judge, Standing},
+};
 
 /// The kinds of finding that can fail the audit (`--fail-on`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -133,23 +133,25 @@ async fn observe(
     value: &[u8],
     out: &mut impl Write,
 ) {
-    let (class, object) = classify(value);
-    let provider = match &class {
+    let judge = Judge {
+        provider: options.provider.as_deref(),
+        current: options.current_key_id.as_deref().map_or(Current::Any, Current::KeyId),
+    };
+    let judgement = judge.judge(value);
+    let class = &judgement.class;
+    if options.provider.is_some() && judgement.standing == Standing::Other {
+        summary.skipped += 1;
+        return;
+    }
+    let provider = match class {
         Class::KmsV1 { provider } | Class::KmsV2 { provider, .. } | Class::KmsV2Invalid { provider, .. } => {
             provider.clone()
         }
         Class::Aescbc { key } | Class::Aesgcm { key } | Class::Secretbox { key } => key.clone(),
         _ => String::new(),
     };
-    if let Some(wanted) = &options.provider {
-        let kms_v2 = matches!(class, Class::KmsV2 { .. } | Class::KmsV2Invalid { .. });
-        if !kms_v2 || &provider != wanted {
-            summary.skipped += 1;
-            return;
-        }
-    }
     summary.objects += 1;
-    let key_id = match &class {
+    let key_id = match class {
         Class::KmsV2 { key_id, .. } => key_id.clone(),
         _ => String::new(),
     };
@@ -161,26 +163,26 @@ async fn observe(
         .or_default()
         .entry(key_id.clone())
         .or_default() += 1;
-    let verified = match (deep, &object) {
+    let verified = match (deep, &judgement.object) {
         (Some(deep), Some(object)) => Some(deep.check(key, object).await),
         _ => None,
     };
     if let Some(Ok(())) = verified {
         summary.deep_verified += 1;
     }
-    let finding = match &class {
+    let finding = match (judgement.standing, class) {
         _ if matches!(verified, Some(Err(_))) => Some((
             Finding::Undecryptable,
             verified.and_then(Result::err).map(|e| e.to_string()).unwrap_or_default(),
         )),
-        c if c.is_plaintext() => Some((Finding::Plaintext, String::new())),
-        Class::KmsV2 { .. } => match &options.current_key_id {
-            Some(current) if &key_id != current => Some((Finding::Stale, format!("key_id {key_id}"))),
-            _ => None,
-        },
-        Class::KmsV2Invalid { reason, .. } => Some((Finding::Undecryptable, reason.clone())),
-        Class::Unknown { reason } => Some((Finding::Unknown, reason.clone())),
-        other => Some((Finding::Stale, format!("encrypted with {}", other.name()))),
+        (Standing::Current, _) => None,
+        (Standing::Stale, _) => Some((Finding::Stale, format!("key_id {key_id}"))),
+        (Standing::Invalid, Class::KmsV2Invalid { reason, .. }) => {
+            Some((Finding::Undecryptable, reason.clone()))
+        }
+        (_, c) if c.is_plaintext() => Some((Finding::Plaintext, String::new())),
+        (_, Class::Unknown { reason }) => Some((Finding::Unknown, reason.clone())),
+        (_, other) => Some((Finding::Stale, format!("encrypted with {}", other.name()))),
     };
     let Some((finding, detail)) = finding else { return };
     *summary.findings.entry(finding).or_default() += 1;

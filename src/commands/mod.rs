@@ -7,12 +7,12 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     audit,
-    config::{BackendConfig, Config, SocketSpec},
+    config::{BackendConfig, Config, SocketSpec, VaultAuth},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
     selftest,
-    transit::{AuthMethod, ClientError, Transit, VaultClient},
+    transit::{ClientError, Transit, VaultClient, VaultSettings},
 };
 
 /// `kmsgate audit`: how it ended when it could run.
@@ -26,7 +26,7 @@ pub enum AuditVerdict {
 
 /// `kmsgate audit`: scans, streams findings to stdout, prints the summary.
 pub async fn audit(
-    etcd: &audit::EtcdSettings,
+    etcd: &crate::etcd::EtcdSettings,
     options: &audit::Options,
     plugin_socket: Option<SocketSpec>,
     deep: bool,
@@ -35,7 +35,8 @@ pub async fn audit(
     let mut options = options.clone();
     let mut deep_checker = None;
     if let Some(socket) = plugin_socket {
-        let mut client = selftest::connect(&socket).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+        let mut client =
+            kms::client::connect(&socket).await.map_err(|e| CommandError::Audit(e.to_string()))?;
         if deep {
             deep_checker = Some(audit::deep::Deep::new(client.clone(), Duration::from_secs(3)));
         }
@@ -53,7 +54,7 @@ pub async fn audit(
     } else if deep {
         return Err(CommandError::Audit("--deep needs --plugin-socket to decrypt DEK sources".into()));
     }
-    let mut client = audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+    let mut client = crate::etcd::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let summary = audit::run(&mut client, &options, deep_checker.as_mut(), &mut out)
@@ -122,14 +123,14 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
             kms::serve(&config, backend, metrics, shutdown).await?;
         }
         BackendConfig::Vault(v) => {
-            if let AuthMethod::Jwt { jwt_file, .. } = &v.client.auth {
+            if let VaultAuth::Jwt { jwt_file, .. } = &v.client.auth {
                 tracing::warn!(
                     jwt_file = %jwt_file.display(),
                     "Vault auth is a JWT from a file: it must come from outside this cluster (a static pod has no \
                      service-account token, and this plugin starts before the API server it serves)"
                 );
             }
-            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
             let maintenance = tokio::spawn(client.clone().maintain());
             let backend = Transit::new(client, &v.identity, &v.client.namespace, &v.mount, &v.key);
             let result = kms::serve(&config, backend, metrics, shutdown).await;

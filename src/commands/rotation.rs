@@ -3,7 +3,6 @@
 use std::{io::Write, sync::Arc};
 
 use crate::{
-    audit::{Class, EtcdSettings, Scanner, classify},
     clock::{Clock, SystemClock},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
@@ -11,11 +10,12 @@ use crate::{
         self as policy, MigrateSettings, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef,
         RotationStatus,
     },
+    etcd::{EtcdSettings, Scanner},
     k8s::Kube,
-    keyid::KeyId,
     metrics::ControllerMetrics,
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
-    transit::VaultClient,
+    storage::{Current, Judge, Standing},
+    transit::{VaultClient, VaultSettings},
 };
 
 use super::CommandError;
@@ -36,11 +36,17 @@ async fn context(
     metrics: Arc<ControllerMetrics>,
 ) -> Result<Context<VaultKeys>, CommandError> {
     let v = vault(config)?;
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let kube = Kube::infer().await?;
-    Ok(Context::new(kube, keys, config.etcd.clone(), metrics, config.controller.poll_interval))
+    Ok(Context::new(
+        kube,
+        keys,
+        config.etcd.as_ref().map(EtcdSettings::from),
+        metrics,
+        config.controller.poll_interval,
+    ))
 }
 
 fn holder(role: &str) -> String {
@@ -272,7 +278,7 @@ pub async fn verify(
     }
     let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
     let input = verify::Input::new(&plan, &status.to_key_id, run_id, round);
-    let result = match crate::audit::scan::connect(etcd).await {
+    let result = match crate::etcd::connect(etcd).await {
         Ok(mut client) => {
             verify::scan(&mut client, &input, 5000, &SystemClock).await.map_err(|e| crate::error::chain(&e))
         }
@@ -323,21 +329,16 @@ pub async fn retire_check(
 ) -> Result<RetireCheck, CommandError> {
     let base = format!("{}/", etcd_prefix.trim_end_matches('/'));
     let mut check = RetireCheck::default();
+    let judge = Judge { provider: Some(provider), current: Current::AtLeast { scope, version: to_version } };
     let mut scanner = Scanner::prefix(base.as_bytes(), 5000);
     while let Some(page) = scanner.next_page(client).await.map_err(|e| CommandError::Audit(e.to_string()))? {
         for kv in &page {
-            let blocker = match classify(kv.value()).0 {
-                Class::KmsV2 { provider: p, key_id, .. } if p == provider => {
-                    check.values += 1;
-                    // NB: a key_id that is not this key's cannot be proven safe, so it blocks.
-                    !matches!(KeyId::parse(&key_id), Ok(id) if id.scope == *scope && id.version >= to_version)
-                }
-                Class::KmsV2Invalid { provider: p, .. } if p == provider => {
-                    check.values += 1;
-                    true
-                }
-                _ => false,
+            let blocker = match judge.judge(kv.value()).standing {
+                Standing::Current => false,
+                Standing::Stale | Standing::Invalid => true,
+                Standing::Other => continue,
             };
+            check.values += 1;
             if blocker {
                 check.blockers += 1;
                 if check.examples.len() < 10 {
@@ -360,7 +361,7 @@ pub async fn retire(
 ) -> Result<(), CommandError> {
     let v = vault(config)?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let key = policy::TransitKey { mount: v.mount.clone(), key: v.key.clone() };
@@ -384,8 +385,9 @@ pub async fn retire(
                         .into(),
                 )
             })?;
-            let mut client =
-                crate::audit::scan::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
+            let mut client = crate::etcd::connect(&EtcdSettings::from(etcd))
+                .await
+                .map_err(|e| CommandError::Audit(e.to_string()))?;
             let check =
                 retire_check(&mut client, etcd_prefix, provider, &keys.scope(&key), to_version).await?;
             if check.blockers > 0 {

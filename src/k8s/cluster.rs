@@ -99,7 +99,10 @@ impl Kube {
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let mine = spec.holder_identity.as_deref() == Some(holder);
-        if !mine && lease_fresh(spec) {
+        // NB: a Lease with no holder was released and is free at once, as client-go's
+        // tryAcquireOrRenew (tools/leaderelection/leaderelection.go) treats an empty HolderIdentity.
+        let held = spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty());
+        if !mine && held && lease_fresh(spec) {
             return Ok(false);
         }
         if !mine {
@@ -114,6 +117,27 @@ impl Kube {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(call(format!("update lease {namespace}/{name}"))(e)),
+        }
+    }
+
+    /// Gives up a Lease `holder` holds, so the next candidate takes it without waiting for it to
+    /// expire; `false` when `holder` did not hold it (then nothing changes).
+    pub async fn release_lease(&self, namespace: &str, name: &str, holder: &str) -> Result<bool, KubeError> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let lease = leases.get_opt(name).await.map_err(call(format!("get lease {namespace}/{name}")))?;
+        let Some(mut lease) = lease else { return Ok(false) };
+        let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(holder)) else {
+            return Ok(false);
+        };
+        // NB: as client-go's LeaderElector.release (tools/leaderelection/leaderelection.go): clear
+        // the holder and times, keep the duration and the transition count.
+        spec.holder_identity = None;
+        spec.acquire_time = None;
+        spec.renew_time = None;
+        match leases.replace(name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(call(format!("release lease {namespace}/{name}"))(e)),
         }
     }
 

@@ -22,12 +22,11 @@ use tokio::time::Instant;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::{
-    backend::{self, Backend, BackendError, KeyMetadata},
+    backend::{Backend, BackendError, KeyMetadata},
+    ciphertext::{self, LOCAL_TAG},
     keyid::{BackendKind, KeyScope},
 };
 
-/// The ciphertext tag of the local keyring: `local:v<N>:<base64>`.
-pub const CIPHERTEXT_TAG: &str = "local";
 const FORMAT: u32 = 1;
 const WARNING: &str = "kmsgate local keyring: NOT FOR PRODUCTION. Keys live on this disk next to the data.";
 
@@ -202,7 +201,7 @@ impl Backend for Keyring {
     }
 
     fn max_ciphertext_len(&self, plaintext_len: usize) -> usize {
-        backend::versioned_ciphertext_len(CIPHERTEXT_TAG, plaintext_len)
+        ciphertext::versioned_len(LOCAL_TAG, plaintext_len)
     }
 
     async fn metadata(&self, _deadline: Instant) -> Result<KeyMetadata, BackendError> {
@@ -234,7 +233,7 @@ impl Backend for Keyring {
             .map_err(|_| BackendError::Protocol("AES-GCM refused the input".into()))?;
         let mut body = nonce.to_vec();
         body.extend_from_slice(&sealed);
-        Ok(format!("{CIPHERTEXT_TAG}:v{version}:{}", B64.encode(body)).into_bytes())
+        Ok(format!("{LOCAL_TAG}:v{version}:{}", B64.encode(body)).into_bytes())
     }
 
     async fn decrypt(
@@ -244,7 +243,7 @@ impl Backend for Keyring {
         aad: &[u8],
         _deadline: Instant,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        let (made_by, body) = backend::ciphertext_version(CIPHERTEXT_TAG, ciphertext)
+        let (made_by, body) = ciphertext::version(LOCAL_TAG, ciphertext)
             .ok_or_else(|| BackendError::Rejected("ciphertext is not a local keyring ciphertext".into()))?;
         if made_by != version {
             return Err(BackendError::Rejected(format!(

@@ -1,6 +1,7 @@
 //! The KMS v2 plugin: shared state, background probes, the gRPC service and its socket.
 
 pub mod audit_log;
+pub mod client;
 pub mod probe;
 pub mod service;
 pub mod socket;
@@ -210,6 +211,7 @@ impl<B: Backend> HttpView for Shared<B> {
                 "reason": "the key store reported an older latest version than the one promoted; it was not adopted",
             })),
             "started": at(self.started),
+            "build": crate::build_info::BuildInfo::current(),
         })
     }
 
@@ -221,8 +223,8 @@ impl<B: Backend> HttpView for Shared<B> {
     }
 }
 
-/// Serves the plugin until `shutdown` resolves, then drains in-flight calls (bounded by
-/// `plugin.shutdown_timeout`) and removes the socket.
+/// Serves the plugin until `shutdown` resolves, then removes the socket and drains in-flight calls
+/// (bounded by `plugin.shutdown_timeout`).
 pub async fn serve<B: Backend>(
     config: &Config,
     backend: B,
@@ -255,7 +257,14 @@ pub async fn serve<B: Backend>(
     let result = tokio::select! {
         result = &mut server => result.map_err(PluginError::Serve),
         () = shutdown => {
-            tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: no new connections; draining in-flight calls");
+            // NB: unlink first, so the next plugin can bind the path at once while this one drains
+            // the connections it already has (an upgrade's gap is the successor's start, not our drain).
+            drop(guard);
+            // NB: and free http.listen, which the successor binds with the same address.
+            if let Some(task) = &http_task {
+                task.abort();
+            }
+            tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: socket removed; draining in-flight calls");
             let _ = stop_tx.send(());
             match tokio::time::timeout(config.plugin.shutdown_timeout, &mut server).await {
                 Ok(result) => result.map_err(PluginError::Serve),
@@ -270,7 +279,6 @@ pub async fn serve<B: Backend>(
     if let Some(task) = http_task {
         task.abort();
     }
-    drop(guard);
     tracing::info!("stopped");
     result
 }

@@ -19,10 +19,10 @@ pub use keys::{KeyAdmin, VaultKeys};
 use status::{Book, observe};
 
 use crate::{
-    audit::EtcdSettings,
     backend::{BackendError, KeyMetadata},
     clock::{self, Clock, SystemClock, parse_time},
     crd::rotation::{self, Phase, Plan, REQUEST_ANNOTATION, ResourceId, RotationPolicy, RotationStatus},
+    etcd::EtcdSettings,
     k8s::{EventKind, Kube, KubeError, Target},
     metrics::ControllerMetrics,
 };

@@ -8,12 +8,13 @@ use k8s_openapi::api::batch::v1::Job;
 
 use super::{KeyAdmin, RotationError, Run, Step};
 use crate::{
-    audit::{Class, ScanError, Scanner, classify},
     clock::Clock,
     crd::rotation::{
         Phase, Plan, ResourceId, ResourceRef, RotationPolicy, Straggler, Verification, Verifier, VerifyJob,
     },
+    etcd::{ScanError, Scanner},
     k8s::{EventKind, JobState, KubeError, ObjectKey},
+    storage::{Current, Judge, Standing},
 };
 
 /// Most stragglers listed by name in the status; more means a full migrate pass instead.
@@ -68,6 +69,7 @@ pub async fn scan(
         key_id: input.key_id.clone(),
         ..Verification::default()
     };
+    let judge = Judge { provider: Some(&input.provider), current: Current::KeyId(&input.key_id) };
     let mut scanner = Scanner::prefix(base.as_bytes(), page_size);
     while let Some(page) = scanner.next_page(client).await? {
         result.revision = scanner.revision();
@@ -77,29 +79,27 @@ pub async fn scan(
             let owner = mapped
                 .iter()
                 .find_map(|(prefix, r)| key.strip_prefix(prefix.as_str()).map(|rest| (*r, rest)));
-            let (class, _) = classify(kv.value());
-            let straggler = match &class {
-                Class::KmsV2 { provider, key_id, .. } if *provider == input.provider => {
-                    if *key_id == input.key_id {
-                        result.current += 1;
-                        false
-                    } else {
-                        result.old_key += 1;
-                        if owner.is_none() {
-                            result.unmapped += 1;
-                        }
-                        true
-                    }
+            let straggler = match judge.judge(kv.value()).standing {
+                Standing::Current => {
+                    result.current += 1;
+                    false
                 }
-                Class::KmsV2Invalid { provider, .. } if *provider == input.provider => {
+                Standing::Stale => {
+                    result.old_key += 1;
+                    if owner.is_none() {
+                        result.unmapped += 1;
+                    }
+                    true
+                }
+                Standing::Invalid => {
                     result.invalid += 1;
                     false
                 }
-                _ if owner.is_some() => {
+                Standing::Other if owner.is_some() => {
                     result.unencrypted += 1;
                     true
                 }
-                _ => false,
+                Standing::Other => false,
             };
             if let (true, Some((resource, rest))) = (straggler, owner) {
                 if result.stragglers.len() < MAX_STRAGGLERS {
@@ -326,7 +326,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         let Some(etcd) = &self.ctx.etcd else {
             return Err("verify.mode is Etcd but the controller has no etcd.* settings".into());
         };
-        let mut client = crate::audit::scan::connect(etcd).await.map_err(|e| crate::error::chain(&e))?;
+        let mut client = crate::etcd::connect(etcd).await.map_err(|e| crate::error::chain(&e))?;
         scan(&mut client, &self.verify_input(round), 5000, &*self.ctx.clock)
             .await
             .map_err(|e| crate::error::chain(&e))

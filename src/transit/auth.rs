@@ -7,7 +7,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::ClientError;
+use super::error::ClientError;
 
 /// A login call: the path below `/v1/` and the JSON body holding the credentials.
 pub type LoginRequest = (String, Zeroizing<Vec<u8>>);

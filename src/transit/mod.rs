@@ -4,6 +4,8 @@
 mod auth;
 mod batch;
 mod client;
+mod error;
+mod settings;
 mod tls;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -16,16 +18,16 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 pub use auth::AuthMethod;
-pub use client::{ClientError, VaultClient, VaultSettings};
+pub use client::VaultClient;
+pub use error::ClientError;
+pub use settings::VaultSettings;
 pub use tls::TlsSettings;
 
 use crate::{
-    backend::{self, Backend, BackendError, KeyMetadata},
+    backend::{Backend, BackendError, KeyMetadata},
+    ciphertext::{self, VAULT_TAG},
     keyid::{BackendKind, KeyScope},
 };
-
-/// The prefix Transit puts on its ciphertexts: `vault:v<N>:`.
-pub const CIPHERTEXT_TAG: &str = "vault";
 
 /// Transit key types that authenticate associated data.
 const AEAD_TYPES: &[&str] = &["aes128-gcm96", "aes256-gcm96", "chacha20-poly1305"];
@@ -105,7 +107,7 @@ impl Backend for Transit {
     }
 
     fn max_ciphertext_len(&self, plaintext_len: usize) -> usize {
-        backend::versioned_ciphertext_len(CIPHERTEXT_TAG, plaintext_len)
+        ciphertext::versioned_len(VAULT_TAG, plaintext_len)
     }
 
     async fn metadata(&self, deadline: Instant) -> Result<KeyMetadata, BackendError> {
@@ -174,7 +176,7 @@ impl Backend for Transit {
         let data = self.call(Method::POST, &path, Some(body.to_vec()), deadline).await?;
         let out: Encrypted = serde_json::from_value(data)
             .map_err(|e| BackendError::Protocol(format!("encrypt answer does not parse: {e}")))?;
-        let made_by = backend::ciphertext_version(CIPHERTEXT_TAG, out.ciphertext.as_bytes()).map(|(v, _)| v);
+        let made_by = ciphertext::version(VAULT_TAG, out.ciphertext.as_bytes()).map(|(v, _)| v);
         if made_by != Some(version) || out.key_version.is_some_and(|v| v != version) {
             return Err(BackendError::Protocol(format!(
                 "asked Transit to encrypt with version {version}, but it used {made_by:?}"
@@ -190,7 +192,7 @@ impl Backend for Transit {
         aad: &[u8],
         deadline: Instant,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        let (made_by, _) = backend::ciphertext_version(CIPHERTEXT_TAG, ciphertext)
+        let (made_by, _) = ciphertext::version(VAULT_TAG, ciphertext)
             .ok_or_else(|| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
         if made_by != version {
             return Err(BackendError::Rejected(format!(

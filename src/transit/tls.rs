@@ -10,7 +10,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use super::ClientError;
+use super::error::ClientError;
 
 /// Which files make up the client's TLS identity and trust.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

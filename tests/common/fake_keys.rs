@@ -1,5 +1,4 @@
 //! Transit in memory for controller tests: versions with creation times, rotate and retire.
-#![allow(dead_code)]
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +17,7 @@ use kmsgate::{
 pub struct FakeKeys(pub Arc<Mutex<KeyMetadata>>);
 
 impl FakeKeys {
+    /// Versions 1..=`latest`, none retired.
     pub fn new(latest: u64) -> Self {
         let versions: BTreeMap<u64, u64> = (1..=latest).map(|v| (v, 1_700_000_000 + v)).collect();
         Self(Arc::new(Mutex::new(KeyMetadata {
@@ -28,11 +28,13 @@ impl FakeKeys {
         })))
     }
 
+    /// The key_id of `version` under [`scope`].
     pub fn key_id(version: u64) -> String {
         scope().key_id(version, 1_700_000_000 + version).to_string()
     }
 }
 
+/// The Transit key every fake version belongs to.
 pub fn scope() -> KeyScope {
     KeyScope {
         kind: BackendKind::Transit,

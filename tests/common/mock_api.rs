@@ -1,12 +1,16 @@
-//! kube-rs's tower-test mock, scripted: each expected request (method, path and query, plus any
-//! header and body checks) is answered the way kube-apiserver would; anything else fails.
-#![allow(dead_code)]
+//! kube-rs's tower-test mock, scripted in controller-rs's `ApiServerVerifier` style: each expected
+//! request (method, path and query, plus any header and body checks) is answered the way
+//! kube-apiserver would; anything else fails. Requests are read and authorized with the same
+//! machinery as the in-memory [`FakeApi`](crate::fake_api::FakeApi), so a scripted test also
+//! fails on a call `kmsgate::k8s::RBAC` does not grant.
 
 use std::time::Duration;
 
 use http::{Request, Response};
 use serde_json::Value;
 use tower_test::mock::{self, Handle};
+
+use crate::{fake_api::Incoming, rbac};
 
 /// The test's end of the mock.
 pub type ApiHandle = Handle<Request<kube::client::Body>, Response<kube::client::Body>>;
@@ -42,7 +46,8 @@ impl Expect {
     }
 }
 
-/// Serves the expected requests in order; panics on anything else, and on a missing request.
+/// Serves the expected requests in order; panics on anything else, on a request RBAC would
+/// refuse, and on a missing request. Returns the request bodies.
 pub fn verifier(mut handle: ApiHandle, scenario: Vec<Expect>) -> tokio::task::JoinHandle<Vec<Value>> {
     tokio::spawn(async move {
         let mut bodies = Vec::new();
@@ -53,12 +58,19 @@ pub fn verifier(mut handle: ApiHandle, scenario: Vec<Expect>) -> tokio::task::Jo
                 .expect("service dropped");
             let (parts, body) = request.into_parts();
             let bytes = body.collect_bytes().await.unwrap();
-            let body: Value =
-                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            let incoming = Incoming::read(&parts, &bytes);
+            assert!(
+                bytes.is_empty() || !incoming.body.is_null(),
+                "{} sent a body that is not JSON",
+                incoming.line()
+            );
+            if let Err(needs) = rbac::authorize(&incoming.line()) {
+                panic!("{} needs {needs:?}, which kmsgate::k8s::RBAC does not grant", incoming.line());
+            }
             assert_eq!(parts.method.as_str(), expected.method, "{}", parts.uri);
             assert_eq!(parts.uri.path_and_query().unwrap().as_str(), expected.path_and_query);
-            (expected.check)(&Request::from_parts(parts, ()), &body);
-            bodies.push(body);
+            (expected.check)(&Request::from_parts(parts, ()), &incoming.body);
+            bodies.push(incoming.body);
             let (code, reply) = expected.reply;
             send.send_response(
                 Response::builder()

@@ -1,25 +1,14 @@
-//! Test fixtures: a real OpenBao dev server on a free loopback port, and the real kmsgate binary.
-#![allow(dead_code)]
+//! Real OpenBao: a dev server, or a 3-node raft cluster with TLS.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use kmsgate::{config::SocketSpec, selftest};
 use serde_json::{Value, json};
 
-/// Installs the ring provider once per test binary.
-pub fn init_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A free loopback port (best effort: another process may take it before we bind).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::{eventually, free_port, init_crypto, signal};
 
 /// The `bao` binary the tests use.
 pub fn bao_binary() -> PathBuf {
@@ -36,7 +25,9 @@ pub fn bao_binary() -> PathBuf {
 /// A real `bao server -dev`, killed on drop.
 pub struct Bao {
     child: Child,
+    /// The API address, `http(s)://127.0.0.1:port`.
     pub addr: String,
+    /// The root token.
     pub token: String,
     /// With TLS: the CA that signed the server certificate.
     pub ca: Option<PathBuf>,
@@ -91,26 +82,23 @@ impl Bao {
         let ca = tls.then(|| cert_dir.join("vault-ca.pem"));
         let mut http = reqwest::Client::builder();
         if let Some(ca) = &ca {
-            for _ in 0..200 {
-                if ca.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
+            eventually(Duration::from_secs(5), "OpenBao writes its CA", async || ca.exists()).await;
             let pem = std::fs::read(ca).unwrap();
             http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
         }
         let bao = Self { child, addr, token, ca, home, http: http.build().unwrap() };
-        for _ in 0..200 {
-            let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await;
-            if health.is_ok_and(|r| r.status().is_success()) {
-                bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
-                bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
-                return bao;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("OpenBao did not become healthy on {}", bao.addr);
+        eventually(
+            Duration::from_secs(10),
+            &format!("OpenBao becomes healthy on {}", bao.addr),
+            async || {
+                let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await;
+                health.is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+        bao.post("sys/mounts/transit", json!({"type": "transit"})).await;
+        bao.post("transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+        bao
     }
 
     /// POSTs to `/v1/{path}` as root; panics on failure.
@@ -214,169 +202,6 @@ async fn send_as(request: reqwest::RequestBuilder, token: &str, what: &str) -> V
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
-pub fn signal(pid: u32, sig: &str) {
-    let ok =
-        Command::new("kill").arg(sig).arg(pid.to_string()).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "kill {sig} {pid} failed");
-}
-
-/// A running `kmsgate plugin`, killed on drop.
-pub struct Plugin {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    pub http: String,
-    pub log: PathBuf,
-    settings: Vec<(String, String)>,
-}
-
-impl Plugin {
-    /// Starts the plugin with these settings (as `--set` flags) plus a socket and HTTP port in `dir`.
-    pub async fn start(dir: &Path, settings: &[(String, String)]) -> Self {
-        let socket = dir.join("kms.sock");
-        let port = free_port();
-        let mut all = vec![
-            ("plugin.socket".to_owned(), socket.display().to_string()),
-            ("http.listen".to_owned(), format!("127.0.0.1:{port}")),
-            ("log.level".to_owned(), "debug".to_owned()),
-        ];
-        all.extend_from_slice(settings);
-        let log = dir.join(format!("plugin-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut plugin =
-            Self { child: None, socket, http: format!("http://127.0.0.1:{port}"), log, settings: all };
-        plugin.spawn();
-        plugin.wait_for_socket().await;
-        plugin
-    }
-
-    fn spawn(&mut self) {
-        let mut command = kmsgate_command();
-        command.arg("plugin");
-        for (k, v) in &self.settings {
-            command.arg("--set").arg(format!("{k}={v}"));
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        command.stdout(log.try_clone().unwrap()).stderr(log);
-        self.child = Some(command.spawn().expect("start kmsgate"));
-    }
-
-    async fn wait_for_socket(&mut self) {
-        for _ in 0..200 {
-            // NB: connect, not exists(): a stale socket file may be there before the plugin binds.
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("plugin exited with {status}: {}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("plugin socket did not appear: {}", self.log_text());
-    }
-
-    /// The process id while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Stops with SIGTERM and returns the exit code.
-    pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        signal(child.id(), "-TERM");
-        child.wait().unwrap().code()
-    }
-
-    /// Sends SIGTERM without waiting.
-    pub fn terminate(&self) {
-        if let Some(child) = &self.child {
-            signal(child.id(), "-TERM");
-        }
-    }
-
-    /// Waits for the process to exit.
-    pub fn wait(&mut self) -> Option<i32> {
-        self.child.take()?.wait().unwrap().code()
-    }
-
-    /// Stops and starts again with the same settings.
-    pub async fn restart(&mut self) {
-        assert_eq!(self.stop(), Some(0), "{}", self.log_text());
-        self.spawn();
-        self.wait_for_socket().await;
-    }
-
-    /// The plugin's combined stdout and stderr so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// A KMS client on the socket.
-    pub async fn client(&self) -> selftest::KmsClient {
-        selftest::connect(&SocketSpec::Path(self.socket.clone())).await.unwrap()
-    }
-
-    /// GET /status.
-    pub async fn status_json(&self) -> Value {
-        reqwest::get(format!("{}/status", self.http)).await.unwrap().json().await.unwrap()
-    }
-
-    /// GET a path as text, with its status code.
-    pub async fn get(&self, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("{}{path}", self.http)).await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    }
-
-    /// Waits until Status says ok.
-    pub async fn wait_healthy(&self) -> String {
-        self.wait_status(|healthz, _| healthz == "ok").await.1
-    }
-
-    /// Polls Status until `done(healthz, key_id)` holds; returns the last answer.
-    pub async fn wait_status(&self, done: impl Fn(&str, &str) -> bool) -> (String, String) {
-        let mut client = self.client().await;
-        let mut last = (String::new(), String::new());
-        for _ in 0..400 {
-            if let Ok(r) = client.status(kmsgate::proto::v2::StatusRequest {}).await {
-                let r = r.into_inner();
-                last = (r.healthz, r.key_id);
-                if done(&last.0, &last.1) {
-                    return last;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("Status never reached the wanted state; last {last:?}; log:\n{}", self.log_text());
-    }
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The kmsgate binary, with no KMSGATE_* or VAULT_* variables from the developer's shell.
-pub fn kmsgate_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kmsgate"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KMSGATE_") || key.starts_with("VAULT_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-/// Settings that make probes fast enough for tests.
-pub fn fast_probes() -> Vec<(String, String)> {
-    vec![
-        ("plugin.poll_interval".into(), "100ms".into()),
-        ("plugin.round_trip_interval".into(), "1s".into()),
-        ("plugin.probe_timeout".into(), "500ms".into()),
-    ]
-}
-
 /// A real 3-node OpenBao raft cluster on loopback, serving HTTPS with a test CA, initialised and
 /// unsealed, with Transit key `kmsgate` and a root token; every node is killed on drop.
 pub struct RaftCluster {
@@ -463,28 +288,23 @@ impl RaftCluster {
             cluster.put(node, "sys/storage/raft/join", join).await;
             cluster.put(node, "sys/unseal", json!({"key": key})).await;
         }
-        for _ in 0..300 {
+        eventually(Duration::from_secs(30), "the raft cluster has three voters", async || {
             let config = cluster.get(0, "sys/storage/raft/configuration").await;
             let servers = config["data"]["config"]["servers"].as_array().cloned().unwrap_or_default();
-            if servers.len() == 3 && servers.iter().all(|s| s["voter"] == true) {
-                cluster.put(0, "sys/mounts/transit", json!({"type": "transit"})).await;
-                cluster.put(0, "transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
-                return cluster;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("raft cluster never had three voters");
+            servers.len() == 3 && servers.iter().all(|s| s["voter"] == true)
+        })
+        .await;
+        cluster.put(0, "sys/mounts/transit", json!({"type": "transit"})).await;
+        cluster.put(0, "transit/keys/kmsgate", json!({"type": "aes256-gcm96"})).await;
+        cluster
     }
 
     async fn wait(&self, addr: &str, ready: impl Fn(u16) -> bool) {
-        for _ in 0..300 {
+        eventually(Duration::from_secs(15), &format!("{addr} reaches the wanted health state"), async || {
             let health = self.http.get(format!("{addr}/v1/sys/health")).send().await;
-            if health.is_ok_and(|r| ready(r.status().as_u16())) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{addr} never reached the wanted health state");
+            health.is_ok_and(|r| ready(r.status().as_u16()))
+        })
+        .await;
     }
 
     /// PUTs to a node as root; panics on failure.
@@ -528,73 +348,5 @@ impl Drop for RaftCluster {
             let _ = node.kill();
             let _ = node.wait();
         }
-    }
-}
-
-/// A real single-node etcd on free loopback ports, killed on drop.
-pub struct Etcd {
-    child: Child,
-    /// The client URL.
-    pub endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    /// Starts etcd (Debian `etcd-server`) and waits until it answers.
-    pub async fn start() -> Self {
-        Self::start_with(&[]).await
-    }
-
-    /// The same with extra flags; TLS flags (`--cert-file`) make it serve https.
-    pub async fn start_with(extra: &[String]) -> Self {
-        init_crypto();
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let scheme = if extra.iter().any(|a| a.starts_with("--cert-file")) { "https" } else { "http" };
-        let endpoint = format!("{scheme}://127.0.0.1:{client}");
-        let child = Command::new("etcd")
-            .args(extra)
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-cluster=test=http://127.0.0.1:{peer}"))
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(dir.path().join("etcd.log")).map(Stdio::from).unwrap_or(Stdio::null()),
-            )
-            .spawn()
-            .expect("start etcd (Debian etcd-server; scripts/test.sh installs it)");
-        let etcd = Self { child, endpoint, _dir: dir };
-        for _ in 0..200 {
-            let up = if scheme == "https" {
-                // NB: with client-certificate auth only a TCP connect can tell it is listening.
-                tokio::net::TcpStream::connect(("127.0.0.1", client)).await.is_ok()
-            } else {
-                match etcd.client().await {
-                    Ok(mut c) => c.status().await.is_ok(),
-                    Err(_) => false,
-                }
-            };
-            if up {
-                return etcd;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("etcd did not start on {}", etcd.endpoint);
-    }
-
-    /// A client for writing fixtures.
-    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
-        etcd_client::Client::connect([self.endpoint.as_str()], None).await
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

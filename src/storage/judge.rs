@@ -1,8 +1,86 @@
-//! Classifies one stored etcd value by how it is encrypted (facts §3.3), without decrypting.
+//! The one judgement of a stored etcd value, without decrypting: how it is encrypted (facts §3.3),
+//! and, for one KMS v2 provider, whether it is on a current key. `audit`, the rotation's verify and
+//! `retire`'s check all call [`Judge::judge`]; they differ only in what they do with the answer.
 
 use serde::Serialize;
 
-use crate::storage::{DekSourceType, EncryptedObject, KMS_V2_PREFIX};
+use super::{DekSourceType, EncryptedObject, KMS_V2_PREFIX};
+use crate::keyid::{KeyId, KeyScope};
+
+/// Which key_ids count as current.
+#[derive(Debug, Clone, Copy)]
+pub enum Current<'a> {
+    /// Any key_id: only the encoding is judged.
+    Any,
+    /// This key at this version or later (a `min_decryption_version` floor). A key_id that is not
+    /// this key's cannot be proven safe, so it is not current.
+    AtLeast { scope: &'a KeyScope, version: u64 },
+    /// Exactly this key_id.
+    KeyId(&'a str),
+}
+
+impl Current<'_> {
+    /// Whether a valid KMS v2 value with this key_id is current.
+    pub fn accepts(self, key_id: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::AtLeast { scope, version } => {
+                matches!(KeyId::parse(key_id), Ok(id) if id.scope == *scope && id.version >= version)
+            }
+            Self::KeyId(current) => key_id == current,
+        }
+    }
+}
+
+/// Where a value stands for the judged provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// A valid value of the provider on a current key_id.
+    Current,
+    /// The provider's prefix followed by something the API server would refuse.
+    Invalid,
+    /// Not the provider's: unencrypted, another transformer, or another KMS provider.
+    Other,
+    /// A valid value of the provider on a key_id that is not current.
+    Stale,
+}
+
+/// What a value is and where it stands.
+#[derive(Debug)]
+pub struct Judgement {
+    /// How it is encrypted.
+    pub class: Class,
+    /// The parsed object, for valid KMS v2 values.
+    pub object: Option<EncryptedObject>,
+    /// Where it stands for the provider.
+    pub standing: Standing,
+}
+
+/// Judges values for one KMS v2 provider (or every provider) against one idea of "current".
+#[derive(Debug, Clone, Copy)]
+pub struct Judge<'a> {
+    /// The KMS v2 provider name; `None` judges every KMS v2 provider.
+    pub provider: Option<&'a str>,
+    /// Which key_ids are current.
+    pub current: Current<'a>,
+}
+
+impl Judge<'_> {
+    /// Classifies a value and says where it stands.
+    pub fn judge(&self, value: &[u8]) -> Judgement {
+        let (class, object) = classify(value);
+        let ours = |provider: &str| self.provider.is_none_or(|wanted| wanted == provider);
+        let standing = match &class {
+            Class::KmsV2 { provider, key_id, .. } if ours(provider) => match self.current.accepts(key_id) {
+                true => Standing::Current,
+                false => Standing::Stale,
+            },
+            Class::KmsV2Invalid { provider, .. } if ours(provider) => Standing::Invalid,
+            _ => Standing::Other,
+        };
+        Judgement { class, object, standing }
+    }
+}
 
 /// How a stored value is encrypted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -160,5 +238,43 @@ mod tests {
             matches!(&class, Class::KmsV2Invalid { reason, .. } if reason.contains("decode")),
             "{class:?}"
         );
+    }
+
+    #[test]
+    fn one_judge_says_where_each_value_stands() {
+        use crate::keyid::{BackendKind, KeyScope};
+        let scope = KeyScope {
+            kind: BackendKind::Local,
+            identity: "k".into(),
+            namespace: String::new(),
+            mount: String::new(),
+            key: "kmsgate".into(),
+        };
+        let with_key_id = |key_id: String, provider: &str| {
+            EncryptedObject {
+                encrypted_data: vec![1; 40],
+                key_id,
+                encrypted_dek_source: b"local:v1:abc".to_vec(),
+                annotations: Default::default(),
+                dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
+            }
+            .to_value(provider)
+        };
+        let (v1, v2) = (scope.key_id(1, 10).to_string(), scope.key_id(2, 20).to_string());
+        let exact = Judge { provider: Some("p"), current: Current::KeyId(&v2) };
+        let floor = Judge { provider: Some("p"), current: Current::AtLeast { scope: &scope, version: 2 } };
+        let any = Judge { provider: None, current: Current::Any };
+        let cases = [
+            (with_key_id(v2.clone(), "p"), [Standing::Current, Standing::Current, Standing::Current]),
+            (with_key_id(v1.clone(), "p"), [Standing::Stale, Standing::Stale, Standing::Current]),
+            (with_key_id("not-a-key-id".into(), "p"), [Standing::Stale, Standing::Stale, Standing::Current]),
+            (with_key_id(v2.clone(), "q"), [Standing::Other, Standing::Other, Standing::Current]),
+            (b"k8s:enc:kms:v2:p:\xff".to_vec(), [Standing::Invalid, Standing::Invalid, Standing::Invalid]),
+            (b"k8s\x00plain".to_vec(), [Standing::Other, Standing::Other, Standing::Other]),
+        ];
+        for (value, want) in cases {
+            let got = [exact, floor, any].map(|j| j.judge(&value).standing);
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&value));
+        }
     }
 }

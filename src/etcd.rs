@@ -1,10 +1,12 @@
-//! Reads a key range from etcd page by page at one pinned revision, so the report is one
-//! consistent snapshot and memory is bounded by the page size.
+//! The etcd client side: how to connect (read-only use), and a range read page by page at one
+//! pinned revision, so a scan is one consistent snapshot and memory is bounded by the page size.
 
 use std::path::PathBuf;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue};
 use zeroize::Zeroizing;
+
+use crate::config::EtcdConfig;
 
 /// How to reach etcd (read-only use).
 #[derive(Debug, Clone, Default)]
@@ -21,6 +23,19 @@ pub struct EtcdSettings {
     pub user: Option<String>,
     /// File holding that user's password.
     pub password_file: Option<PathBuf>,
+}
+
+impl From<&EtcdConfig> for EtcdSettings {
+    fn from(config: &EtcdConfig) -> Self {
+        Self {
+            endpoints: config.endpoints.clone(),
+            ca: config.ca.clone(),
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            user: config.user.clone(),
+            password_file: config.password_file.clone(),
+        }
+    }
 }
 
 /// The scan could not run or could not finish.
