@@ -18,9 +18,8 @@ use fake_api::FakeApi;
 use futures::StreamExt;
 use kmsgate::{
     commands::rotation::{Reencrypt, reencrypt},
+    crd::rotation::{MigrateSettings, ResourceRef},
     k8s::Kube,
-    policy::ResourceRef,
-    rotation::migrate::Settings,
 };
 
 const OBJECTS: usize = 10_000;
@@ -42,7 +41,7 @@ fn secrets() -> ResourceRef {
 /// The floor: list pages and patch every object, nothing else.
 async fn baseline() -> f64 {
     let (fake, kube) = cluster(OBJECTS).await;
-    let target = kube.resolve(&secrets()).await.unwrap();
+    let target = kube.resolve(&secrets().id()).await.unwrap();
     let started = Instant::now();
     let mut token: Option<String> = None;
     loop {
@@ -65,20 +64,21 @@ async fn baseline() -> f64 {
     OBJECTS as f64 / elapsed
 }
 
-/// The engine at `qps`; objects per second.
-async fn engine(objects: usize, qps: f64) -> f64 {
+/// The engine's settings at `qps`, or unpaced for `None`.
+fn engine_settings(qps: Option<f64>) -> MigrateSettings {
+    match qps {
+        Some(qps) => MigrateSettings::new(qps, CONCURRENCY, 500, 5).unwrap(),
+        None => MigrateSettings::new(MigrateSettings::MAX_QPS, CONCURRENCY, 500, 5).unwrap().unpaced(),
+    }
+}
+
+/// The engine at `qps` (`None`: no rate limit); objects per second.
+async fn engine(objects: usize, qps: Option<f64>) -> f64 {
     let (fake, kube) = cluster(objects).await;
     let options = Reencrypt {
         resources: vec![secrets()],
         namespaces: Vec::new(),
-        settings: Settings {
-            qps,
-            concurrency: CONCURRENCY,
-            page_size: 500,
-            max_attempts: 5,
-            selector: None,
-            dry_run: false,
-        },
+        settings: engine_settings(qps),
         progress: false,
     };
     let started = Instant::now();
@@ -107,16 +107,16 @@ async fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("# kmsgate re-encrypt engine ({cores} cores, {cpu})\n");
     baseline().await;
-    engine(OBJECTS / 4, 1e9).await;
+    engine(OBJECTS / 4, None).await;
     let (mut floor, mut unlimited) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         floor.push(baseline().await);
-        unlimited.push(engine(OBJECTS, 1e9).await);
+        unlimited.push(engine(OBJECTS, None).await);
     }
     let (floor, unlimited) = (median(floor), median(unlimited));
     let mut paced = Vec::new();
     for _ in 0..RUNS {
-        paced.push(engine(PACED, 100.0).await);
+        paced.push(engine(PACED, Some(100.0)).await);
     }
     let paced = median(paced);
     println!("| what | objects/s | vs floor |");

@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::{
+    backoff::Backoff,
     config::ControllerConfig,
     k8s::Kube,
     metrics::ControllerMetrics,
@@ -207,7 +208,7 @@ pub async fn run<K: KeyAdmin + 'static>(
                         let message = crate::error::chain(&e);
                         tracing::warn!(policy, error = %message, "rotation step failed; retrying");
                         view.set(json!({"leader": true, "holder": holder, "policy": policy, "last_error": message}));
-                        crate::rotation::migrate::backoff(errors).min(ctx.poll)
+                        Backoff::CALLS.delay(errors).min(ctx.poll)
                     }
                 };
                 tokio::select! {
@@ -234,9 +235,9 @@ pub async fn drive<K: KeyAdmin>(
     ctx: &Context<K>,
     policy: &str,
     request: &str,
-    mut report: impl FnMut(&crate::policy::RotationStatus),
-) -> Result<crate::policy::RotationStatus, crate::rotation::RotationError> {
-    use crate::policy::Phase;
+    mut report: impl FnMut(&crate::crd::rotation::RotationStatus),
+) -> Result<crate::crd::rotation::RotationStatus, crate::rotation::RotationError> {
+    use crate::crd::rotation::Phase;
     let mut errors = 0u32;
     loop {
         let outcome = ctx.step(policy).await;
@@ -255,7 +256,7 @@ pub async fn drive<K: KeyAdmin>(
             Err(e) if errors < 5 => {
                 errors += 1;
                 tracing::warn!(error = %crate::error::chain(&e), "step failed; retrying");
-                tokio::time::sleep(crate::rotation::migrate::backoff(errors)).await;
+                tokio::time::sleep(Backoff::CALLS.delay(errors)).await;
             }
             Err(e) => return Err(e),
         }

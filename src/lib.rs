@@ -5,11 +5,14 @@
 
 pub mod audit;
 pub mod backend;
+pub mod backoff;
 pub mod build_info;
 pub mod ciphertext;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod controller;
+pub mod crd;
 pub mod encryption_config;
 pub mod error;
 pub mod etcd;
@@ -19,7 +22,7 @@ pub mod keyid;
 pub mod keyring;
 pub mod kms;
 pub mod metrics;
-pub mod policy;
+pub mod plugin_status;
 pub mod proto;
 pub mod rotation;
 pub mod selftest;

@@ -135,7 +135,7 @@ enum TokensAction {
 #[derive(Args)]
 struct TokensArgs {
     /// The TokenPolicy whose rules apply (and where interrupted rotations are recorded).
-    #[arg(long, default_value = kmsgate::tokens::policy::DEFAULT_POLICY)]
+    #[arg(long, default_value = kmsgate::crd::tokens::DEFAULT_POLICY)]
     policy: String,
     /// Rotate legacy token Secrets older than this (overrides the policy's maxAge), like 720h.
     #[arg(long)]
@@ -394,30 +394,23 @@ async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
     let resources = args
         .resources
         .iter()
-        .map(|r| kmsgate::policy::ResourceRef::parse(r))
+        .map(|r| kmsgate::crd::rotation::ResourceRef::parse(r))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failure::Usage(format!("--resources: {e}")))?;
-    if args.qps.is_nan()
-        || args.qps <= 0.0
-        || args.concurrency == 0
-        || args.page_size == 0
-        || args.max_attempts == 0
-    {
-        return Err(Failure::Usage(
-            "--qps, --concurrency, --page-size and --max-attempts must be above 0".into(),
-        ));
-    }
+    // NB: the same limits as a RotationPolicy's spec.migrate.
+    let mut settings = kmsgate::crd::rotation::MigrateSettings::new(
+        args.qps,
+        args.concurrency,
+        args.page_size,
+        args.max_attempts,
+    )
+    .map_err(|e| Failure::Usage(e.to_string()))?;
+    settings.selector = args.selector;
+    settings.dry_run = args.dry_run;
     let options = commands::rotation::Reencrypt {
         resources,
         namespaces: args.namespace,
-        settings: kmsgate::rotation::migrate::Settings {
-            qps: args.qps,
-            concurrency: args.concurrency,
-            page_size: args.page_size,
-            max_attempts: args.max_attempts,
-            selector: args.selector,
-            dry_run: args.dry_run,
-        },
+        settings,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let kube = kmsgate::k8s::Kube::infer().await.map_err(|e| Failure::Usage(e.to_string()))?;
@@ -517,8 +510,8 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Crd => {
             let render = |e: serde_saphyr::ser::Error| Failure::Run(format!("render CRD: {e}"));
-            let rotation = kmsgate::policy::crd_yaml().map_err(render)?;
-            let tokens = kmsgate::tokens::policy::crd_yaml().map_err(render)?;
+            let rotation = kmsgate::crd::rotation::crd_yaml().map_err(render)?;
+            let tokens = kmsgate::crd::tokens::crd_yaml().map_err(render)?;
             print!("{rotation}---\n{tokens}");
             Ok(())
         }

@@ -387,37 +387,14 @@ impl ControllerMetrics {
         }
     }
 
-    /// Mirrors a RotationPolicy status: phase, last success, next run, latest verification.
-    /// Called after every step, so a restarted controller exports the truth at once.
-    pub fn observe(&self, status: &crate::policy::RotationStatus) {
-        let seconds =
-            |text: &str| text.parse::<k8s_openapi::jiff::Timestamp>().map_or(0.0, |t| t.as_second() as f64);
-        self.set_phase(status.phase.as_str());
-        if !status.last_success.is_empty() {
-            self.last_success.set(seconds(&status.last_success));
-        }
-        self.next_run.set(seconds(&status.next_run));
-        if let Some(v) = &status.verification {
-            for (class, count) in [
-                ("current", v.current),
-                ("old_key", v.old_key),
-                ("invalid", v.invalid),
-                ("unencrypted", v.unencrypted),
-                ("unmapped", v.unmapped),
-            ] {
-                self.verification.get_or_create(&ClassLabels { class }).set(count as i64);
-            }
-        }
-    }
-
     /// Counts a failed token operation of `flow`.
     pub fn token_failures(&self, flow: &'static str) -> u64 {
         self.tokens_failed.get_or_create(&FlowLabels { flow }).inc()
     }
 
-    /// Marks `current` as the phase.
-    pub fn set_phase(&self, current: &'static str) {
-        for name in ["Idle", "Rotating", "Converging", "Migrating", "Verifying", "Retiring", "Failed"] {
+    /// Marks `current` as the phase, and every other of `phases` as not.
+    pub fn set_phase(&self, phases: impl IntoIterator<Item = &'static str>, current: &'static str) {
+        for name in phases {
             self.phase.get_or_create(&PhaseLabels { phase: name }).set(i64::from(name == current));
         }
     }

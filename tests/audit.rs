@@ -354,8 +354,8 @@ async fn etcd_user_and_password() {
 async fn audit_verify_and_retire_judge_the_same_values_alike() {
     use kmsgate::{
         commands::rotation::retire_check,
+        crd::rotation::ResourceRef,
         keyid::{BackendKind, KeyScope},
-        policy::ResourceRef,
         rotation::verify,
     };
 
@@ -413,7 +413,7 @@ async fn audit_verify_and_retire_judge_the_same_values_alike() {
         run_id: "r".into(),
         round: 1,
     };
-    let verified = verify::scan(&mut client, &input, 3).await.unwrap();
+    let verified = verify::scan(&mut client, &input, 3, &kmsgate::clock::SystemClock).await.unwrap();
     let retire = retire_check(&mut client, "/registry", "kmsgate", &scope, 2).await.unwrap();
 
     let finding = |f| audited.findings.get(&f).copied().unwrap_or(0);

@@ -382,8 +382,8 @@ fn the_shipped_configs_load_for_their_role() {
 #[test]
 fn the_shipped_verify_job_is_what_the_controller_creates() {
     let text = std::fs::read_to_string("deploy/controller/rotationpolicy.yaml").unwrap();
-    let policy: kmsgate::policy::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
-    kmsgate::policy::validate(&policy.spec).unwrap();
+    let policy: kmsgate::crd::rotation::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
+    kmsgate::crd::rotation::parse(&policy.spec).unwrap();
     let spec = policy.spec.verify.job.clone().expect("the shipped policy verifies with a Job");
     let job = kmsgate::rotation::verify::job(&policy, &spec, "0f1e2d3c-example", 1, 1800).unwrap();
     let yaml = format!(
@@ -455,7 +455,7 @@ fn monitoring_uses_only_metrics_the_code_exports() {
     plugin.backend_duration.get_or_create(&OperationLabels { operation: "encrypt" }).observe(0.001);
     touch_vault(&plugin.vault);
     let controller = ControllerMetrics::new();
-    controller.set_phase("Idle");
+    controller.set_phase(["Idle"], "Idle");
     controller
         .objects
         .get_or_create(&ObjectLabels { resource: "secrets".into(), outcome: "rewritten" })

@@ -60,8 +60,8 @@ fn shipped_crd_matches_the_command() {
 #[test]
 fn shipped_token_policy_is_valid() {
     let text = std::fs::read_to_string("deploy/controller/tokenpolicy.yaml").unwrap();
-    let policy: kmsgate::tokens::policy::TokenPolicy = serde_saphyr::from_str(&text).unwrap();
-    kmsgate::tokens::policy::validate(&policy.spec).unwrap();
+    let policy: kmsgate::crd::tokens::TokenPolicy = serde_saphyr::from_str(&text).unwrap();
+    kmsgate::crd::tokens::parse(&policy.spec).unwrap();
     assert!(policy.spec.legacy.enabled && !policy.spec.managed.enabled);
     assert!(policy.spec.managed.deny_service_accounts.contains(&"kmsgate/*".to_owned()));
 }
@@ -69,6 +69,6 @@ fn shipped_token_policy_is_valid() {
 #[test]
 fn shipped_rotation_policy_is_valid() {
     let text = std::fs::read_to_string("deploy/controller/rotationpolicy.yaml").unwrap();
-    let policy: kmsgate::policy::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
-    kmsgate::policy::validate(&policy.spec).unwrap();
+    let policy: kmsgate::crd::rotation::RotationPolicy = serde_saphyr::from_str(&text).unwrap();
+    kmsgate::crd::rotation::parse(&policy.spec).unwrap();
 }

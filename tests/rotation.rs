@@ -11,20 +11,24 @@ use std::{
 use fake_api::FakeApi;
 use fake_keys::FakeKeys;
 use kmsgate::{
+    crd::rotation::TransitKey,
     k8s::Kube,
     metrics::ControllerMetrics,
-    policy::TransitKey,
+    plugin_status::{PluginStatus, PromotedKey},
     rotation::{Context, KeyAdmin, Step},
 };
 use serde_json::{Value, json};
 
-/// A plugin /status endpoint reporting whatever key_id the test sets.
+/// A plugin /status endpoint reporting whatever key_id the test sets, through the type the
+/// plugin writes (`kms` serializes `PluginStatus` fields into its /status).
 async fn plugin_status(key_id: Arc<Mutex<String>>) -> String {
     let app = axum::Router::new().route(
         "/status",
         axum::routing::get(move || {
             let key_id = key_id.lock().unwrap().clone();
-            async move { axum::Json(json!({"promoted": {"key_id": key_id}})) }
+            let version = kmsgate::keyid::KeyId::parse(&key_id).map_or(0, |id| id.version);
+            let promoted = PromotedKey { key_id, version };
+            async move { axum::Json(PluginStatus { promoted: Some(promoted) }) }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -289,7 +293,7 @@ async fn api_server_metrics_end_the_settle_wait_once_every_server_reports_the_ke
     let fake = FakeApi::new(&v2);
     let mut p = policy(&plugin, json!({"spec": {"converge": {"settle": "1h", "apiServerMetrics": true}}}));
     p["status"] = json!({"phase": "Converging", "runId": "r", "fromVersion": 1, "toVersion": 2, "toKeyId": v2,
-        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::rotation::now_text()});
+        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::clock::rfc3339(k8s_openapi::jiff::Timestamp::now())});
     fake.set_policy(p).await;
     let lease = |id: &str| json!({"metadata": {"name": format!("apiserver-{id}"), "namespace": "kube-system"}, "spec": {"holderIdentity": id}});
     let line = |id: &str| {

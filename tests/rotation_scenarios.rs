@@ -240,3 +240,88 @@ async fn storage_version_migrations_are_created_where_served() {
     ctx.step("p").await.unwrap();
     verify.await.unwrap();
 }
+
+/// A clock at 2030-01-01T00:00:00Z that moves with tokio's paused time; the system clock never
+/// reaches it, so these tests fail if any decision reads the global clock.
+fn paused_clock() -> Arc<kmsgate::clock::TokioClock> {
+    let base = k8s_openapi::jiff::Timestamp::from_second(1_893_456_000).unwrap();
+    Arc::new(kmsgate::clock::TokioClock::starting_at(base))
+}
+
+#[tokio::test(start_paused = true)]
+async fn retire_waits_out_the_grace_period_on_the_injected_clock() {
+    let keys = FakeKeys::new(2);
+    let clock = paused_clock();
+    let status = json!({
+        "phase": "Retiring", "runId": "r1", "fromVersion": 1, "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
+        "verifyRound": 1,
+        "verification": {"runId": "r1", "round": 1, "keyId": FakeKeys::key_id(2), "revision": 9, "objects": 4,
+            "current": 4, "oldKey": 0, "invalid": 0, "unencrypted": 0, "unmapped": 0, "clean": true,
+            "finishedAt": "2030-01-01T00:00:00Z"},
+    });
+    let mut p = policy(status);
+    p["spec"]["retire"] = json!({"enabled": true, "grace": "1h"});
+
+    let (ctx, handle) = context(keys.clone());
+    let ctx = ctx.with_clock(clock.clone());
+    let scenario = vec![
+        expect("GET", POLICY, (200, p.clone())),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            assert_eq!(body["status"]["phase"], "Retiring");
+            assert_eq!(body["status"]["message"], "retiring versions below Some(2) in 3600s");
+        }),
+    ];
+    let verify = verifier(handle, scenario);
+    assert!(matches!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Wait(_)));
+    verify.await.unwrap();
+    assert_eq!(keys.0.lock().unwrap().min_decryption_version, 1, "nothing retires inside the grace period");
+
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let (ctx, handle) = context(keys.clone());
+    let ctx = ctx.with_clock(clock);
+    let scenario = vec![
+        expect("GET", POLICY, (200, p)),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            assert_eq!(body["status"]["phase"], "Idle");
+            assert_eq!(body["status"]["retiredBelow"], 2);
+            assert_eq!(body["status"]["lastSuccess"], "2030-01-01T01:00:00Z");
+        }),
+        event("Retired", "Normal"),
+        event("Idle", "Normal"),
+        event("RotationFinished", "Normal"),
+    ];
+    let verify = verifier(handle, scenario);
+    ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+    assert_eq!(keys.0.lock().unwrap().min_decryption_version, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_schedule_starts_a_run_when_the_injected_clock_reaches_it() {
+    let keys = FakeKeys::new(2);
+    let clock = paused_clock();
+    let mut p = policy(json!({"phase": "Idle", "knownVersion": 2, "nextRun": "2030-01-01T01:00:00Z"}));
+    p["spec"]["schedule"] = json!("720h");
+
+    let (ctx, handle) = context(keys.clone());
+    let ctx = ctx.with_clock(clock.clone());
+    let verify = verifier(handle, vec![expect("GET", POLICY, (200, p.clone()))]);
+    assert_eq!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Rest(Duration::from_millis(10)));
+    verify.await.unwrap();
+
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let (ctx, handle) = context(keys);
+    let ctx = ctx.with_clock(clock);
+    let scenario = vec![
+        expect("GET", POLICY, (200, p)),
+        expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
+            assert_eq!(body["status"]["phase"], "Rotating");
+            assert_eq!(body["status"]["trigger"], "schedule");
+            assert_eq!(body["status"]["startedAt"], "2030-01-01T01:00:00Z");
+        }),
+        event("Rotating", "Normal"),
+    ];
+    let verify = verifier(handle, scenario);
+    assert_eq!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Again);
+    verify.await.unwrap();
+}

@@ -7,13 +7,13 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp};
 use kmsgate::{
+    crd::tokens::{ManagedSpec, TokenPolicySpec, parse},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
         Clock,
         legacy::{Legacy, Outcome, Selection, classify},
         managed::{Guard, Managed, digest},
-        policy::{ManagedSpec, TokenPolicySpec, validate},
     },
 };
 use mock_api::{expect, verifier};
@@ -104,7 +104,7 @@ async fn a_managed_token_is_requested_bound_to_its_secret_and_written_without_re
         audiences: vec!["vault".into()],
         ..ManagedSpec::default()
     };
-    let rules = validate(&TokenPolicySpec { managed: spec.clone(), ..Default::default() }).unwrap();
+    let rules = parse(&TokenPolicySpec { managed: spec.clone(), ..Default::default() }).unwrap();
     let guard = Guard::new(&spec, &rules, "kmsgate/kmsgate-controller");
     let metrics = Arc::new(ControllerMetrics::new());
     let mut managed = Managed::new(kube, Arc::new(Fixed), metrics);

@@ -3,12 +3,16 @@
 use std::{io::Write, sync::Arc};
 
 use crate::{
+    clock::{Clock, SystemClock},
     config::{BackendConfig, Config},
     controller::{self, Leadership, View},
+    crd::rotation::{
+        self as policy, MigrateSettings, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef,
+        RotationStatus,
+    },
     etcd::{EtcdSettings, Scanner},
     k8s::Kube,
     metrics::ControllerMetrics,
-    policy::{self, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef, RotationStatus},
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
     storage::{Current, Judge, Standing},
     transit::{VaultClient, VaultSettings},
@@ -89,20 +93,20 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
     let name = config.controller.policy.clone();
     let kube = Kube::infer().await?;
     let policy = kube.policy(&name).await?;
-    policy::validate(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
+    let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
     let status = policy.status.clone().unwrap_or_default();
     if dry_run {
         let metrics = Arc::new(ControllerMetrics::new());
         let ctx = context(&config, metrics).await?;
-        let meta = ctx.keys.metadata(&policy.spec.transit).await?;
+        let meta = ctx.keys.metadata(&plan.transit).await?;
         println!(
             "policy {name}: phase {}, key {}/{}",
             status.phase.as_str(),
-            policy.spec.transit.mount,
-            policy.spec.transit.key
+            plan.transit.mount,
+            plan.transit.key
         );
         println!("would rotate version {} -> {}", meta.latest, meta.latest + 1);
-        for (endpoint, report) in ctx.plugin_key_ids(&policy).await? {
+        for (endpoint, report) in ctx.plugin_key_ids(&plan.converge).await? {
             match report {
                 Ok(key_id) => println!("plugin {endpoint}: {key_id}"),
                 Err(e) => println!("plugin {endpoint}: unreachable ({e})"),
@@ -110,11 +114,12 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         }
         println!(
             "then rewrite {} ({} qps, {} in flight), verify: {:?}, retire: {}",
-            policy.spec.resources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-            policy.spec.migrate.qps,
-            policy.spec.migrate.concurrency,
+            plan.resources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            plan.migrate.settings.qps(),
+            plan.migrate.settings.concurrency(),
             policy.spec.verify.mode,
-            if policy.spec.retire.enabled {
+            if plan.retire.enabled {
+                // NB: the spec's own text, so `24h` reads as written.
                 format!("after {}", policy.spec.retire.grace)
             } else {
                 "off".into()
@@ -122,8 +127,11 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         );
         return Ok(());
     }
-    let request =
-        format!("{}-{}", crate::rotation::now_text(), &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let request = format!(
+        "{}-{}",
+        crate::clock::rfc3339(SystemClock.now()),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
     let lease = (&config.controller.lease_namespace, &config.controller.lease_name);
     if let Some(holder) = kube.lease_holder(lease.0, lease.1).await? {
         kube.annotate_policy(&name, REQUEST_ANNOTATION, &request).await?;
@@ -188,26 +196,25 @@ pub struct Reencrypt {
     /// Namespaces (empty: all).
     pub namespaces: Vec<String>,
     /// Engine settings.
-    pub settings: migrate::Settings,
+    pub settings: MigrateSettings,
     /// A progress line on stderr.
     pub progress: bool,
 }
 
 /// `kmsgate reencrypt`: rewrites every object; `Ok(false)` when some writes failed.
 pub async fn reencrypt(kube: &Kube, options: &Reencrypt, out: &mut impl Write) -> Result<bool, CommandError> {
-    let pacer = migrate::Pacer::new(options.settings.qps);
+    let pacer = migrate::Pacer::new(options.settings.qps());
     let started = std::time::Instant::now();
     let mut rows = Vec::new();
     for resource in &options.resources {
-        let target = kube.resolve(resource).await?;
+        let target = kube.resolve(&resource.id()).await?;
         let namespaces = if target.namespaced && !options.namespaces.is_empty() {
             options.namespaces.clone()
         } else {
             vec![String::new()]
         };
         for namespace in namespaces {
-            let mut progress =
-                ResourceProgress { resource: resource.to_string(), namespace, ..Default::default() };
+            let mut progress = ResourceProgress { resource: resource.id(), namespace, ..Default::default() };
             while !progress.complete {
                 let failure =
                     migrate::run_page(kube, &target, &options.settings, &pacer, &mut progress, None).await?;
@@ -269,16 +276,12 @@ pub async fn verify(
             status.run_id
         )));
     }
-    let input = verify::Input {
-        provider: policy.spec.verify.provider.clone(),
-        etcd_prefix: policy.spec.verify.etcd_prefix.clone(),
-        key_id: status.to_key_id.clone(),
-        resources: policy.spec.resources.clone(),
-        run_id: run_id.to_owned(),
-        round,
-    };
+    let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
+    let input = verify::Input::new(&plan, &status.to_key_id, run_id, round);
     let result = match crate::etcd::connect(etcd).await {
-        Ok(mut client) => verify::scan(&mut client, &input, 5000).await.map_err(|e| crate::error::chain(&e)),
+        Ok(mut client) => {
+            verify::scan(&mut client, &input, 5000, &SystemClock).await.map_err(|e| crate::error::chain(&e))
+        }
         Err(e) => Err(crate::error::chain(&e)),
     };
     let verification = match result {
@@ -288,7 +291,7 @@ pub async fn verify(
             round,
             key_id: input.key_id.clone(),
             error: format!("etcd: {error}"),
-            finished_at: crate::rotation::now_text(),
+            finished_at: crate::clock::rfc3339(SystemClock.now()),
             ..Default::default()
         },
     };

@@ -4,13 +4,13 @@ use std::{io::Write, sync::Arc, time::Duration};
 
 use super::CommandError;
 use crate::{
+    crd::tokens::{self as policy, TokenPolicySpec},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
         Clock, TokenError, age,
         legacy::{Candidate, Legacy, Outcome, Selection, Totals},
         managed::{Entry, Guard, Managed},
-        policy::{TokenPolicySpec, validate},
         rfc3339,
     },
 };
@@ -50,7 +50,7 @@ async fn plan(kube: &Kube, options: &Options, need_policy: bool) -> Result<Plan,
             TokenPolicySpec::default()
         }
     };
-    let rules = validate(&spec).map_err(TokenError::from)?;
+    let rules = policy::parse(&spec).map_err(TokenError::from)?;
     let mut selection = Selection::from_spec(&spec.legacy, rules.max_age);
     if let Some(older_than) = options.older_than {
         selection.max_age = older_than;

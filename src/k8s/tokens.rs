@@ -19,10 +19,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::{EventKind, Kube, KubeError, MANAGER, call};
-use crate::tokens::{
-    BearerToken, LEGACY_TYPE, TOKEN_KEY,
-    policy::{TokenPolicy, TokenStatus},
-};
+use crate::crd::tokens::{LEGACY_TYPE, TOKEN_KEY, TokenPolicy, TokenStatus};
 
 /// What a delete did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,7 +337,7 @@ impl Kube {
             .create_subresource("token", service_account, &PostParams::default(), &body)
             .await
             .map_err(call(format!("request a token for serviceaccount {namespace}/{service_account}")))?;
-        let expires = crate::tokens::parse_time(&answer.status.expiration_timestamp).ok_or_else(|| {
+        let expires = crate::clock::parse_time(&answer.status.expiration_timestamp).ok_or_else(|| {
             KubeError::Unexpected(format!(
                 "TokenRequest for {namespace}/{service_account}: expirationTimestamp {:?} is not a time",
                 answer.status.expiration_timestamp
@@ -405,9 +402,37 @@ impl Kube {
     }
 }
 
+/// A bearer token: zeroed on drop, never printed.
+pub struct BearerToken(Zeroizing<String>);
+
+impl BearerToken {
+    /// Wraps a token.
+    pub fn new(token: Zeroizing<String>) -> Self {
+        Self(token)
+    }
+
+    /// The token, for writing into a Secret.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_never_shows_in_debug_output() {
+        let token = BearerToken::new(Zeroizing::new("eyJhbGciOiJSUzI1NiJ9.secret".into()));
+        assert_eq!(format!("{token:?}"), "BearerToken(<redacted>)");
+        assert_eq!(token.expose(), "eyJhbGciOiJSUzI1NiJ9.secret");
+    }
 
     #[test]
     fn presence_is_read_without_keeping_the_value() {

@@ -170,7 +170,11 @@ impl<B: Backend> HttpView for Shared<B> {
             Err(reason) => reason,
         };
         let scope = self.backend.scope();
-        let promoted = state.tracker.promoted().map(|p| json!({ "key_id": p.key_id, "version": p.version }));
+        // NB: the controller reads this field through the same type (rotation/converge.rs).
+        let promoted = state
+            .tracker
+            .promoted()
+            .map(|p| crate::plugin_status::PromotedKey { key_id: p.key_id.clone(), version: p.version });
         let candidate = state.tracker.candidate().map(|c| {
             json!({
                 "key_id": state.tracker.key_id(c.version, c.created),

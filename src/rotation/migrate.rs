@@ -9,28 +9,13 @@ use tokio::time::Instant;
 
 use futures::StreamExt;
 
+use super::{KeyAdmin, RotationError, Run, Step, status::totals};
 use crate::{
-    k8s::{KubeError, ObjectKey, Target, Touch},
+    backoff::Backoff,
+    crd::rotation::{MigrateSettings as Settings, MigrateStrategy, Phase, ResourceProgress},
+    k8s::{EventKind, KubeError, MigrationState, ObjectKey, Target, Touch},
     metrics::{ControllerMetrics, ObjectLabels},
-    policy::ResourceProgress,
 };
-
-/// How the engine writes.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Most writes per second.
-    pub qps: f64,
-    /// Writes in flight.
-    pub concurrency: usize,
-    /// Objects per list page.
-    pub page_size: u32,
-    /// Attempts per object on retryable errors.
-    pub max_attempts: u32,
-    /// Label selector.
-    pub selector: Option<String>,
-    /// List only; write nothing (counts land in `rewritten` as "would write").
-    pub dry_run: bool,
-}
 
 /// The resolution of tokio's timer.
 const TIMER_TICK: Duration = Duration::from_millis(1);
@@ -91,11 +76,6 @@ impl Outcome {
     }
 }
 
-/// Backoff before retry `attempt` (1-based): 200 ms doubling, capped at 10 s.
-pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(10))
-}
-
 async fn touch_one(
     kube: &crate::k8s::Kube,
     target: &Target,
@@ -113,9 +93,9 @@ async fn touch_one(
             // NB: 409 means someone wrote the object after our list, and that write re-encrypted it.
             Err(e) if e.code() == Some(409) => return (Outcome::Conflict, None),
             Err(e) if e.code() == Some(404) => return (Outcome::Skipped, None),
-            Err(e) if e.retryable() && attempt < settings.max_attempts => {
+            Err(e) if e.retryable() && attempt < settings.max_attempts() => {
                 tracing::debug!(error = %e, attempt, "retrying a write");
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(Backoff::CALLS.delay(attempt)).await;
             }
             Err(e) => return (Outcome::Failed, Some(crate::error::chain(&e))),
         }
@@ -138,7 +118,9 @@ pub async fn run_page(
     let page = loop {
         attempt += 1;
         let token = Some(progress.continue_token.as_str()).filter(|t| !t.is_empty());
-        match kube.list_page(target, namespace, settings.selector.as_deref(), settings.page_size, token).await
+        match kube
+            .list_page(target, namespace, settings.selector.as_deref(), settings.page_size(), token)
+            .await
         {
             Ok(page) => break page,
             Err(e) if e.code() == Some(410) && token.is_some() => {
@@ -147,8 +129,8 @@ pub async fn run_page(
                 tracing::warn!(resource = %progress.resource, "list continue token expired; starting the list over");
                 progress.continue_token.clear();
             }
-            Err(e) if e.retryable() && attempt < settings.max_attempts => {
-                tokio::time::sleep(backoff(attempt)).await;
+            Err(e) if e.retryable() && attempt < settings.max_attempts() => {
+                tokio::time::sleep(Backoff::CALLS.delay(attempt)).await;
             }
             Err(e) => return Err(e),
         }
@@ -159,7 +141,7 @@ pub async fn run_page(
     } else {
         let mut results = futures::stream::iter(page.items.iter())
             .map(|key| touch_one(kube, target, key, settings, pacer))
-            .buffer_unordered(settings.concurrency.max(1));
+            .buffer_unordered(settings.concurrency());
         while let Some((outcome, failure)) = results.next().await {
             match outcome {
                 Outcome::Rewritten => progress.rewritten += 1,
@@ -169,7 +151,8 @@ pub async fn run_page(
                 Outcome::Failed => progress.failed += 1,
             }
             if let Some(metrics) = metrics {
-                let labels = ObjectLabels { resource: progress.resource.clone(), outcome: outcome.name() };
+                let labels =
+                    ObjectLabels { resource: progress.resource.to_string(), outcome: outcome.name() };
                 metrics.objects.get_or_create(&labels).inc();
             }
             if first_failure.is_none() {
@@ -185,6 +168,128 @@ pub async fn run_page(
         }
     }
     Ok(first_failure)
+}
+
+impl<K: KeyAdmin> Run<'_, K> {
+    async fn init_progress(&mut self) -> Result<(), RotationError> {
+        let mut progress = Vec::new();
+        for resource in &self.plan.resources {
+            let target = self.ctx.target(&resource.id()).await?;
+            let namespaces: Vec<String> = if target.namespaced && !self.plan.namespaces.is_empty() {
+                self.plan.namespaces.clone()
+            } else {
+                vec![String::new()]
+            };
+            for namespace in namespaces {
+                progress.push(ResourceProgress {
+                    resource: resource.id(),
+                    namespace,
+                    ..ResourceProgress::default()
+                });
+            }
+        }
+        self.book.status.progress = progress;
+        Ok(())
+    }
+
+    pub(super) async fn migrating(&mut self) -> Result<Step, RotationError> {
+        if self.book.status.progress.is_empty() {
+            self.init_progress().await?;
+            return Ok(Step::Again);
+        }
+        if self.plan.migrate.strategy == MigrateStrategy::StorageVersionMigration
+            && !self.book.status.storage_migration_fallback
+            && self.book.status.progress.iter().any(|p| !p.complete)
+        {
+            return self.storage_migrations().await;
+        }
+        let Some(index) = self.book.status.progress.iter().position(|p| !p.complete) else {
+            self.book.status.verify_round += 1;
+            let failed = self.book.status.totals.failed;
+            if failed > 0 {
+                self.book.events.push((
+                    EventKind::Warning,
+                    "RewriteFailed",
+                    format!("{failed} objects could not be rewritten; verify will find them"),
+                ));
+            }
+            self.book.enter(Phase::Verifying);
+            return Ok(Step::Again);
+        };
+        let settings = &self.plan.migrate.settings;
+        let target = self.ctx.target(&self.book.status.progress[index].resource).await?;
+        let pacer = Pacer::new(settings.qps());
+        let mut progress = self.book.status.progress[index].clone();
+        let failure =
+            run_page(&self.ctx.kube, &target, settings, &pacer, &mut progress, Some(&self.ctx.metrics))
+                .await?;
+        self.book.status.progress[index] = progress;
+        self.book.status.totals = totals(&self.book.status.progress);
+        if let Some(failure) = failure {
+            self.book.status.message = format!("some writes failed: {failure}");
+        }
+        Ok(Step::Again)
+    }
+
+    async fn storage_migrations(&mut self) -> Result<Step, RotationError> {
+        let Some(version) = self.ctx.kube.migration_version().await? else {
+            self.book.status.storage_migration_fallback = true;
+            self.book.status.message =
+                "storagemigration.k8s.io is not served; rewriting objects instead".into();
+            return Ok(Step::Again);
+        };
+        if self.book.status.storage_migrations.is_empty() {
+            let short: String = self.book.status.run_id.chars().take(8).collect();
+            for resource in &self.plan.resources {
+                let name = format!("kmsgate-{short}-{}", resource.to_string().replace('.', "-"));
+                self.ctx.kube.create_migration(version, &name, &resource.group, &resource.resource).await?;
+                self.book.status.storage_migrations.push(name);
+            }
+            self.book.status.message = "StorageVersionMigrations created".into();
+            return Ok(Step::Wait(self.ctx.poll));
+        }
+        let mut problem = None;
+        let mut running = false;
+        for name in self.book.status.storage_migrations.clone() {
+            match self.ctx.kube.migration_state(version, &name).await? {
+                MigrationState::Succeeded => {}
+                MigrationState::Running => running = true,
+                MigrationState::Failed(message) => problem = Some(format!("{name} failed: {message}")),
+                MigrationState::Missing => problem = Some(format!("{name} disappeared")),
+            }
+        }
+        let timeout = self.plan.migrate.svm_timeout;
+        if problem.is_none()
+            && running
+            && self.book.elapsed_since(&self.book.status.phase_started_at) >= timeout
+        {
+            // NB: served does not mean a migrator runs (the controller-manager gate may be off).
+            problem = Some(format!("no result within {timeout:?}; is the StorageVersionMigrator gate on?"));
+        }
+        if let Some(problem) = problem {
+            for name in self.book.status.storage_migrations.clone() {
+                self.ctx.kube.delete_migration(version, &name).await?;
+            }
+            self.book.status.storage_migration_fallback = true;
+            self.book.status.message =
+                format!("StorageVersionMigration: {problem}; rewriting objects instead");
+            self.book.events.push((
+                EventKind::Warning,
+                "StorageMigrationFallback",
+                self.book.status.message.clone(),
+            ));
+            return Ok(Step::Again);
+        }
+        if running {
+            return Ok(Step::Wait(self.ctx.poll));
+        }
+        for p in &mut self.book.status.progress {
+            p.complete = true;
+            p.continue_token.clear();
+        }
+        self.book.status.message = "StorageVersionMigrations succeeded".into();
+        Ok(Step::Again)
+    }
 }
 
 #[cfg(test)]
@@ -211,12 +316,5 @@ mod tests {
             pacer.wait().await;
         }
         assert!(start.elapsed() < Duration::from_millis(2), "{:?}", start.elapsed());
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_millis(400));
-        assert_eq!(backoff(2), Duration::from_millis(800));
-        assert_eq!(backoff(30), Duration::from_secs(10));
     }
 }

@@ -6,9 +6,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::Job;
 
+use super::{KeyAdmin, RotationError, Run, Step};
 use crate::{
+    clock::Clock,
+    crd::rotation::{
+        Phase, Plan, ResourceId, ResourceRef, RotationPolicy, Straggler, Verification, Verifier, VerifyJob,
+    },
     etcd::{ScanError, Scanner},
-    policy::{ResourceRef, RotationPolicy, Verification, VerifyJob},
+    k8s::{EventKind, JobState, KubeError, ObjectKey},
     storage::{Current, Judge, Standing},
 };
 
@@ -32,11 +37,26 @@ pub struct Input {
     pub round: u32,
 }
 
+impl Input {
+    /// Round `round` of run `run_id`, which moves every value to `key_id`.
+    pub fn new(plan: &Plan, key_id: &str, run_id: &str, round: u32) -> Self {
+        Self {
+            provider: plan.verify.provider.clone(),
+            etcd_prefix: plan.verify.etcd_prefix.clone(),
+            key_id: key_id.to_owned(),
+            resources: plan.resources.clone(),
+            run_id: run_id.to_owned(),
+            round,
+        }
+    }
+}
+
 /// Scans etcd and judges every value.
 pub async fn scan(
     client: &mut etcd_client::Client,
     input: &Input,
     page_size: usize,
+    clock: &dyn Clock,
 ) -> Result<Verification, ScanError> {
     let base = format!("{}/", input.etcd_prefix.trim_end_matches('/'));
     // NB: longest prefix first, so `apps/deployments` wins over a resource named `apps`.
@@ -85,7 +105,11 @@ pub async fn scan(
                 if result.stragglers.len() < MAX_STRAGGLERS {
                     // NB: `<ns>/<name>` for namespaced objects, `<name>` for cluster-scoped ones.
                     let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
-                    result.stragglers.push(format!("{resource}/{namespace}/{name}"));
+                    result.stragglers.push(Straggler {
+                        resource: resource.id(),
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                    });
                 } else {
                     result.truncated = true;
                 }
@@ -93,22 +117,15 @@ pub async fn scan(
         }
     }
     result.clean = result.old_key == 0 && result.invalid == 0 && result.unencrypted == 0;
-    result.finished_at = super::now_text();
+    result.finished_at = crate::clock::rfc3339(clock.now());
     Ok(result)
 }
 
-/// Splits a straggler `resource/namespace/name` back into its parts.
-pub fn parse_straggler(text: &str) -> Option<(ResourceRef, String, String)> {
-    let (resource, rest) = text.split_once('/')?;
-    let (namespace, name) = rest.split_once('/')?;
-    Some((ResourceRef::parse(resource).ok()?, namespace.to_owned(), name.to_owned()))
-}
-
-/// Groups stragglers by resource.
-pub fn stragglers_by_resource(list: &[String]) -> BTreeMap<ResourceRef, Vec<(String, String)>> {
-    let mut out: BTreeMap<ResourceRef, Vec<(String, String)>> = BTreeMap::new();
-    for (resource, namespace, name) in list.iter().filter_map(|s| parse_straggler(s)) {
-        out.entry(resource).or_default().push((namespace, name));
+/// Groups stragglers by resource, as (namespace, name).
+pub fn stragglers_by_resource(list: &[Straggler]) -> BTreeMap<ResourceId, Vec<(String, String)>> {
+    let mut out: BTreeMap<ResourceId, Vec<(String, String)>> = BTreeMap::new();
+    for s in list {
+        out.entry(s.resource.clone()).or_default().push((s.namespace.clone(), s.name.clone()));
     }
     out
 }
@@ -206,20 +223,245 @@ pub fn job(
     }))
 }
 
+impl<K: KeyAdmin> Run<'_, K> {
+    pub(super) async fn verifying(&mut self) -> Result<Step, RotationError> {
+        let round = self.book.status.verify_round.max(1);
+        let verification = match self
+            .book
+            .status
+            .verification
+            .clone()
+            .filter(|v| v.run_id == self.book.status.run_id && v.round == round)
+        {
+            Some(v) => v,
+            None => match &self.plan.verify.verifier {
+                Verifier::None => {
+                    let failed = self.book.status.totals.failed;
+                    return Ok(self.finish(
+                        "Unverified",
+                        format!(
+                            "migrated to {} ({failed} writes failed); verify.mode is None, so nothing proves the old \
+                             key is unused and it is never retired",
+                            self.book.status.to_key_id
+                        ),
+                    ));
+                }
+                Verifier::Etcd => match self.verify_here(round).await {
+                    Ok(v) => v,
+                    Err(message) => return Ok(self.fail("VerifyFailed", &message)),
+                },
+                Verifier::Job(job) => match self.verify_job(job, round).await? {
+                    Ok(Some(v)) => v,
+                    Ok(None) => return Ok(Step::Wait(self.ctx.poll)),
+                    Err(message) => return Ok(self.fail("VerifyFailed", &message)),
+                },
+            },
+        };
+        self.book.status.verification = Some(verification.clone());
+        match judge(&verification, round, self.plan.verify.max_rounds) {
+            Round::Failed { reason, message } => return Ok(self.fail(reason, &message)),
+            Round::Clean => {
+                self.book.events.push((
+                    EventKind::Normal,
+                    "Verified",
+                    format!("{} values, all on {}", verification.current, verification.key_id),
+                ));
+                if self.plan.retire.enabled {
+                    self.book.enter(Phase::Retiring);
+                    return Ok(Step::Again);
+                }
+                let to = self.book.status.to_key_id.clone();
+                return Ok(self.finish("Succeeded", format!("every value is on {to}; retire is off")));
+            }
+            Round::Stragglers => {}
+        }
+        if verification.truncated {
+            // NB: too many to name: run the whole migrate pass again for the resources involved.
+            let involved = stragglers_by_resource(&verification.stragglers);
+            for p in &mut self.book.status.progress {
+                if involved.contains_key(&p.resource) {
+                    p.complete = false;
+                    p.continue_token.clear();
+                }
+            }
+            self.book.status.storage_migration_fallback = true;
+            self.book.enter(Phase::Migrating);
+            return Ok(Step::Again);
+        }
+        self.rewrite_stragglers(&verification.stragglers).await?;
+        self.book.status.verify_round = round + 1;
+        Ok(Step::Again)
+    }
+
+    async fn rewrite_stragglers(&mut self, stragglers: &[Straggler]) -> Result<(), RotationError> {
+        let pacer = super::migrate::Pacer::new(self.plan.migrate.settings.qps());
+        let mut rewritten = 0;
+        for (resource, objects) in stragglers_by_resource(stragglers) {
+            let target = self.ctx.target(&resource).await?;
+            for (namespace, name) in objects {
+                pacer.wait().await;
+                let Some(resource_version) =
+                    self.ctx.kube.resource_version(&target, &namespace, &name).await?
+                else {
+                    continue;
+                };
+                let key = ObjectKey { namespace, name, resource_version };
+                match self.ctx.kube.touch(&target, &key).await {
+                    Ok(_) => rewritten += 1,
+                    Err(e) if matches!(e.code(), Some(404 | 409)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.book.status.message = format!("rewrote {rewritten} stragglers; verifying again");
+        self.book.events.push((EventKind::Normal, "StragglersRewritten", self.book.status.message.clone()));
+        Ok(())
+    }
+
+    fn verify_input(&self, round: u32) -> Input {
+        Input::new(self.plan, &self.book.status.to_key_id, &self.book.status.run_id, round)
+    }
+
+    async fn verify_here(&self, round: u32) -> Result<Verification, String> {
+        let Some(etcd) = &self.ctx.etcd else {
+            return Err("verify.mode is Etcd but the controller has no etcd.* settings".into());
+        };
+        let mut client = crate::etcd::connect(etcd).await.map_err(|e| crate::error::chain(&e))?;
+        scan(&mut client, &self.verify_input(round), 5000, &*self.ctx.clock)
+            .await
+            .map_err(|e| crate::error::chain(&e))
+    }
+
+    /// `Ok(Ok(Some))` with the Job's report, `Ok(Ok(None))` while it runs.
+    async fn verify_job(
+        &self,
+        spec: &VerifyJob,
+        round: u32,
+    ) -> Result<Result<Option<Verification>, String>, RotationError> {
+        let name = job_name(self.book.name, &self.book.status.run_id, round);
+        let timeout = self.plan.verify.timeout;
+        match self.ctx.kube.job_state(&spec.namespace, &name).await? {
+            JobState::Missing => {
+                let job = job(self.policy, spec, &self.book.status.run_id, round, timeout.as_secs() as i64)
+                    .map_err(|e| KubeError::Unexpected(format!("build verify job: {e}")))?;
+                self.ctx.kube.create_job(&spec.namespace, &job).await?;
+                Ok(Ok(None))
+            }
+            JobState::Running => Ok(Ok(None)),
+            // NB: a finished Job whose report has not arrived yet: the status may lag one read.
+            JobState::Succeeded if self.book.elapsed_since(&self.book.status.phase_started_at) < timeout => {
+                Ok(Ok(None))
+            }
+            JobState::Succeeded => Ok(Err(format!("verify job {name} finished without a report"))),
+            JobState::Failed(why) => Ok(Err(format!("verify job {name} failed: {why}"))),
+        }
+    }
+
+    pub(super) async fn retiring(&mut self) -> Result<Step, RotationError> {
+        let Some(v) =
+            self.book.status.verification.clone().filter(|v| v.clean && v.run_id == self.book.status.run_id)
+        else {
+            // NB: Retire never runs without a clean verify of this run.
+            return Ok(self.fail("NotVerified", "retire needs a clean verification of this run"));
+        };
+        let grace = self.plan.retire.grace;
+        let since = self.book.elapsed_since(&v.finished_at);
+        if since < grace {
+            self.book.status.message =
+                format!("retiring versions below {:?} in {:?}", self.book.status.to_version, grace - since);
+            return Ok(Step::Wait(self.ctx.poll.min(grace - since)));
+        }
+        let Some(to) = self.book.status.to_version else {
+            return Ok(self.fail("NotVerified", "the run has no target version"));
+        };
+        let key = self.plan.transit.clone();
+        let meta = self.ctx.keys.metadata(&key).await?;
+        if meta.min_decryption_version < to {
+            self.ctx.keys.retire_below(&key, to).await?;
+        }
+        self.book.status.retired_below = Some(to);
+        self.book.events.push((
+            EventKind::Normal,
+            "Retired",
+            format!("min_decryption_version raised to {to}"),
+        ));
+        Ok(self.finish("Succeeded", format!("every value is on {}; versions below {to} retired", v.key_id)))
+    }
+}
+
+/// What one verification round means for the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Round {
+    /// Nothing is left on an old key.
+    Clean,
+    /// The run stops: a condition reason and a message.
+    Failed {
+        /// CamelCase reason.
+        reason: &'static str,
+        /// For people.
+        message: String,
+    },
+    /// Old-key or unencrypted values remain that another rewrite can fix.
+    Stragglers,
+}
+
+/// Judges round `round` of at most `max_rounds` from its verification alone.
+pub fn judge(v: &Verification, round: u32, max_rounds: u32) -> Round {
+    let failed = |reason, message| Round::Failed { reason, message };
+    if !v.error.is_empty() {
+        return failed("VerifyFailed", v.error.clone());
+    }
+    if v.clean {
+        return Round::Clean;
+    }
+    if v.invalid > 0 {
+        return failed(
+            "UndecryptableValues",
+            format!("{} values of this provider are invalid; the API server cannot read them", v.invalid),
+        );
+    }
+    if v.unmapped > 0 {
+        return failed(
+            "UnlistedResources",
+            format!(
+                "{} old-key values are in resources spec.resources does not list; add them (with etcdPrefix) and resume",
+                v.unmapped
+            ),
+        );
+    }
+    if round >= max_rounds {
+        return failed(
+            "StragglersRemain",
+            format!(
+                "{} old-key and {} unencrypted values remain after {round} rounds",
+                v.old_key, v.unencrypted
+            ),
+        );
+    }
+    Round::Stragglers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn stragglers_round_trip_through_their_text_form() {
-        let (r, ns, name) = parse_straggler("deployments.apps/default/web").unwrap();
-        assert_eq!(
-            (r.to_string().as_str(), ns.as_str(), name.as_str()),
-            ("deployments.apps", "default", "web")
-        );
-        let (r, ns, name) = parse_straggler("clusterroles.rbac.authorization.k8s.io//admin").unwrap();
-        assert_eq!((r.resource.as_str(), ns.as_str(), name.as_str()), ("clusterroles", "", "admin"));
-        assert!(parse_straggler("secrets").is_none());
+    fn a_round_is_judged_from_its_verification() {
+        let v = |f: fn(&mut Verification)| {
+            let mut v = Verification { old_key: 2, ..Verification::default() };
+            f(&mut v);
+            v
+        };
+        assert_eq!(judge(&v(|v| v.clean = true), 1, 3), Round::Clean);
+        assert_eq!(judge(&v(|_| {}), 1, 3), Round::Stragglers);
+        let reason = |r: Round| match r {
+            Round::Failed { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(judge(&v(|v| v.error = "etcd: down".into()), 1, 3)), "VerifyFailed");
+        assert_eq!(reason(judge(&v(|v| v.invalid = 1), 1, 3)), "UndecryptableValues");
+        assert_eq!(reason(judge(&v(|v| v.unmapped = 1), 1, 3)), "UnlistedResources");
+        assert_eq!(reason(judge(&v(|_| {}), 3, 3)), "StragglersRemain");
     }
 
     #[test]

@@ -10,11 +10,10 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 
 use super::{
     Clock, INVALID_SINCE_LABEL, LAST_USED_LABEL, ROTATE_ANNOTATION, ROTATED_ANNOTATION, SA_NAME_ANNOTATION,
-    SA_UID_ANNOTATION, TokenError, matches_any,
-    policy::{LegacySpec, PendingSecret, TokenStatus},
-    rfc3339,
+    SA_UID_ANNOTATION, TokenError, matches_any, rfc3339,
 };
 use crate::{
+    crd::tokens::{LegacySpec, PendingSecret, TokenStatus},
     k8s::{Created, Deleted, EventKind, Kube},
     metrics::ControllerMetrics,
 };

@@ -13,17 +13,17 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp
 
 use super::{
     AUDIENCES_ANNOTATION, Clock, ERROR_ANNOTATION, EXPIRES_ANNOTATION, ISSUED_ANNOTATION,
-    LIFETIME_ANNOTATION, REQUEST_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, TokenError, parse_time,
-    policy::{MIN_LIFETIME, ManagedSpec, Rules},
-    rfc3339,
+    LIFETIME_ANNOTATION, REQUEST_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, TokenError, parse_time, rfc3339,
 };
 use crate::{
+    backoff::Backoff,
+    crd::tokens::{MIN_LIFETIME, ManagedSpec, Plan},
     k8s::{EventKind, Kube, KubeError},
     metrics::ControllerMetrics,
 };
 
-/// First retry after a failure; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+/// Retries after a failure: 10 s after the first, doubling up to [`MAX_BACKOFF`].
+const RETRIES: Backoff = Backoff::new(Duration::from_secs(5), MAX_BACKOFF);
 /// Longest wait between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Shortest wait between retries, even close to expiry (never a hot loop).
@@ -53,7 +53,7 @@ pub struct Guard {
 
 impl Guard {
     /// From a policy; `own` is kmsgate's own ServiceAccount as `namespace/name`.
-    pub fn new(spec: &ManagedSpec, rules: &Rules, own: &str) -> Self {
+    pub fn new(spec: &ManagedSpec, rules: &Plan, own: &str) -> Self {
         Self {
             namespaces: spec.namespaces.clone(),
             audiences: spec.audiences.clone(),
@@ -418,7 +418,7 @@ pub fn refresh_point(issued: Timestamp, expires: Timestamp, fraction: f64) -> Ti
 /// Exponential backoff, but while the current token is valid at least two more tries before it
 /// expires, and never faster than every few seconds.
 pub fn retry_after(failures: u32, valid_for: Option<Duration>) -> Duration {
-    let exp = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(10)).min(MAX_BACKOFF);
+    let exp = RETRIES.delay(failures.max(1));
     match valid_for {
         Some(left) if !left.is_zero() => exp.min(left / 2).max(MIN_BACKOFF),
         _ => exp,
@@ -450,7 +450,7 @@ mod tests {
             deny_service_accounts: vec!["apps/root".into(), "ops/*".into()],
             ..ManagedSpec::default()
         };
-        let rules = super::super::policy::validate(&super::super::policy::TokenPolicySpec {
+        let rules = crate::crd::tokens::parse(&crate::crd::tokens::TokenPolicySpec {
             managed: spec.clone(),
             ..Default::default()
         })

@@ -10,50 +10,20 @@
 
 pub mod legacy;
 pub mod managed;
-pub mod policy;
 pub mod reconcile;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::jiff::Timestamp;
-use zeroize::Zeroizing;
-
 use crate::k8s::KubeError;
-
-/// The Secret type of legacy tokens.
-pub const LEGACY_TYPE: &str = "kubernetes.io/service-account-token";
-/// Names the ServiceAccount of a legacy token (kept across rotation).
-pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
-/// The ServiceAccount's uid on a legacy token (dropped on rotation: the token controller sets it,
-/// and a stale one makes it delete the Secret).
-pub const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
-/// Set by the API server on each use of a legacy token.
-pub const LAST_USED_LABEL: &str = "kubernetes.io/legacy-token-last-used";
-/// Set by the legacy token cleaner: the token no longer authenticates.
-pub const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
-
-/// On a legacy token Secret: when kmsgate last rotated it (RFC 3339).
-pub const ROTATED_ANNOTATION: &str = "token.kmsgate.io/rotated-at";
-/// On a legacy token Secret: `"false"` keeps kmsgate from rotating it.
-pub const ROTATE_ANNOTATION: &str = "token.kmsgate.io/rotate";
-
-/// On a Secret: asks for a managed token of this ServiceAccount (in the Secret's namespace).
-pub const SERVICE_ACCOUNT_ANNOTATION: &str = "token.kmsgate.io/service-account";
-/// On a managed Secret: comma-separated audiences (default: the API server's).
-pub const AUDIENCES_ANNOTATION: &str = "token.kmsgate.io/audiences";
-/// On a managed Secret: the lifetime to ask for, like `2h` (default: the policy's).
-pub const LIFETIME_ANNOTATION: &str = "token.kmsgate.io/lifetime";
-/// Written by kmsgate: when the token in the Secret was issued (RFC 3339).
-pub const ISSUED_ANNOTATION: &str = "token.kmsgate.io/issued-at";
-/// Written by kmsgate: the expiry the API server granted (RFC 3339).
-pub const EXPIRES_ANNOTATION: &str = "token.kmsgate.io/expires-at";
-/// Written by kmsgate: a digest of the request the token answers; a change means re-issue.
-pub const REQUEST_ANNOTATION: &str = "token.kmsgate.io/request";
-/// Written by kmsgate: why the last attempt failed or was refused (removed on success).
-pub const ERROR_ANNOTATION: &str = "token.kmsgate.io/error";
-
-/// The `token` data key of both kinds.
-pub const TOKEN_KEY: &str = "token";
+pub use crate::{
+    clock::{Clock, SystemClock, parse_time, rfc3339},
+    crd::tokens::{
+        AUDIENCES_ANNOTATION, ERROR_ANNOTATION, EXPIRES_ANNOTATION, INVALID_SINCE_LABEL, ISSUED_ANNOTATION,
+        LAST_USED_LABEL, LEGACY_TYPE, LIFETIME_ANNOTATION, REQUEST_ANNOTATION, ROTATE_ANNOTATION,
+        ROTATED_ANNOTATION, SA_NAME_ANNOTATION, SA_UID_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, TOKEN_KEY,
+    },
+    k8s::BearerToken,
+};
 
 /// A token operation failed; each variant names what.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +33,7 @@ pub enum TokenError {
     Kube(#[from] KubeError),
     /// The TokenPolicy is invalid.
     #[error(transparent)]
-    Spec(#[from] policy::SpecError),
+    Spec(#[from] crate::crd::tokens::SpecError),
     /// The TokenPolicy does not exist.
     #[error(
         "TokenPolicy {0:?} not found: create one (deploy/controller/tokenpolicy.yaml) so rotations can be \
@@ -78,50 +48,13 @@ pub enum TokenError {
     Invalid(String),
 }
 
-/// A bearer token: zeroed on drop, never printed.
-pub struct BearerToken(Zeroizing<String>);
-
-impl BearerToken {
-    /// Wraps a token.
-    pub fn new(token: Zeroizing<String>) -> Self {
-        Self(token)
-    }
-
-    /// The token, for writing into a Secret.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BearerToken(<redacted>)")
-    }
-}
-
-/// Wall-clock time, replaceable in tests (paused tokio time drives a test clock).
-pub trait Clock: Send + Sync {
-    /// Now.
-    fn now(&self) -> Timestamp;
-}
-
-/// The system clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::now()
-    }
-}
-
 /// Applies `change` to a TokenPolicy's status, read-modify-write with the resourceVersion as a
 /// precondition, retrying when someone else wrote first, so no crash record is ever lost.
 pub async fn update_status(
     kube: &crate::k8s::Kube,
     name: &str,
-    change: impl Fn(&mut policy::TokenStatus),
-) -> Result<policy::TokenStatus, TokenError> {
+    change: impl Fn(&mut crate::crd::tokens::TokenStatus),
+) -> Result<crate::crd::tokens::TokenStatus, TokenError> {
     for _ in 0..8 {
         let policy = kube.token_policy(name).await?.ok_or_else(|| TokenError::NoPolicy(name.into()))?;
         let mut status = policy.status.unwrap_or_default();
@@ -134,16 +67,6 @@ pub async fn update_status(
         }
     }
     Err(TokenError::Journal(format!("TokenPolicy {name}")))
-}
-
-/// `now` to the second, as the API server writes timestamps.
-pub fn rfc3339(at: Timestamp) -> String {
-    Timestamp::from_second(at.as_second()).unwrap_or(at).to_string()
-}
-
-/// Parses an RFC 3339 annotation value.
-pub fn parse_time(text: &str) -> Option<Timestamp> {
-    text.trim().parse().ok()
 }
 
 /// Whether `map` has any of `rules` (`key` or `key=value`).
@@ -173,13 +96,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_token_never_shows_in_debug_output() {
-        let token = BearerToken::new(Zeroizing::new("eyJhbGciOiJSUzI1NiJ9.secret".into()));
-        assert_eq!(format!("{token:?}"), "BearerToken(<redacted>)");
-        assert_eq!(token.expose(), "eyJhbGciOiJSUzI1NiJ9.secret");
-    }
-
-    #[test]
     fn exclusion_rules_match_keys_and_values() {
         let map: BTreeMap<String, String> =
             [("team".to_owned(), "infra".to_owned()), ("keep".to_owned(), String::new())].into();
@@ -189,11 +105,7 @@ mod tests {
     }
 
     #[test]
-    fn times_round_trip_to_the_second() {
-        let at = Timestamp::from_second(1_795_723_200).unwrap();
-        assert_eq!(rfc3339(at), "2026-11-26T20:00:00Z");
-        assert_eq!(parse_time("2026-11-26T20:00:00Z"), Some(at));
-        assert_eq!(parse_time("yesterday"), None);
+    fn ages_read_in_the_largest_units() {
         assert_eq!(age(90_061), "1d1h");
     }
 }

@@ -11,10 +11,11 @@ use super::{
     Clock, TokenError,
     legacy::{Legacy, Selection},
     managed::{Guard, Managed},
-    policy::{LegacyStatus, ManagedStatus, TokenPolicy, validate},
     rfc3339, update_status,
 };
 use crate::{
+    backoff::Backoff,
+    crd::tokens::{LegacyStatus, ManagedStatus, TokenPolicy, parse},
     k8s::{Kube, KubeError},
     metrics::ControllerMetrics,
 };
@@ -93,7 +94,7 @@ impl TokenLoop {
                 Err(e) => {
                     errors += 1;
                     tracing::warn!(error = %crate::error::chain(&e), "managed token pass failed; retrying");
-                    crate::rotation::migrate::backoff(errors).min(ABSENT_WAIT)
+                    Backoff::CALLS.delay(errors).min(ABSENT_WAIT)
                 }
             };
             let deadline = tokio::time::Instant::now() + wait;
@@ -138,7 +139,7 @@ impl TokenLoop {
                     Err(e) => {
                         errors += 1;
                         tracing::warn!(error = %crate::error::chain(&e), "legacy token run failed; retrying");
-                        crate::rotation::migrate::backoff(errors).min(ABSENT_WAIT)
+                        Backoff::CALLS.delay(errors).min(ABSENT_WAIT)
                     }
                 },
                 () = lost(&leader) => continue,
@@ -153,7 +154,7 @@ impl TokenLoop {
     /// One legacy round: a run when due; returns how long until the next.
     pub async fn legacy_once(&self) -> Result<Duration, TokenError> {
         let Some(policy) = self.policy().await? else { return Ok(ABSENT_WAIT) };
-        let rules = validate(&policy.spec)?;
+        let rules = parse(&policy.spec)?;
         if !policy.spec.legacy.enabled {
             return Ok(ABSENT_WAIT);
         }
@@ -199,7 +200,7 @@ impl TokenLoop {
     /// One managed pass; returns how long until the next and whether to watch Secrets.
     pub async fn managed_once(&self, managed: &mut Managed) -> Result<(Duration, bool), TokenError> {
         let Some(policy) = self.policy().await? else { return Ok((ABSENT_WAIT, false)) };
-        let rules = validate(&policy.spec)?;
+        let rules = parse(&policy.spec)?;
         if !policy.spec.managed.enabled {
             return Ok((ABSENT_WAIT, false));
         }

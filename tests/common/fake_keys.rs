@@ -7,8 +7,8 @@ use std::{
 
 use kmsgate::{
     backend::{BackendError, KeyMetadata},
+    crd::rotation::TransitKey,
     keyid::{BackendKind, KeyScope},
-    policy::TransitKey,
     rotation::KeyAdmin,
 };
 

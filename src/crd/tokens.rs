@@ -12,7 +12,42 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Schedule;
+use crate::crd::schedule::Schedule;
+
+/// The Secret type of legacy tokens.
+pub const LEGACY_TYPE: &str = "kubernetes.io/service-account-token";
+/// Names the ServiceAccount of a legacy token (kept across rotation).
+pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
+/// The ServiceAccount's uid on a legacy token (dropped on rotation: the token controller sets it,
+/// and a stale one makes it delete the Secret).
+pub const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
+/// Set by the API server on each use of a legacy token.
+pub const LAST_USED_LABEL: &str = "kubernetes.io/legacy-token-last-used";
+/// Set by the legacy token cleaner: the token no longer authenticates.
+pub const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
+
+/// On a legacy token Secret: when kmsgate last rotated it (RFC 3339).
+pub const ROTATED_ANNOTATION: &str = "token.kmsgate.io/rotated-at";
+/// On a legacy token Secret: `"false"` keeps kmsgate from rotating it.
+pub const ROTATE_ANNOTATION: &str = "token.kmsgate.io/rotate";
+
+/// On a Secret: asks for a managed token of this ServiceAccount (in the Secret's namespace).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "token.kmsgate.io/service-account";
+/// On a managed Secret: comma-separated audiences (default: the API server's).
+pub const AUDIENCES_ANNOTATION: &str = "token.kmsgate.io/audiences";
+/// On a managed Secret: the lifetime to ask for, like `2h` (default: the policy's).
+pub const LIFETIME_ANNOTATION: &str = "token.kmsgate.io/lifetime";
+/// Written by kmsgate: when the token in the Secret was issued (RFC 3339).
+pub const ISSUED_ANNOTATION: &str = "token.kmsgate.io/issued-at";
+/// Written by kmsgate: the expiry the API server granted (RFC 3339).
+pub const EXPIRES_ANNOTATION: &str = "token.kmsgate.io/expires-at";
+/// Written by kmsgate: a digest of the request the token answers; a change means re-issue.
+pub const REQUEST_ANNOTATION: &str = "token.kmsgate.io/request";
+/// Written by kmsgate: why the last attempt failed or was refused (removed on success).
+pub const ERROR_ANNOTATION: &str = "token.kmsgate.io/error";
+
+/// The `token` data key of both kinds.
+pub const TOKEN_KEY: &str = "token";
 
 /// The name the controller and `kmsgate tokens` use unless told otherwise.
 pub const DEFAULT_POLICY: &str = "kmsgate";
@@ -224,7 +259,7 @@ pub struct SpecError {
 
 /// The parsed, checked form of a spec.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub struct Plan {
     /// When the legacy run is due.
     pub schedule: Schedule,
     /// Rotate legacy Secrets older than this.
@@ -244,11 +279,11 @@ fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
         .map_err(|e| SpecError { field, problem: format!("{text:?} is not a duration like 24h: {e}") })
 }
 
-/// Checks every field, so a bad policy fails once with a message naming the field.
-pub fn validate(spec: &TokenPolicySpec) -> Result<Rules, SpecError> {
+/// Parses and checks every field, so a bad policy fails once with a message naming the field.
+pub fn parse(spec: &TokenPolicySpec) -> Result<Plan, SpecError> {
     let bad = |field, problem: &str| Err(SpecError { field, problem: problem.to_owned() });
     let schedule = Schedule::parse(Some(&spec.legacy.schedule))
-        .map_err(|e| SpecError { field: "legacy.schedule", problem: e.problem })?;
+        .map_err(|e| SpecError { field: "legacy.schedule", problem: e.to_string() })?;
     let max_age = duration("legacy.maxAge", &spec.legacy.max_age)?;
     if max_age < Duration::from_secs(3600) {
         return bad("legacy.maxAge", "must be at least 1h");
@@ -293,7 +328,7 @@ pub fn validate(spec: &TokenPolicySpec) -> Result<Rules, SpecError> {
             _ => return bad("managed.denyServiceAccounts", "entries are `namespace/name` or `namespace/*`"),
         }
     }
-    Ok(Rules { schedule, max_age, token_timeout, default_lifetime, max_lifetime, resync })
+    Ok(Plan { schedule, max_age, token_timeout, default_lifetime, max_lifetime, resync })
 }
 
 /// The CRD as YAML.
@@ -332,7 +367,7 @@ mod tests {
     fn an_empty_spec_is_valid_and_does_nothing() {
         let spec: TokenPolicySpec = serde_json::from_value(serde_json::json!({})).unwrap();
         assert!(!spec.legacy.enabled && !spec.managed.enabled);
-        let rules = validate(&spec).unwrap();
+        let rules = parse(&spec).unwrap();
         assert_eq!(rules.max_age, Duration::from_secs(90 * 24 * 3600));
         assert_eq!(rules.default_lifetime, Duration::from_secs(3600));
         assert_eq!(spec.managed.refresh_fraction, 0.8);
@@ -342,7 +377,7 @@ mod tests {
     fn validation_names_the_field() {
         let check = |json: serde_json::Value, field: &str| {
             let spec: TokenPolicySpec = serde_json::from_value(json).unwrap();
-            let error = validate(&spec).unwrap_err().to_string();
+            let error = parse(&spec).unwrap_err().to_string();
             assert!(error.starts_with(&format!("TokenPolicy spec.{field}:")), "{error}");
         };
         check(serde_json::json!({"managed": {"enabled": true}}), "managed.namespaces");
