@@ -8,36 +8,6 @@ use zeroize::Zeroizing;
 
 use crate::config::EtcdConfig;
 
-/// How to reach etcd (read-only use).
-#[derive(Debug, Clone, Default)]
-pub struct EtcdSettings {
-    /// Client URLs, e.g. `https://127.0.0.1:2379`.
-    pub endpoints: Vec<String>,
-    /// PEM CA bundle for the etcd server certificate.
-    pub ca: Option<PathBuf>,
-    /// PEM client certificate (kubeadm's etcd client certificates grant full access).
-    pub cert: Option<PathBuf>,
-    /// PEM client key.
-    pub key: Option<PathBuf>,
-    /// User name for etcd authentication.
-    pub user: Option<String>,
-    /// File holding that user's password.
-    pub password_file: Option<PathBuf>,
-}
-
-impl From<&EtcdConfig> for EtcdSettings {
-    fn from(config: &EtcdConfig) -> Self {
-        Self {
-            endpoints: config.endpoints.clone(),
-            ca: config.ca.clone(),
-            cert: config.cert.clone(),
-            key: config.key.clone(),
-            user: config.user.clone(),
-            password_file: config.password_file.clone(),
-        }
-    }
-}
-
 /// The scan could not run or could not finish.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -65,7 +35,7 @@ pub enum ScanError {
 }
 
 /// Connects to etcd with the given TLS and authentication.
-pub async fn connect(settings: &EtcdSettings) -> Result<Client, ScanError> {
+pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
     let read =
         |path: &PathBuf| std::fs::read(path).map_err(|source| ScanError::File { path: path.clone(), source });
     let mut options = ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));

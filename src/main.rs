@@ -174,8 +174,8 @@ struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    fn settings(self) -> kmsgate::etcd::EtcdSettings {
-        kmsgate::etcd::EtcdSettings {
+    fn settings(self) -> kmsgate::config::EtcdConfig {
+        kmsgate::config::EtcdConfig {
             endpoints: self.endpoints,
             ca: self.cacert,
             cert: self.cert,

@@ -22,7 +22,8 @@ fn rooms(page: &str) -> BTreeMap<String, Room> {
     for line in page.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         let [_, name, layer, _job, may_import, ..] = cells.as_slice() else { continue };
-        let (Some(name), Ok(layer)) = (name.strip_prefix('`').and_then(|r| r.strip_suffix('`')), layer.parse())
+        let (Some(name), Ok(layer)) =
+            (name.strip_prefix('`').and_then(|r| r.strip_suffix('`')), layer.parse())
         else {
             continue;
         };
@@ -138,10 +139,8 @@ fn every_room_imports_only_lower_layers() {
     let src = root.join("src");
     let mut paths = Vec::new();
     rust_files(&src, &mut paths);
-    let files: Vec<(String, String)> = paths
-        .iter()
-        .filter_map(|p| Some((room_of(&src, p)?, std::fs::read_to_string(p).unwrap())))
-        .collect();
+    let files: Vec<(String, String)> =
+        paths.iter().filter_map(|p| Some((room_of(&src, p)?, std::fs::read_to_string(p).unwrap()))).collect();
     let listed_but_gone: Vec<&String> =
         rooms.keys().filter(|room| !files.iter().any(|(r, _)| r == *room)).collect();
     assert!(listed_but_gone.is_empty(), "docs/architecture.md lists rooms src/ lacks: {listed_but_gone:?}");
@@ -156,14 +155,16 @@ fn a_back_import_an_unlisted_room_or_an_unlisted_door_is_caught() {
     let rooms = rooms(page);
     let ok = vec![("audit".to_owned(), "use crate::storage::Judge;".to_owned())];
     assert!(violations(&rooms, &ok).is_empty());
-    let back = vec![("storage".to_owned(), "use crate::{\n    error,\n    audit::{Scanner, x},\n};".to_owned())];
+    let back =
+        vec![("storage".to_owned(), "use crate::{\n    error,\n    audit::{Scanner, x},\n};".to_owned())];
     assert_eq!(
         violations(&rooms, &back),
         ["storage (layer 0) imports audit (layer 1)", "storage imports error, which the page does not list"]
     );
     let sideways = vec![("storage".to_owned(), "fn f() { crate::keyid::parse(); }".to_owned())];
     assert_eq!(violations(&rooms, &sideways), ["storage (layer 0) imports keyid (layer 0)"]);
-    let undeclared = vec![("audit".to_owned(), "let x = crate::keyid::parse(); // crate::ignored".to_owned())];
+    let undeclared =
+        vec![("audit".to_owned(), "let x = crate::keyid::parse(); // crate::ignored".to_owned())];
     assert_eq!(violations(&rooms, &undeclared), ["audit imports keyid, which its row does not allow"]);
     let unlisted = vec![("signer".to_owned(), String::new())];
     assert_eq!(violations(&rooms, &unlisted), ["room signer is not listed in docs/architecture.md"]);

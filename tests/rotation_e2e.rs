@@ -131,7 +131,7 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
     let client = VaultClient::new(&bao.vault_settings(dir.path()), VaultMetrics::default()).unwrap();
     let keys = VaultKeys::new(client, "test-bao", "");
     let etcd_settings =
-        kmsgate::etcd::EtcdSettings { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
+        kmsgate::config::EtcdConfig { endpoints: vec![etcd.endpoint.clone()], ..Default::default() };
     let ctx = Context::new(
         Kube::new(fake.client()),
         keys,

@@ -9,13 +9,14 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use common::{Bao, eventually};
 use kmsgate::{
     backend::Backend,
+    config::{VaultAuth, VaultClientConfig},
     metrics::{OutcomeLabels, VaultMetrics},
-    transit::{AuthMethod, Transit, VaultClient, VaultSettings},
+    transit::{Transit, VaultClient},
 };
 use serde_json::json;
 use tokio::time::Instant;
 
-fn transit(settings: &VaultSettings, metrics: &VaultMetrics) -> (Transit, tokio::task::JoinHandle<()>) {
+fn transit(settings: &VaultClientConfig, metrics: &VaultMetrics) -> (Transit, tokio::task::JoinHandle<()>) {
     let client = VaultClient::new(settings, metrics.clone()).unwrap();
     let maintenance = tokio::spawn(client.clone().maintain());
     (Transit::new(client, "test-bao", "", "transit", "kmsgate"), maintenance)
@@ -89,7 +90,7 @@ async fn tls_right_ca_works_wrong_ca_is_refused_and_a_replaced_ca_is_picked_up()
     assert!(err.contains("missing.pem"), "{err}");
 }
 
-async fn approle(bao: &Bao, dir: &Path, ttl: &str, max_ttl: &str) -> (VaultSettings, std::path::PathBuf) {
+async fn approle(bao: &Bao, dir: &Path, ttl: &str, max_ttl: &str) -> (VaultClientConfig, std::path::PathBuf) {
     bao.plugin_policy().await;
     bao.post("sys/auth/approle", json!({"type": "approle"})).await;
     bao.post(
@@ -108,7 +109,7 @@ async fn approle(bao: &Bao, dir: &Path, ttl: &str, max_ttl: &str) -> (VaultSetti
     let secret_file = dir.join("secret_id");
     std::fs::write(&secret_file, &secret_id).unwrap();
     let mut settings = bao.vault_settings(dir);
-    settings.auth = AuthMethod::AppRole {
+    settings.auth = VaultAuth::AppRole {
         mount: "approle".into(),
         role_id_file: dir.join("role_id"),
         secret_id_file: secret_file.clone(),
@@ -192,7 +193,7 @@ async fn certificate_login() {
     settings.tls.ca = bao.ca.clone();
     settings.tls.client_cert = Some(dir.path().join("client.pem"));
     settings.tls.client_key = Some(dir.path().join("client-key.pem"));
-    settings.auth = AuthMethod::Cert { mount: "cert".into(), role: "kmsgate".into() };
+    settings.auth = VaultAuth::Cert { mount: "cert".into(), role: "kmsgate".into() };
     let metrics = VaultMetrics::default();
     let (transit, _m) = transit(&settings, &metrics);
     let sealed = transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
@@ -234,7 +235,7 @@ async fn jwt_login_from_a_file() {
 
     let mut settings = bao.vault_settings(dir.path());
     settings.auth =
-        AuthMethod::Jwt { mount: "jwt".into(), role: "kmsgate".into(), jwt_file: dir.path().join("jwt") };
+        VaultAuth::Jwt { mount: "jwt".into(), role: "kmsgate".into(), jwt_file: dir.path().join("jwt") };
     let metrics = VaultMetrics::default();
     let (transit, _m) = transit(&settings, &metrics);
     transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();
@@ -368,7 +369,7 @@ async fn kubernetes_login_for_the_controller() {
     std::fs::write(dir.path().join("sa-token"), &jwt).unwrap();
 
     let mut settings = bao.vault_settings(dir.path());
-    settings.auth = AuthMethod::Kubernetes {
+    settings.auth = VaultAuth::Kubernetes {
         mount: "kubernetes".into(),
         role: "kmsgate".into(),
         jwt_file: dir.path().join("sa-token"),
@@ -402,7 +403,7 @@ async fn a_changed_token_file_is_picked_up_before_the_old_token_dies() {
     let mut settings = bao.vault_settings(dir.path());
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &first).unwrap();
-    settings.auth = AuthMethod::Token { file: token_file.clone() };
+    settings.auth = VaultAuth::Token { file: token_file.clone() };
     let metrics = VaultMetrics::default();
     let (transit, _m) = transit(&settings, &metrics);
     transit.encrypt(1, b"seed", b"kid", soon()).await.unwrap();

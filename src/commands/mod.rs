@@ -12,7 +12,7 @@ use crate::{
     kms::{self, PluginError},
     metrics::Metrics,
     selftest,
-    transit::{ClientError, Transit, VaultClient, VaultSettings},
+    transit::{ClientError, Transit, VaultClient},
 };
 
 /// `kmsgate audit`: how it ended when it could run.
@@ -26,7 +26,7 @@ pub enum AuditVerdict {
 
 /// `kmsgate audit`: scans, streams findings to stdout, prints the summary.
 pub async fn audit(
-    etcd: &crate::etcd::EtcdSettings,
+    etcd: &crate::config::EtcdConfig,
     options: &audit::Options,
     plugin_socket: Option<SocketSpec>,
     deep: bool,
@@ -130,7 +130,7 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
                      service-account token, and this plugin starts before the API server it serves)"
                 );
             }
-            let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
+            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
             let maintenance = tokio::spawn(client.clone().maintain());
             let backend = Transit::new(client, &v.identity, &v.client.namespace, &v.mount, &v.key);
             let result = kms::serve(&config, backend, metrics, shutdown).await;

@@ -4,18 +4,18 @@ use std::{io::Write, sync::Arc};
 
 use crate::{
     clock::{Clock, SystemClock},
-    config::{BackendConfig, Config},
+    config::{BackendConfig, Config, EtcdConfig},
     controller::{self, Leadership, View},
     crd::rotation::{
         self as policy, MigrateSettings, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef,
         RotationStatus,
     },
-    etcd::{EtcdSettings, Scanner},
+    etcd::Scanner,
     k8s::Kube,
     metrics::ControllerMetrics,
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
     storage::{Current, Judge, Standing},
-    transit::{VaultClient, VaultSettings},
+    transit::VaultClient,
 };
 
 use super::CommandError;
@@ -36,17 +36,11 @@ async fn context(
     metrics: Arc<ControllerMetrics>,
 ) -> Result<Context<VaultKeys>, CommandError> {
     let v = vault(config)?;
-    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
+    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let kube = Kube::infer().await?;
-    Ok(Context::new(
-        kube,
-        keys,
-        config.etcd.as_ref().map(EtcdSettings::from),
-        metrics,
-        config.controller.poll_interval,
-    ))
+    Ok(Context::new(kube, keys, config.etcd.clone(), metrics, config.controller.poll_interval))
 }
 
 fn holder(role: &str) -> String {
@@ -264,7 +258,7 @@ pub async fn verify(
     policy_name: &str,
     run_id: &str,
     round: u32,
-    etcd: &EtcdSettings,
+    etcd: &EtcdConfig,
 ) -> Result<bool, CommandError> {
     let kube = Kube::infer().await?;
     let policy = kube.policy(policy_name).await?;
@@ -361,7 +355,7 @@ pub async fn retire(
 ) -> Result<(), CommandError> {
     let v = vault(config)?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let client = VaultClient::new(&VaultSettings::from(&v.client), metrics.vault.clone())?;
+    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let key = policy::TransitKey { mount: v.mount.clone(), key: v.key.clone() };
@@ -385,9 +379,8 @@ pub async fn retire(
                         .into(),
                 )
             })?;
-            let mut client = crate::etcd::connect(&EtcdSettings::from(etcd))
-                .await
-                .map_err(|e| CommandError::Audit(e.to_string()))?;
+            let mut client =
+                crate::etcd::connect(etcd).await.map_err(|e| CommandError::Audit(e.to_string()))?;
             let check =
                 retire_check(&mut client, etcd_prefix, provider, &keys.scope(&key), to_version).await?;
             if check.blockers > 0 {

@@ -1,7 +1,10 @@
 //! `backend.*`, `local.*` and `vault.*`: which key store serves the key, and how to reach it. The
 //! key stores turn these sections into their own client settings.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{
     ConfigError, Role, field,
@@ -49,10 +52,10 @@ pub struct VaultConfig {
     pub client: VaultClientConfig,
 }
 
-/// How to reach and log in to one Vault/OpenBao cluster.
+/// How to reach and log in to one Vault/OpenBao cluster: what the Vault client is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaultClientConfig {
-    /// Base addresses, in order of preference.
+    /// Base addresses of one cluster, in order of preference (`https://vault-1:8200`).
     pub addresses: Vec<String>,
     /// Vault Enterprise namespace; empty for none.
     pub namespace: String,
@@ -62,61 +65,62 @@ pub struct VaultClientConfig {
     pub auth: VaultAuth,
     /// Renew the token when this fraction of its TTL has passed.
     pub renew_fraction: f64,
-    /// Most Vault calls in flight at once.
+    /// Most Vault calls in flight at once; the rest wait (within their deadline).
     pub max_concurrent_calls: usize,
     /// How often credential and TLS files, and failed addresses, are checked.
     pub check_interval: Duration,
 }
 
-/// The files of the Vault client's TLS trust and identity.
+/// Which files make up the Vault client's TLS identity and trust.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VaultTls {
-    /// PEM CA bundle file or directory; `None` trusts the system roots.
+    /// A PEM CA bundle file, or a directory whose files are read for PEM certificates.
+    /// `None` trusts the system roots.
     pub ca: Option<PathBuf>,
-    /// PEM client certificate chain.
+    /// PEM client certificate chain (for TLS certificate auth or mutual TLS).
     pub client_cert: Option<PathBuf>,
-    /// PEM key of the client certificate.
+    /// PEM private key of the client certificate.
     pub client_key: Option<PathBuf>,
 }
 
-/// How the Vault client logs in.
+/// Where the Vault client's token comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VaultAuth {
     /// AppRole login with role_id and secret_id read from files.
     AppRole {
-        /// Auth mount path.
+        /// Auth mount path (default `approle`).
         mount: String,
         /// File holding the role_id.
         role_id_file: PathBuf,
         /// File holding the secret_id.
         secret_id_file: PathBuf,
     },
-    /// TLS certificate login with the client certificate.
+    /// TLS certificate login; the client certificate is the TLS client identity.
     Cert {
-        /// Auth mount path.
+        /// Auth mount path (default `cert`).
         mount: String,
-        /// The cert role; empty lets Vault pick by certificate.
+        /// The cert role to log in as; empty lets Vault pick by certificate.
         role: String,
     },
     /// JWT login with a token read from a file.
     Jwt {
-        /// Auth mount path.
+        /// Auth mount path (default `jwt`).
         mount: String,
         /// The JWT role.
         role: String,
         /// File holding the JWT.
         jwt_file: PathBuf,
     },
-    /// Kubernetes login with a service-account token (the controller only).
+    /// Kubernetes login with a service-account token; the controller's method, never the plugin's.
     Kubernetes {
-        /// Auth mount path.
+        /// Auth mount path (default `kubernetes`).
         mount: String,
         /// The Kubernetes auth role.
         role: String,
         /// File holding the service-account token.
         jwt_file: PathBuf,
     },
-    /// A token read from a file.
+    /// A token read from a file, re-read when the file changes.
     Token {
         /// File holding the token.
         file: PathBuf,
@@ -212,6 +216,27 @@ impl VaultConfig {
 }
 
 impl VaultAuth {
+    /// The method's name, as `vault.auth` spells it, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AppRole { .. } => "approle",
+            Self::Cert { .. } => "cert",
+            Self::Jwt { .. } => "jwt",
+            Self::Kubernetes { .. } => "kubernetes",
+            Self::Token { .. } => "token",
+        }
+    }
+
+    /// The files whose change means "get a new token".
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Self::AppRole { role_id_file, secret_id_file, .. } => vec![role_id_file, secret_id_file],
+            Self::Cert { .. } => vec![],
+            Self::Jwt { jwt_file, .. } | Self::Kubernetes { jwt_file, .. } => vec![jwt_file],
+            Self::Token { file } => vec![file],
+        }
+    }
+
     fn read(v: &Values, has_client_cert: bool, who: Role) -> Result<Self, ConfigError> {
         let method = v.text("vault.auth")?.unwrap_or_default();
         let auth_mount = v.nonempty("vault.auth_mount")?;

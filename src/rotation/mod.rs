@@ -21,8 +21,8 @@ use status::{Book, observe};
 use crate::{
     backend::{BackendError, KeyMetadata},
     clock::{self, Clock, SystemClock, parse_time},
+    config::EtcdConfig,
     crd::rotation::{self, Phase, Plan, REQUEST_ANNOTATION, ResourceId, RotationPolicy, RotationStatus},
-    etcd::EtcdSettings,
     k8s::{EventKind, Kube, KubeError, Target},
     metrics::ControllerMetrics,
 };
@@ -56,7 +56,7 @@ pub struct Context<K> {
     /// Transit.
     pub keys: K,
     /// A read-only etcd user, for `verify.mode: Etcd`.
-    pub etcd: Option<EtcdSettings>,
+    pub etcd: Option<EtcdConfig>,
     /// Metrics.
     pub metrics: Arc<ControllerMetrics>,
     /// Longest wait between checks while waiting on something.
@@ -71,7 +71,7 @@ impl<K: KeyAdmin> Context<K> {
     pub fn new(
         kube: Kube,
         keys: K,
-        etcd: Option<EtcdSettings>,
+        etcd: Option<EtcdConfig>,
         metrics: Arc<ControllerMetrics>,
         poll: Duration,
     ) -> Self {

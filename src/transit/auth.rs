@@ -1,114 +1,48 @@
 //! How the Vault client gets a token: a token file, or a login (AppRole, TLS certificate, JWT,
 //! Kubernetes). Credentials are read from files at login time and live only in zeroizing buffers.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::error::ClientError;
+use crate::config::VaultAuth;
 
 /// A login call: the path below `/v1/` and the JSON body holding the credentials.
 pub type LoginRequest = (String, Zeroizing<Vec<u8>>);
 
-/// Where the token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthMethod {
-    /// AppRole login with role_id and secret_id read from files.
-    AppRole {
-        /// Auth mount path (default `approle`).
-        mount: String,
-        /// File holding the role_id.
-        role_id_file: PathBuf,
-        /// File holding the secret_id.
-        secret_id_file: PathBuf,
-    },
-    /// TLS certificate login; the client certificate is the TLS client identity.
-    Cert {
-        /// Auth mount path (default `cert`).
-        mount: String,
-        /// The cert role to log in as; empty lets Vault pick by certificate.
-        role: String,
-    },
-    /// JWT login with a token read from a file.
-    Jwt {
-        /// Auth mount path (default `jwt`).
-        mount: String,
-        /// The JWT role.
-        role: String,
-        /// File holding the JWT.
-        jwt_file: PathBuf,
-    },
-    /// Kubernetes login with a service-account token; the controller's method, never the plugin's.
-    Kubernetes {
-        /// Auth mount path (default `kubernetes`).
-        mount: String,
-        /// The Kubernetes auth role.
-        role: String,
-        /// File holding the service-account token.
-        jwt_file: PathBuf,
-    },
-    /// A token read from a file, re-read when the file changes.
-    Token {
-        /// File holding the token.
-        file: PathBuf,
-    },
+/// SHA-256 over the credential files, to notice a change without keeping their contents.
+pub fn fingerprint(auth: &VaultAuth) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for path in auth.files() {
+        match std::fs::read(path) {
+            Ok(bytes) => hash.update(Sha256::digest(Zeroizing::new(bytes).as_slice())),
+            Err(_) => hash.update(b"<unreadable>"),
+        }
+    }
+    hash.finalize().into()
 }
 
-impl AuthMethod {
-    /// The method's name, for logs and metrics.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::AppRole { .. } => "approle",
-            Self::Cert { .. } => "cert",
-            Self::Jwt { .. } => "jwt",
-            Self::Kubernetes { .. } => "kubernetes",
-            Self::Token { .. } => "token",
+/// The login path and JSON body, or `None` for a token file.
+pub fn login_request(auth: &VaultAuth) -> Result<Option<LoginRequest>, ClientError> {
+    let (mount, body) = match auth {
+        VaultAuth::Token { .. } => return Ok(None),
+        VaultAuth::AppRole { mount, role_id_file, secret_id_file } => {
+            let role_id = read_secret(role_id_file)?;
+            let secret_id = read_secret(secret_id_file)?;
+            (mount, json!({ "role_id": role_id.as_str(), "secret_id": secret_id.as_str() }))
         }
-    }
-
-    /// The files whose change means "get a new token".
-    pub fn files(&self) -> Vec<&Path> {
-        match self {
-            Self::AppRole { role_id_file, secret_id_file, .. } => vec![role_id_file, secret_id_file],
-            Self::Cert { .. } => vec![],
-            Self::Jwt { jwt_file, .. } | Self::Kubernetes { jwt_file, .. } => vec![jwt_file],
-            Self::Token { file } => vec![file],
+        VaultAuth::Cert { mount, role } if role.is_empty() => (mount, json!({})),
+        VaultAuth::Cert { mount, role } => (mount, json!({ "name": role })),
+        VaultAuth::Jwt { mount, role, jwt_file } | VaultAuth::Kubernetes { mount, role, jwt_file } => {
+            let jwt = read_secret(jwt_file)?;
+            (mount, json!({ "role": role, "jwt": jwt.as_str() }))
         }
-    }
-
-    /// SHA-256 over the credential files, to notice a change without keeping their contents.
-    pub fn fingerprint(&self) -> [u8; 32] {
-        let mut hash = Sha256::new();
-        for path in self.files() {
-            match std::fs::read(path) {
-                Ok(bytes) => hash.update(Sha256::digest(Zeroizing::new(bytes).as_slice())),
-                Err(_) => hash.update(b"<unreadable>"),
-            }
-        }
-        hash.finalize().into()
-    }
-
-    /// The login path and JSON body, or `None` for a token file.
-    pub fn login_request(&self) -> Result<Option<LoginRequest>, ClientError> {
-        let (mount, body) = match self {
-            Self::Token { .. } => return Ok(None),
-            Self::AppRole { mount, role_id_file, secret_id_file } => {
-                let role_id = read_secret(role_id_file)?;
-                let secret_id = read_secret(secret_id_file)?;
-                (mount, json!({ "role_id": role_id.as_str(), "secret_id": secret_id.as_str() }))
-            }
-            Self::Cert { mount, role } if role.is_empty() => (mount, json!({})),
-            Self::Cert { mount, role } => (mount, json!({ "name": role })),
-            Self::Jwt { mount, role, jwt_file } | Self::Kubernetes { mount, role, jwt_file } => {
-                let jwt = read_secret(jwt_file)?;
-                (mount, json!({ "role": role, "jwt": jwt.as_str() }))
-            }
-        };
-        let body = Zeroizing::new(serde_json::to_vec(&body).map_err(|e| ClientError::Setup(e.to_string()))?);
-        Ok(Some((format!("auth/{mount}/login"), body)))
-    }
+    };
+    let body = Zeroizing::new(serde_json::to_vec(&body).map_err(|e| ClientError::Setup(e.to_string()))?);
+    Ok(Some((format!("auth/{mount}/login"), body)))
 }
 
 /// Reads a one-line credential file; the value never appears in errors.
@@ -133,19 +67,19 @@ mod tests {
         let secret = dir.path().join("secret_id");
         std::fs::write(&role, "role-123\n").unwrap();
         std::fs::write(&secret, "secret-456\n").unwrap();
-        let method = AuthMethod::AppRole {
+        let method = VaultAuth::AppRole {
             mount: "approle".into(),
             role_id_file: role,
             secret_id_file: secret.clone(),
         };
-        let (path, body) = method.login_request().unwrap().unwrap();
+        let (path, body) = login_request(&method).unwrap().unwrap();
         assert_eq!(path, "auth/approle/login");
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body, json!({"role_id": "role-123", "secret_id": "secret-456"}));
-        let before = method.fingerprint();
+        let before = fingerprint(&method);
         std::fs::write(&secret, "").unwrap();
-        assert_ne!(method.fingerprint(), before);
-        let err = method.login_request().unwrap_err().to_string();
+        assert_ne!(fingerprint(&method), before);
+        let err = login_request(&method).unwrap_err().to_string();
         assert!(err.contains("empty") && !err.contains("secret-456"), "{err}");
         assert!(!format!("{method:?}").contains("secret-456"));
     }

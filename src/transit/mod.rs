@@ -5,7 +5,6 @@ mod auth;
 mod batch;
 mod client;
 mod error;
-mod settings;
 mod tls;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -17,11 +16,8 @@ use serde_json::json;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-pub use auth::AuthMethod;
 pub use client::VaultClient;
 pub use error::ClientError;
-pub use settings::VaultSettings;
-pub use tls::TlsSettings;
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},

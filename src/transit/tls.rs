@@ -11,99 +11,86 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use super::error::ClientError;
+use crate::config::VaultTls;
 
-/// Which files make up the client's TLS identity and trust.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsSettings {
-    /// A PEM CA bundle file, or a directory whose files are read for PEM certificates.
-    /// `None` trusts the system roots.
-    pub ca: Option<PathBuf>,
-    /// PEM client certificate chain (for TLS certificate auth or mutual TLS).
-    pub client_cert: Option<PathBuf>,
-    /// PEM private key of the client certificate.
-    pub client_key: Option<PathBuf>,
+/// SHA-256 over every file's path and contents; changes when any of them changes.
+pub fn fingerprint(tls: &VaultTls) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for path in files(tls) {
+        hash.update(path.as_os_str().as_encoded_bytes());
+        match std::fs::read(&path) {
+            Ok(bytes) => hash.update(Sha256::digest(&bytes)),
+            Err(_) => hash.update(b"<unreadable>"),
+        }
+    }
+    hash.finalize().into()
 }
 
-impl TlsSettings {
-    /// SHA-256 over every file's path and contents; changes when any of them changes.
-    pub fn fingerprint(&self) -> [u8; 32] {
-        let mut hash = Sha256::new();
-        for path in self.files() {
-            hash.update(path.as_os_str().as_encoded_bytes());
-            match std::fs::read(&path) {
-                Ok(bytes) => hash.update(Sha256::digest(&bytes)),
-                Err(_) => hash.update(b"<unreadable>"),
-            }
+fn files(tls: &VaultTls) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(ca) = &tls.ca {
+        match ca_dir_files(ca) {
+            Some(entries) => files.extend(entries),
+            None => files.push(ca.clone()),
         }
-        hash.finalize().into()
     }
+    files.extend(tls.client_cert.iter().cloned());
+    files.extend(tls.client_key.iter().cloned());
+    files
+}
 
-    fn files(&self) -> Vec<PathBuf> {
-        let mut files = Vec::new();
-        if let Some(ca) = &self.ca {
-            match ca_dir_files(ca) {
-                Some(entries) => files.extend(entries),
-                None => files.push(ca.clone()),
+/// Builds an HTTP client that trusts exactly the configured roots. Redirects (a standby
+/// pointing at the active node) are followed only to `addresses`, at most three hops, since
+/// the token header goes along.
+pub fn http_client(tls_files: &VaultTls, addresses: &[String]) -> Result<reqwest::Client, ClientError> {
+    let roots = roots(tls_files)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .with_root_certificates(roots);
+    let tls = match (&tls_files.client_cert, &tls_files.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs(cert)?;
+            if chain.is_empty() {
+                return Err(tls_error(cert, "holds no PEM certificate"));
             }
+            let key_file = std::fs::File::open(key).map_err(|e| tls_error(key, &e.to_string()))?;
+            let private = rustls_pemfile::private_key(&mut BufReader::new(key_file))
+                .map_err(|e| tls_error(key, &e.to_string()))?
+                .ok_or_else(|| tls_error(key, "holds no PEM private key"))?;
+            builder.with_client_auth_cert(chain, private).map_err(|e| tls_error(cert, &e.to_string()))?
         }
-        files.extend(self.client_cert.iter().cloned());
-        files.extend(self.client_key.iter().cloned());
-        files
-    }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(ClientError::Setup("vault.client_cert and vault.client_key go together".into())),
+    };
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(redirect_policy(addresses))
+        .no_proxy()
+        .build()
+        .map_err(|e| ClientError::Setup(e.to_string()))
+}
 
-    /// Builds an HTTP client that trusts exactly the configured roots. Redirects (a standby
-    /// pointing at the active node) are followed only to `addresses`, at most three hops, since
-    /// the token header goes along.
-    pub fn http_client(&self, addresses: &[String]) -> Result<reqwest::Client, ClientError> {
-        let roots = self.roots()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Setup(e.to_string()))?
-            .with_root_certificates(roots);
-        let tls = match (&self.client_cert, &self.client_key) {
-            (Some(cert), Some(key)) => {
-                let chain = read_certs(cert)?;
-                if chain.is_empty() {
-                    return Err(tls_error(cert, "holds no PEM certificate"));
-                }
-                let key_file = std::fs::File::open(key).map_err(|e| tls_error(key, &e.to_string()))?;
-                let private = rustls_pemfile::private_key(&mut BufReader::new(key_file))
-                    .map_err(|e| tls_error(key, &e.to_string()))?
-                    .ok_or_else(|| tls_error(key, "holds no PEM private key"))?;
-                builder.with_client_auth_cert(chain, private).map_err(|e| tls_error(cert, &e.to_string()))?
-            }
-            (None, None) => builder.with_no_client_auth(),
-            _ => return Err(ClientError::Setup("vault.client_cert and vault.client_key go together".into())),
-        };
-        reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(redirect_policy(addresses))
-            .no_proxy()
-            .build()
-            .map_err(|e| ClientError::Setup(e.to_string()))
-    }
-
-    fn roots(&self) -> Result<rustls::RootCertStore, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let Some(ca) = &self.ca else {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                // NB: one unreadable system certificate must not stop the others from loading.
-                let _ = roots.add(cert);
-            }
-            return Ok(roots);
-        };
-        let files = ca_dir_files(ca).unwrap_or_else(|| vec![ca.clone()]);
-        for file in &files {
-            for cert in read_certs(file)? {
-                roots.add(cert).map_err(|e| tls_error(file, &e.to_string()))?;
-            }
+fn roots(tls: &VaultTls) -> Result<rustls::RootCertStore, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let Some(ca) = &tls.ca else {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // NB: one unreadable system certificate must not stop the others from loading.
+            let _ = roots.add(cert);
         }
-        if roots.is_empty() {
-            return Err(tls_error(ca, "holds no PEM certificates"));
+        return Ok(roots);
+    };
+    let files = ca_dir_files(ca).unwrap_or_else(|| vec![ca.clone()]);
+    for file in &files {
+        for cert in read_certs(file)? {
+            roots.add(cert).map_err(|e| tls_error(file, &e.to_string()))?;
         }
-        Ok(roots)
     }
+    if roots.is_empty() {
+        return Err(tls_error(ca, "holds no PEM certificates"));
+    }
+    Ok(roots)
 }
 
 fn redirect_policy(addresses: &[String]) -> reqwest::redirect::Policy {

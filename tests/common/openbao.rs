@@ -162,12 +162,12 @@ impl Bao {
     }
 
     /// Client settings for this server with token auth from a file in `dir`.
-    pub fn vault_settings(&self, dir: &Path) -> kmsgate::transit::VaultSettings {
-        kmsgate::transit::VaultSettings {
+    pub fn vault_settings(&self, dir: &Path) -> kmsgate::config::VaultClientConfig {
+        kmsgate::config::VaultClientConfig {
             addresses: vec![self.addr.clone()],
             namespace: String::new(),
-            tls: kmsgate::transit::TlsSettings::default(),
-            auth: kmsgate::transit::AuthMethod::Token { file: self.token_file(dir) },
+            tls: kmsgate::config::VaultTls::default(),
+            auth: kmsgate::config::VaultAuth::Token { file: self.token_file(dir) },
             renew_fraction: 0.67,
             max_concurrent_calls: 32,
             check_interval: Duration::from_millis(200),

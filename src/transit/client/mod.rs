@@ -24,7 +24,8 @@ use tokio::{
     time::Instant,
 };
 
-use super::{auth::AuthMethod, error::ClientError, settings::VaultSettings};
+use super::{auth, error::ClientError, tls};
+use crate::config::{VaultAuth, VaultClientConfig};
 use crate::metrics::VaultMetrics;
 
 /// Background renewals and logins get this long.
@@ -32,7 +33,7 @@ const MAINTENANCE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A Vault client. Token, TLS setup and the preferred address change at run time.
 pub struct VaultClient {
-    settings: VaultSettings,
+    settings: VaultClientConfig,
     namespace: Option<HeaderValue>,
     http: ArcSwap<reqwest::Client>,
     token: ArcSwap<Option<Token>>,
@@ -71,7 +72,7 @@ impl fmt::Debug for VaultClient {
 impl VaultClient {
     /// Builds a client. A token file is read now; login methods log in on first use, so the
     /// plugin can start while Vault is down.
-    pub fn new(settings: &VaultSettings, metrics: VaultMetrics) -> Result<Arc<Self>, ClientError> {
+    pub fn new(settings: &VaultClientConfig, metrics: VaultMetrics) -> Result<Arc<Self>, ClientError> {
         if settings.addresses.is_empty() {
             return Err(ClientError::Setup("no Vault address configured".into()));
         }
@@ -86,18 +87,18 @@ impl VaultClient {
         settings.addresses = settings.addresses.iter().map(|a| a.trim_end_matches('/').to_owned()).collect();
         let client = Self {
             namespace,
-            http: ArcSwap::from_pointee(settings.tls.http_client(&settings.addresses)?),
+            http: ArcSwap::from_pointee(tls::http_client(&settings.tls, &settings.addresses)?),
             token: ArcSwap::from_pointee(None),
             generation: AtomicU64::new(0),
             login: tokio::sync::Mutex::new(()),
             current: AtomicUsize::new(0),
             healthy: settings.addresses.iter().map(|_| AtomicBool::new(true)).collect(),
             limiter: Arc::new(Semaphore::new(settings.max_concurrent_calls.max(1))),
-            watched: Mutex::new((settings.tls.fingerprint(), settings.auth.fingerprint())),
+            watched: Mutex::new((tls::fingerprint(&settings.tls), auth::fingerprint(&settings.auth))),
             metrics,
             settings,
         };
-        if let AuthMethod::Token { file } = &client.settings.auth {
+        if let VaultAuth::Token { file } = &client.settings.auth {
             client.install_token_file(file)?;
         }
         client.publish_address();
@@ -181,8 +182,8 @@ impl VaultClient {
     }
 
     async fn check_files(&self) {
-        let tls = self.settings.tls.fingerprint();
-        let auth = self.settings.auth.fingerprint();
+        let tls = tls::fingerprint(&self.settings.tls);
+        let auth = auth::fingerprint(&self.settings.auth);
         let (tls_changed, auth_changed) = {
             let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
             let changed = (watched.0 != tls, watched.1 != auth);
@@ -190,7 +191,7 @@ impl VaultClient {
             changed
         };
         if tls_changed {
-            match self.settings.tls.http_client(&self.settings.addresses) {
+            match tls::http_client(&self.settings.tls, &self.settings.addresses) {
                 Ok(http) => {
                     self.http.store(Arc::new(http));
                     tracing::info!("TLS files changed; Vault client rebuilt");
@@ -200,7 +201,7 @@ impl VaultClient {
                 }
             }
         }
-        if tls_changed && matches!(self.settings.auth, AuthMethod::Cert { .. }) || auth_changed {
+        if tls_changed && matches!(self.settings.auth, VaultAuth::Cert { .. }) || auth_changed {
             tracing::info!(method = self.settings.auth.name(), "credentials changed; getting a new token");
             let seen = (**self.token.load()).as_ref().map(|t| t.generation);
             let _ = self.reauthenticate(seen, Instant::now() + MAINTENANCE_DEADLINE).await;

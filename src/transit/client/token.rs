@@ -12,11 +12,9 @@ use tokio::time::Instant;
 
 use super::{MAINTENANCE_DEADLINE, Token, VaultClient, route::AuthInfo};
 use crate::{
+    config::VaultAuth,
     metrics::OutcomeLabels,
-    transit::{
-        auth::{self, AuthMethod},
-        error::ClientError,
-    },
+    transit::{auth, error::ClientError},
 };
 
 impl VaultClient {
@@ -46,7 +44,7 @@ impl VaultClient {
             return Ok(());
         }
         let result = match &self.settings.auth {
-            AuthMethod::Token { file } => self.install_token_file(file),
+            VaultAuth::Token { file } => self.install_token_file(file),
             _ => self.login(deadline).await,
         };
         let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -58,7 +56,7 @@ impl VaultClient {
     }
 
     pub(super) async fn login(&self, deadline: Instant) -> Result<(), ClientError> {
-        let Some((path, body)) = self.settings.auth.login_request()? else { return Ok(()) };
+        let Some((path, body)) = auth::login_request(&self.settings.auth)? else { return Ok(()) };
         let envelope = self.route(Method::POST, &path, Some(&body), None, deadline).await?;
         let auth = envelope.auth.ok_or(ClientError::NoToken { method: self.settings.auth.name() })?;
         self.install(&auth, true)?;
@@ -125,7 +123,7 @@ impl VaultClient {
         else {
             return;
         };
-        let is_file = matches!(self.settings.auth, AuthMethod::Token { .. });
+        let is_file = matches!(self.settings.auth, VaultAuth::Token { .. });
         if is_file && initial_ttl.is_none() {
             return self.lookup_file_token(&header, deadline).await;
         }
