@@ -135,6 +135,7 @@ impl<B: Backend> Shared<B> {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(BackendError::Deadline) => "deadline",
+            Err(BackendError::KeyNotFound(_)) => "key_not_found",
             Err(BackendError::Misconfigured(_)) => "misconfigured",
             Err(BackendError::PermissionDenied(_)) => "permission_denied",
             Err(BackendError::Protocol(_)) => "protocol",

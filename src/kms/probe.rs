@@ -46,6 +46,12 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
         Err(e) => {
             tracing::warn!(error = %e, "key metadata poll failed");
             state.health.poll(Instant::now(), Err(failure("metadata", &e)));
+            if let BackendError::KeyNotFound(reason) = &e
+                && let Some(Observation::Conflict { reason }) = state.tracker.observe_missing(reason)
+            {
+                drop(state);
+                tracing::error!(reason, "refusing to encrypt: key conflict");
+            }
             return;
         }
     };
@@ -70,6 +76,16 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
         Observation::Promoted { from, to } => {
             shared.metrics.promotions.inc();
             tracing::info!(from, to, key_id, "promoted key version");
+        }
+        Observation::Replaced { from, to, why } => {
+            shared.metrics.promotions.inc();
+            tracing::warn!(
+                from,
+                to,
+                key_id,
+                why,
+                "promoted key version at once: the promoted one became unusable"
+            );
         }
         Observation::RollbackRefused { promoted, seen } => {
             shared.metrics.rollbacks_refused.inc();

@@ -172,12 +172,20 @@ impl<B: Backend> KmsService<B> {
 impl<B: Backend> KeyManagementService for KmsService<B> {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
-        let (healthz, key_id) = self.shared.status_now();
-        let result = Ok(StatusResponse {
-            version: self.shared.config.status_version.as_str().to_owned(),
-            healthz,
-            key_id,
-        });
+        let result = match self.shared.conflict() {
+            // NB: only a gRPC error stops the API server's writes (a non-ok healthz with the same
+            // key_id extends its seed), and it also fails /readyz on every API server at once. So
+            // it is kept for the one case where writing stores data that can never be read back.
+            Some(conflict) => Err(Status::failed_precondition(format!("key conflict: {conflict}"))),
+            None => {
+                let (healthz, key_id) = self.shared.status_now();
+                Ok(StatusResponse {
+                    version: self.shared.config.status_version.as_str().to_owned(),
+                    healthz,
+                    key_id,
+                })
+            }
+        };
         self.finish("Status", started, &result, None);
         result.map(Response::new)
     }
@@ -207,10 +215,16 @@ impl<B: Backend> KeyManagementService for KmsService<B> {
 }
 
 impl<B: Backend> Shared<B> {
+    /// Why Status must fail at the gRPC level, if it must.
+    fn conflict(&self) -> Option<String> {
+        self.lock().tracker.conflict().map(str::to_owned)
+    }
+
     /// Maps a backend error to the gRPC status the API server sees.
     fn to_status(&self, error: BackendError, version: u64) -> Status {
         match error {
             BackendError::Deadline => Status::deadline_exceeded(error.to_string()),
+            BackendError::KeyNotFound(_) => Status::failed_precondition(error.to_string()),
             BackendError::Misconfigured(_) => Status::failed_precondition(error.to_string()),
             BackendError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BackendError::Protocol(_) => Status::internal(error.to_string()),
