@@ -146,10 +146,14 @@ impl<B: Backend> KmsService<B> {
                 ours.key
             )));
         }
-        self.shared.check_known_version(&id)?;
+        let recreated = self.shared.check_known_version(&id)?;
         if let Some(reason) = self.shared.failing_fast() {
             return Err(Status::unavailable(reason));
         }
+        // NB: a key_id whose creation time no longer matches still goes to the key store. Between
+        // a key's recreation and the next poll, Encrypt wrapped seeds with the new key under the
+        // old key_id; AES-GCM authentication over the key_id tells those from the deleted key's
+        // ciphertexts, so the key store decides, and the conflict is reported only if it refuses.
         let plaintext = self
             .shared
             .timed(
@@ -162,7 +166,10 @@ impl<B: Backend> KmsService<B> {
                 ),
             )
             .await
-            .map_err(|e| self.shared.to_status(e, id.version))?;
+            .map_err(|e| match (e, recreated) {
+                (BackendError::Rejected(_), Some(conflict)) => Status::invalid_argument(conflict),
+                (e, _) => self.shared.to_status(e, id.version),
+            })?;
         // NB: the response owns a plain Vec; tonic encodes and drops it. Our copy is zeroized.
         Ok(DecryptResponse { plaintext: plaintext.to_vec() })
     }
@@ -237,10 +244,12 @@ impl<B: Backend> Shared<B> {
         }
     }
 
-    /// Refuses, before calling the key store, a version the last poll showed retired or recreated.
-    fn check_known_version(&self, id: &KeyId) -> Result<(), Status> {
+    /// Refuses, before calling the key store, a version the last poll showed retired. For a version
+    /// the last poll showed with another creation time, returns the conflict to report if the key
+    /// store refuses the ciphertext.
+    fn check_known_version(&self, id: &KeyId) -> Result<Option<String>, Status> {
         let state = self.lock();
-        let Some(meta) = &state.metadata else { return Ok(()) };
+        let Some(meta) = &state.metadata else { return Ok(None) };
         if id.version < meta.min_decryption_version {
             return Err(Status::failed_precondition(retired_message(
                 id.version,
@@ -248,14 +257,13 @@ impl<B: Backend> Shared<B> {
                 "",
             )));
         }
-        match meta.versions.get(&id.version) {
-            Some(created) if *created != id.created => Err(Status::invalid_argument(format!(
+        Ok(meta.versions.get(&id.version).filter(|created| **created != id.created).map(|created| {
+            format!(
                 "key_id names version {} created at {}, but the key's version {} was created at {}: the key was \
                  recreated and this ciphertext cannot be decrypted",
                 id.version, id.created, id.version, created
-            ))),
-            _ => Ok(()),
-        }
+            )
+        }))
     }
 }
 
