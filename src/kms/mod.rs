@@ -56,6 +56,8 @@ pub struct Shared<B> {
     audit: audit_log::AuditLog,
     started: Instant,
     state: Mutex<PluginState>,
+    /// Wakes the metadata poll early when a key store answer hints that the key changed.
+    repoll: tokio::sync::Notify,
 }
 
 /// What the probes learned.
@@ -94,6 +96,7 @@ impl<B: Backend> Shared<B> {
             audit,
             started: Instant::now(),
             state: Mutex::new(PluginState { tracker, health, metadata: None, rollback_refused: None }),
+            repoll: tokio::sync::Notify::new(),
         }
     }
 

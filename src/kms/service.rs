@@ -101,6 +101,7 @@ impl<B: Backend> KmsService<B> {
                 self.shared.backend.encrypt(current.version, plaintext, current.key_id.as_bytes(), deadline),
             )
             .await
+            .inspect_err(|e| self.shared.hint(e))
             .map_err(|e| match e {
                 // NB: the plaintext was already checked, so a refusal here is the key store's
                 // state (e.g. a node that lacks this version), never the caller's input.
@@ -166,6 +167,7 @@ impl<B: Backend> KmsService<B> {
                 ),
             )
             .await
+            .inspect_err(|e| self.shared.hint(e))
             .map_err(|e| match (e, recreated) {
                 (BackendError::Rejected(_), Some(conflict)) => Status::invalid_argument(conflict),
                 (e, _) => self.shared.to_status(e, id.version),
@@ -225,6 +227,15 @@ impl<B: Backend> Shared<B> {
     /// Why Status must fail at the gRPC level, if it must.
     fn conflict(&self) -> Option<String> {
         self.lock().tracker.conflict().map(str::to_owned)
+    }
+
+    /// Wakes the metadata poll when a key store answer could mean the key changed under us
+    /// (deleted, recreated, retired or trimmed), so the key_id follows within one round trip
+    /// instead of one `poll_interval`; an outage or a deadline says nothing about the key.
+    fn hint(&self, error: &BackendError) {
+        if !matches!(error, BackendError::Deadline | BackendError::Unavailable(_)) {
+            self.repoll.notify_one();
+        }
     }
 
     /// Maps a backend error to the gRPC status the API server sees.
