@@ -176,6 +176,27 @@ async fn a_refused_token_keeps_the_key_id_and_the_writes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_vault_node_that_is_behind_keeps_the_key_id_and_the_writes() {
+    let vault = FakeTransit::new();
+    vault.rotate();
+    let plugin = plugin(vault.clone(), Some(Duration::from_secs(300))).await;
+    let mut api = ApiServer::start(plugin.service.clone()).await;
+    let v2 = vault.key_id(2);
+    assert_eq!(api.seed_key_id(), Some(v2.as_str()));
+    vault.set_behind(Some(1));
+    assert_eq!(writes_for(&mut api, WRITE_SEED_TTL * 3, STEP).await, None);
+    let (_, key_id) = status(&plugin).await.unwrap();
+    assert_eq!(key_id, v2, "version 1 was not adopted back");
+    // That node cannot encrypt with version 2, so a restarted API server gets no seed...
+    let mut restarted = ApiServer::start(plugin.service.clone()).await;
+    assert!(restarted.write().is_err());
+    // ...until the node catches up.
+    vault.set_behind(None);
+    restarted.run_for(POLL_FAILING).await;
+    assert_eq!(restarted.write().unwrap().key_id, v2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retired_promoted_version_moves_writes_to_the_newer_version_without_waiting_for_polls() {
     let vault = FakeTransit::new();
     let plugin = plugin(vault.clone(), Some(Duration::from_secs(300))).await;

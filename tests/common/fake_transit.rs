@@ -46,6 +46,8 @@ struct Inner {
     min_decryption_version: u64,
     min_encryption_version: u64,
     fault: Option<Fault>,
+    /// A node that is behind: it knows only the versions up to this one.
+    behind: Option<u64>,
     clock: u64,
     sealed: HashMap<Vec<u8>, Sealed>,
     next_ciphertext: u64,
@@ -81,6 +83,7 @@ impl FakeTransit {
             min_decryption_version: 1,
             min_encryption_version: 0,
             fault: None,
+            behind: None,
             clock: EPOCH,
             sealed: HashMap::new(),
             next_ciphertext: 0,
@@ -126,6 +129,13 @@ impl FakeTransit {
         self.lock().fault = fault;
     }
 
+    /// Answers as a node that is behind would (a standby or replica that has not caught up):
+    /// only the versions up to `latest`, until `None`. Its Encrypt of a newer version then meets
+    /// the `ver > p.LatestVersion` check of openbao's `Policy.EncryptWithFactory`.
+    pub fn set_behind(&self, latest: Option<u64>) {
+        self.lock().behind = latest;
+    }
+
     /// The key_id the plugin gives `version` as it exists now.
     pub fn key_id(&self, version: u64) -> String {
         self.scope.key_id(version, self.lock().versions[&version]).to_string()
@@ -149,7 +159,8 @@ impl Inner {
     }
 
     fn latest(&self) -> u64 {
-        self.versions.keys().next_back().copied().unwrap_or(0)
+        let latest = self.versions.keys().next_back().copied().unwrap_or(0);
+        self.behind.map_or(latest, |behind| behind.min(latest))
     }
 }
 
@@ -170,9 +181,10 @@ impl Backend for FakeTransit {
             // response, which the router answers with 404.
             return Err(BackendError::KeyNotFound("Transit key \"kmsgate\" not found (HTTP 404)".into()));
         }
+        let latest = inner.latest();
         Ok(KeyMetadata {
-            versions: inner.versions.clone(),
-            latest: inner.latest(),
+            versions: inner.versions.range(..=latest).map(|(v, c)| (*v, *c)).collect(),
+            latest,
             min_decryption_version: inner.min_decryption_version.max(1),
             min_encryption_version: inner.min_encryption_version,
         })
