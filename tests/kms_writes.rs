@@ -219,6 +219,35 @@ async fn a_retired_promoted_version_moves_writes_to_the_newer_version_without_wa
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_key_id_change_whose_encrypt_fails_extends_nothing() {
+    let vault = FakeTransit::new();
+    let plugin = plugin(vault.clone(), Some(Duration::from_secs(300))).await;
+    let mut api = ApiServer::start(plugin.service.clone()).await;
+    let v1 = vault.key_id(1);
+    // The plugin promotes version 2 (at once: version 1 is retired), then Vault goes away before
+    // the API server's next Status.
+    vault.rotate();
+    vault.set_min_decryption_version(2);
+    let v2 = vault.key_id(2);
+    eventually(POLL * 2, "the plugin promotes version 2", async || {
+        status(&plugin).await.is_ok_and(|(_, key_id)| key_id == v2)
+    })
+    .await;
+    vault.set_fault(Some(Fault::Unreachable));
+    // Status keeps answering version 2, Encrypt of a new seed fails, and the version 1 seed is
+    // not extended: writes coast on it and stop three minutes after its last renewal.
+    let (_, err) =
+        writes_for(&mut api, POLL_HEALTHY + WRITE_SEED_TTL + STEP, STEP).await.expect("writes stop");
+    stopped_at_expiry(&api, &err);
+    assert_eq!(api.seed_key_id(), Some(v1.as_str()));
+    assert!(api.readyz().await.unwrap_err().contains("failed to rotate DEK"));
+    // Vault back: once the plugin's next probe sees it, the next Status gets the new seed.
+    vault.set_fault(None);
+    api.run_for(POLL + POLL_FAILING).await;
+    assert_eq!(api.write().unwrap().key_id, v2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retired_promoted_version_with_nothing_newer_stops_writes_until_a_rotation() {
     let vault = FakeTransit::new();
     let plugin = plugin(vault.clone(), Some(Duration::from_secs(300))).await;
