@@ -35,6 +35,9 @@ pub enum BackendError {
     /// The call did not finish before the caller's deadline.
     #[error("key store did not answer before the deadline")]
     Deadline,
+    /// The key store answered that the key does not exist (deleted, or never made).
+    #[error("key store has no such key: {0}")]
+    KeyNotFound(String),
     /// The key store's configuration or key is unusable (wrong key type, missing key, ...).
     #[error("key store is misconfigured: {0}")]
     Misconfigured(String),

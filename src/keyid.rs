@@ -35,6 +35,15 @@ impl BackendKind {
             Self::Transit => "transit",
         }
     }
+
+    /// Whether a poll may reach a copy of the key store that is behind (Vault nodes, replicas),
+    /// so that a missing newer version is lag rather than removal. A keyring file is one copy.
+    pub fn has_lagging_replicas(self) -> bool {
+        match self {
+            Self::Local => false,
+            Self::Transit => true,
+        }
+    }
 }
 
 /// Which key a backend serves: everything in a key_id but the version.

@@ -139,7 +139,12 @@ impl Keyring {
     pub fn rotate(path: &Path) -> Result<VersionInfo, KeyringError> {
         let lock = lock_file(path)?;
         let mut file = read_file(path)?;
-        let next = file.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let last = file.versions.iter().map(|v| v.version).max().unwrap_or(0);
+        // NB: refuse before writing: a wrapped version 0 makes a keyring the plugin cannot load.
+        let next = last.checked_add(1).ok_or_else(|| KeyringError::Invalid {
+            path: path.to_owned(),
+            problem: format!("version {last} is the last one a keyring can hold; it cannot be rotated"),
+        })?;
         file.versions.push(new_version(next)?);
         replace_file(path, &file)?;
         drop(lock);
@@ -432,6 +437,24 @@ mod tests {
         let ct2 = ring.encrypt(2, b"seed2", b"kid", far()).await.unwrap();
         assert!(ct2.starts_with(b"local:v2:"));
         assert_eq!(ring.decrypt(1, &ct, b"kid-1", far()).await.unwrap().as_slice(), b"seed");
+    }
+
+    #[test]
+    fn rotate_past_the_last_version_refuses_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let text = format!(
+            r#"{{"format":1,"warning":"","identity":"a","key":"k","versions":[{{"version":{},"created":1,"material":"{}"}}]}}"#,
+            u64::MAX,
+            B64.encode([7u8; 32])
+        );
+        fs::write(&path, &text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        Keyring::open(&path, false).unwrap();
+        let err = Keyring::rotate(&path).unwrap_err();
+        assert!(err.to_string().contains("cannot be rotated"), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), text);
+        Keyring::open(&path, false).unwrap();
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Shared<B> {
     audit: audit_log::AuditLog,
     started: Instant,
     state: Mutex<PluginState>,
+    /// Wakes the metadata poll early when a key store answer hints that the key changed.
+    repoll: tokio::sync::Notify,
 }
 
 /// What the probes learned.
@@ -94,6 +96,7 @@ impl<B: Backend> Shared<B> {
             audit,
             started: Instant::now(),
             state: Mutex::new(PluginState { tracker, health, metadata: None, rollback_refused: None }),
+            repoll: tokio::sync::Notify::new(),
         }
     }
 
@@ -135,6 +138,7 @@ impl<B: Backend> Shared<B> {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(BackendError::Deadline) => "deadline",
+            Err(BackendError::KeyNotFound(_)) => "key_not_found",
             Err(BackendError::Misconfigured(_)) => "misconfigured",
             Err(BackendError::PermissionDenied(_)) => "permission_denied",
             Err(BackendError::Protocol(_)) => "protocol",

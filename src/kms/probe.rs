@@ -16,6 +16,10 @@ use crate::backend::{Backend, BackendError};
 /// How soon to retry while no key version is adopted: the API server can read nothing until then.
 const ADOPTION_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Least time between two polls that key store answers asked for, so a caller that sends
+/// ciphertexts Vault refuses cannot turn every Decrypt into a metadata read.
+const HINTED_POLL_GAP: Duration = Duration::from_secs(1);
+
 /// Runs the probes forever.
 pub async fn run<B: Backend>(shared: Arc<Shared<B>>) {
     let mut next_round_trip = Instant::now();
@@ -32,7 +36,14 @@ pub async fn run<B: Backend>(shared: Arc<Shared<B>>) {
         } else {
             shared.config.poll_interval.min(ADOPTION_RETRY_MAX)
         };
-        tokio::time::sleep(pause).await;
+        let polled = Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shared.repoll.notified() => {
+                tokio::time::sleep_until(polled + HINTED_POLL_GAP.min(pause)).await;
+                tracing::debug!("key store answer hints at a changed key; reading key metadata now");
+            }
+        }
     }
 }
 
@@ -46,6 +57,12 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
         Err(e) => {
             tracing::warn!(error = %e, "key metadata poll failed");
             state.health.poll(Instant::now(), Err(failure("metadata", &e)));
+            if let BackendError::KeyNotFound(reason) = &e
+                && let Some(Observation::Conflict { reason }) = state.tracker.observe_missing(reason)
+            {
+                drop(state);
+                tracing::error!(reason, "refusing to encrypt: key conflict");
+            }
             return;
         }
     };
@@ -70,6 +87,16 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
         Observation::Promoted { from, to } => {
             shared.metrics.promotions.inc();
             tracing::info!(from, to, key_id, "promoted key version");
+        }
+        Observation::Replaced { from, to, why } => {
+            shared.metrics.promotions.inc();
+            tracing::warn!(
+                from,
+                to,
+                key_id,
+                why,
+                "promoted key version at once: the promoted one became unusable"
+            );
         }
         Observation::RollbackRefused { promoted, seen } => {
             shared.metrics.rollbacks_refused.inc();

@@ -101,6 +101,7 @@ impl<B: Backend> KmsService<B> {
                 self.shared.backend.encrypt(current.version, plaintext, current.key_id.as_bytes(), deadline),
             )
             .await
+            .inspect_err(|e| self.shared.hint(e))
             .map_err(|e| match e {
                 // NB: the plaintext was already checked, so a refusal here is the key store's
                 // state (e.g. a node that lacks this version), never the caller's input.
@@ -146,10 +147,14 @@ impl<B: Backend> KmsService<B> {
                 ours.key
             )));
         }
-        self.shared.check_known_version(&id)?;
+        let recreated = self.shared.check_known_version(&id)?;
         if let Some(reason) = self.shared.failing_fast() {
             return Err(Status::unavailable(reason));
         }
+        // NB: a key_id whose creation time no longer matches still goes to the key store. Between
+        // a key's recreation and the next poll, Encrypt wrapped seeds with the new key under the
+        // old key_id; AES-GCM authentication over the key_id tells those from the deleted key's
+        // ciphertexts, so the key store decides, and the conflict is reported only if it refuses.
         let plaintext = self
             .shared
             .timed(
@@ -162,7 +167,11 @@ impl<B: Backend> KmsService<B> {
                 ),
             )
             .await
-            .map_err(|e| self.shared.to_status(e, id.version))?;
+            .inspect_err(|e| self.shared.hint(e))
+            .map_err(|e| match (e, recreated) {
+                (BackendError::Rejected(_), Some(conflict)) => Status::invalid_argument(conflict),
+                (e, _) => self.shared.to_status(e, id.version),
+            })?;
         // NB: the response owns a plain Vec; tonic encodes and drops it. Our copy is zeroized.
         Ok(DecryptResponse { plaintext: plaintext.to_vec() })
     }
@@ -172,12 +181,20 @@ impl<B: Backend> KmsService<B> {
 impl<B: Backend> KeyManagementService for KmsService<B> {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
-        let (healthz, key_id) = self.shared.status_now();
-        let result = Ok(StatusResponse {
-            version: self.shared.config.status_version.as_str().to_owned(),
-            healthz,
-            key_id,
-        });
+        let result = match self.shared.conflict() {
+            // NB: only a gRPC error stops the API server's writes (a non-ok healthz with the same
+            // key_id extends its seed), and it also fails /readyz on every API server at once. So
+            // it is kept for the one case where writing stores data that can never be read back.
+            Some(conflict) => Err(Status::failed_precondition(format!("key conflict: {conflict}"))),
+            None => {
+                let (healthz, key_id) = self.shared.status_now();
+                Ok(StatusResponse {
+                    version: self.shared.config.status_version.as_str().to_owned(),
+                    healthz,
+                    key_id,
+                })
+            }
+        };
         self.finish("Status", started, &result, None);
         result.map(Response::new)
     }
@@ -207,10 +224,25 @@ impl<B: Backend> KeyManagementService for KmsService<B> {
 }
 
 impl<B: Backend> Shared<B> {
+    /// Why Status must fail at the gRPC level, if it must.
+    fn conflict(&self) -> Option<String> {
+        self.lock().tracker.conflict().map(str::to_owned)
+    }
+
+    /// Wakes the metadata poll when a key store answer could mean the key changed under us
+    /// (deleted, recreated, retired or trimmed), so the key_id follows within one round trip
+    /// instead of one `poll_interval`; an outage or a deadline says nothing about the key.
+    fn hint(&self, error: &BackendError) {
+        if !matches!(error, BackendError::Deadline | BackendError::Unavailable(_)) {
+            self.repoll.notify_one();
+        }
+    }
+
     /// Maps a backend error to the gRPC status the API server sees.
     fn to_status(&self, error: BackendError, version: u64) -> Status {
         match error {
             BackendError::Deadline => Status::deadline_exceeded(error.to_string()),
+            BackendError::KeyNotFound(_) => Status::failed_precondition(error.to_string()),
             BackendError::Misconfigured(_) => Status::failed_precondition(error.to_string()),
             BackendError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BackendError::Protocol(_) => Status::internal(error.to_string()),
@@ -223,10 +255,12 @@ impl<B: Backend> Shared<B> {
         }
     }
 
-    /// Refuses, before calling the key store, a version the last poll showed retired or recreated.
-    fn check_known_version(&self, id: &KeyId) -> Result<(), Status> {
+    /// Refuses, before calling the key store, a version the last poll showed retired. For a version
+    /// the last poll showed with another creation time, returns the conflict to report if the key
+    /// store refuses the ciphertext.
+    fn check_known_version(&self, id: &KeyId) -> Result<Option<String>, Status> {
         let state = self.lock();
-        let Some(meta) = &state.metadata else { return Ok(()) };
+        let Some(meta) = &state.metadata else { return Ok(None) };
         if id.version < meta.min_decryption_version {
             return Err(Status::failed_precondition(retired_message(
                 id.version,
@@ -234,14 +268,13 @@ impl<B: Backend> Shared<B> {
                 "",
             )));
         }
-        match meta.versions.get(&id.version) {
-            Some(created) if *created != id.created => Err(Status::invalid_argument(format!(
+        Ok(meta.versions.get(&id.version).filter(|created| **created != id.created).map(|created| {
+            format!(
                 "key_id names version {} created at {}, but the key's version {} was created at {}: the key was \
                  recreated and this ciphertext cannot be decrypted",
                 id.version, id.created, id.version, created
-            ))),
-            _ => Ok(()),
-        }
+            )
+        }))
     }
 }
 

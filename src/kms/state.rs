@@ -1,16 +1,28 @@
 //! The plugin's key_id state machine and health, kept apart from I/O so both can be tested with
-//! injected observations and time.
+//! injected observations and time. It knows nothing of Vault or the keyring: both backends (and
+//! later the signer) feed it [`KeyMetadata`] and share one set of promotion rules.
 //!
-//! Rules (DESIGN.md, "key_id"): adopt the latest version at once at start; after that promote a
-//! newer version only once it was seen in `needed` consecutive polls; never adopt a lower version
-//! than the promoted one; never serve a key_id whose version the key store no longer has with the
-//! same creation time (a deleted and recreated key).
+//! Rules (DESIGN.md, "key_id"):
+//! - adopt the latest version at once at start;
+//! - after that promote a newer version only once it was seen in `needed` consecutive polls,
+//!   unless the promoted version became unusable (retired below a floor, trimmed, or removed from
+//!   a keyring) and a usable newer one exists: then promote that one at once, so the API server
+//!   moves to a new seed at its next Status instead of writing under a key that is going away;
+//! - never adopt a lower version than the promoted one (a key store node that is behind);
+//! - fail closed (a conflict, which Status reports as a gRPC error) only where writing would store
+//!   data that can never be read back: no usable version exists, or the key was deleted or
+//!   recreated (a version already seen now has another creation time). An outage or a refusal
+//!   is not a conflict: the key_id stays, since the seeds wrapped under it can still be opened.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
 use crate::{backend::KeyMetadata, keyid::KeyScope};
+
+/// Most versions whose first-seen creation time is remembered; far above any real key's count,
+/// and only bounds memory against a key store that invents versions.
+const SEEN_MAX: usize = 100_000;
 
 /// The key version Encrypt uses and Status reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,12 +40,14 @@ pub struct Promoted {
 pub enum Observation {
     /// The first version was adopted at start.
     Adopted { version: u64 },
-    /// The promoted version no longer exists as it was; Encrypt and Status refuse until resolved.
+    /// Writing with any version would store data that can never be read back; Status fails.
     Conflict { reason: String },
     /// A newer version was seen, but not yet often enough.
     Pending { version: u64, seen: u32, needed: u32 },
     /// A newer version was promoted.
     Promoted { from: u64, to: u64 },
+    /// The promoted version became unusable, so a usable newer one was promoted at once.
+    Replaced { from: u64, to: u64, why: String },
     /// The key store reported an older latest version; it was refused.
     RollbackRefused { promoted: u64, seen: u64 },
     /// Nothing changed.
@@ -48,6 +62,9 @@ pub struct KeyTracker {
     promoted: Option<Arc<Promoted>>,
     candidate: Option<Candidate>,
     conflict: Option<String>,
+    /// Each version's creation time when this process first saw it: a later poll that shows
+    /// another one means the key was deleted and recreated under the same name.
+    first_seen: BTreeMap<u64, u64>,
 }
 
 /// A newer version seen in consecutive polls.
@@ -64,7 +81,14 @@ pub struct Candidate {
 impl KeyTracker {
     /// A tracker that promotes after `needed` consecutive sightings (at least 1).
     pub fn new(scope: KeyScope, needed: u32) -> Self {
-        Self { scope, needed: needed.max(1), promoted: None, candidate: None, conflict: None }
+        Self {
+            scope,
+            needed: needed.max(1),
+            promoted: None,
+            candidate: None,
+            conflict: None,
+            first_seen: BTreeMap::new(),
+        }
     }
 
     /// The promoted version, if any and if not in conflict.
@@ -73,6 +97,12 @@ impl KeyTracker {
             return Err(reason.clone());
         }
         self.promoted.clone().ok_or_else(|| "no key version adopted yet".to_owned())
+    }
+
+    /// Why Status must answer an error rather than a key_id: writing would store data that can
+    /// never be read back.
+    pub fn conflict(&self) -> Option<&str> {
+        self.conflict.as_deref()
     }
 
     /// The promoted version, even while in conflict (for reports).
@@ -95,31 +125,45 @@ impl KeyTracker {
         let latest = meta.latest;
         let Some(latest_created) = meta.latest_created() else {
             let reason = format!("key store lists latest version {latest} without a creation time");
-            self.conflict = Some(reason.clone());
-            return Observation::Conflict { reason };
+            return self.fail_closed(reason);
         };
+        if let Some(reason) = self.recreated(meta) {
+            return self.fail_closed(reason);
+        }
+        self.remember(meta);
         let Some(promoted) = self.promoted.clone() else {
             self.promote(latest, latest_created);
             return Observation::Adopted { version: latest };
         };
-        if latest < promoted.version {
+        let present = meta.versions.get(&promoted.version) == Some(&promoted.created);
+        if !present && latest < promoted.version && self.scope.kind.has_lagging_replicas() {
             // NB: a node or replica that is behind; it may lack the promoted version entirely.
             self.candidate = None;
             return Observation::RollbackRefused { promoted: promoted.version, seen: latest };
         }
-        if meta.versions.get(&promoted.version) != Some(&promoted.created) {
-            let reason = format!(
-                "key version {} (created {}) no longer exists as it was: the key was deleted, trimmed or recreated",
-                promoted.version, promoted.created
-            );
-            self.candidate = None;
-            self.conflict = Some(reason.clone());
-            return Observation::Conflict { reason };
+        if let Some(why) = unusable(meta, promoted.version, present) {
+            return match usable_newer(meta, promoted.version) {
+                Some((to, created)) => {
+                    self.promote(to, created);
+                    Observation::Replaced { from: promoted.version, to, why }
+                }
+                None => self.fail_closed(format!(
+                    "key version {} {why}, and the key store has no newer usable version: writing would \
+                     store data that can never be read back",
+                    promoted.version
+                )),
+            };
         }
         self.conflict = None;
-        if latest == promoted.version {
+        if latest <= promoted.version {
+            // NB: below the promoted version only for a key store that cannot lag and still
+            // holds the promoted version: nothing newer to wait for.
             self.candidate = None;
-            return Observation::Unchanged;
+            return if latest == promoted.version {
+                Observation::Unchanged
+            } else {
+                Observation::RollbackRefused { promoted: promoted.version, seen: latest }
+            };
         }
         let seen = match self.candidate {
             Some(c) if c.version == latest && c.created == latest_created => c.seen + 1,
@@ -133,12 +177,79 @@ impl KeyTracker {
         Observation::Pending { version: latest, seen, needed: self.needed }
     }
 
+    /// Applies a poll that found the key gone (not found, as opposed to unreachable or refused).
+    /// Before adoption there is nothing to protect, so it stays an ordinary failed poll.
+    pub fn observe_missing(&mut self, reason: &str) -> Option<Observation> {
+        let promoted = self.promoted.as_ref()?;
+        let reason = format!(
+            "key version {} is gone: the key store no longer has the key ({reason}); writing would store \
+             data that can never be read back",
+            promoted.version
+        );
+        Some(self.fail_closed(reason))
+    }
+
+    fn fail_closed(&mut self, reason: String) -> Observation {
+        self.candidate = None;
+        self.conflict = Some(reason.clone());
+        Observation::Conflict { reason }
+    }
+
+    /// The first version this poll shows with another creation time than when first seen.
+    fn recreated(&self, meta: &KeyMetadata) -> Option<String> {
+        meta.versions.iter().find_map(|(version, created)| {
+            let first = self.first_seen.get(version).filter(|first| *first != created)?;
+            Some(format!(
+                "key version {version} was created at {first} but the key store now says {created}: the key \
+                 was deleted and recreated, so data wrapped under the old key can never be read back"
+            ))
+        })
+    }
+
+    fn remember(&mut self, meta: &KeyMetadata) {
+        for (version, created) in &meta.versions {
+            if self.first_seen.len() >= SEEN_MAX && !self.first_seen.contains_key(version) {
+                // NB: keep the newest ones: those are the versions a recreation would collide with
+                // next.
+                self.first_seen.pop_first();
+            }
+            self.first_seen.entry(*version).or_insert(*created);
+        }
+    }
+
     fn promote(&mut self, version: u64, created: u64) {
         let key_id = self.key_id(version, created);
         self.promoted = Some(Arc::new(Promoted { version, created, key_id }));
         self.candidate = None;
         self.conflict = None;
     }
+}
+
+/// Why `version` can no longer encrypt or decrypt, if it cannot.
+fn unusable(meta: &KeyMetadata, version: u64, present: bool) -> Option<String> {
+    if !present {
+        return Some("no longer exists (trimmed, or removed from the keyring)".to_owned());
+    }
+    if version < meta.min_decryption_version {
+        return Some(format!("is retired (min_decryption_version is {})", meta.min_decryption_version));
+    }
+    if version < meta.min_encryption_version {
+        return Some(format!(
+            "may no longer encrypt (min_encryption_version is {})",
+            meta.min_encryption_version
+        ));
+    }
+    None
+}
+
+/// The newest version above `promoted` that can encrypt and decrypt. Its creation time is
+/// unchanged since first seen: [`KeyTracker::recreated`] already failed the poll otherwise.
+fn usable_newer(meta: &KeyMetadata, promoted: u64) -> Option<(u64, u64)> {
+    meta.versions
+        .range(promoted.saturating_add(1)..)
+        .rev()
+        .find(|(version, _)| unusable(meta, **version, true).is_none())
+        .map(|(version, created)| (*version, *created))
 }
 
 /// The outcome of the last probe of one kind.
@@ -401,6 +512,125 @@ mod tests {
         // Back to the real key: the conflict clears.
         assert_eq!(t.observe(&meta(2)), Observation::Unchanged);
         assert!(t.current().is_ok());
+    }
+
+    fn local() -> KeyScope {
+        KeyScope { kind: BackendKind::Local, mount: String::new(), ..scope() }
+    }
+
+    fn without(mut meta: KeyMetadata, version: u64) -> KeyMetadata {
+        meta.versions.remove(&version);
+        meta.latest = meta.versions.keys().next_back().copied().unwrap_or(0);
+        meta
+    }
+
+    #[test]
+    fn a_retired_promoted_version_is_replaced_at_once_by_a_usable_newer_one() {
+        let mut t = KeyTracker::new(scope(), 3);
+        t.observe(&meta(2));
+        let mut retired = meta(3);
+        retired.min_decryption_version = 3;
+        let seen = t.observe(&retired);
+        assert!(
+            matches!(seen, Observation::Replaced { from: 2, to: 3, ref why } if why.contains("retired")),
+            "{seen:?}"
+        );
+        assert_eq!(t.current().unwrap().version, 3);
+        assert_eq!(t.conflict(), None);
+    }
+
+    #[test]
+    fn a_retired_promoted_version_without_a_newer_one_fails_closed_until_one_exists() {
+        let mut t = KeyTracker::new(scope(), 2);
+        t.observe(&meta(2));
+        let mut retired = meta(2);
+        retired.min_decryption_version = 3;
+        assert!(matches!(t.observe(&retired), Observation::Conflict { .. }));
+        assert!(t.conflict().unwrap().contains("no newer usable version"), "{:?}", t.conflict());
+        assert!(t.current().is_err());
+        // The key_id is still known for reports, but Status must not serve it.
+        assert_eq!(t.promoted().unwrap().version, 2);
+        // A rotation resolves it at the next poll, without waiting for consecutive sightings.
+        let mut rotated = meta(3);
+        rotated.min_decryption_version = 3;
+        assert!(matches!(t.observe(&rotated), Observation::Replaced { from: 2, to: 3, .. }));
+        assert_eq!(t.conflict(), None);
+    }
+
+    #[test]
+    fn lowering_the_floor_again_clears_the_conflict() {
+        let mut t = KeyTracker::new(scope(), 2);
+        t.observe(&meta(2));
+        let mut retired = meta(2);
+        retired.min_encryption_version = 3;
+        assert!(matches!(t.observe(&retired), Observation::Conflict { .. }));
+        assert_eq!(t.observe(&meta(2)), Observation::Unchanged);
+        assert_eq!(t.current().unwrap().version, 2);
+    }
+
+    #[test]
+    fn a_trimmed_promoted_version_is_replaced_at_once() {
+        let mut t = KeyTracker::new(scope(), 2);
+        t.observe(&meta(2));
+        let mut trimmed = without(meta(4), 2);
+        trimmed.versions.remove(&1);
+        trimmed.min_decryption_version = 3;
+        assert!(matches!(t.observe(&trimmed), Observation::Replaced { from: 2, to: 4, .. }));
+    }
+
+    #[test]
+    fn a_newer_version_that_cannot_encrypt_is_not_a_replacement() {
+        let mut t = KeyTracker::new(scope(), 2);
+        t.observe(&meta(2));
+        let mut floors = meta(3);
+        floors.min_decryption_version = 4;
+        assert!(matches!(t.observe(&floors), Observation::Conflict { .. }));
+    }
+
+    #[test]
+    fn a_removed_keyring_version_is_replaced_or_fails_closed() {
+        // Removed with a newer version present: promoted at once.
+        let mut t = KeyTracker::new(local(), 2);
+        t.observe(&meta(2));
+        assert!(matches!(t.observe(&without(meta(3), 2)), Observation::Replaced { from: 2, to: 3, .. }));
+
+        // Removed with nothing newer: a keyring file has no lagging replica, so this is not a
+        // rollback but a conflict.
+        let mut t = KeyTracker::new(local(), 2);
+        t.observe(&meta(2));
+        let seen = t.observe(&without(meta(2), 2));
+        assert!(
+            matches!(seen, Observation::Conflict { ref reason } if reason.contains("no longer exists")),
+            "{seen:?}"
+        );
+        assert!(t.current().is_err());
+    }
+
+    #[test]
+    fn a_recreated_key_with_fewer_versions_is_a_conflict_not_a_lagging_node() {
+        let mut t = KeyTracker::new(scope(), 1);
+        t.observe(&meta(3));
+        let mut recreated = meta(1);
+        recreated.versions.insert(1, 9999);
+        let seen = t.observe(&recreated);
+        assert!(
+            matches!(seen, Observation::Conflict { ref reason } if reason.contains("deleted and recreated")),
+            "{seen:?}"
+        );
+        // A later rotation of the new key does not hide it: version 1 still differs.
+        let mut rotated = recreated.clone();
+        rotated.versions.insert(4, 10_000);
+        rotated.latest = 4;
+        assert!(matches!(t.observe(&rotated), Observation::Conflict { .. }));
+    }
+
+    #[test]
+    fn a_missing_key_fails_closed_only_once_adopted() {
+        let mut t = KeyTracker::new(scope(), 1);
+        assert_eq!(t.observe_missing("HTTP 404"), None);
+        t.observe(&meta(1));
+        assert!(matches!(t.observe_missing("HTTP 404"), Some(Observation::Conflict { .. })));
+        assert!(t.conflict().unwrap().contains("HTTP 404"));
     }
 
     fn down(reason: &str) -> Failure {

@@ -108,7 +108,19 @@ impl Backend for Transit {
 
     async fn metadata(&self, deadline: Instant) -> Result<KeyMetadata, BackendError> {
         let path = format!("{}/keys/{}", self.scope.mount, self.scope.key);
-        let data = self.call(Method::GET, &path, None, deadline).await?;
+        // NB: only here is a 404 known to mean the key itself: openbao
+        // builtin/logical/transit/path_keys.go, pathPolicyRead, answers a missing policy with no
+        // response, which the router turns into 404. Elsewhere it may be a wrong mount or path.
+        let data = match self.client.call(Method::GET, &path, None, deadline).await {
+            Ok(data) => data,
+            Err(ClientError::Api { status: 404, address, .. }) => {
+                return Err(BackendError::KeyNotFound(format!(
+                    "{address}: Transit key {:?} on mount {:?} not found (HTTP 404)",
+                    self.scope.key, self.scope.mount
+                )));
+            }
+            Err(e) => return Err(map_error(e)),
+        };
         let key: KeyData = serde_json::from_value(data)
             .map_err(|e| BackendError::Protocol(format!("key metadata does not parse: {e}")))?;
         if !AEAD_TYPES.contains(&key.kind.as_str()) {

@@ -107,6 +107,12 @@ impl Bao {
         send_as(request, &self.token, &format!("POST {path}")).await
     }
 
+    /// DELETEs `/v1/{path}` as root; panics on failure.
+    pub async fn delete(&self, path: &str) {
+        let request = self.http.delete(format!("{}/v1/{path}", self.addr));
+        send_as(request, &self.token, &format!("DELETE {path}")).await;
+    }
+
     /// GETs `/v1/{path}` as root; panics on failure.
     pub async fn get(&self, path: &str) -> Value {
         let r = self
