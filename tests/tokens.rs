@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use kmsgate::{
     commands,
+    crd::tokens::{Match, MaxAge},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
@@ -30,8 +31,8 @@ fn kube(fake: &FakeApi) -> Kube {
 
 fn selection() -> Selection {
     Selection {
-        max_age: Duration::from_secs(90 * DAY),
-        exclude_annotations: vec!["example.com/keep".into()],
+        max_age: MaxAge::new(Duration::from_secs(90 * DAY)).unwrap(),
+        exclude_annotations: vec![Match::parse("example.com/keep").unwrap()],
         ..Selection::default()
     }
 }
@@ -162,7 +163,7 @@ async fn a_dry_run_says_what_would_rotate_and_why_and_changes_nothing() {
     let kube = kube(&fake);
     let options = commands::tokens::Options {
         policy: "kmsgate".into(),
-        older_than: Some(Duration::from_secs(90 * DAY)),
+        older_than: Some(commands::tokens::older_than("90d").unwrap()),
         namespaces: vec!["apps".into()],
         dry_run: true,
         service_account: "kmsgate/kmsgate-controller".into(),
