@@ -147,16 +147,20 @@ pub enum Deny {
 }
 
 impl Deny {
-    /// Parses `namespace/name` or `namespace/*`; `None` when a part is empty.
+    /// Parses `namespace/name` or `namespace/*`; `None` unless both parts are valid names, so a
+    /// typo cannot make an entry that silently denies nothing.
     pub fn parse(text: &str) -> Option<Self> {
         let (namespace, name) = text.split_once('/')?;
-        if namespace.is_empty() || name.is_empty() || name.contains('/') {
+        if !is_label(namespace) {
             return None;
         }
-        Some(match name {
-            "*" => Self::Namespace(namespace.to_owned()),
-            name => Self::Account { namespace: namespace.to_owned(), name: name.to_owned() },
-        })
+        match name {
+            "*" => Some(Self::Namespace(namespace.to_owned())),
+            name if is_subdomain(name) => {
+                Some(Self::Account { namespace: namespace.to_owned(), name: name.to_owned() })
+            }
+            _ => None,
+        }
     }
 
     /// Whether the rule denies ServiceAccount `name` in `namespace`.
@@ -196,6 +200,11 @@ pub fn is_subdomain(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// A DNS-1123 label, as namespace names are.
+fn is_label(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && is_subdomain(name)
 }
 
 fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
@@ -333,7 +342,11 @@ mod tests {
         );
         let accounts = "entries are `namespace/name` or `namespace/*`";
         let deny = |entry: &str| serde_json::json!({"managed": {"denyServiceAccounts": [entry]}});
-        for entry in ["apps/", "/root", "apps/root/x"] {
+        // NB: each of these used to pass and then never match anything: a deny rule that denies
+        // nothing is refused instead.
+        for entry in
+            ["apps/", "/root", "apps/root/x", "apps/ root", " apps/root", "Apps/root", "apps/Root", "a.b/c"]
+        {
             check(deny(entry), "managed.denyServiceAccounts", accounts);
         }
         check(serde_json::json!({"legacy": {"maxAge": "59m"}}), "legacy.maxAge", "must be at least 1h");
