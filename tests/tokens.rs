@@ -456,3 +456,20 @@ async fn tokens_list_shows_both_kinds_and_changes_nothing() {
     assert!(state.issued.is_empty() && state.events.is_empty(), "list only reads");
     assert!(state.log.iter().all(|l| l.starts_with("GET ")), "{:?}", state.log);
 }
+
+#[tokio::test(start_paused = true)]
+async fn tokens_refuse_a_namespace_flag_that_would_match_nothing() {
+    let (fake, _) = legacy_cluster().await;
+    fake.state.lock().await.log.clear();
+    let options = commands::tokens::Options {
+        policy: "kmsgate".into(),
+        namespaces: vec!["*".into()],
+        service_account: "kmsgate/kmsgate-controller".into(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let error =
+        commands::tokens::list(&kube(&fake), &options, fake.clock.clone(), &mut out).await.unwrap_err();
+    assert!(error.to_string().starts_with("--namespace \"*\": not a namespace name"), "{error}");
+    assert!(fake.state.lock().await.log.is_empty(), "refused before any call");
+}

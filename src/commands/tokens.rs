@@ -52,6 +52,11 @@ struct Run {
 }
 
 async fn plan(kube: &Kube, options: &Options, need_policy: bool) -> Result<Run, CommandError> {
+    if let Some(bad) = options.namespaces.iter().find(|n| !policy::is_namespace(n)) {
+        let problem =
+            format!("--namespace {bad:?}: not a namespace name (as a TokenPolicy's legacy.namespaces)");
+        return Err(TokenError::Invalid(problem).into());
+    }
     let plan = match kube.token_policy(&options.policy).await? {
         Some(policy) => policy::parse(&policy.spec),
         None if need_policy => return Err(TokenError::NoPolicy(options.policy.clone()).into()),

@@ -18,7 +18,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use plan::{
-    Deny, LegacyPlan, ManagedPlan, Match, MaxAge, Plan, Selection, SpecError, is_subdomain, parse,
+    Deny, LegacyPlan, ManagedPlan, Match, MaxAge, Plan, Selection, SpecError, is_namespace, is_subdomain,
+    parse,
 };
 
 /// The Secret type of legacy tokens.

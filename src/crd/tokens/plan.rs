@@ -151,7 +151,7 @@ impl Deny {
     /// typo cannot make an entry that silently denies nothing.
     pub fn parse(text: &str) -> Option<Self> {
         let (namespace, name) = text.split_once('/')?;
-        if !is_label(namespace) {
+        if !is_namespace(namespace) {
             return None;
         }
         match name {
@@ -203,7 +203,7 @@ pub fn is_subdomain(name: &str) -> bool {
 }
 
 /// A DNS-1123 label, as namespace names are.
-fn is_label(name: &str) -> bool {
+pub fn is_namespace(name: &str) -> bool {
     name.len() <= 63 && !name.contains('.') && is_subdomain(name)
 }
 
@@ -232,6 +232,10 @@ pub fn parse(spec: &TokenPolicySpec) -> Result<Plan, SpecError> {
     let token_timeout = duration("legacy.tokenTimeout", &l.token_timeout)?;
     if token_timeout.is_zero() {
         return bad("legacy.tokenTimeout", "must be above 0");
+    }
+    // NB: `*` or a typo here would list an empty namespace and rotate nothing, silently.
+    if l.namespaces.iter().any(|n| !is_namespace(n)) {
+        return bad("legacy.namespaces", "entries are namespace names (no wildcards)");
     }
     let selection = Selection {
         namespaces: l.namespaces.clone(),
@@ -290,6 +294,8 @@ pub fn parse(spec: &TokenPolicySpec) -> Result<Plan, SpecError> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn spec(json: serde_json::Value) -> TokenPolicySpec {
@@ -350,6 +356,10 @@ mod tests {
             check(deny(entry), "managed.denyServiceAccounts", accounts);
         }
         check(serde_json::json!({"legacy": {"maxAge": "59m"}}), "legacy.maxAge", "must be at least 1h");
+        let names = "entries are namespace names (no wildcards)";
+        for namespaces in [json!(["*"]), json!(["apps", ""]), json!(["Apps"]), json!(["apps/x"])] {
+            check(json!({"legacy": {"namespaces": namespaces}}), "legacy.namespaces", names);
+        }
     }
 
     #[test]
