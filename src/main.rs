@@ -430,9 +430,9 @@ async fn tokens(action: TokensAction) -> Result<(), Failure> {
     let older_than = args
         .older_than
         .as_deref()
-        .map(humantime::parse_duration)
+        .map(commands::tokens::older_than)
         .transpose()
-        .map_err(|e| Failure::Usage(format!("--older-than: {e} (use a duration like 720h)")))?;
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     if args.service_account.split_once('/').is_none_or(|(ns, sa)| ns.is_empty() || sa.is_empty()) {
         return Err(Failure::Usage("--service-account must be namespace/name".into()));
     }

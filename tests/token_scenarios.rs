@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp};
 use kmsgate::{
-    crd::tokens::{ManagedSpec, TokenPolicySpec, parse},
+    crd::tokens::{MaxAge, parse},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
@@ -98,17 +98,18 @@ async fn a_managed_token_is_requested_bound_to_its_secret_and_written_without_re
         }),
     ];
     let verify = verifier(handle, scenario);
-    let spec = ManagedSpec {
-        enabled: true,
-        namespaces: vec!["apps".into()],
-        audiences: vec!["vault".into()],
-        ..ManagedSpec::default()
-    };
-    let rules = parse(&TokenPolicySpec { managed: spec.clone(), ..Default::default() }).unwrap();
-    let guard = Guard::new(&spec, &rules, "kmsgate/kmsgate-controller");
+    let plan = parse(
+        &serde_json::from_value(
+            json!({"managed": {"enabled": true, "namespaces": ["apps"], "audiences": ["vault"]}}),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+    .managed;
+    let guard = Guard::new(&plan, "kmsgate/kmsgate-controller");
     let metrics = Arc::new(ControllerMetrics::new());
     let mut managed = Managed::new(kube, Arc::new(Fixed), metrics);
-    let pass = managed.pass(&spec, &guard, true).await.unwrap();
+    let pass = managed.pass(&plan, &guard, true).await.unwrap();
     verify.await.unwrap();
     assert_eq!((pass.tokens, pass.refreshed, pass.failing), (1, 1, 0));
     // 80% of the hour granted, not of the two hours asked.
@@ -140,7 +141,8 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
         },
     }))
     .unwrap();
-    let selection = Selection { max_age: Duration::from_secs(90 * 86_400), ..Selection::default() };
+    let selection =
+        Selection { max_age: MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(), ..Selection::default() };
     let candidate = classify(meta, &selection, Fixed.now());
     let record = json!({
         "namespace": "apps", "name": "t", "uid": "old", "serviceAccount": "builder",

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use kmsgate::{
     commands,
+    crd::tokens::{Match, MaxAge},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
@@ -30,8 +31,8 @@ fn kube(fake: &FakeApi) -> Kube {
 
 fn selection() -> Selection {
     Selection {
-        max_age: Duration::from_secs(90 * DAY),
-        exclude_annotations: vec!["example.com/keep".into()],
+        max_age: MaxAge::new(Duration::from_secs(90 * DAY)).unwrap(),
+        exclude_annotations: vec![Match::parse("example.com/keep").unwrap()],
         ..Selection::default()
     }
 }
@@ -162,7 +163,7 @@ async fn a_dry_run_says_what_would_rotate_and_why_and_changes_nothing() {
     let kube = kube(&fake);
     let options = commands::tokens::Options {
         policy: "kmsgate".into(),
-        older_than: Some(Duration::from_secs(90 * DAY)),
+        older_than: Some(commands::tokens::older_than("90d").unwrap()),
         namespaces: vec!["apps".into()],
         dry_run: true,
         service_account: "kmsgate/kmsgate-controller".into(),
@@ -454,4 +455,21 @@ async fn tokens_list_shows_both_kinds_and_changes_nothing() {
     let state = fake.state.lock().await;
     assert!(state.issued.is_empty() && state.events.is_empty(), "list only reads");
     assert!(state.log.iter().all(|l| l.starts_with("GET ")), "{:?}", state.log);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_refuse_a_namespace_flag_that_would_match_nothing() {
+    let (fake, _) = legacy_cluster().await;
+    fake.state.lock().await.log.clear();
+    let options = commands::tokens::Options {
+        policy: "kmsgate".into(),
+        namespaces: vec!["*".into()],
+        service_account: "kmsgate/kmsgate-controller".into(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let error =
+        commands::tokens::list(&kube(&fake), &options, fake.clock.clone(), &mut out).await.unwrap_err();
+    assert!(error.to_string().starts_with("--namespace \"*\": not a namespace name"), "{error}");
+    assert!(fake.state.lock().await.log.is_empty(), "refused before any call");
 }

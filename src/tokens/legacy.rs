@@ -12,39 +12,12 @@ use super::{
     Clock, INVALID_SINCE_LABEL, LAST_USED_LABEL, ROTATE_ANNOTATION, ROTATED_ANNOTATION, SA_NAME_ANNOTATION,
     SA_UID_ANNOTATION, TokenError, matches_any, rfc3339,
 };
+pub use crate::crd::tokens::Selection;
 use crate::{
-    crd::tokens::{LegacySpec, PendingSecret, TokenStatus},
+    crd::tokens::{PendingSecret, TokenStatus},
     k8s::{Created, Deleted, EventKind, Kube},
     metrics::ControllerMetrics,
 };
-
-/// Which legacy token Secrets a run looks at.
-#[derive(Debug, Clone, Default)]
-pub struct Selection {
-    /// Namespaces; empty means all.
-    pub namespaces: Vec<String>,
-    /// Label selector (server side).
-    pub label_selector: Option<String>,
-    /// Skip Secrets with any of these labels.
-    pub exclude_labels: Vec<String>,
-    /// Skip Secrets with any of these annotations.
-    pub exclude_annotations: Vec<String>,
-    /// Rotate Secrets older than this.
-    pub max_age: Duration,
-}
-
-impl Selection {
-    /// From a policy's legacy section and its parsed `maxAge`.
-    pub fn from_spec(spec: &LegacySpec, max_age: Duration) -> Self {
-        Self {
-            namespaces: spec.namespaces.clone(),
-            label_selector: spec.label_selector.clone(),
-            exclude_labels: spec.exclude_labels.clone(),
-            exclude_annotations: spec.exclude_annotations.clone(),
-            max_age,
-        }
-    }
-}
 
 /// What a run does with one Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,15 +84,15 @@ pub fn classify(meta: ObjectMeta, selection: &Selection, now: Timestamp) -> Cand
     let created = meta.creation_timestamp.map(|t| t.0.as_second()).unwrap_or(now.as_second());
     let age = now.as_second() - created;
     let service_account = annotations.get(SA_NAME_ANNOTATION).cloned().unwrap_or_default();
-    let max_age = selection.max_age.as_secs() as i64;
+    let max_age = selection.max_age.duration().as_secs() as i64;
     let (verdict, reason) = if let Some(since) = labels.get(INVALID_SINCE_LABEL) {
         (Verdict::Invalid(since.clone()), format!("marked invalid since {since}; remove it or re-enable it"))
     } else if annotations.get(ROTATE_ANNOTATION).is_some_and(|v| v == "false") {
         (Verdict::Excluded(ROTATE_ANNOTATION.into()), format!("{ROTATE_ANNOTATION}=false"))
     } else if let Some(rule) = matches_any(&labels, &selection.exclude_labels) {
-        (Verdict::Excluded(rule.clone()), format!("excluded by label {rule}"))
+        (Verdict::Excluded(rule.to_string()), format!("excluded by label {rule}"))
     } else if let Some(rule) = matches_any(&annotations, &selection.exclude_annotations) {
-        (Verdict::Excluded(rule.clone()), format!("excluded by annotation {rule}"))
+        (Verdict::Excluded(rule.to_string()), format!("excluded by annotation {rule}"))
     } else if service_account.is_empty() {
         (Verdict::NoServiceAccount, format!("no {SA_NAME_ANNOTATION} annotation"))
     } else if age > max_age {
@@ -459,10 +432,11 @@ mod tests {
     #[test]
     fn verdicts_follow_age_exclusions_and_the_cleaner() {
         let now = Timestamp::from_second(1_000_000_000).unwrap();
+        let rule = |text| crate::crd::tokens::Match::parse(text).unwrap();
         let selection = Selection {
-            max_age: Duration::from_secs(90 * 86_400),
-            exclude_labels: vec!["team=infra".into()],
-            exclude_annotations: vec!["keep".into()],
+            max_age: crate::crd::tokens::MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(),
+            exclude_labels: vec![rule("team=infra")],
+            exclude_annotations: vec![rule("keep")],
             ..Selection::default()
         };
         let sa = [(SA_NAME_ANNOTATION, "builder")];

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::{
     Clock, TokenError,
-    legacy::{Legacy, Selection},
+    legacy::Legacy,
     managed::{Guard, Managed},
     rfc3339, update_status,
 };
@@ -154,8 +154,8 @@ impl TokenLoop {
     /// One legacy round: a run when due; returns how long until the next.
     pub async fn legacy_once(&self) -> Result<Duration, TokenError> {
         let Some(policy) = self.policy().await? else { return Ok(ABSENT_WAIT) };
-        let rules = parse(&policy.spec)?;
-        if !policy.spec.legacy.enabled {
+        let plan = parse(&policy.spec)?.legacy;
+        if !plan.enabled {
             return Ok(ABSENT_WAIT);
         }
         let now = self.clock.now();
@@ -165,9 +165,8 @@ impl TokenLoop {
             let next = super::parse_time(&status.legacy.next_run).unwrap_or(now);
             return Ok(until(now, next).min(ABSENT_WAIT * 10));
         }
-        let legacy = Legacy::new(&self.kube, &self.policy, &*self.clock, &self.metrics, rules.token_timeout);
-        let selection = Selection::from_spec(&policy.spec.legacy, rules.max_age);
-        let (results, totals) = legacy.run(&selection, false, |_, _, _| {}).await?;
+        let legacy = Legacy::new(&self.kube, &self.policy, &*self.clock, &self.metrics, plan.token_timeout);
+        let (results, totals) = legacy.run(&plan.selection, false, |_, _, _| {}).await?;
         let problems: Vec<String> = results
             .iter()
             .filter_map(|(c, o)| match o {
@@ -178,7 +177,7 @@ impl TokenLoop {
             .collect();
         let finished = self.clock.now();
         let next =
-            rules.schedule.next_after(finished.as_second()).and_then(|s| Timestamp::from_second(s).ok());
+            plan.schedule.next_after(finished.as_second()).and_then(|s| Timestamp::from_second(s).ok());
         let legacy_status = LegacyStatus {
             last_run: rfc3339(finished),
             next_run: next.map(rfc3339).unwrap_or_default(),
@@ -200,12 +199,12 @@ impl TokenLoop {
     /// One managed pass; returns how long until the next and whether to watch Secrets.
     pub async fn managed_once(&self, managed: &mut Managed) -> Result<(Duration, bool), TokenError> {
         let Some(policy) = self.policy().await? else { return Ok((ABSENT_WAIT, false)) };
-        let rules = parse(&policy.spec)?;
-        if !policy.spec.managed.enabled {
+        let plan = parse(&policy.spec)?.managed;
+        if !plan.enabled {
             return Ok((ABSENT_WAIT, false));
         }
-        let guard = Guard::new(&policy.spec.managed, &rules, &self.own);
-        let pass = managed.pass(&policy.spec.managed, &guard, true).await?;
+        let guard = Guard::new(&plan, &self.own);
+        let pass = managed.pass(&plan, &guard, true).await?;
         let now = self.clock.now();
         let summary = ManagedStatus {
             tokens: pass.tokens,
@@ -215,7 +214,7 @@ impl TokenLoop {
         if policy.status.as_ref().map(|s| &s.managed) != Some(&summary) {
             update_status(&self.kube, &self.policy, |s| s.managed = summary.clone()).await?;
         }
-        let wait = pass.next.map_or(rules.resync, |next| until(now, next).min(rules.resync));
+        let wait = pass.next.map_or(plan.resync, |next| until(now, next).min(plan.resync));
         // NB: whatever the answers said, never spin.
         Ok((wait.max(Duration::from_secs(1)), true))
     }
