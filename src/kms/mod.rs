@@ -2,6 +2,7 @@
 
 pub mod audit_log;
 pub mod client;
+pub mod health;
 pub mod probe;
 pub mod service;
 pub mod socket;
@@ -24,7 +25,8 @@ use crate::{
     metrics::{BackendLabels, Metrics, OperationLabels},
     proto::v2::key_management_service_server::KeyManagementServiceServer,
 };
-use state::{Health, KeyTracker, ProbeRecord, Promoted};
+use health::{Health, ProbeRecord};
+use state::{KeyTracker, Promoted};
 
 /// The plugin could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
