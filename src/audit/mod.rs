@@ -3,7 +3,7 @@
 
 pub mod deep;
 
-use std::{collections::BTreeMap, io::Write};
+use std::{borrow::Cow, collections::BTreeMap, io::Write};
 
 use serde::Serialize;
 use serde_json::json;
@@ -83,7 +83,60 @@ pub struct Summary {
     /// Plugin Decrypt calls `--deep` made (one per distinct DEK source).
     pub deep_decrypt_calls: u64,
     /// Counts by `class`, then provider (or key name), then key_id.
+    /// Names longer than [`MAX_NAME_BYTES`] are cut (and end in `…`); at most [`MAX_ENTRIES`]
+    /// rows are kept, so memory stays bounded whatever etcd holds.
     pub classes: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+    /// Values counted by class alone, because `classes` already held [`MAX_ENTRIES`] rows.
+    pub other: BTreeMap<String, u64>,
+    /// The rows in `classes`.
+    #[serde(skip)]
+    rows: usize,
+}
+
+/// The longest provider, key or key_id name the summary keeps: the longest key_id the API server
+/// accepts, so a real key_id is never cut.
+pub const MAX_NAME_BYTES: usize = crate::storage::KEY_ID_MAX_BYTES;
+
+/// The most (class, provider, key_id) rows the summary keeps; the rest count as "other".
+pub const MAX_ENTRIES: usize = 256;
+
+impl Summary {
+    /// Counts one value, cutting its names and folding it into "other" once the table is full.
+    fn count(&mut self, class: &str, provider: &str, key_id: &str) {
+        let (provider, key_id) = (cut(provider), cut(key_id));
+        let row = self
+            .classes
+            .get_mut(class)
+            .and_then(|providers| providers.get_mut(provider.as_ref()))
+            .and_then(|key_ids| key_ids.get_mut(key_id.as_ref()));
+        if let Some(count) = row {
+            *count += 1;
+            return;
+        }
+        if self.rows >= MAX_ENTRIES {
+            *self.other.entry(class.to_owned()).or_default() += 1;
+            return;
+        }
+        self.rows += 1;
+        self.classes
+            .entry(class.to_owned())
+            .or_default()
+            .entry(provider.into_owned())
+            .or_default()
+            .insert(key_id.into_owned(), 1);
+    }
+}
+
+/// `name` cut to at most [`MAX_NAME_BYTES`] bytes on a character boundary, marked with `…`.
+fn cut(name: &str) -> Cow<'_, str> {
+    if name.len() <= MAX_NAME_BYTES {
+        return Cow::Borrowed(name);
+    }
+    let mut end = MAX_NAME_BYTES - '…'.len_utf8();
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &name[..end]))
 }
 
 /// Scans etcd and streams findings to `out`; returns the summary.
@@ -155,14 +208,7 @@ async fn observe(
         Class::KmsV2 { key_id, .. } => key_id.clone(),
         _ => String::new(),
     };
-    *summary
-        .classes
-        .entry(class.name().to_owned())
-        .or_default()
-        .entry(provider)
-        .or_default()
-        .entry(key_id.clone())
-        .or_default() += 1;
+    summary.count(class.name(), &provider, &key_id);
     let verified = match (deep, &judgement.object) {
         (Some(deep), Some(object)) => Some(deep.check(key, object).await),
         _ => None,
@@ -199,6 +245,9 @@ async fn observe(
     };
 }
 
+/// How the summary table names the rows that did not fit.
+const OTHER: &str = "(other)";
+
 /// Writes the summary: a table, or one JSON line `{"type": "summary", ...}`.
 pub fn write_summary(summary: &Summary, json: bool, out: &mut impl Write) -> std::io::Result<()> {
     if json {
@@ -218,6 +267,9 @@ pub fn write_summary(summary: &Summary, json: bool, out: &mut impl Write) -> std
             }
         }
     }
+    for (class, count) in &summary.other {
+        writeln!(out, "{class:<20} {OTHER:<20} {count:>8}")?;
+    }
     if summary.deep_verified > 0 || summary.deep_decrypt_calls > 0 {
         writeln!(
             out,
@@ -229,4 +281,89 @@ pub fn write_summary(summary: &Summary, json: bool, out: &mut impl Write) -> std
         writeln!(out, "findings: {count} {}", finding.name())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{DekSourceType, EncryptedObject};
+
+    fn options(json: bool) -> Options {
+        Options {
+            prefixes: vec!["/registry/".into()],
+            provider: None,
+            current_key_id: Some("kmsgate:1:local:k:::kmsgate:1:1".into()),
+            page_size: 10,
+            json,
+            progress: false,
+        }
+    }
+
+    fn kms_v2(provider: &str, key_id: &str) -> Vec<u8> {
+        EncryptedObject {
+            encrypted_data: vec![1; 40],
+            key_id: key_id.into(),
+            encrypted_dek_source: b"local:v1:abc".to_vec(),
+            annotations: Default::default(),
+            dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
+        }
+        .to_value(provider)
+    }
+
+    /// Runs `observe` over `values` and returns the summary and the report.
+    fn scan(options: &Options, values: &[(Vec<u8>, Vec<u8>)]) -> (Summary, String) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut summary = Summary::default();
+        let mut out = Vec::new();
+        runtime.block_on(async {
+            for (key, value) in values {
+                observe(&mut summary, options, None, key, value, &mut out).await;
+            }
+        });
+        write_summary(&summary, options.json, &mut out).unwrap();
+        (summary, String::from_utf8(out).unwrap())
+    }
+
+    /// The bytes the summary keeps in names: what bounds its memory.
+    fn kept_bytes(summary: &Summary) -> usize {
+        summary
+            .classes
+            .iter()
+            .flat_map(|(class, providers)| {
+                providers.iter().flat_map(move |(provider, key_ids)| {
+                    key_ids.keys().map(move |key_id| class.len() + provider.len() + key_id.len())
+                })
+            })
+            .sum()
+    }
+
+    #[test]
+    fn huge_provider_names_are_cut_in_the_summary() {
+        let values: Vec<_> = (0..60)
+            .map(|n| {
+                let provider = format!("{n}{}", "p".repeat(1 << 20));
+                (format!("/registry/secrets/ns/s{n}").into_bytes(), kms_v2(&provider, "kid"))
+            })
+            .collect();
+        let (summary, _) = scan(&options(true), &values);
+        assert_eq!(summary.objects, 60);
+        assert!(kept_bytes(&summary) <= 60 * 2 * MAX_NAME_BYTES, "{} bytes kept", kept_bytes(&summary));
+        let counted: u64 = summary.classes["kms_v2"].values().flat_map(|k| k.values()).sum();
+        assert_eq!(counted, 60, "every value is still counted");
+    }
+
+    #[test]
+    fn many_distinct_names_fold_into_other() {
+        let values: Vec<_> = (0..MAX_ENTRIES * 3)
+            .map(|n| (format!("/registry/secrets/ns/s{n}").into_bytes(), kms_v2(&format!("p{n}"), "kid")))
+            .collect();
+        let (summary, report) = scan(&options(false), &values);
+        let entries: usize = summary.classes.values().flat_map(|p| p.values()).map(BTreeMap::len).sum();
+        assert!(entries <= MAX_ENTRIES, "{entries} entries kept");
+        let counted: u64 = summary.classes.values().flat_map(|p| p.values()).flat_map(|k| k.values()).sum();
+        assert_eq!(counted + summary.other.values().sum::<u64>(), (MAX_ENTRIES * 3) as u64);
+        assert_eq!(summary.other["kms_v2"], (MAX_ENTRIES * 2) as u64);
+        let row = format!("{:<20} {:<20} {:>8}", "kms_v2", "(other)", MAX_ENTRIES * 2);
+        assert!(report.contains(&row), "{report}");
+    }
 }
