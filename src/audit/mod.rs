@@ -139,6 +139,32 @@ fn cut(name: &str) -> Cow<'_, str> {
     Cow::Owned(format!("{}…", &name[..end]))
 }
 
+/// `text` safe to print on a terminal: control characters, line and paragraph separators and
+/// bidirectional overrides become `\n`, `\u{1b}` and the like, and `\` becomes `\\`, so an etcd
+/// key or provider name can neither forge a report line nor reach the terminal as a command.
+pub fn escape_text(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c == '\\'
+            || c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Scans etcd and streams findings to `out`; returns the summary.
 /// With `deep`, every KMS v2 object is also decrypted end to end.
 pub async fn run(
@@ -241,7 +267,7 @@ async fn observe(
             json!({"type": "finding", "finding": finding, "key": key, "class": class, "detail": detail})
         )
     } else {
-        writeln!(out, "{:<14} {key}  {detail}", finding.name())
+        writeln!(out, "{:<14} {}  {}", finding.name(), escape_text(&key), escape_text(&detail))
     };
 }
 
@@ -263,6 +289,7 @@ pub fn write_summary(summary: &Summary, json: bool, out: &mut impl Write) -> std
     for (class, providers) in &summary.classes {
         for (provider, key_ids) in providers {
             for (key_id, count) in key_ids {
+                let (provider, key_id) = (escape_text(provider), escape_text(key_id));
                 writeln!(out, "{class:<20} {provider:<20} {count:>8}  {key_id}")?;
             }
         }
@@ -365,5 +392,39 @@ mod tests {
         assert_eq!(summary.other["kms_v2"], (MAX_ENTRIES * 2) as u64);
         let row = format!("{:<20} {:<20} {:>8}", "kms_v2", "(other)", MAX_ENTRIES * 2);
         assert!(report.contains(&row), "{report}");
+    }
+
+    #[test]
+    fn text_output_escapes_control_bytes() {
+        let forged = b"/registry/secrets/ns/a\nplaintext      /registry/secrets/ns/forged  \x1b[2J".to_vec();
+        let provider = "p\nplaintext      /registry/x\x1b]0;owned\x07";
+        let values = vec![
+            (forged.clone(), b"k8s\x00x".to_vec()),
+            (b"/registry/secrets/ns/b".to_vec(), kms_v2(provider, "kmsgate:1:local:k:::kmsgate:2:2")),
+            (b"/registry/secrets/ns/c".to_vec(), b"k8s:enc:kms:v2:q\r\x1b[1A:\xff".to_vec()),
+        ];
+        let (summary, report) = scan(&options(false), &values);
+        assert_eq!(summary.objects, 3);
+        assert!(!report.contains('\x1b') && !report.contains('\r') && !report.contains('\x07'), "{report:?}");
+        let findings: Vec<&str> = report.lines().filter(|l| l.starts_with("plaintext ")).collect();
+        assert_eq!(findings.len(), 1, "one plaintext value, one line: {report}");
+        assert!(findings[0].contains(r"/registry/secrets/ns/a\nplaintext"), "{report}");
+        assert_eq!(report.lines().filter(|l| l.starts_with("findings: ")).count(), 3, "{report}");
+        assert!(report.contains(r"p\nplaintext      /registry/x\u{1b}]0;owned\u{7}"), "{report}");
+
+        // JSON keeps the exact bytes (as JSON escapes).
+        let (_, json) = scan(&options(true), &values);
+        let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+        assert_eq!(first["key"].as_str().unwrap().as_bytes(), forged);
+    }
+
+    #[test]
+    fn escaping_is_unambiguous() {
+        assert_eq!(escape_text("plain/name-1"), "plain/name-1");
+        assert_eq!(escape_text("a\\nb"), r"a\\nb");
+        assert_eq!(
+            escape_text("a\nb\t\r\x00\x7f\u{85}\u{202e}\u{2028}"),
+            r"a\nb\t\r\u{0}\u{7f}\u{85}\u{202e}\u{2028}"
+        );
     }
 }
