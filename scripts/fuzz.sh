@@ -9,7 +9,8 @@
 # Needs a nightly toolchain and cargo-fuzz (cargo install cargo-fuzz); without them it says so
 # and exits 0. A crash leaves its input in fuzz/artifacts/<target>/; keep it as a regular test
 # where the bug is fixed. Memory is bounded like the property tests: a run that allocates more
-# than 64 MiB at once or grows past 1 GiB fails.
+# than 64 MiB at once or grows past 1 GiB fails. The sanitizer build of kmsgate and its
+# dependencies in fuzz/target takes well over 1 GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
