@@ -29,6 +29,9 @@ pub enum ScanError {
         #[source]
         source: std::io::Error,
     },
+    /// One value alone is larger than the largest page response accepted.
+    #[error("an etcd value after {after:?} is larger than the {limit}-byte response limit")]
+    ValueTooLarge { after: String, limit: usize },
     /// A range read failed.
     #[error("etcd range read failed: {0}")]
     Read(#[source] etcd_client::Error),
@@ -71,6 +74,7 @@ pub struct Scanner {
     page_size: i64,
     revision: i64,
     done: bool,
+    max_page_bytes: usize,
 }
 
 impl Scanner {
@@ -82,7 +86,19 @@ impl Scanner {
             page_size: i64::try_from(page_size.max(1)).unwrap_or(i64::MAX),
             revision: 0,
             done: false,
+            max_page_bytes: MAX_PAGE_BYTES,
         }
+    }
+
+    /// The largest page response accepted (256 MiB unless set).
+    pub fn with_max_page_bytes(mut self, bytes: usize) -> Self {
+        self.max_page_bytes = bytes;
+        self
+    }
+
+    /// The values asked for per page now.
+    pub fn page_size(&self) -> usize {
+        usize::try_from(self.page_size).unwrap_or(usize::MAX)
     }
 
     /// The pinned revision (0 before the first page).
@@ -90,25 +106,37 @@ impl Scanner {
         self.revision
     }
 
-    /// The next page of at most `page_size` key-values, or `None` at the end.
+    /// The next page of at most `page_size` key-values, or `None` at the end. A page too large for
+    /// the client's message limit is asked for again at half the size, at the same revision; the
+    /// smaller size is kept for the rest of the scan.
     pub async fn next_page(&mut self, client: &mut Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
         // NB: a page holds page_size values of up to etcd's 1.5 MiB each; allow more than tonic's
         // 4 MiB default so a page of large objects does not fail, while page_size keeps the bound.
-        let mut kv = client.kv_client().max_decoding_message_size(MAX_PAGE_BYTES);
+        let mut kv = client.kv_client().max_decoding_message_size(self.max_page_bytes);
         if self.done {
             return Ok(None);
         }
-        let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.page_size);
-        if self.revision > 0 {
-            options = options.with_revision(self.revision);
-        }
-        let mut response = kv.get(self.start.clone(), Some(options)).await.map_err(|e| {
-            if e.to_string().contains("compacted") {
-                ScanError::Compacted { revision: self.revision }
-            } else {
-                ScanError::Read(e)
+        let mut response = loop {
+            let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.page_size);
+            if self.revision > 0 {
+                options = options.with_revision(self.revision);
             }
-        })?;
+            match kv.get(self.start.clone(), Some(options)).await {
+                Ok(response) => break response,
+                Err(e) if too_large(&e) && self.page_size > 1 => {
+                    self.page_size /= 2;
+                    tracing::debug!(page_size = self.page_size, "etcd page too large; halving it");
+                }
+                Err(e) if too_large(&e) => {
+                    let after = String::from_utf8_lossy(&self.start).chars().take(256).collect();
+                    return Err(ScanError::ValueTooLarge { after, limit: self.max_page_bytes });
+                }
+                Err(e) if e.to_string().contains("compacted") => {
+                    return Err(ScanError::Compacted { revision: self.revision });
+                }
+                Err(e) => return Err(ScanError::Read(e)),
+            }
+        };
         if self.revision == 0 {
             self.revision = response.header().map_or(0, |h| h.revision());
         }
@@ -122,6 +150,18 @@ impl Scanner {
             _ => self.done = true,
         }
         Ok(if kvs.is_empty() { None } else { Some(kvs) })
+    }
+}
+
+/// Whether a read failed only because its response was larger than a gRPC message limit: the
+/// client's (tonic's decoder answers OUT_OF_RANGE "decoded message length too large") or the
+/// server's (grpc-go answers RESOURCE_EXHAUSTED "larger than max").
+fn too_large(error: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = error else { return false };
+    match status.code() {
+        tonic::Code::OutOfRange => status.message().contains("message length too large"),
+        tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+        _ => false,
     }
 }
 
