@@ -13,7 +13,7 @@ use std::{
 
 use tokio::net::UnixListener;
 
-use crate::config::{PluginConfig, SocketSpec};
+use crate::config::{DirCheck, PluginConfig, SocketSpec};
 
 /// The socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,13 @@ pub enum SocketError {
     /// The parent directory does not exist and may not be created.
     #[error("socket directory {0} does not exist (create it, or set plugin.create_socket_dir = true)")]
     DirectoryMissing(PathBuf),
+    /// The socket's directory, or one above it, lets another user replace the socket.
+    #[error(
+        "socket directory {dir} is {why}, so another local user could rename the socket and bind \
+         their own to read the seeds the API server sends; fix its mode, or set \
+         plugin.socket_dir_check = warn for a pod volume shared with the API server"
+    )]
+    DirectoryWritable { dir: PathBuf, why: String },
     /// Another process serves the socket.
     #[error("socket {0} is in use by a running process")]
     InUse(PathBuf),
@@ -87,6 +94,20 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
             .create(dir)
             .map_err(|e| io("create directory", e))?;
     }
+    // NB: resolve first (`/var/run` is a symlink), check, then bind under the resolved path, so a
+    // symlink swapped in after the check cannot redirect the bind.
+    let dir = fs::canonicalize(dir).map_err(|e| io("resolve directory", e))?;
+    let path = &dir.join(path.file_name().unwrap_or(path.as_os_str()));
+    if let Some((writable, why)) = writable_by_others(&dir, config.socket_gid).map_err(|e| io("stat", e))? {
+        match config.socket_dir_check {
+            DirCheck::Refuse => return Err(SocketError::DirectoryWritable { dir: writable, why }),
+            DirCheck::Warn => tracing::warn!(
+                dir = %writable.display(),
+                why,
+                "socket directory is writable by others; starting because plugin.socket_dir_check = warn"
+            ),
+        }
+    }
     reclaim_stale(path)?;
     // Bind under a temporary name, set mode and group, then rename into place: the final path
     // never exists with looser permissions than configured.
@@ -112,6 +133,34 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
     }
     let meta = fs::symlink_metadata(path).map_err(|e| io("stat", e))?;
     Ok((listener, SocketGuard { path: Some((path.to_owned(), meta.dev(), meta.ino())) }))
+}
+
+/// The first directory from `dir` up to `/` that a user other than root or us could write into,
+/// and why. A sticky world-writable directory (`/tmp`) is fine: others cannot rename what it holds.
+fn writable_by_others(dir: &Path, socket_gid: Option<u32>) -> std::io::Result<Option<(PathBuf, String)>> {
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    for dir in dir.ancestors() {
+        let meta = fs::metadata(dir)?;
+        let mode = meta.mode();
+        let why = if meta.uid() != 0 && meta.uid() != uid {
+            Some(format!("owned by uid {}", meta.uid()))
+        } else if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            Some(format!("world-writable without the sticky bit (mode {:04o})", mode & 0o7777))
+        } else if mode & 0o020 != 0 && ![0, gid].contains(&meta.gid()) && socket_gid != Some(meta.gid()) {
+            Some(format!(
+                "writable by group {} (mode {:04o}), which is not root's, the plugin's or plugin.socket_group",
+                meta.gid(),
+                mode & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Ok(Some((dir.to_owned(), why)));
+        }
+    }
+    Ok(None)
 }
 
 /// Removes a leftover socket only when nothing answers on it; refuses anything else.
@@ -177,6 +226,72 @@ mod tests {
         assert!(path.exists());
         let (_listener, _guard) = bind(&config(&path)).unwrap();
         assert!(StdStream::connect(&path).is_ok());
+    }
+
+    /// A directory under a fresh private tempdir, with `mode` and group `gid`.
+    fn shared_dir(mode: u32, gid: Option<u32>) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("shared");
+        fs::create_dir(&dir).unwrap();
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&dir, None, Some(gid)).unwrap();
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+        (root, dir)
+    }
+
+    /// A gid that is neither root's nor this process's.
+    fn stranger_gid() -> u32 {
+        let own = rustix::process::getegid().as_raw();
+        (54_321..).find(|g| *g != own).unwrap()
+    }
+
+    #[tokio::test]
+    async fn refuses_a_world_writable_directory_and_names_it() {
+        let (_root, dir) = shared_dir(0o777, None);
+        let path = dir.join("kms.sock");
+        let err = bind(&config(&path)).unwrap_err();
+        let SocketError::DirectoryWritable { dir: named, .. } = &err else { panic!("{err}") };
+        assert_eq!(named, &fs::canonicalize(&dir).unwrap());
+        assert!(err.to_string().contains("world-writable without the sticky bit"), "{err}");
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn refuses_a_writable_directory_above_and_through_a_symlink() {
+        let (root, dir) = shared_dir(0o777, None);
+        let inner = dir.join("inner");
+        fs::DirBuilder::new().mode(0o755).create(&inner).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&inner, &link).unwrap();
+        let err = bind(&config(&link.join("kms.sock"))).unwrap_err();
+        assert!(
+            matches!(&err, SocketError::DirectoryWritable { dir: named, .. } if *named == fs::canonicalize(&dir).unwrap()),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn group_writable_needs_a_known_group() {
+        let stranger = stranger_gid();
+        let (_root, dir) = shared_dir(0o770, Some(stranger));
+        let path = dir.join("kms.sock");
+        let err = bind(&config(&path)).unwrap_err();
+        assert!(err.to_string().contains(&format!("writable by group {stranger}")), "{err}");
+        let mut cfg = config(&path);
+        cfg.socket_gid = Some(stranger);
+        let (_l, _g) = bind(&cfg).unwrap();
+    }
+
+    #[tokio::test]
+    async fn sticky_directories_and_warn_mode_start() {
+        let (_root, sticky) = shared_dir(0o1777, None);
+        let (_l, _g) = bind(&config(&sticky.join("kms.sock"))).unwrap();
+        let (_root2, open) = shared_dir(0o777, None);
+        let mut cfg = config(&open.join("kms.sock"));
+        cfg.socket_dir_check = DirCheck::Warn;
+        let (_l2, _g2) = bind(&cfg).unwrap();
+        assert!(open.join("kms.sock").exists());
     }
 
     #[tokio::test]
