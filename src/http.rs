@@ -1,4 +1,5 @@
 //! The read-only HTTP endpoint: /metrics, /livez, /readyz and /status. It accepts no writes.
+//! Also the bounded body reader every HTTP client of ours uses.
 
 use std::sync::Arc;
 
@@ -9,6 +10,43 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+
+/// A response body could not be read within its size limit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// The transport failed mid-body.
+    #[error("reading the body failed: {0}")]
+    Read(#[source] reqwest::Error),
+    /// The body is larger than the call allows.
+    #[error("the body is larger than the {limit}-byte limit for this call")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Reads a response body of at most `limit` bytes, into memory wiped on drop. A larger body is
+/// refused as soon as it passes the limit, so an endless answer costs at most `limit` bytes.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, BodyError> {
+    let announced = response.content_length().unwrap_or(0);
+    if announced > limit as u64 {
+        return Err(BodyError::TooLarge { limit });
+    }
+    // NB: reserve the announced size up front so a truthful body is never reallocated, which
+    // would leave an unwiped copy behind.
+    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(announced as usize));
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+        if chunk.len() > limit - body.len() {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
 
 /// What the endpoint shows; the plugin implements it.
 pub trait HttpView: Send + Sync + 'static {
