@@ -86,3 +86,64 @@ async fn an_endless_vault_answer_is_cut_off_at_the_calls_limit() {
     let sent = most.load(Ordering::Relaxed);
     assert!(sent < 64 << 20, "the server sent {sent} bytes on one connection");
 }
+
+fn local(dir: &std::path::Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut settings = vec![("local.keyring".to_owned(), dir.join("keyring.json").display().to_string())];
+    settings.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    settings
+}
+
+/// A gRPC request head for `method` of the KMS service.
+fn grpc_head(method: &str) -> http::Request<()> {
+    http::Request::post(format!("http://localhost/v2.KeyManagementService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grpc_server_advertises_a_stream_limit_and_half_open_streams_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = common::Plugin::start(dir.path(), &local(dir.path(), &[])).await;
+    let pid = plugin.pid().unwrap();
+    let io = tokio::net::UnixStream::connect(&plugin.socket).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(io).await.unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (response, mut body) = client.send_request(grpc_head("Status"), false).unwrap();
+    body.send_data(vec![0u8; 5].into(), true).unwrap();
+    // Drive the connection until Status answers: by then the server's SETTINGS are in.
+    let response = tokio::select! {
+        r = response => r.unwrap(),
+        r = &mut conn => panic!("connection ended: {r:?}"),
+    };
+    assert_eq!(response.status(), 200);
+    let advertised = conn.max_concurrent_send_streams();
+    assert!((1024..=4096).contains(&advertised), "advertised MAX_CONCURRENT_STREAMS {advertised}");
+    tokio::spawn(conn);
+
+    // Hold as many half-open streams as allowed, each with a partial message, on top of a
+    // settled baseline: what the server keeps for them is bounded by the stream limit and windows.
+    let before = rss(pid);
+    let mut held = Vec::new();
+    for _ in 0..advertised {
+        client = client.ready().await.unwrap();
+        let (response, mut body) = client.send_request(grpc_head("Decrypt"), false).unwrap();
+        // A 5-byte frame header announcing 1000 bytes, then 100 of them: never completed.
+        let mut partial = vec![0u8, 0, 0, 0x03, 0xe8];
+        partial.extend_from_slice(&[0x0a; 100]);
+        body.send_data(partial.into(), false).unwrap();
+        held.push((response, body));
+    }
+    // A second connection still gets Status answered while they are held.
+    plugin.wait_healthy().await;
+    let grown = rss(pid).saturating_sub(before);
+    assert!(grown < 64 << 20, "{} half-open streams grew memory by {grown} bytes", held.len());
+}

@@ -26,6 +26,15 @@ use crate::{
 };
 use state::{Health, KeyTracker, ProbeRecord, Promoted};
 
+/// Concurrent gRPC streams per connection, advertised in the HTTP/2 SETTINGS.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Per-stream receive window: a KMS request is at most a few KiB.
+const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+/// Per-connection receive window: what all streams of one connection may have buffered at once.
+const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+/// Largest header list of one request.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 /// The plugin could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -245,6 +254,13 @@ pub async fn serve<B: Backend>(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        // NB: the API server multiplexes every call, thousands of Decrypts at start among them,
+        // over one connection, so the stream limit must be generous; the windows and the header
+        // list bound what each connection may make us buffer (about 1 GiB unbounded before).
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .add_service(KeyManagementServiceServer::new(service::KmsService::new(shared.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stop_rx.await;
