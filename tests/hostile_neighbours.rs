@@ -147,3 +147,141 @@ async fn the_grpc_server_advertises_a_stream_limit_and_half_open_streams_stay_bo
     let grown = rss(pid).saturating_sub(before);
     assert!(grown < 64 << 20, "{} half-open streams grew memory by {grown} bytes", held.len());
 }
+
+/// A server that reads requests and never answers, counting the requests it holds. It models
+/// no upstream function: it is a Vault that hangs, so a call stays in flight for the test.
+async fn silent_vault() -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let held = Arc::new(AtomicU64::new(0));
+    let count = held.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut counted = false;
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if !counted {
+                        counted = true;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    (addr, held)
+}
+
+fn vault_plugin_settings(dir: &std::path::Path, addr: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let token = dir.join("token");
+    std::fs::write(&token, "s.test").unwrap();
+    let mut settings: Vec<(String, String)> = [
+        ("backend.kind", "vault"),
+        ("backend.identity", "fake"),
+        ("vault.addresses", addr),
+        ("vault.token_file", token.to_str().unwrap()),
+        ("plugin.outage_mode", "honest"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    settings.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    settings
+}
+
+/// A key_id this plugin's scope accepts (identity `fake`, mount `transit`, key `kmsgate`).
+fn fake_key_id(dir: &std::path::Path) -> String {
+    common::init_crypto();
+    let settings = VaultSettings {
+        addresses: vec!["http://127.0.0.1:1".into()],
+        namespace: String::new(),
+        tls: TlsSettings::default(),
+        auth: AuthMethod::Token { file: dir.join("token") },
+        renew_fraction: 0.67,
+        max_concurrent_calls: 1,
+        check_interval: Duration::from_secs(60),
+    };
+    let client = VaultClient::new(&settings, VaultMetrics::default()).unwrap();
+    Transit::new(client, "fake", "", "transit", "kmsgate").scope().key_id(1, 0).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_the_client_cancels_or_abandons_gets_a_cancelled_audit_line_and_a_log_line() {
+    let (addr, held) = silent_vault().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let settings = vault_plugin_settings(
+        dir.path(),
+        &addr,
+        &[("plugin.audit_log", audit.to_str().unwrap()), ("plugin.default_deadline", "60s")],
+    );
+    let plugin = common::Plugin::start(dir.path(), &settings).await;
+    let key_id = fake_key_id(dir.path());
+    let decrypt = |uid: &str| kmsgate::proto::v2::DecryptRequest {
+        ciphertext: b"vault:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_vec(),
+        uid: uid.to_owned(),
+        key_id: key_id.clone(),
+        annotations: Default::default(),
+    };
+
+    // 1. The client cancels the call (RST_STREAM) while Vault holds it; its connection stays.
+    let kept = plugin.client().await;
+    let mut client = kept.clone();
+    let request = decrypt("cancelled-by-client");
+    let call = tokio::spawn(async move { client.decrypt(request).await });
+    let base = held.load(Ordering::Relaxed);
+    common::eventually(Duration::from_secs(10), "the call reaches Vault", async || {
+        held.load(Ordering::Relaxed) > base
+    })
+    .await;
+    call.abort();
+
+    // 2. The client's connection closes mid-call (the only handle to it is dropped).
+    let mut client = plugin.client().await;
+    let request = decrypt("connection-closed");
+    let call = tokio::spawn(async move { client.decrypt(request).await });
+    let base = held.load(Ordering::Relaxed);
+    common::eventually(Duration::from_secs(10), "the second call reaches Vault", async || {
+        held.load(Ordering::Relaxed) > base
+    })
+    .await;
+    call.abort();
+
+    for uid in ["cancelled-by-client", "connection-closed"] {
+        let line = common::eventually(Duration::from_secs(10), "a CANCELLED audit line", async || {
+            let text = std::fs::read_to_string(&audit).unwrap_or_default();
+            text.lines().find(|l| l.contains(uid)).map(str::to_owned).ok_or(text)
+        })
+        .await;
+        let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record["outcome"], "CANCELLED", "{line}");
+        assert_eq!(record["key_id"], key_id.as_str(), "{line}");
+    }
+    let log = plugin.log_text();
+    assert_eq!(log.matches("KMS call cancelled by the client").count(), 2, "{log}");
+    drop(kept);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn successful_calls_are_audited_but_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let plugin = common::Plugin::start(
+        dir.path(),
+        &local(dir.path(), &[("plugin.audit_log", audit.to_str().unwrap())]),
+    )
+    .await;
+    plugin.wait_healthy().await;
+    let mut client = plugin.client().await;
+    let request = kmsgate::proto::v2::EncryptRequest { plaintext: vec![7; 32], uid: "quiet-ok".into() };
+    client.encrypt(request).await.unwrap();
+    let audited = std::fs::read_to_string(&audit).unwrap();
+    assert!(audited.lines().any(|l| l.contains("quiet-ok") && l.contains("\"OK\"")), "{audited}");
+    let log = plugin.log_text();
+    assert!(!log.contains("quiet-ok"), "a successful call was logged: {log}");
+}

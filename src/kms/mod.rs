@@ -21,7 +21,7 @@ use crate::{
     backend::{Backend, BackendError, KeyMetadata},
     config::{Config, PluginConfig},
     http::{self, HttpView},
-    metrics::{BackendLabels, Metrics, OperationLabels},
+    metrics::{BackendLabels, GrpcLabels, MethodLabels, Metrics, OperationLabels, code_name},
     proto::v2::key_management_service_server::KeyManagementServiceServer,
 };
 use state::{Health, KeyTracker, ProbeRecord, Promoted};
@@ -65,6 +65,8 @@ pub struct Shared<B> {
     audit: audit_log::AuditLog,
     started: Instant,
     state: Mutex<PluginState>,
+    /// Encrypt and Decrypt calls running now, for the shutdown drain's report.
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// What the probes learned.
@@ -103,6 +105,7 @@ impl<B: Backend> Shared<B> {
             audit,
             started: Instant::now(),
             state: Mutex::new(PluginState { tracker, health, metadata: None, rollback_refused: None }),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -157,6 +160,100 @@ impl<B: Backend> Shared<B> {
             .get_or_create(&OperationLabels { operation })
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+}
+
+impl<B> Shared<B> {
+    /// Starts an audited call; it is recorded exactly once, as CANCELLED if dropped unfinished
+    /// (the client reset the stream or closed the connection, so tonic dropped the handler).
+    pub(crate) fn begin(
+        &self,
+        method: &'static str,
+        uid: &str,
+        key_id: &str,
+        peer: audit_log::Peer,
+    ) -> Call<'_> {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Call {
+            in_flight: &self.in_flight,
+            metrics: &self.metrics,
+            audit: &self.audit,
+            method,
+            uid: uid.to_owned(),
+            key_id: key_id.to_owned(),
+            peer,
+            started: Instant::now(),
+            recorded: false,
+        }
+    }
+}
+
+/// One Encrypt or Decrypt in flight: counted, then recorded in metrics and the audit log, and
+/// logged only when it failed or was cancelled (the audit log already has every success).
+pub(crate) struct Call<'a> {
+    in_flight: &'a std::sync::atomic::AtomicUsize,
+    metrics: &'a Metrics,
+    audit: &'a audit_log::AuditLog,
+    method: &'static str,
+    uid: String,
+    key_id: String,
+    peer: audit_log::Peer,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Call<'_> {
+    /// Records the call's result; `key_id` replaces the one given at the start when not empty.
+    pub(crate) fn finish<T>(mut self, result: &Result<T, tonic::Status>, key_id: &str) {
+        if !key_id.is_empty() {
+            key_id.clone_into(&mut self.key_id);
+        }
+        match result {
+            Ok(_) => self.record(tonic::Code::Ok, ""),
+            Err(status) => self.record(status.code(), status.message()),
+        }
+    }
+
+    fn record(&mut self, code: tonic::Code, error: &str) {
+        self.recorded = true;
+        let (method, uid, key_id) = (self.method, self.uid.as_str(), self.key_id.as_str());
+        let elapsed = self.started.elapsed();
+        self.metrics.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
+        self.metrics.grpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
+        let latency_ms = audit_log::millis(elapsed);
+        match code {
+            tonic::Code::Ok => {}
+            tonic::Code::Cancelled => {
+                tracing::warn!(method, uid, key_id, latency_ms, "KMS call cancelled by the client")
+            }
+            code => tracing::warn!(
+                method,
+                uid,
+                key_id,
+                latency_ms,
+                code = code_name(code),
+                error,
+                "KMS call failed"
+            ),
+        }
+        self.audit.write(&audit_log::Record {
+            time: audit_log::now_rfc3339(),
+            method,
+            uid,
+            key_id,
+            outcome: code_name(code),
+            latency_ms,
+            peer: self.peer,
+        });
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(tonic::Code::Cancelled, "");
+        }
+        self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
