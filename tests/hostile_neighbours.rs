@@ -285,3 +285,96 @@ async fn successful_calls_are_audited_but_not_logged() {
     let log = plugin.log_text();
     assert!(!log.contains("quiet-ok"), "a successful call was logged: {log}");
 }
+
+/// `kmsgate plugin` under `ulimit` (`limit` is what follows `ulimit`, e.g. `-n 64`).
+fn plugin_under_ulimit(limit: &str, dir: &std::path::Path) -> (std::process::Child, std::path::PathBuf) {
+    let socket = dir.join("kms.sock");
+    let log = std::fs::File::create(dir.join("plugin.log")).unwrap();
+    let keyring = dir.join("keyring.json").display().to_string();
+    let child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_kmsgate"))
+        .args(["plugin", "--set", &format!("plugin.socket={}", socket.display())])
+        .args(["--set", &format!("local.keyring={keyring}"), "--set", "http.listen=off"])
+        .args(["--set", "plugin.poll_interval=1h", "--set", "plugin.round_trip_interval=1h"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (child, socket)
+}
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // NB: fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+async fn connected(socket: &std::path::Path) -> kmsgate::kms::client::KmsClient {
+    common::eventually(Duration::from_secs(10), "the plugin socket answers", async || {
+        kmsgate::kms::client::connect(&kmsgate::config::SocketSpec::Path(socket.to_owned())).await.ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_descriptor_limit_accept_backs_off_and_status_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, socket) = plugin_under_ulimit("-n 64", dir.path());
+    let mut client = connected(&socket).await;
+    client.status(kmsgate::proto::v2::StatusRequest {}).await.unwrap();
+    // Exhaust the plugin's descriptors: connections it accepts until EMFILE, then the backlog.
+    let hogs: Vec<_> = (0..120).map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap()).collect();
+    // Status on the kept connection answers while accept fails...
+    client.status(kmsgate::proto::v2::StatusRequest {}).await.unwrap();
+    let pid = child.id();
+    common::eventually(Duration::from_secs(10), "the plugin reaches its descriptor limit", async || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() >= 63
+    })
+    .await;
+    // ...and the process does not spin: over a second it uses a small share of one core.
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    client.status(kmsgate::proto::v2::StatusRequest {}).await.unwrap();
+    assert!(used < 10, "the plugin used {used} ticks of CPU in one second at the descriptor limit");
+    let log = std::fs::read_to_string(dir.path().join("plugin.log")).unwrap();
+    assert!(log.contains("accept failed; backing off"), "{log}");
+    drop(hogs);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, socket) = plugin_under_ulimit("-S -n 64", dir.path());
+    let _client = connected(&socket).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+    let _ = child.kill();
+    let _ = child.wait();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft limit not raised: {line}");
+    assert_ne!(numbers[0], "64", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_does_not_wait_for_a_connection_that_never_spoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plugin =
+        common::Plugin::start(dir.path(), &local(dir.path(), &[("plugin.shutdown_timeout", "20s")])).await;
+    let mut client = plugin.client().await;
+    client.status(kmsgate::proto::v2::StatusRequest {}).await.unwrap();
+    // Connected, never sent the HTTP/2 preface: it can hold no call.
+    let silent = std::os::unix::net::UnixStream::connect(&plugin.socket).unwrap();
+    assert_eq!(plugin.stop(), Some(0));
+    let log = plugin.log_text();
+    assert!(!log.contains("did not finish") && !log.contains("stayed open"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    drop((silent, client));
+}

@@ -15,7 +15,6 @@ use std::{
 
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
@@ -350,6 +349,8 @@ pub async fn serve<B: Backend>(
     let probe_task = tokio::spawn(probe::run(shared.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let spoken = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let mut speaking = spoken.subscribe();
     let server = tonic::transport::Server::builder()
         // NB: the API server multiplexes every call, thousands of Decrypts at start among them,
         // over one connection, so the stream limit must be generous; the windows and the header
@@ -359,7 +360,7 @@ pub async fn serve<B: Backend>(
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .add_service(KeyManagementServiceServer::new(service::KmsService::new(shared.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(socket::incoming(listener, spoken.clone()), async {
             let _ = stop_rx.await;
         });
     let mut server = std::pin::pin!(server);
@@ -375,10 +376,24 @@ pub async fn serve<B: Backend>(
             }
             tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: socket removed; draining in-flight calls");
             let _ = stop_tx.send(());
-            match tokio::time::timeout(config.plugin.shutdown_timeout, &mut server).await {
-                Ok(result) => result.map_err(PluginError::Serve),
-                Err(_) => {
-                    tracing::warn!("in-flight calls did not finish within plugin.shutdown_timeout; exiting anyway");
+            // NB: the server waits for every connection, also one that never sent the HTTP/2
+            // preface and so can hold no call; once only such connections remain, stop.
+            let only_silent = async {
+                let _ = speaking.wait_for(|n| *n == 0).await;
+            };
+            tokio::select! {
+                result = &mut server => result.map_err(PluginError::Serve),
+                () = only_silent => Ok(()),
+                () = tokio::time::sleep(config.plugin.shutdown_timeout) => {
+                    match shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) {
+                        0 => tracing::warn!(
+                            "connections stayed open past plugin.shutdown_timeout with no call in flight; closing them"
+                        ),
+                        calls => tracing::warn!(
+                            calls,
+                            "in-flight calls did not finish within plugin.shutdown_timeout; exiting anyway"
+                        ),
+                    }
                     Ok(())
                 }
             }

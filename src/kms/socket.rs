@@ -11,7 +11,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tokio::net::UnixListener;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
 
 use crate::config::{DirCheck, PluginConfig, SocketSpec};
 
@@ -133,6 +144,131 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
     }
     let meta = fs::symlink_metadata(path).map_err(|e| io("stat", e))?;
     Ok((listener, SocketGuard { path: Some((path.to_owned(), meta.dev(), meta.ino())) }))
+}
+
+/// Accepted connections. Accept errors (EMFILE at the descriptor limit, ENOBUFS) are waited
+/// out with backoff instead of retried at once, which spun a core while Status starved.
+/// `spoken` counts the open connections that have sent at least one byte.
+pub fn incoming(
+    listener: UnixListener,
+    spoken: Arc<watch::Sender<usize>>,
+) -> impl futures::Stream<Item = std::io::Result<Conn>> {
+    futures::stream::unfold(
+        (listener, spoken, AcceptBackoff::default()),
+        |(l, spoken, mut backoff)| async move {
+            loop {
+                match l.accept().await {
+                    Ok((io, _)) => {
+                        backoff.reset();
+                        let conn = Conn { io, spoken: spoken.clone(), spoke: false };
+                        return Some((Ok(conn), (l, spoken, backoff)));
+                    }
+                    Err(e) => backoff.wait("KMS socket", &e).await,
+                }
+            }
+        },
+    )
+}
+
+/// Backoff between failed accepts: 10 ms doubling to 1 s, reset by a successful accept.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    delay: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// Waits before the next accept; warns once per run of failures.
+    pub(crate) async fn wait(&mut self, listener: &'static str, error: &std::io::Error) {
+        if self.delay.is_zero() {
+            tracing::warn!(listener, %error, "accept failed; backing off until it succeeds again");
+            self.delay = Self::FIRST;
+        } else {
+            self.delay = (self.delay * 2).min(Self::MAX);
+        }
+        tokio::time::sleep(self.delay).await;
+    }
+
+    /// A connection was accepted.
+    pub(crate) fn reset(&mut self) {
+        if !self.delay.is_zero() {
+            tracing::info!("accepting connections again");
+        }
+        self.delay = Duration::ZERO;
+    }
+}
+
+/// An accepted connection, counted in `spoken` from its first byte until it closes, so shutdown
+/// need not wait for connections that never sent the HTTP/2 preface (and so hold no call).
+#[derive(Debug)]
+pub struct Conn {
+    io: UnixStream,
+    spoken: Arc<watch::Sender<usize>>,
+    spoke: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.spoke {
+            self.spoken.send_modify(|n| *n -= 1);
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if !self.spoke && buf.filled().len() > before {
+            self.spoke = true;
+            self.spoken.send_modify(|n| *n += 1);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// The first directory from `dir` up to `/` that a user other than root or us could write into,
