@@ -68,12 +68,47 @@ pub fn router(view: Arc<dyn HttpView>) -> Router {
         .with_state(view)
 }
 
-/// Serves until the task is aborted.
+/// Serves until the task is aborted: HTTP/1.1 only, at most [`MAX_CONNECTIONS`] connections
+/// (the rest wait in the kernel's backlog, costing us no descriptor), each closed when its
+/// request head is not complete within [`HEADER_READ_TIMEOUT`] (also between keep-alive
+/// requests) or when it has been open for [`CONNECTION_MAX_AGE`].
 pub async fn serve(listener: tokio::net::TcpListener, view: Arc<dyn HttpView>) {
-    if let Err(e) = axum::serve(listener, router(view)).await {
-        tracing::error!(error = %e, "HTTP endpoint stopped");
+    let router = router(view);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::kms::socket::AcceptBackoff::default();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.wait("HTTP endpoint", &e).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // NB: a scraper that reads its answer slowly, or keeps one connection for ever, is
+            // cut off here; it reconnects, and the slot goes to the next in line meanwhile.
+            let _ = tokio::time::timeout(CONNECTION_MAX_AGE, connection).await;
+        });
     }
 }
+
+/// Most HTTP connections open at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send a complete request head, from connecting or from the last answer.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest life of one connection.
+pub const CONNECTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Largest request head read (requests have no body here).
+const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 
 async fn readyz(State(view): State<Arc<dyn HttpView>>) -> impl IntoResponse {
     match view.ready() {

@@ -378,3 +378,67 @@ async fn sigterm_does_not_wait_for_a_connection_that_never_spoke() {
     assert!(log.contains("stopped"), "{log}");
     drop((silent, client));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_sent_requests_are_cut_off_and_connections_are_capped() {
+    common::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = common::Plugin::start(dir.path(), &local(dir.path(), &[])).await;
+    let addr = plugin.http.trim_start_matches("http://").to_owned();
+    let events = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let mut hogs = Vec::new();
+    for _ in 0..kmsgate::http::MAX_CONNECTIONS + 8 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let events = events.clone();
+        hogs.push(tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            // The server closes (or answers 408 and closes): read to the end.
+            while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            events.lock().unwrap().push("hog closed");
+        }));
+    }
+    let answered = {
+        let events = events.clone();
+        let url = format!("{}/livez", plugin.http);
+        tokio::spawn(async move {
+            let r = reqwest::get(url).await.unwrap();
+            assert_eq!(r.status(), 200);
+            events.lock().unwrap().push("answered");
+        })
+    };
+    // NB: the bound only turns a hang into a failure; the header timeout is 5 s.
+    tokio::time::timeout(Duration::from_secs(60), answered)
+        .await
+        .expect("the newcomer was never served")
+        .unwrap();
+    // The newcomer waited for a slot: half-sent requests were cut off before it was served.
+    let seen = events.lock().unwrap().clone();
+    assert_eq!(seen.first(), Some(&"hog closed"), "{seen:?}");
+    for hog in hogs {
+        hog.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = common::Plugin::start(dir.path(), &local(dir.path(), &[])).await;
+    let addr = plugin.http.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.ends_with(b"ok\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Kept alive, then idle: the server closes it rather than hold the slot for ever.
+    // NB: the bound only turns a hang into a failure; the server's own timeout is 5 s.
+    let rest = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf))
+        .await
+        .expect("the idle connection is still open after a minute")
+        .unwrap();
+    assert_eq!(rest, 0, "{}", String::from_utf8_lossy(&buf[..rest]));
+}
