@@ -144,6 +144,16 @@ async fn the_grpc_server_advertises_a_stream_limit_and_half_open_streams_stay_bo
     }
     // A second connection still gets Status answered while they are held.
     plugin.wait_healthy().await;
+    // A message far beyond anything the API server sends is refused before it is buffered whole.
+    let mut other = plugin.client().await;
+    let huge = kmsgate::proto::v2::DecryptRequest {
+        ciphertext: vec![b'a'; 1 << 20],
+        uid: "huge".into(),
+        key_id: "k".into(),
+        annotations: Default::default(),
+    };
+    let refused = other.decrypt(huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
     let grown = rss(pid).saturating_sub(before);
     assert!(grown < 64 << 20, "{} half-open streams grew memory by {grown} bytes", held.len());
 }

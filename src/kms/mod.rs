@@ -31,6 +31,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
 /// Per-connection receive window: what all streams of one connection may have buffered at once.
 const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+/// Largest request message: the API server's own limits (1 KiB ciphertext and key_id, 32 KiB of
+/// annotations) fit twice over; tonic's default of 4 MiB per stream, times the stream limit,
+/// would let one connection pin gigabytes.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Largest header list of one request.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
@@ -359,7 +363,10 @@ pub async fn serve<B: Backend>(
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .add_service(KeyManagementServiceServer::new(service::KmsService::new(shared.clone())))
+        .add_service(
+            KeyManagementServiceServer::new(service::KmsService::new(shared.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(socket::incoming(listener, spoken.clone()), async {
             let _ = stop_rx.await;
         });
