@@ -138,6 +138,8 @@ fn errors_name_the_field() {
         ("format = 1\n", &[("plugin.socket", "@kms")], &[], "allow_abstract_socket"),
         ("format = 1\n", &[("plugin.socket_mode", "0666")], &[], "plugin.socket_mode"),
         ("format = 1\n", &[("plugin.socket_mode", "rw")], &[], "plugin.socket_mode"),
+        ("format = 1\n", &[("plugin.socket_mode", "0660")], &[], "plugin.socket_group is not set"),
+        ("format = 1\n", &[("plugin.socket_dir_check", "off")], &[], "plugin.socket_dir_check"),
         ("format = 1\n", &[("plugin.status_version", "v1")], &[], "plugin.status_version"),
         ("format = 1\n", &[("plugin.outage_mode", "lenient")], &[], "plugin.outage_mode"),
         ("format = 1\n", &[("plugin.poll_interval", "soon")], &[], "plugin.poll_interval"),
