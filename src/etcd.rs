@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue};
-use zeroize::Zeroizing;
 
-use crate::config::EtcdConfig;
+use crate::{config::EtcdConfig, files};
 
 /// The scan could not run or could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -39,24 +38,26 @@ pub enum ScanError {
 
 /// Connects to etcd with the given TLS and authentication.
 pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
-    let read =
-        |path: &PathBuf| std::fs::read(path).map_err(|source| ScanError::File { path: path.clone(), source });
+    let read = |path: &PathBuf, max| {
+        files::read_capped(path, max).map_err(|source| ScanError::File { path: path.clone(), source })
+    };
     let mut options = ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
     if settings.ca.is_some() || settings.cert.is_some() {
         let mut tls = etcd_client::TlsOptions::new();
         if let Some(ca) = &settings.ca {
-            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            let ca = read(ca, files::DOCUMENT_MAX_BYTES)?;
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca.as_slice()));
         }
         if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
-            let key = Zeroizing::new(read(key)?);
-            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, key.as_slice()));
+            let key = read(key, files::DOCUMENT_MAX_BYTES)?;
+            let cert = read(cert, files::DOCUMENT_MAX_BYTES)?;
+            tls = tls.identity(etcd_client::Identity::from_pem(cert.as_slice(), key.as_slice()));
         }
         options = options.with_tls(tls);
     }
     if let (Some(user), Some(file)) = (&settings.user, &settings.password_file) {
-        let password = Zeroizing::new(
-            std::fs::read_to_string(file).map_err(|source| ScanError::File { path: file.clone(), source })?,
-        );
+        let password = files::read_text_capped(file, files::CREDENTIAL_MAX_BYTES)
+            .map_err(|source| ScanError::File { path: file.clone(), source })?;
         options = options.with_user(user.clone(), password.trim().to_owned());
     }
     Client::connect(&settings.endpoints, Some(options))

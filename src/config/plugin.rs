@@ -1,6 +1,9 @@
 //! `plugin.*`: the KMS plugin server's socket, probes, deadlines and audit log.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{ConfigError, field, hostname, source::Values};
 use crate::{ciphertext, storage::CIPHERTEXT_MAX_BYTES};
@@ -234,7 +237,8 @@ fn resolve_group(group: &str) -> Result<u32, String> {
     if let Ok(gid) = group.parse() {
         return Ok(gid);
     }
-    let text = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    let text = crate::files::read_text_capped(Path::new("/etc/group"), crate::files::DOCUMENT_MAX_BYTES)
+        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
     text.lines()
         .filter_map(|line| {
             let mut parts = line.split(':');

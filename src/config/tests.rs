@@ -235,3 +235,10 @@ fn the_readme_reference_is_the_settings_table() {
         "regenerate with: KMSGATE_UPDATE_README=1 cargo test --lib config"
     );
 }
+
+#[test]
+fn a_config_file_that_never_ends_is_refused_by_name() {
+    // NB: /dev/zero never ends; an unbounded read would exhaust memory instead of failing.
+    let err = Config::load(Some(Path::new("/dev/zero")), &[], &env(&[])).unwrap_err().to_string();
+    assert!(err.contains("/dev/zero") && err.contains("larger than"), "{err}");
+}
