@@ -153,8 +153,8 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
     let recorded = record.clone();
     let scenario = vec![
         expect("GET", "/api/v1/namespaces/apps/serviceaccounts/builder", (200, json!({
-            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": "builder", "namespace": "apps", "uid": "sa-1"},
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "builder", "namespace": "apps", "uid": "sa-1", "resourceVersion": "3"},
         }))),
         expect("GET", POLICY, (200, policy("5", Value::Null))),
         expect("PATCH", STATUS, (200, policy("6", json!({"pending": [record.clone()]})))).check(move |request, body| {

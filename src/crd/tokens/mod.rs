@@ -199,6 +199,13 @@ pub struct PendingSecret {
     pub annotations: BTreeMap<String, String>,
     /// When the rotation started (RFC 3339).
     pub since: String,
+    /// `sa.secrets` listed the Secret when it was deleted, so the reference is put back once the
+    /// token controller has removed the old one (it removes by name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub referenced: bool,
+    /// The uid of the Secret kmsgate recreated: only the reference is left to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreated: Option<String>,
 }
 
 /// Results of the last legacy run.
