@@ -294,6 +294,42 @@ async fn a_secret_the_service_account_never_listed_is_not_added() {
     assert!(!log.iter().any(|l| l.starts_with("PATCH /api/v1/namespaces/apps/serviceaccounts/")), "{log:#?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_last_used_label_is_a_utc_day_written_at_most_once_a_day_and_listed_as_one() {
+    let (fake, _) = legacy_cluster().await;
+    let version = async || fake.secret("apps", "builder-token").await.unwrap().resource_version;
+    let before = version().await;
+    fake.use_legacy_token("apps", "builder-token").await;
+    let written = version().await;
+    assert_ne!(written, before, "the first use of the day writes the label");
+    fake.use_legacy_token("apps", "builder-token").await;
+    fake.use_legacy_token("apps", "builder-token").await;
+    let today = fake.secret("apps", "builder-token").await.unwrap();
+    assert_eq!(today.labels[LAST_USED_LABEL], "2026-11-26", "the clock reads 20:00 UTC");
+    assert_eq!(today.resource_version, written, "later uses that day write nothing");
+    // 00:30 UTC the next day: a new day, one more write.
+    tokio::time::sleep(Duration::from_secs(4 * 3600 + 1800)).await;
+    fake.use_legacy_token("apps", "builder-token").await;
+    fake.use_legacy_token("apps", "builder-token").await;
+    let next = fake.secret("apps", "builder-token").await.unwrap();
+    assert_eq!(next.labels[LAST_USED_LABEL], "2026-11-27");
+    assert_eq!(next.resource_version, version().await);
+    assert!(next.resource_version > today.resource_version);
+
+    let options = commands::tokens::Options {
+        policy: "kmsgate".into(),
+        service_account: "kmsgate/kmsgate-controller".into(),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    commands::tokens::list(&kube(&fake), &options, fake.clock.clone(), &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let header = text.lines().find(|l| l.starts_with("SECRET ")).unwrap();
+    assert!(header.contains(" LAST-USED(UTC) "), "the column says it is a UTC day: {text}");
+    let row = text.lines().find(|l| l.starts_with("apps/builder-token ")).unwrap();
+    assert!(row.contains(" 2026-11-27 ") && !row.contains("T00:"), "a day, never a time: {text}");
+}
+
 fn token_loop(fake: &FakeApi, metrics: Arc<ControllerMetrics>) -> TokenLoop {
     TokenLoop {
         kube: kube(fake),

@@ -67,7 +67,7 @@ pub struct Candidate {
     pub service_account: String,
     /// Seconds since creation.
     pub age: i64,
-    /// The API server's last-used label (a date), if any.
+    /// The API server's last-used label, if any: the UTC day the token last authenticated.
     pub last_used: Option<String>,
     /// The verdict.
     pub verdict: Verdict,

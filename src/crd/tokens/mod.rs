@@ -29,7 +29,8 @@ pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
 /// The ServiceAccount's uid on a legacy token (dropped on rotation: the token controller sets it,
 /// and a stale one makes it delete the Secret).
 pub const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
-/// Set by the API server on each use of a legacy token.
+/// The UTC date (`YYYY-MM-DD`) a legacy token last authenticated: the API server writes it on the
+/// first use of a day it does not already show, so at most once a day, and it is a day, not a time.
 pub const LAST_USED_LABEL: &str = "kubernetes.io/legacy-token-last-used";
 /// Set by the legacy token cleaner: the token no longer authenticates.
 pub const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
