@@ -263,6 +263,39 @@ async fn a_late_removal_of_the_old_reference_is_waited_for_then_the_reference_is
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_reference_the_token_controller_never_removes_stands_and_the_record_is_dropped() {
+    // A token controller that missed the delete (restarted, or re-listed after the recreate)
+    // never removes the old entry.
+    let fake = referenced_cluster(Duration::MAX).await;
+    let kube = kube(&fake);
+    let metrics = ControllerMetrics::new();
+    let legacy = Legacy::new(&kube, "kmsgate", &*fake.clock, &metrics, Duration::from_secs(120));
+    legacy.run(&selection(), false, |_, _, _| {}).await.unwrap();
+    assert_eq!(legacy.restore_references().await.unwrap(), 1, "the removal may still come");
+    tokio::time::sleep(kmsgate::tokens::legacy::REFERENCE_WAIT).await;
+    assert_eq!(legacy.restore_references().await.unwrap(), 0);
+    assert_eq!(fake.referenced("apps", "builder").await, ["ci-token", "builder-token"], "listed once");
+    assert_eq!(fake.status().await["pending"], json!([]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_after_the_delete_of_a_listed_secret_still_restores_its_reference() {
+    let fake = referenced_cluster(Duration::from_millis(100)).await;
+    let kube = kube(&fake);
+    let metrics = ControllerMetrics::new();
+    fake.state.lock().await.crash_after = Some("DELETE /api/v1/namespaces/apps/secrets/builder-token".into());
+    let legacy = Legacy::new(&kube, "kmsgate", &*fake.clock, &metrics, Duration::from_secs(120));
+    legacy.run(&selection(), false, |_, _, _| {}).await.unwrap_err();
+    assert_eq!(fake.status().await["pending"][0]["referenced"], true, "recorded before the delete");
+    fake.recover().await;
+    let restarted = Legacy::new(&kube, "kmsgate", &*fake.clock, &metrics, Duration::from_secs(120));
+    let resumed = restarted.resume().await.unwrap();
+    assert_eq!(resumed, vec![("apps/builder-token".to_owned(), Outcome::Rotated)]);
+    assert_eq!(fake.referenced("apps", "builder").await, ["ci-token", "builder-token"]);
+    assert_eq!(fake.status().await["pending"], json!([]));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_conflicting_service_account_write_is_read_again_and_retried() {
     let fake = referenced_cluster(Duration::from_millis(100)).await;
     fake.state.lock().await.account_races = 1;
