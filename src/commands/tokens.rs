@@ -84,15 +84,15 @@ async fn plan(kube: &Kube, options: &Options, need_policy: bool) -> Result<Run, 
 fn legacy_header(out: &mut impl Write) {
     let _ = writeln!(
         out,
-        "{:<44} {:<24} {:>8} {:<11} {:<9} DETAIL",
-        "SECRET", "SERVICEACCOUNT", "AGE", "LAST-USED", "RESULT"
+        "{:<44} {:<24} {:>8} {:<14} {:<9} DETAIL",
+        "SECRET", "SERVICEACCOUNT", "AGE", "LAST-USED(UTC)", "RESULT"
     );
 }
 
 fn legacy_row(out: &mut impl Write, c: &Candidate, result: &str, detail: &str) {
     let _ = writeln!(
         out,
-        "{:<44} {:<24} {:>8} {:<11} {:<9} {detail}",
+        "{:<44} {:<24} {:>8} {:<14} {:<9} {detail}",
         c.id(),
         c.service_account,
         age(c.age),

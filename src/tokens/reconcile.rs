@@ -23,6 +23,10 @@ use crate::{
 /// How long to wait before looking again for a TokenPolicy that does not exist or is invalid.
 const ABSENT_WAIT: Duration = Duration::from_secs(60);
 
+/// How soon to look again while a rotated Secret's ServiceAccount reference waits for the token
+/// controller to remove the old one.
+const REFERENCE_RECHECK: Duration = Duration::from_secs(15);
+
 /// What the token loops need.
 #[derive(Clone)]
 pub struct TokenLoop {
@@ -63,7 +67,19 @@ impl TokenLoop {
 
     /// Legacy rotation on the policy's schedule.
     pub async fn run_legacy(&self, leader: watch::Receiver<bool>) {
-        self.follow(leader, |me| async move { me.legacy_once().await }).await;
+        self.follow(leader, |me| async move { me.legacy_round().await }).await;
+    }
+
+    /// A legacy round, then a re-check of the ServiceAccount references still to restore: those
+    /// cannot wait for the next scheduled run.
+    pub async fn legacy_round(&self) -> Result<Duration, TokenError> {
+        let wait = self.legacy_once().await?;
+        // NB: restoring a reference never waits for a token, so no token timeout applies.
+        let legacy = Legacy::new(&self.kube, &self.policy, &*self.clock, &self.metrics, Duration::ZERO);
+        Ok(match legacy.restore_references().await? {
+            0 => wait,
+            _ => wait.min(REFERENCE_RECHECK),
+        })
     }
 
     /// Managed tokens: a pass whenever one is due, a watched Secret's request changed, or the

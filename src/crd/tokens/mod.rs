@@ -29,7 +29,8 @@ pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
 /// The ServiceAccount's uid on a legacy token (dropped on rotation: the token controller sets it,
 /// and a stale one makes it delete the Secret).
 pub const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
-/// Set by the API server on each use of a legacy token.
+/// The UTC date (`YYYY-MM-DD`) a legacy token last authenticated: the API server writes it on the
+/// first use of a day it does not already show, so at most once a day, and it is a day, not a time.
 pub const LAST_USED_LABEL: &str = "kubernetes.io/legacy-token-last-used";
 /// Set by the legacy token cleaner: the token no longer authenticates.
 pub const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
@@ -199,6 +200,13 @@ pub struct PendingSecret {
     pub annotations: BTreeMap<String, String>,
     /// When the rotation started (RFC 3339).
     pub since: String,
+    /// `sa.secrets` listed the Secret when it was deleted, so the reference is put back once the
+    /// token controller has removed the old one (it removes by name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub referenced: bool,
+    /// The uid of the Secret kmsgate recreated: only the reference is left to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreated: Option<String>,
 }
 
 /// Results of the last legacy run.
