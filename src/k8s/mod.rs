@@ -19,10 +19,13 @@ use serde_json::json;
 
 use crate::crd::rotation::{RotationPolicy, RotationStatus, Verification};
 
+mod bounded;
 mod cluster;
 mod jobs;
 mod objects;
 mod tokens;
+
+pub use bounded::{Bounded, MAX_BODY_BYTES};
 
 pub use cluster::{api_servers_on_key, sha256_label};
 pub use jobs::{JobState, MigrationState};
@@ -115,10 +118,13 @@ impl Kube {
         Self { client }
     }
 
-    /// From the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or the in-cluster service account.
+    /// From the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or the in-cluster service account,
+    /// with every answer's body bounded ([`bounded::MAX_BODY_BYTES`]).
     pub async fn infer() -> Result<Self, KubeError> {
         let config = kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?;
-        let client = Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
+        let builder =
+            kube::client::ClientBuilder::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
+        let client = builder.with_layer(&tower::layer::layer_fn(Bounded::new)).build();
         Ok(Self { client })
     }
 
