@@ -497,3 +497,36 @@ async fn storage_version_migration_falls_back_to_rewriting_where_not_served() {
     assert_eq!(status["totals"]["rewritten"], 40);
     assert!(fake.stale(&new).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_policy_listing_a_resource_the_rbac_does_not_grant_fails_before_anything_rotates() {
+    let v1 = FakeKeys::key_id(1);
+    let plugin = plugin_status(Arc::new(Mutex::new(v1.clone()))).await;
+    let fake = FakeApi::new(&v1);
+    let resources = json!([{"resource": "secrets"}, {"group": "apps", "resource": "deployments"}]);
+    let mut p = policy(&plugin, json!({"spec": {"resources": resources}}));
+    p["metadata"]["annotations"] = json!({"kmsgate.io/rotate-requested": "r1"});
+    p["status"] = json!({"phase": "Idle", "knownVersion": 1});
+    fake.set_policy(p).await;
+    let keys = FakeKeys::new(1);
+    let ctx = context(&fake, keys.clone());
+    let status = run_to_rest(&ctx).await;
+
+    assert_eq!(status["phase"], "Failed", "{status:#}");
+    assert_eq!(status["failedPhase"], "Idle", "the run never started");
+    assert_eq!(status["conditions"][0]["reason"], "Forbidden");
+    assert_eq!(
+        status["message"],
+        "the controller's RBAC does not allow it to get deployments.apps in all namespaces, list \
+         deployments.apps in all namespaces, patch deployments.apps in all namespaces; grant that, then \
+         request a run"
+    );
+    assert_eq!(status["handledRequest"], "r1", "the failure answers the request");
+    assert_eq!(keys.metadata(&TransitKey::default()).await.unwrap().latest, 1, "no version was made");
+    let state = fake.state.lock().await;
+    assert!(state.log.iter().all(|l| !l.contains("/apis/apps")), "nothing was listed: {:?}", state.log);
+    assert!(
+        state.reviews.contains(&"list secrets.".to_owned())
+            && state.reviews.contains(&"patch secrets.".to_owned())
+    );
+}

@@ -19,12 +19,14 @@ use serde_json::json;
 
 use crate::crd::rotation::{RotationPolicy, RotationStatus, Verification};
 
+mod access;
 mod apiservers;
 mod cluster;
 mod jobs;
 mod objects;
 mod tokens;
 
+pub use access::Review;
 pub use apiservers::{
     ApiServerAccess, ApiServerAddresses, IdentityLease, MAX_API_SERVERS, SERVICE_NAME, STATUS_METRIC,
     api_servers_on_key, sha256_label,
@@ -40,6 +42,7 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
     ("kmsgate.io", "rotationpolicies/status", &["patch"]),
     ("coordination.k8s.io", "leases", &["get", "list", "create", "update"]),
     ("discovery.k8s.io", "endpointslices", &["get"]),
+    ("authorization.k8s.io", "selfsubjectaccessreviews", &["create"]),
     ("events.k8s.io", "events", &["create"]),
     ("", "nodes", &["list"]),
     ("batch", "jobs", &["get", "create"]),

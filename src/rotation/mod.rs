@@ -3,6 +3,7 @@
 //! work from whatever the status says and writes the result back, so a restarted controller (or
 //! `kmsgate rotate`) resumes exactly where the last one stopped, and any step may be cut short.
 
+pub mod access;
 pub mod converge;
 pub mod keys;
 pub mod migrate;
@@ -261,6 +262,14 @@ impl<K: KeyAdmin> Run<'_, K> {
                 Ok(self.rest())
             }
             Idle::Start { trigger, from, to } => {
+                if let Some(message) = self.missing_access().await? {
+                    // NB: the request is answered (by the failure), so it does not start again
+                    // at once; a new request or the schedule retries.
+                    if let Some(request) = self.new_request() {
+                        self.book.status.handled_request = request;
+                    }
+                    return Ok(self.fail("Forbidden", &message));
+                }
                 self.start(trigger, &meta, from, to);
                 Ok(Step::Again)
             }
