@@ -48,3 +48,42 @@ impl<K: KeyAdmin> Run<'_, K> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::rotation::{RotationPolicySpec, parse};
+
+    fn plan(spec: serde_json::Value) -> Plan {
+        let mut base = serde_json::json!({
+            "transit": {"key": "k"},
+            "converge": {"plugins": ["http://a"]},
+            "resources": [{"resource": "secrets"}, {"group": "apps", "resource": "deployments"}],
+        });
+        if let (Some(base), Some(extra)) = (base.as_object_mut(), spec.as_object()) {
+            base.extend(extra.clone());
+        }
+        let spec: RotationPolicySpec = serde_json::from_value(base).unwrap();
+        parse(&spec).unwrap()
+    }
+
+    #[test]
+    fn every_verb_the_run_uses_is_asked_for_each_resource_and_namespace() {
+        let asked: Vec<String> =
+            needed(&plan(serde_json::json!({}))).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            asked,
+            [
+                "get secrets in all namespaces",
+                "list secrets in all namespaces",
+                "patch secrets in all namespaces",
+                "get deployments.apps in all namespaces",
+                "list deployments.apps in all namespaces",
+                "patch deployments.apps in all namespaces",
+            ]
+        );
+        let scoped = needed(&plan(serde_json::json!({"namespaces": ["a", "b"]})));
+        assert_eq!(scoped.len(), 12);
+        assert_eq!(scoped[3].to_string(), "get secrets in namespace b");
+    }
+}
