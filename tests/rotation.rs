@@ -530,3 +530,30 @@ async fn a_policy_listing_a_resource_the_rbac_does_not_grant_fails_before_anythi
             && state.reviews.contains(&"patch secrets.".to_owned())
     );
 }
+
+#[tokio::test]
+async fn a_failed_run_does_not_resume_into_writes_the_rbac_does_not_grant() {
+    let v2 = FakeKeys::key_id(2);
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    let resources = json!([{"resource": "secrets"}, {"group": "apps", "resource": "deployments"}]);
+    let mut p = migrating(&plugin, json!({"spec": {"resources": resources}}));
+    p["metadata"]["annotations"] = json!({"kmsgate.io/rotate-requested": "again"});
+    p["status"]["phase"] = json!("Failed");
+    p["status"]["failedPhase"] = json!("Migrating");
+    fake.set_policy(p).await;
+    let ctx = context(&fake, FakeKeys::new(2));
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Failed", "{status:#}");
+    assert_eq!(status["failedPhase"], "Migrating", "a later request still resumes there");
+    assert_eq!(status["handledRequest"], "again");
+    assert!(
+        status["message"].as_str().unwrap().contains("list deployments.apps in all namespaces"),
+        "{status:#}"
+    );
+    let state = fake.state.lock().await;
+    assert!(state.log.iter().all(|l| !l.contains("/apis/apps")), "nothing was listed: {:?}", state.log);
+    assert_eq!(state.patches, 0);
+}
