@@ -357,6 +357,8 @@ async fn of_three_api_servers_the_one_that_lags_holds_the_run_and_is_named() {
     ctx.step("p").await.unwrap();
     let status = fake.status().await;
     assert_eq!(status["phase"], "Converging", "{status:#}");
+    // The ID as kube-apiserver derives it (cross-checked with Python's base64.b32encode).
+    assert_eq!(fake_api::api_server_id("cp-a"), "apiserver-tqsyvnc7rs47fayzipsuqpfg4m");
     let lagging = fake_api::api_server_id("cp-c");
     assert!(
         status["message"].as_str().unwrap().contains(&format!("{lagging} has not reported it")),
