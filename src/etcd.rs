@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue};
-use zeroize::Zeroizing;
 
-use crate::config::EtcdConfig;
+use crate::{config::EtcdConfig, files};
 
 /// The scan could not run or could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +28,9 @@ pub enum ScanError {
         #[source]
         source: std::io::Error,
     },
+    /// One value alone is larger than the largest page response accepted.
+    #[error("an etcd value after {after:?} is larger than the {limit}-byte response limit")]
+    ValueTooLarge { after: String, limit: usize },
     /// A range read failed.
     #[error("etcd range read failed: {0}")]
     Read(#[source] etcd_client::Error),
@@ -36,24 +38,26 @@ pub enum ScanError {
 
 /// Connects to etcd with the given TLS and authentication.
 pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
-    let read =
-        |path: &PathBuf| std::fs::read(path).map_err(|source| ScanError::File { path: path.clone(), source });
+    let read = |path: &PathBuf, max| {
+        files::read_capped(path, max).map_err(|source| ScanError::File { path: path.clone(), source })
+    };
     let mut options = ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
     if settings.ca.is_some() || settings.cert.is_some() {
         let mut tls = etcd_client::TlsOptions::new();
         if let Some(ca) = &settings.ca {
-            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            let ca = read(ca, files::DOCUMENT_MAX_BYTES)?;
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca.as_slice()));
         }
         if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
-            let key = Zeroizing::new(read(key)?);
-            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, key.as_slice()));
+            let key = read(key, files::DOCUMENT_MAX_BYTES)?;
+            let cert = read(cert, files::DOCUMENT_MAX_BYTES)?;
+            tls = tls.identity(etcd_client::Identity::from_pem(cert.as_slice(), key.as_slice()));
         }
         options = options.with_tls(tls);
     }
     if let (Some(user), Some(file)) = (&settings.user, &settings.password_file) {
-        let password = Zeroizing::new(
-            std::fs::read_to_string(file).map_err(|source| ScanError::File { path: file.clone(), source })?,
-        );
+        let password = files::read_text_capped(file, files::CREDENTIAL_MAX_BYTES)
+            .map_err(|source| ScanError::File { path: file.clone(), source })?;
         options = options.with_user(user.clone(), password.trim().to_owned());
     }
     Client::connect(&settings.endpoints, Some(options))
@@ -71,6 +75,7 @@ pub struct Scanner {
     page_size: i64,
     revision: i64,
     done: bool,
+    max_page_bytes: usize,
 }
 
 impl Scanner {
@@ -82,7 +87,19 @@ impl Scanner {
             page_size: i64::try_from(page_size.max(1)).unwrap_or(i64::MAX),
             revision: 0,
             done: false,
+            max_page_bytes: MAX_PAGE_BYTES,
         }
+    }
+
+    /// The largest page response accepted (256 MiB unless set).
+    pub fn with_max_page_bytes(mut self, bytes: usize) -> Self {
+        self.max_page_bytes = bytes;
+        self
+    }
+
+    /// The values asked for per page now.
+    pub fn page_size(&self) -> usize {
+        usize::try_from(self.page_size).unwrap_or(usize::MAX)
     }
 
     /// The pinned revision (0 before the first page).
@@ -90,25 +107,37 @@ impl Scanner {
         self.revision
     }
 
-    /// The next page of at most `page_size` key-values, or `None` at the end.
+    /// The next page of at most `page_size` key-values, or `None` at the end. A page too large for
+    /// the client's message limit is asked for again at half the size, at the same revision; the
+    /// smaller size is kept for the rest of the scan.
     pub async fn next_page(&mut self, client: &mut Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
         // NB: a page holds page_size values of up to etcd's 1.5 MiB each; allow more than tonic's
         // 4 MiB default so a page of large objects does not fail, while page_size keeps the bound.
-        let mut kv = client.kv_client().max_decoding_message_size(MAX_PAGE_BYTES);
+        let mut kv = client.kv_client().max_decoding_message_size(self.max_page_bytes);
         if self.done {
             return Ok(None);
         }
-        let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.page_size);
-        if self.revision > 0 {
-            options = options.with_revision(self.revision);
-        }
-        let mut response = kv.get(self.start.clone(), Some(options)).await.map_err(|e| {
-            if e.to_string().contains("compacted") {
-                ScanError::Compacted { revision: self.revision }
-            } else {
-                ScanError::Read(e)
+        let mut response = loop {
+            let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.page_size);
+            if self.revision > 0 {
+                options = options.with_revision(self.revision);
             }
-        })?;
+            match kv.get(self.start.clone(), Some(options)).await {
+                Ok(response) => break response,
+                Err(e) if too_large(&e) && self.page_size > 1 => {
+                    self.page_size /= 2;
+                    tracing::debug!(page_size = self.page_size, "etcd page too large; halving it");
+                }
+                Err(e) if too_large(&e) => {
+                    let after = String::from_utf8_lossy(&self.start).chars().take(256).collect();
+                    return Err(ScanError::ValueTooLarge { after, limit: self.max_page_bytes });
+                }
+                Err(e) if e.to_string().contains("compacted") => {
+                    return Err(ScanError::Compacted { revision: self.revision });
+                }
+                Err(e) => return Err(ScanError::Read(e)),
+            }
+        };
         if self.revision == 0 {
             self.revision = response.header().map_or(0, |h| h.revision());
         }
@@ -122,6 +151,18 @@ impl Scanner {
             _ => self.done = true,
         }
         Ok(if kvs.is_empty() { None } else { Some(kvs) })
+    }
+}
+
+/// Whether a read failed only because its response was larger than a gRPC message limit: the
+/// client's (tonic's decoder answers OUT_OF_RANGE "decoded message length too large") or the
+/// server's (grpc-go answers RESOURCE_EXHAUSTED "larger than max").
+fn too_large(error: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = error else { return false };
+    match status.code() {
+        tonic::Code::OutOfRange => status.message().contains("message length too large"),
+        tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+        _ => false,
     }
 }
 

@@ -109,12 +109,13 @@ impl KeyScope {
 impl KeyId {
     /// Parses a key_id; only the canonical form is accepted.
     pub fn parse(text: &str) -> Result<Self, KeyIdError> {
-        let fields: Vec<&str> = text.split(':').collect();
+        // NB: at most FIELDS + 1 pieces, so a string of colons costs no more than a key_id.
+        let fields: Vec<&str> = text.splitn(FIELDS + 1, ':').collect();
         if fields.first() != Some(&MAGIC) {
             return Err(KeyIdError::Foreign);
         }
         if fields.len() != FIELDS {
-            return Err(KeyIdError::FieldCount { found: fields.len() });
+            return Err(KeyIdError::FieldCount { found: text.matches(':').count() + 1 });
         }
         if fields[1] != FORMAT_VERSION {
             return Err(KeyIdError::UnsupportedFormat(fields[1].chars().take(16).collect()));

@@ -16,6 +16,7 @@ pub mod crd;
 pub mod encryption_config;
 pub mod error;
 pub mod etcd;
+pub mod files;
 pub mod http;
 pub mod k8s;
 pub mod keyid;

@@ -311,10 +311,22 @@ impl ConfigArgs {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit: the API server may hold many connections,
+/// and a low soft limit (1024 is common) turns a burst into refused accepts. A failure leaves
+/// the limit as it was, which is no worse than not trying.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(Resource::Nofile, rustix::process::Rlimit { current: limit.maximum, ..limit });
+    }
+}
+
 fn main() -> ExitCode {
     // NB: --version prints the same text as `kmsgate version`; -V stays the short one.
     let matches = Cli::command().long_version(BuildInfo::long_version()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    raise_fd_limit();
     // NB: ring is the only TLS provider in this binary; install it before any client is built.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -430,9 +442,9 @@ async fn tokens(action: TokensAction) -> Result<(), Failure> {
     let older_than = args
         .older_than
         .as_deref()
-        .map(humantime::parse_duration)
+        .map(commands::tokens::older_than)
         .transpose()
-        .map_err(|e| Failure::Usage(format!("--older-than: {e} (use a duration like 720h)")))?;
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     if args.service_account.split_once('/').is_none_or(|(ns, sa)| ns.is_empty() || sa.is_empty()) {
         return Err(Failure::Usage("--service-account must be namespace/name".into()));
     }

@@ -431,3 +431,42 @@ async fn audit_verify_and_retire_judge_the_same_values_alike() {
     assert_eq!(verified.unencrypted, 2);
     assert!(!verified.clean);
 }
+
+/// A page whose values exceed the client's message limit is halved until it fits, and the scan goes
+/// on at the revision it pinned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_too_large_for_the_client_is_halved_at_the_same_revision() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await.unwrap();
+    // NB: 24 values of 20 KiB against a 100 KiB limit stand for 190 values of 1.45 MiB against
+    // 256 MiB: a page of 16 (320 KiB) and of 8 (160 KiB) are too large, a page of 4 fits.
+    let value = |n: u8| [b"k8s:enc:aescbc:v1:k:".as_slice(), &[n; 20 * 1024]].concat();
+    let keys: Vec<String> = (0..24).map(|n| format!("/registry/secrets/ns/s{n:02}")).collect();
+    for (n, key) in keys.iter().enumerate() {
+        client.put(key.as_str(), value(n as u8), None).await.unwrap();
+    }
+    let mut scanner = Scanner::prefix(b"/registry/secrets/", 16).with_max_page_bytes(100 * 1024);
+    let first = scanner.next_page(&mut client).await.unwrap().unwrap();
+    assert_eq!((first.len(), scanner.page_size()), (4, 4));
+    let pinned = scanner.revision();
+    // The API server writes while the audit runs: none of it belongs in this snapshot.
+    client.put("/registry/secrets/ns/s05a", value(99), None).await.unwrap();
+    client.put(keys[20].as_str(), b"k8s\x00rewritten".to_vec(), None).await.unwrap();
+    let mut seen: Vec<String> = first.iter().map(|kv| kv.key_str().unwrap().to_owned()).collect();
+    while let Some(page) = scanner.next_page(&mut client).await.unwrap() {
+        assert!(page.len() <= 4, "a page held {} values", page.len());
+        for kv in &page {
+            assert!(kv.mod_revision() <= pinned, "{} is newer than the snapshot", kv.key_str().unwrap());
+            assert_eq!(kv.value().len(), value(0).len());
+            seen.push(kv.key_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(scanner.revision(), pinned);
+    assert_eq!(seen, keys);
+
+    // A single value above the limit cannot be halved away: the scan says so.
+    client.put("/registry/configmaps/ns/huge", vec![b'x'; 200 * 1024], None).await.unwrap();
+    let mut scanner = Scanner::prefix(b"/registry/configmaps/", 16).with_max_page_bytes(100 * 1024);
+    let err = scanner.next_page(&mut client).await.unwrap_err();
+    assert!(matches!(err, kmsgate::etcd::ScanError::ValueTooLarge { .. }), "{err}");
+}

@@ -14,7 +14,7 @@ use common::{
 };
 use kmsgate::{
     backend::Backend,
-    config::{AuditSink, PluginConfig, SocketSpec, StatusVersion},
+    config::{AuditSink, Config, PluginConfig},
     keyring::Keyring,
     kms::{Shared, audit_log::AuditLog, probe, service::KmsService},
     metrics::Metrics,
@@ -26,28 +26,29 @@ use tonic::{Code, Request};
 const POLL: Duration = Duration::from_secs(30);
 
 /// The shipped defaults, except `promote_after_polls`, which is high so that a test can tell a
-/// promotion at once from one after consecutive polls.
+/// promotion at once from one after consecutive polls. Loaded through the config, so a new
+/// setting gets its shipped default here too.
 fn config(grace: Option<Duration>) -> PluginConfig {
-    PluginConfig {
-        socket: SocketSpec::Abstract("unused".into()),
-        socket_mode: 0o600,
-        socket_gid: None,
-        create_socket_dir: false,
-        allow_abstract_socket: true,
-        status_version: StatusVersion::V2,
-        node_name: "test".into(),
-        max_plaintext_bytes: 256,
-        promote_after_polls: 20,
-        poll_interval: POLL,
-        round_trip_interval: Duration::from_secs(300),
-        staleness_window: Duration::from_secs(600),
-        unhealthy_after_failures: 2,
-        probe_timeout: Duration::from_secs(5),
-        default_deadline: Duration::from_secs(3),
-        shutdown_timeout: Duration::from_secs(10),
-        outage_grace: grace,
-        audit_log: AuditSink::Off,
+    let mut flags: Vec<(String, String)> = [
+        ("plugin.socket", "@unused"),
+        ("plugin.allow_abstract_socket", "true"),
+        ("plugin.node_name", "test"),
+        ("plugin.promote_after_polls", "20"),
+        ("plugin.poll_interval", "30s"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    match grace {
+        Some(grace) => {
+            flags.push(("plugin.outage_mode".into(), "grace".into()));
+            flags.push(("plugin.outage_grace".into(), format!("{}s", grace.as_secs())));
+        }
+        None => flags.push(("plugin.outage_mode".into(), "honest".into())),
     }
+    let config = Config::load(None, &flags, &std::collections::HashMap::new()).unwrap();
+    assert_eq!(config.plugin.poll_interval, POLL);
+    config.plugin
 }
 
 /// The plugin's service with its background probes running; the probes stop on drop.

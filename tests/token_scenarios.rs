@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, jiff::Timestamp};
 use kmsgate::{
-    crd::tokens::{ManagedSpec, TokenPolicySpec, parse},
+    crd::tokens::{MaxAge, parse},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
@@ -98,17 +98,18 @@ async fn a_managed_token_is_requested_bound_to_its_secret_and_written_without_re
         }),
     ];
     let verify = verifier(handle, scenario);
-    let spec = ManagedSpec {
-        enabled: true,
-        namespaces: vec!["apps".into()],
-        audiences: vec!["vault".into()],
-        ..ManagedSpec::default()
-    };
-    let rules = parse(&TokenPolicySpec { managed: spec.clone(), ..Default::default() }).unwrap();
-    let guard = Guard::new(&spec, &rules, "kmsgate/kmsgate-controller");
+    let plan = parse(
+        &serde_json::from_value(
+            json!({"managed": {"enabled": true, "namespaces": ["apps"], "audiences": ["vault"]}}),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+    .managed;
+    let guard = Guard::new(&plan, "kmsgate/kmsgate-controller");
     let metrics = Arc::new(ControllerMetrics::new());
     let mut managed = Managed::new(kube, Arc::new(Fixed), metrics);
-    let pass = managed.pass(&spec, &guard, true).await.unwrap();
+    let pass = managed.pass(&plan, &guard, true).await.unwrap();
     verify.await.unwrap();
     assert_eq!((pass.tokens, pass.refreshed, pass.failing), (1, 1, 0));
     // 80% of the hour granted, not of the two hours asked.
@@ -140,7 +141,8 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
         },
     }))
     .unwrap();
-    let selection = Selection { max_age: Duration::from_secs(90 * 86_400), ..Selection::default() };
+    let selection =
+        Selection { max_age: MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(), ..Selection::default() };
     let candidate = classify(meta, &selection, Fixed.now());
     let record = json!({
         "namespace": "apps", "name": "t", "uid": "old", "serviceAccount": "builder",
@@ -151,8 +153,8 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
     let recorded = record.clone();
     let scenario = vec![
         expect("GET", "/api/v1/namespaces/apps/serviceaccounts/builder", (200, json!({
-            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": "builder", "namespace": "apps", "uid": "sa-1"},
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "builder", "namespace": "apps", "uid": "sa-1", "resourceVersion": "3"},
         }))),
         expect("GET", POLICY, (200, policy("5", Value::Null))),
         expect("PATCH", STATUS, (200, policy("6", json!({"pending": [record.clone()]})))).check(move |request, body| {
@@ -192,6 +194,134 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
         .check(|request, body| {
             merge_patch(request);
             assert_eq!(*body, json!({"metadata": {"annotations": {"token.kmsgate.io/rotated-at": "2026-11-26T20:00:00Z"}}}));
+        }),
+    ];
+    let verify = verifier(handle, scenario);
+    let metrics = ControllerMetrics::new();
+    let legacy = Legacy::new(&kube, "kmsgate", &Fixed, &metrics, Duration::from_secs(60));
+    let outcome = legacy.rotate(&candidate).await.unwrap();
+    verify.await.unwrap();
+    assert_eq!(outcome, Outcome::Rotated);
+}
+
+#[tokio::test]
+async fn a_listed_secret_is_put_back_into_the_service_account_with_its_resource_version() {
+    let (client, handle) = mock_api::client();
+    let kube = Kube::new(client);
+    let meta: ObjectMeta = serde_json::from_value(json!({
+        "name": "t", "namespace": "apps", "uid": "old", "resourceVersion": "10",
+        "creationTimestamp": "2026-01-01T00:00:00Z",
+        "annotations": {"kubernetes.io/service-account.name": "builder", "kubernetes.io/service-account.uid": "sa-1"},
+    }))
+    .unwrap();
+    let selection =
+        Selection { max_age: MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(), ..Selection::default() };
+    let candidate = classify(meta, &selection, Fixed.now());
+    let record = json!({
+        "namespace": "apps", "name": "t", "uid": "old", "serviceAccount": "builder",
+        "annotations": {"kubernetes.io/service-account.name": "builder"},
+        "since": "2026-11-26T20:00:00Z", "referenced": true,
+    });
+    let mut marked = record.clone();
+    marked["recreated"] = json!("new");
+    let last = marked.clone();
+    let (recorded, kept) = (record.clone(), marked.clone());
+    let account = |rv: &str, secrets: Value| {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "secrets": secrets,
+               "metadata": {"name": "builder", "namespace": "apps", "uid": "sa-1", "resourceVersion": rv}})
+    };
+    let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+    let new_meta = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                          "metadata": {"name": "t", "namespace": "apps", "uid": "new"}});
+    let scenario = vec![
+        expect(
+            "GET",
+            "/api/v1/namespaces/apps/serviceaccounts/builder",
+            (
+                200,
+                account(
+                    "8",
+                    json!([
+                        {"name": "other", "namespace": "apps"}, {"name": "t"},
+                    ]),
+                ),
+            ),
+        ),
+        expect("GET", POLICY, (200, policy("5", Value::Null))),
+        expect("PATCH", STATUS, (200, policy("6", json!({"pending": [record]})))).check(move |_, body| {
+            assert_eq!(body["status"]["pending"], json!([recorded]), "the record says sa.secrets listed it");
+        }),
+        expect("DELETE", "/api/v1/namespaces/apps/secrets/t?", (200, ok)),
+        expect(
+            "POST",
+            "/api/v1/namespaces/apps/secrets?&fieldManager=kmsgate",
+            (
+                201,
+                json!({
+                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+                    "metadata": {"name": "t", "namespace": "apps", "uid": "new"},
+                }),
+            ),
+        ),
+        expect("GET", POLICY, (200, policy("6", json!({"pending": [marked.clone()]})))),
+        expect("PATCH", STATUS, (200, policy("7", json!({"pending": [marked]})))).check(move |_, body| {
+            assert_eq!(body["status"]["pending"], json!([kept]), "kept, marked with the new uid");
+        }),
+        expect(
+            "GET",
+            "/api/v1/namespaces/apps/secrets/t",
+            (
+                200,
+                json!({
+                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+                    "metadata": {"name": "t", "namespace": "apps", "uid": "new"},
+                    "data": {"token": "ZXlKaGJHY2k="},
+                }),
+            ),
+        ),
+        expect("PATCH", "/api/v1/namespaces/apps/secrets/t?&fieldManager=kmsgate", (200, new_meta.clone())),
+        expect("GET", "/api/v1/namespaces/apps/secrets/t", (200, new_meta)),
+        // The token controller has removed "t" by name: now it can be added back.
+        expect(
+            "GET",
+            "/api/v1/namespaces/apps/serviceaccounts/builder",
+            (
+                200,
+                account(
+                    "9",
+                    json!([
+                        {"name": "other", "namespace": "apps"},
+                    ]),
+                ),
+            ),
+        ),
+        expect(
+            "PATCH",
+            "/api/v1/namespaces/apps/serviceaccounts/builder?&fieldManager=kmsgate",
+            (
+                200,
+                account(
+                    "10",
+                    json!([
+                        {"name": "other", "namespace": "apps"}, {"name": "t"},
+                    ]),
+                ),
+            ),
+        )
+        .check(|request, body| {
+            merge_patch(request);
+            assert_eq!(
+                *body,
+                json!({
+                    "metadata": {"resourceVersion": "9"},
+                    "secrets": [{"name": "other", "namespace": "apps"}, {"name": "t"}],
+                }),
+                "the whole list as read plus the name, at the version read"
+            );
+        }),
+        expect("GET", POLICY, (200, policy("7", json!({"pending": [last]})))),
+        expect("PATCH", STATUS, (200, policy("8", json!({})))).check(|_, body| {
+            assert_eq!(body["status"]["pending"], json!([]), "done once the reference is back");
         }),
     ];
     let verify = verifier(handle, scenario);

@@ -1,15 +1,15 @@
 //! `kmsgate tokens list|rotate`: the controller's token flows, once, with tables.
 
-use std::{io::Write, sync::Arc, time::Duration};
+use std::{io::Write, sync::Arc};
 
 use super::CommandError;
 use crate::{
-    crd::tokens::{self as policy, TokenPolicySpec},
+    crd::tokens::{self as policy, LegacyPlan, ManagedPlan, MaxAge},
     k8s::Kube,
     metrics::ControllerMetrics,
     tokens::{
         Clock, TokenError, age,
-        legacy::{Candidate, Legacy, Outcome, Selection, Totals},
+        legacy::{Candidate, Legacy, Outcome, Totals},
         managed::{Entry, Guard, Managed},
         rfc3339,
     },
@@ -20,8 +20,8 @@ use crate::{
 pub struct Options {
     /// The TokenPolicy (its rules, and where crash records go).
     pub policy: String,
-    /// Overrides the policy's `legacy.maxAge`.
-    pub older_than: Option<Duration>,
+    /// Overrides the policy's `legacy.maxAge` (see [`older_than`]).
+    pub older_than: Option<MaxAge>,
     /// Overrides the policy's `legacy.namespaces`.
     pub namespaces: Vec<String>,
     /// Overrides the policy's `legacy.labelSelector`.
@@ -34,24 +34,40 @@ pub struct Options {
     pub progress: bool,
 }
 
-struct Plan {
-    spec: TokenPolicySpec,
-    selection: Selection,
-    token_timeout: Duration,
+/// Parses `--older-than`: a duration like 720h, and no shorter than a policy's `legacy.maxAge`
+/// may be.
+pub fn older_than(text: &str) -> Result<MaxAge, TokenError> {
+    let age = humantime::parse_duration(text)
+        .map_err(|e| TokenError::Invalid(format!("--older-than: {e} (use a duration like 720h)")))?;
+    MaxAge::new(age).map_err(|e| {
+        TokenError::Invalid(format!("--older-than: {} (as a TokenPolicy's legacy.maxAge)", e.problem))
+    })
+}
+
+/// The policy's plan with the flags applied.
+struct Run {
+    legacy: LegacyPlan,
+    managed: ManagedPlan,
     guard: Option<Guard>,
 }
 
-async fn plan(kube: &Kube, options: &Options, need_policy: bool) -> Result<Plan, CommandError> {
-    let spec = match kube.token_policy(&options.policy).await? {
-        Some(policy) => policy.spec,
+async fn plan(kube: &Kube, options: &Options, need_policy: bool) -> Result<Run, CommandError> {
+    if let Some(bad) = options.namespaces.iter().find(|n| !policy::is_namespace(n)) {
+        let problem =
+            format!("--namespace {bad:?}: not a namespace name (as a TokenPolicy's legacy.namespaces)");
+        return Err(TokenError::Invalid(problem).into());
+    }
+    let plan = match kube.token_policy(&options.policy).await? {
+        Some(policy) => policy::parse(&policy.spec),
         None if need_policy => return Err(TokenError::NoPolicy(options.policy.clone()).into()),
         None => {
             eprintln!("note: no TokenPolicy {:?}; showing the default rules", options.policy);
-            TokenPolicySpec::default()
+            policy::parse(&Default::default())
         }
-    };
-    let rules = policy::parse(&spec).map_err(TokenError::from)?;
-    let mut selection = Selection::from_spec(&spec.legacy, rules.max_age);
+    }
+    .map_err(TokenError::from)?;
+    let (mut legacy, managed) = (plan.legacy, plan.managed);
+    let selection = &mut legacy.selection;
     if let Some(older_than) = options.older_than {
         selection.max_age = older_than;
     }
@@ -61,22 +77,22 @@ async fn plan(kube: &Kube, options: &Options, need_policy: bool) -> Result<Plan,
     if let Some(selector) = &options.selector {
         selection.label_selector = Some(selector.clone());
     }
-    let guard = spec.managed.enabled.then(|| Guard::new(&spec.managed, &rules, &options.service_account));
-    Ok(Plan { spec, selection, token_timeout: rules.token_timeout, guard })
+    let guard = managed.enabled.then(|| Guard::new(&managed, &options.service_account));
+    Ok(Run { legacy, managed, guard })
 }
 
 fn legacy_header(out: &mut impl Write) {
     let _ = writeln!(
         out,
-        "{:<44} {:<24} {:>8} {:<11} {:<9} DETAIL",
-        "SECRET", "SERVICEACCOUNT", "AGE", "LAST-USED", "RESULT"
+        "{:<44} {:<24} {:>8} {:<14} {:<9} DETAIL",
+        "SECRET", "SERVICEACCOUNT", "AGE", "LAST-USED(UTC)", "RESULT"
     );
 }
 
 fn legacy_row(out: &mut impl Write, c: &Candidate, result: &str, detail: &str) {
     let _ = writeln!(
         out,
-        "{:<44} {:<24} {:>8} {:<11} {:<9} {detail}",
+        "{:<44} {:<24} {:>8} {:<14} {:<9} {detail}",
         c.id(),
         c.service_account,
         age(c.age),
@@ -111,21 +127,22 @@ pub async fn list(
 ) -> Result<(), CommandError> {
     let plan = plan(kube, options, false).await?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let legacy = Legacy::new(kube, &options.policy, &*clock, &metrics, plan.token_timeout);
+    let legacy = Legacy::new(kube, &options.policy, &*clock, &metrics, plan.legacy.token_timeout);
+    let selection = &plan.legacy.selection;
     let _ = writeln!(
         out,
         "Legacy token Secrets (rotate when older than {}):",
-        age(plan.selection.max_age.as_secs() as i64)
+        age(selection.max_age.duration().as_secs() as i64)
     );
     legacy_header(out);
-    for c in legacy.plan(&plan.selection).await? {
+    for c in legacy.plan(selection).await? {
         legacy_row(out, &c, c.verdict.as_str(), &c.reason);
     }
     let _ = writeln!(out);
     match &plan.guard {
         Some(guard) => {
             let mut managed = Managed::new(kube.clone(), clock, metrics);
-            let pass = managed.pass(&plan.spec.managed, guard, false).await?;
+            let pass = managed.pass(&plan.managed, guard, false).await?;
             let _ = writeln!(out, "Managed tokens:");
             managed_table(out, &pass.entries);
         }
@@ -146,10 +163,10 @@ pub async fn rotate(
 ) -> Result<bool, CommandError> {
     let plan = plan(kube, options, true).await?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let legacy = Legacy::new(kube, &options.policy, &*clock, &metrics, plan.token_timeout);
+    let legacy = Legacy::new(kube, &options.policy, &*clock, &metrics, plan.legacy.token_timeout);
     let show = options.progress;
     let (results, totals) = legacy
-        .run(&plan.selection, options.dry_run, |c, outcome, t: &Totals| {
+        .run(&plan.legacy.selection, options.dry_run, |c, outcome, t: &Totals| {
             if show && outcome.is_some() {
                 eprint!(
                     "\r{} due, {} rotated, {} failed, {} skipped  {:<50}",
@@ -188,11 +205,27 @@ pub async fn rotate(
     let mut failed = totals.failed;
     if let Some(guard) = &plan.guard {
         let mut managed = Managed::new(kube.clone(), clock, metrics);
-        let pass = managed.pass(&plan.spec.managed, guard, !options.dry_run).await?;
+        let pass = managed.pass(&plan.managed, guard, !options.dry_run).await?;
         failed += pass.failing;
         let _ = writeln!(out);
         let _ = writeln!(out, "Managed tokens ({} issued or refreshed):", pass.refreshed);
         managed_table(out, &pass.entries);
     }
     Ok(failed == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn older_than_has_the_policys_minimum() {
+        assert_eq!(older_than("720h").unwrap().duration(), Duration::from_secs(720 * 3600));
+        assert_eq!(older_than("1h").unwrap().duration(), MaxAge::MIN);
+        let short = older_than("30m").unwrap_err().to_string();
+        assert_eq!(short, "--older-than: must be at least 1h (as a TokenPolicy's legacy.maxAge)");
+        assert!(older_than("soon").unwrap_err().to_string().starts_with("--older-than: "));
+    }
 }

@@ -25,7 +25,7 @@ pub use backend::{BackendConfig, VaultAuth, VaultClientConfig, VaultConfig, Vaul
 pub use controller::ControllerConfig;
 pub use etcd::EtcdConfig;
 pub use http_log::LogConfig;
-pub use plugin::{AuditSink, PluginConfig, SocketSpec, StatusVersion};
+pub use plugin::{AuditSink, DirCheck, PluginConfig, SocketSpec, StatusVersion};
 pub use settings::{Fallback, Kind, SETTINGS, Setting, VAULT_ENV, env_name, reference};
 pub use source::{Env, ProcessEnv, parse_set_flag};
 

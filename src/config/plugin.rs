@@ -1,6 +1,9 @@
 //! `plugin.*`: the KMS plugin server's socket, probes, deadlines and audit log.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::{ConfigError, field, hostname, source::Values};
 use crate::{ciphertext, storage::CIPHERTEXT_MAX_BYTES};
@@ -72,6 +75,15 @@ pub enum AuditSink {
     Stderr,
 }
 
+/// What to do when the socket's directory, or one above it, is writable by others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirCheck {
+    /// Refuse to start.
+    Refuse,
+    /// Start, with a warning (a pod volume shared with the API server).
+    Warn,
+}
+
 /// The KMS plugin server's settings.
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
@@ -81,6 +93,8 @@ pub struct PluginConfig {
     pub socket_mode: u32,
     /// Socket group id.
     pub socket_gid: Option<u32>,
+    /// Refuse or warn when the socket's directory is writable by others.
+    pub socket_dir_check: DirCheck,
     /// Create the socket's directory.
     pub create_socket_dir: bool,
     /// Allow abstract sockets.
@@ -144,6 +158,25 @@ impl PluginConfig {
             None => None,
             Some(group) => Some(resolve_group(&group).map_err(|e| field("plugin.socket_group", e))?),
         };
+        if socket_mode & 0o070 != 0 && socket_gid.is_none() {
+            // NB: refused rather than warned: without a named group the socket gets the plugin's
+            // own primary group (often root's, 0), so the group bits grant access to whoever shares
+            // it by accident. Naming the group, even the plugin's own, makes the grant deliberate.
+            return Err(field(
+                "plugin.socket_mode",
+                format!(
+                    "{socket_mode:04o} gives group access, but plugin.socket_group is not set; name the group \
+                     that may call Decrypt (e.g. the API server's), or use 0600"
+                ),
+            ));
+        }
+        let socket_dir_check = match text("plugin.socket_dir_check")?.as_str() {
+            "refuse" => DirCheck::Refuse,
+            "warn" => DirCheck::Warn,
+            other => {
+                return Err(field("plugin.socket_dir_check", format!("{other:?} must be refuse or warn")));
+            }
+        };
         let status_version = match text("plugin.status_version")?.as_str() {
             "v2" => StatusVersion::V2,
             "v2beta1" => StatusVersion::V2beta1,
@@ -180,6 +213,7 @@ impl PluginConfig {
             socket,
             socket_mode,
             socket_gid,
+            socket_dir_check,
             create_socket_dir: v.flag("plugin.create_socket_dir")?,
             allow_abstract_socket,
             status_version,
@@ -203,7 +237,8 @@ fn resolve_group(group: &str) -> Result<u32, String> {
     if let Ok(gid) = group.parse() {
         return Ok(gid);
     }
-    let text = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    let text = crate::files::read_text_capped(Path::new("/etc/group"), crate::files::DOCUMENT_MAX_BYTES)
+        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
     text.lines()
         .filter_map(|line| {
             let mut parts = line.split(':');

@@ -76,13 +76,19 @@ pub const SETTINGS: &[Setting] = &[
         "plugin.socket_mode",
         Str,
         Value("0600"),
-        "octal file mode of the socket; no access for others is allowed",
+        "octal file mode of the socket; no access for others; group access needs socket_group",
     ),
     setting(
         "plugin.socket_group",
         Str,
         Unset,
         "group (name or gid) given to the socket, e.g. the API server's group",
+    ),
+    setting(
+        "plugin.socket_dir_check",
+        Str,
+        Value("refuse"),
+        "socket directory writable by others: refuse to start, or warn (a pod volume shared with the API server)",
     ),
     setting(
         "plugin.create_socket_dir",

@@ -113,7 +113,7 @@ impl Values {
     }
 
     fn read_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::files::read_text_capped(path, crate::files::DOCUMENT_MAX_BYTES)
             .map_err(|source| ConfigError::File { path: path.to_owned(), source })?;
         let origin = path.display().to_string();
         let table: toml::Table = toml::from_str(&text)

@@ -138,6 +138,8 @@ fn errors_name_the_field() {
         ("format = 1\n", &[("plugin.socket", "@kms")], &[], "allow_abstract_socket"),
         ("format = 1\n", &[("plugin.socket_mode", "0666")], &[], "plugin.socket_mode"),
         ("format = 1\n", &[("plugin.socket_mode", "rw")], &[], "plugin.socket_mode"),
+        ("format = 1\n", &[("plugin.socket_mode", "0660")], &[], "plugin.socket_group is not set"),
+        ("format = 1\n", &[("plugin.socket_dir_check", "off")], &[], "plugin.socket_dir_check"),
         ("format = 1\n", &[("plugin.status_version", "v1")], &[], "plugin.status_version"),
         ("format = 1\n", &[("plugin.outage_mode", "lenient")], &[], "plugin.outage_mode"),
         ("format = 1\n", &[("plugin.poll_interval", "soon")], &[], "plugin.poll_interval"),
@@ -232,4 +234,11 @@ fn the_readme_reference_is_the_settings_table() {
         reference(),
         "regenerate with: KMSGATE_UPDATE_README=1 cargo test --lib config"
     );
+}
+
+#[test]
+fn a_config_file_that_never_ends_is_refused_by_name() {
+    // NB: /dev/zero never ends; an unbounded read would exhaust memory instead of failing.
+    let err = Config::load(Some(Path::new("/dev/zero")), &[], &env(&[])).unwrap_err().to_string();
+    assert!(err.contains("/dev/zero") && err.contains("larger than"), "{err}");
 }

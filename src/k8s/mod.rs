@@ -33,7 +33,7 @@ pub use apiservers::{
 };
 pub use jobs::{JobState, MigrationState};
 pub use objects::{ObjectKey, Page, Target, Touch};
-pub use tokens::{BearerToken, Created, Deleted, IssuedToken, TokenSecret};
+pub use tokens::{BearerToken, Created, Deleted, IssuedToken, Referenced, ServiceAccountRefs, TokenSecret};
 
 /// Every (API group, resource, verb) this module can call: the controller's RBAC must grant
 /// exactly these, plus the resources a policy re-encrypts (`get`, `list`, `patch`).
@@ -48,7 +48,7 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
     ("batch", "jobs", &["get", "create"]),
     ("storagemigration.k8s.io", "storageversionmigrations", &["get", "create", "delete"]),
     ("", "secrets", &["get", "list", "watch", "create", "patch", "delete"]),
-    ("", "serviceaccounts", &["get"]),
+    ("", "serviceaccounts", &["get", "patch"]),
     ("", "serviceaccounts/token", &["create"]),
     ("kmsgate.io", "tokenpolicies", &["get"]),
     ("kmsgate.io", "tokenpolicies/status", &["patch"]),

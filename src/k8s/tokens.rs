@@ -41,6 +41,33 @@ pub enum Created {
     Exists,
 }
 
+/// What adding a reference to a ServiceAccount did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Referenced {
+    /// The Secret is listed in `secrets` now.
+    Done,
+    /// The ServiceAccount changed since it was read (409): read it again later.
+    Conflict,
+    /// The ServiceAccount is gone.
+    Gone,
+}
+
+/// A ServiceAccount as legacy rotation sees it: metadata and the Secrets it lists.
+#[derive(Debug, Clone)]
+pub struct ServiceAccountRefs {
+    /// The account's metadata (uid, resourceVersion).
+    pub metadata: ObjectMeta,
+    /// `secrets`, as listed.
+    pub secrets: Vec<ObjectReference>,
+}
+
+impl ServiceAccountRefs {
+    /// Whether `secrets` names the Secret `name` (references are matched by name upstream).
+    pub fn lists(&self, name: &str) -> bool {
+        self.secrets.iter().any(|s| s.name.as_deref() == Some(name))
+    }
+}
+
 /// A Secret as the token checks see it: metadata, and whether `token` holds a value.
 #[derive(Debug, Clone)]
 pub struct TokenSecret {
@@ -242,18 +269,43 @@ impl Kube {
         }
     }
 
-    /// The uid of a ServiceAccount, `None` when it does not exist.
-    pub async fn service_account_uid(
+    /// A ServiceAccount's uid, resourceVersion and `secrets` list, `None` when it does not exist.
+    pub async fn service_account(
         &self,
         namespace: &str,
         name: &str,
-    ) -> Result<Option<String>, KubeError> {
+    ) -> Result<Option<ServiceAccountRefs>, KubeError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let meta = api
-            .get_metadata_opt(name)
-            .await
-            .map_err(call(format!("get serviceaccount {namespace}/{name}")))?;
-        Ok(meta.and_then(|m| m.metadata.uid))
+        let account =
+            api.get_opt(name).await.map_err(call(format!("get serviceaccount {namespace}/{name}")))?;
+        Ok(account
+            .map(|a| ServiceAccountRefs { metadata: a.metadata, secrets: a.secrets.unwrap_or_default() }))
+    }
+
+    /// Appends `secret` to a ServiceAccount's `secrets`, if the account is still at the
+    /// resourceVersion `account` was read at: the merge patch replaces the whole list, so the
+    /// precondition is what keeps a concurrent edit from being overwritten.
+    pub async fn add_secret_reference(
+        &self,
+        namespace: &str,
+        account: &ServiceAccountRefs,
+        secret: &str,
+    ) -> Result<Referenced, KubeError> {
+        let name = account.metadata.name.as_deref().unwrap_or_default();
+        let mut secrets = account.secrets.clone();
+        secrets.push(ObjectReference { name: Some(secret.to_owned()), ..ObjectReference::default() });
+        let patch = json!({
+            "metadata": { "resourceVersion": account.metadata.resource_version },
+            "secrets": secrets,
+        });
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+        match api.patch(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(Referenced::Done),
+            Err(e) if is_code(&e, 409) => Ok(Referenced::Conflict),
+            Err(e) if is_code(&e, 404) => Ok(Referenced::Gone),
+            Err(e) => Err(call(format!("add secret {secret} to serviceaccount {namespace}/{name}"))(e)),
+        }
     }
 
     /// Deletes the Secret `name` only if its uid is still `uid`.

@@ -24,6 +24,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
     ciphertext::{self, LOCAL_TAG},
+    files,
     keyid::{BackendKind, KeyScope},
 };
 
@@ -324,7 +325,7 @@ fn read_file(path: &Path) -> Result<FileV1, KeyringError> {
     if mode & 0o077 != 0 {
         return Err(KeyringError::Permissions { path: path.to_owned(), mode });
     }
-    let text = Zeroizing::new(fs::read(path).map_err(io)?);
+    let text = files::read_capped(path, files::DOCUMENT_MAX_BYTES).map_err(io)?;
     let file: FileV1 = serde_json::from_slice(&text)
         .map_err(|source| KeyringError::Parse { path: path.to_owned(), source })?;
     if file.format != FORMAT {

@@ -2,6 +2,7 @@
 
 pub mod audit_log;
 pub mod client;
+pub mod health;
 pub mod probe;
 pub mod service;
 pub mod socket;
@@ -15,16 +16,29 @@ use std::{
 
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
     config::{Config, PluginConfig},
     http::{self, HttpView},
-    metrics::{BackendLabels, Metrics, OperationLabels},
+    metrics::{BackendLabels, GrpcLabels, MethodLabels, Metrics, OperationLabels, code_name},
     proto::v2::key_management_service_server::KeyManagementServiceServer,
 };
-use state::{Health, KeyTracker, ProbeRecord, Promoted};
+use health::{Health, ProbeRecord};
+use state::{KeyTracker, Promoted};
+
+/// Concurrent gRPC streams per connection, advertised in the HTTP/2 SETTINGS.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Per-stream receive window: a KMS request is at most a few KiB.
+const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+/// Per-connection receive window: what all streams of one connection may have buffered at once.
+const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+/// Largest request message: the API server's own limits (1 KiB ciphertext and key_id, 32 KiB of
+/// annotations) fit twice over; tonic's default of 4 MiB per stream, times the stream limit,
+/// would let one connection pin gigabytes.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest header list of one request.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The plugin could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +72,8 @@ pub struct Shared<B> {
     state: Mutex<PluginState>,
     /// Wakes the metadata poll early when a key store answer hints that the key changed.
     repoll: tokio::sync::Notify,
+    /// Encrypt and Decrypt calls running now, for the shutdown drain's report.
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// What the probes learned.
@@ -97,6 +113,7 @@ impl<B: Backend> Shared<B> {
             started: Instant::now(),
             state: Mutex::new(PluginState { tracker, health, metadata: None, rollback_refused: None }),
             repoll: tokio::sync::Notify::new(),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -152,6 +169,100 @@ impl<B: Backend> Shared<B> {
             .get_or_create(&OperationLabels { operation })
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+}
+
+impl<B> Shared<B> {
+    /// Starts an audited call; it is recorded exactly once, as CANCELLED if dropped unfinished
+    /// (the client reset the stream or closed the connection, so tonic dropped the handler).
+    pub(crate) fn begin(
+        &self,
+        method: &'static str,
+        uid: &str,
+        key_id: &str,
+        peer: audit_log::Peer,
+    ) -> Call<'_> {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Call {
+            in_flight: &self.in_flight,
+            metrics: &self.metrics,
+            audit: &self.audit,
+            method,
+            uid: uid.to_owned(),
+            key_id: key_id.to_owned(),
+            peer,
+            started: Instant::now(),
+            recorded: false,
+        }
+    }
+}
+
+/// One Encrypt or Decrypt in flight: counted, then recorded in metrics and the audit log, and
+/// logged only when it failed or was cancelled (the audit log already has every success).
+pub(crate) struct Call<'a> {
+    in_flight: &'a std::sync::atomic::AtomicUsize,
+    metrics: &'a Metrics,
+    audit: &'a audit_log::AuditLog,
+    method: &'static str,
+    uid: String,
+    key_id: String,
+    peer: audit_log::Peer,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Call<'_> {
+    /// Records the call's result; `key_id` replaces the one given at the start when not empty.
+    pub(crate) fn finish<T>(mut self, result: &Result<T, tonic::Status>, key_id: &str) {
+        if !key_id.is_empty() {
+            key_id.clone_into(&mut self.key_id);
+        }
+        match result {
+            Ok(_) => self.record(tonic::Code::Ok, ""),
+            Err(status) => self.record(status.code(), status.message()),
+        }
+    }
+
+    fn record(&mut self, code: tonic::Code, error: &str) {
+        self.recorded = true;
+        let (method, uid, key_id) = (self.method, self.uid.as_str(), self.key_id.as_str());
+        let elapsed = self.started.elapsed();
+        self.metrics.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
+        self.metrics.grpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
+        let latency_ms = audit_log::millis(elapsed);
+        match code {
+            tonic::Code::Ok => {}
+            tonic::Code::Cancelled => {
+                tracing::warn!(method, uid, key_id, latency_ms, "KMS call cancelled by the client")
+            }
+            code => tracing::warn!(
+                method,
+                uid,
+                key_id,
+                latency_ms,
+                code = code_name(code),
+                error,
+                "KMS call failed"
+            ),
+        }
+        self.audit.write(&audit_log::Record {
+            time: audit_log::now_rfc3339(),
+            method,
+            uid,
+            key_id,
+            outcome: code_name(code),
+            latency_ms,
+            peer: self.peer,
+        });
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(tonic::Code::Cancelled, "");
+        }
+        self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -252,9 +363,21 @@ pub async fn serve<B: Backend>(
     let probe_task = tokio::spawn(probe::run(shared.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let spoken = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let mut speaking = spoken.subscribe();
     let server = tonic::transport::Server::builder()
-        .add_service(KeyManagementServiceServer::new(service::KmsService::new(shared.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        // NB: the API server multiplexes every call, thousands of Decrypts at start among them,
+        // over one connection, so the stream limit must be generous; the windows and the header
+        // list bound what each connection may make us buffer (about 1 GiB unbounded before).
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .add_service(
+            KeyManagementServiceServer::new(service::KmsService::new(shared.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(socket::incoming(listener, spoken.clone()), async {
             let _ = stop_rx.await;
         });
     let mut server = std::pin::pin!(server);
@@ -270,10 +393,24 @@ pub async fn serve<B: Backend>(
             }
             tracing::info!(timeout = ?config.plugin.shutdown_timeout, "stopping: socket removed; draining in-flight calls");
             let _ = stop_tx.send(());
-            match tokio::time::timeout(config.plugin.shutdown_timeout, &mut server).await {
-                Ok(result) => result.map_err(PluginError::Serve),
-                Err(_) => {
-                    tracing::warn!("in-flight calls did not finish within plugin.shutdown_timeout; exiting anyway");
+            // NB: the server waits for every connection, also one that never sent the HTTP/2
+            // preface and so can hold no call; once only such connections remain, stop.
+            let only_silent = async {
+                let _ = speaking.wait_for(|n| *n == 0).await;
+            };
+            tokio::select! {
+                result = &mut server => result.map_err(PluginError::Serve),
+                () = only_silent => Ok(()),
+                () = tokio::time::sleep(config.plugin.shutdown_timeout) => {
+                    match shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) {
+                        0 => tracing::warn!(
+                            "connections stayed open past plugin.shutdown_timeout with no call in flight; closing them"
+                        ),
+                        calls => tracing::warn!(
+                            calls,
+                            "in-flight calls did not finish within plugin.shutdown_timeout; exiting anyway"
+                        ),
+                    }
                     Ok(())
                 }
             }

@@ -7,10 +7,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::{
-    Shared,
-    state::{Failure, Observation},
-};
+use super::{Shared, health::Failure, state::Observation};
 use crate::backend::{Backend, BackendError};
 
 /// How soon to retry while no key version is adopted: the API server can read nothing until then.

@@ -34,46 +34,16 @@ impl<B: Backend> KmsService<B> {
         Self { shared }
     }
 
-    fn finish<T>(
-        &self,
-        method: &'static str,
-        started: Instant,
-        result: &Result<T, Status>,
-        audit: Option<(&str, &str, audit_log::Peer)>,
-    ) {
-        let code = match result {
-            Ok(_) => tonic::Code::Ok,
-            Err(status) => status.code(),
-        };
-        let elapsed = started.elapsed();
+    /// Counts a Status call; Status is not audited.
+    fn finish_status(&self, started: Instant, result: &Result<StatusResponse, Status>) {
+        let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
         let metrics = &self.shared.metrics;
+        let method = "Status";
         metrics.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
-        metrics.grpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
-        let Some((uid, key_id, peer)) = audit else { return };
-        let latency_ms = audit_log::millis(elapsed);
-        match result {
-            Ok(_) => tracing::info!(method, uid, key_id, latency_ms, "KMS call"),
-            Err(status) => {
-                tracing::warn!(
-                    method,
-                    uid,
-                    key_id,
-                    latency_ms,
-                    code = code_name(code),
-                    error = status.message(),
-                    "KMS call failed"
-                )
-            }
-        }
-        self.shared.audit.write(&audit_log::Record {
-            time: audit_log::now_rfc3339(),
-            method,
-            uid,
-            key_id,
-            outcome: code_name(code),
-            latency_ms,
-            peer,
-        });
+        metrics
+            .grpc_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     async fn encrypt_inner(&self, plaintext: &[u8], deadline: Instant) -> Result<EncryptResponse, Status> {
@@ -195,30 +165,29 @@ impl<B: Backend> KeyManagementService for KmsService<B> {
                 })
             }
         };
-        self.finish("Status", started, &result, None);
+        self.finish_status(started, &result);
         result.map(Response::new)
     }
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
-        let started = Instant::now();
         let deadline = deadline_of(&request, self.shared.config.default_deadline);
         let peer = peer_of(&request);
         let EncryptRequest { plaintext, uid } = request.into_inner();
+        let call = self.shared.begin("Encrypt", short(&uid), "", peer);
         let plaintext = Zeroizing::new(plaintext);
         let result = self.encrypt_inner(&plaintext, deadline).await;
-        let key_id = result.as_ref().map(|r| r.key_id.clone()).unwrap_or_default();
-        self.finish("Encrypt", started, &result, Some((short(&uid), &key_id, peer)));
+        call.finish(&result, result.as_ref().map_or("", |r| r.key_id.as_str()));
         result.map(Response::new)
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
-        let started = Instant::now();
         let deadline = deadline_of(&request, self.shared.config.default_deadline);
         let peer = peer_of(&request);
         let request = request.into_inner();
-        let result = self.decrypt_inner(&request, deadline).await;
         let key_id: String = request.key_id.chars().take(storage::KEY_ID_MAX_BYTES).collect();
-        self.finish("Decrypt", started, &result, Some((short(&request.uid), &key_id, peer)));
+        let call = self.shared.begin("Decrypt", short(&request.uid), &key_id, peer);
+        let result = self.decrypt_inner(&request, deadline).await;
+        call.finish(&result, "");
         result.map(Response::new)
     }
 }

@@ -9,11 +9,21 @@ use std::{
         net::{UnixListener as StdListener, UnixStream as StdStream},
     },
     path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
 };
 
-use tokio::net::UnixListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
 
-use crate::config::{PluginConfig, SocketSpec};
+use crate::{
+    backoff::AcceptBackoff,
+    config::{DirCheck, PluginConfig, SocketSpec},
+};
 
 /// The socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +32,13 @@ pub enum SocketError {
     /// The parent directory does not exist and may not be created.
     #[error("socket directory {0} does not exist (create it, or set plugin.create_socket_dir = true)")]
     DirectoryMissing(PathBuf),
+    /// The socket's directory, or one above it, lets another user replace the socket.
+    #[error(
+        "socket directory {dir} is {why}, so another local user could rename the socket and bind \
+         their own to read the seeds the API server sends; fix its mode, or set \
+         plugin.socket_dir_check = warn for a pod volume shared with the API server"
+    )]
+    DirectoryWritable { dir: PathBuf, why: String },
     /// Another process serves the socket.
     #[error("socket {0} is in use by a running process")]
     InUse(PathBuf),
@@ -87,6 +104,20 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
             .create(dir)
             .map_err(|e| io("create directory", e))?;
     }
+    // NB: resolve first (`/var/run` is a symlink), check, then bind under the resolved path, so a
+    // symlink swapped in after the check cannot redirect the bind.
+    let dir = fs::canonicalize(dir).map_err(|e| io("resolve directory", e))?;
+    let path = &dir.join(path.file_name().unwrap_or(path.as_os_str()));
+    if let Some((writable, why)) = writable_by_others(&dir, config.socket_gid).map_err(|e| io("stat", e))? {
+        match config.socket_dir_check {
+            DirCheck::Refuse => return Err(SocketError::DirectoryWritable { dir: writable, why }),
+            DirCheck::Warn => tracing::warn!(
+                dir = %writable.display(),
+                why,
+                "socket directory is writable by others; starting because plugin.socket_dir_check = warn"
+            ),
+        }
+    }
     reclaim_stale(path)?;
     // Bind under a temporary name, set mode and group, then rename into place: the final path
     // never exists with looser permissions than configured.
@@ -112,6 +143,129 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
     }
     let meta = fs::symlink_metadata(path).map_err(|e| io("stat", e))?;
     Ok((listener, SocketGuard { path: Some((path.to_owned(), meta.dev(), meta.ino())) }))
+}
+
+/// Accepted connections. Accept errors (EMFILE at the descriptor limit, ENOBUFS) are waited
+/// out with backoff instead of retried at once, which spun a core while Status starved.
+/// `spoken` counts the open connections that have sent at least one byte.
+pub fn incoming(
+    listener: UnixListener,
+    spoken: Arc<watch::Sender<usize>>,
+) -> impl futures::Stream<Item = std::io::Result<Conn>> {
+    futures::stream::unfold(
+        (listener, spoken, AcceptBackoff::default()),
+        |(l, spoken, mut backoff)| async move {
+            loop {
+                match l.accept().await {
+                    Ok((io, _)) => {
+                        backoff.reset();
+                        let conn = Conn { io, spoken: spoken.clone(), spoke: false };
+                        return Some((Ok(conn), (l, spoken, backoff)));
+                    }
+                    Err(e) => backoff.wait("KMS socket", &e).await,
+                }
+            }
+        },
+    )
+}
+
+/// An accepted connection, counted in `spoken` from its first byte until it closes, so shutdown
+/// need not wait for connections that never sent the HTTP/2 preface (and so hold no call).
+#[derive(Debug)]
+pub struct Conn {
+    io: UnixStream,
+    spoken: Arc<watch::Sender<usize>>,
+    spoke: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.spoke {
+            self.spoken.send_modify(|n| *n -= 1);
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if !self.spoke && buf.filled().len() > before {
+            self.spoke = true;
+            self.spoken.send_modify(|n| *n += 1);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The first directory from `dir` up to `/` that a user other than root or us could write into,
+/// and why. A sticky world-writable directory (`/tmp`) is fine: others cannot rename what it holds.
+fn writable_by_others(dir: &Path, socket_gid: Option<u32>) -> std::io::Result<Option<(PathBuf, String)>> {
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    for dir in dir.ancestors() {
+        let meta = fs::metadata(dir)?;
+        let mode = meta.mode();
+        let why = if meta.uid() != 0 && meta.uid() != uid {
+            Some(format!("owned by uid {}", meta.uid()))
+        } else if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            Some(format!("world-writable without the sticky bit (mode {:04o})", mode & 0o7777))
+        } else if mode & 0o020 != 0 && ![0, gid].contains(&meta.gid()) && socket_gid != Some(meta.gid()) {
+            Some(format!(
+                "writable by group {} (mode {:04o}), which is not root's, the plugin's or plugin.socket_group",
+                meta.gid(),
+                mode & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Ok(Some((dir.to_owned(), why)));
+        }
+    }
+    Ok(None)
 }
 
 /// Removes a leftover socket only when nothing answers on it; refuses anything else.
@@ -177,6 +331,72 @@ mod tests {
         assert!(path.exists());
         let (_listener, _guard) = bind(&config(&path)).unwrap();
         assert!(StdStream::connect(&path).is_ok());
+    }
+
+    /// A directory under a fresh private tempdir, with `mode` and group `gid`.
+    fn shared_dir(mode: u32, gid: Option<u32>) -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("shared");
+        fs::create_dir(&dir).unwrap();
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&dir, None, Some(gid)).unwrap();
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+        (root, dir)
+    }
+
+    /// A gid that is neither root's nor this process's.
+    fn stranger_gid() -> u32 {
+        let own = rustix::process::getegid().as_raw();
+        (54_321..).find(|g| *g != own).unwrap()
+    }
+
+    #[tokio::test]
+    async fn refuses_a_world_writable_directory_and_names_it() {
+        let (_root, dir) = shared_dir(0o777, None);
+        let path = dir.join("kms.sock");
+        let err = bind(&config(&path)).unwrap_err();
+        let SocketError::DirectoryWritable { dir: named, .. } = &err else { panic!("{err}") };
+        assert_eq!(named, &fs::canonicalize(&dir).unwrap());
+        assert!(err.to_string().contains("world-writable without the sticky bit"), "{err}");
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn refuses_a_writable_directory_above_and_through_a_symlink() {
+        let (root, dir) = shared_dir(0o777, None);
+        let inner = dir.join("inner");
+        fs::DirBuilder::new().mode(0o755).create(&inner).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&inner, &link).unwrap();
+        let err = bind(&config(&link.join("kms.sock"))).unwrap_err();
+        assert!(
+            matches!(&err, SocketError::DirectoryWritable { dir: named, .. } if *named == fs::canonicalize(&dir).unwrap()),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn group_writable_needs_a_known_group() {
+        let stranger = stranger_gid();
+        let (_root, dir) = shared_dir(0o770, Some(stranger));
+        let path = dir.join("kms.sock");
+        let err = bind(&config(&path)).unwrap_err();
+        assert!(err.to_string().contains(&format!("writable by group {stranger}")), "{err}");
+        let mut cfg = config(&path);
+        cfg.socket_gid = Some(stranger);
+        let (_l, _g) = bind(&cfg).unwrap();
+    }
+
+    #[tokio::test]
+    async fn sticky_directories_and_warn_mode_start() {
+        let (_root, sticky) = shared_dir(0o1777, None);
+        let (_l, _g) = bind(&config(&sticky.join("kms.sock"))).unwrap();
+        let (_root2, open) = shared_dir(0o777, None);
+        let mut cfg = config(&open.join("kms.sock"));
+        cfg.socket_dir_check = DirCheck::Warn;
+        let (_l2, _g2) = bind(&cfg).unwrap();
+        assert!(open.join("kms.sock").exists());
     }
 
     #[tokio::test]

@@ -12,39 +12,19 @@ use super::{
     Clock, INVALID_SINCE_LABEL, LAST_USED_LABEL, ROTATE_ANNOTATION, ROTATED_ANNOTATION, SA_NAME_ANNOTATION,
     SA_UID_ANNOTATION, TokenError, matches_any, rfc3339,
 };
+pub use crate::crd::tokens::Selection;
 use crate::{
-    crd::tokens::{LegacySpec, PendingSecret, TokenStatus},
-    k8s::{Created, Deleted, EventKind, Kube},
+    crd::tokens::{PendingSecret, TokenStatus},
+    k8s::{Created, Deleted, EventKind, Kube, Referenced},
     metrics::ControllerMetrics,
 };
 
-/// Which legacy token Secrets a run looks at.
-#[derive(Debug, Clone, Default)]
-pub struct Selection {
-    /// Namespaces; empty means all.
-    pub namespaces: Vec<String>,
-    /// Label selector (server side).
-    pub label_selector: Option<String>,
-    /// Skip Secrets with any of these labels.
-    pub exclude_labels: Vec<String>,
-    /// Skip Secrets with any of these annotations.
-    pub exclude_annotations: Vec<String>,
-    /// Rotate Secrets older than this.
-    pub max_age: Duration,
-}
-
-impl Selection {
-    /// From a policy's legacy section and its parsed `maxAge`.
-    pub fn from_spec(spec: &LegacySpec, max_age: Duration) -> Self {
-        Self {
-            namespaces: spec.namespaces.clone(),
-            label_selector: spec.label_selector.clone(),
-            exclude_labels: spec.exclude_labels.clone(),
-            exclude_annotations: spec.exclude_annotations.clone(),
-            max_age,
-        }
-    }
-}
+/// How long after a rotation starts the token controller's removal of the old reference may
+/// still arrive. It removes by name when it sees the delete
+/// (pkg/controller/serviceaccount/tokens_controller.go, `syncSecret`), within seconds; one that
+/// missed the delete (restarted, or re-listed after the Secret was recreated) never removes it.
+/// A name still listed after this is the reference itself.
+pub const REFERENCE_WAIT: Duration = Duration::from_secs(600);
 
 /// What a run does with one Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +67,7 @@ pub struct Candidate {
     pub service_account: String,
     /// Seconds since creation.
     pub age: i64,
-    /// The API server's last-used label (a date), if any.
+    /// The API server's last-used label, if any: the UTC day the token last authenticated.
     pub last_used: Option<String>,
     /// The verdict.
     pub verdict: Verdict,
@@ -111,15 +91,15 @@ pub fn classify(meta: ObjectMeta, selection: &Selection, now: Timestamp) -> Cand
     let created = meta.creation_timestamp.map(|t| t.0.as_second()).unwrap_or(now.as_second());
     let age = now.as_second() - created;
     let service_account = annotations.get(SA_NAME_ANNOTATION).cloned().unwrap_or_default();
-    let max_age = selection.max_age.as_secs() as i64;
+    let max_age = selection.max_age.duration().as_secs() as i64;
     let (verdict, reason) = if let Some(since) = labels.get(INVALID_SINCE_LABEL) {
         (Verdict::Invalid(since.clone()), format!("marked invalid since {since}; remove it or re-enable it"))
     } else if annotations.get(ROTATE_ANNOTATION).is_some_and(|v| v == "false") {
         (Verdict::Excluded(ROTATE_ANNOTATION.into()), format!("{ROTATE_ANNOTATION}=false"))
     } else if let Some(rule) = matches_any(&labels, &selection.exclude_labels) {
-        (Verdict::Excluded(rule.clone()), format!("excluded by label {rule}"))
+        (Verdict::Excluded(rule.to_string()), format!("excluded by label {rule}"))
     } else if let Some(rule) = matches_any(&annotations, &selection.exclude_annotations) {
-        (Verdict::Excluded(rule.clone()), format!("excluded by annotation {rule}"))
+        (Verdict::Excluded(rule.to_string()), format!("excluded by annotation {rule}"))
     } else if service_account.is_empty() {
         (Verdict::NoServiceAccount, format!("no {SA_NAME_ANNOTATION} annotation"))
     } else if age > max_age {
@@ -221,25 +201,33 @@ impl<'a> Legacy<'a> {
         Ok(())
     }
 
-    /// Finishes every rotation a crash interrupted, from the records in the status.
-    pub async fn resume(&self) -> Result<Vec<(String, Outcome)>, TokenError> {
-        let pending = self
+    async fn pending(&self) -> Result<Vec<PendingSecret>, TokenError> {
+        Ok(self
             .kube
             .token_policy(self.policy)
             .await?
             .and_then(|p| p.status)
             .map(|s| s.pending)
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    /// Finishes every rotation a crash interrupted, from the records in the status, and
+    /// re-checks the ServiceAccount references still to restore.
+    pub async fn resume(&self) -> Result<Vec<(String, Outcome)>, TokenError> {
         let mut done = Vec::new();
-        for record in pending {
+        for record in self.pending().await? {
             let id = format!("{}/{}", record.namespace, record.name);
+            if let Some(uid) = &record.recreated {
+                self.restore_reference(&record, uid).await?;
+                continue;
+            }
             let outcome = match self.kube.secret_meta(&record.namespace, &record.name).await? {
                 Some(meta) if meta.uid.as_deref() == Some(record.uid.as_str()) => {
                     self.forget(&record.namespace, &record.name).await?;
                     Outcome::Skipped("it was not deleted before the restart; the next run rotates it".into())
                 }
-                Some(_) => {
-                    self.forget(&record.namespace, &record.name).await?;
+                Some(meta) => {
+                    let record = self.created(&record, meta.uid).await?;
                     self.finish(&record).await?
                 }
                 None => {
@@ -251,6 +239,61 @@ impl<'a> Legacy<'a> {
             done.push((id, outcome));
         }
         Ok(done)
+    }
+
+    /// Re-checks every rotated Secret whose ServiceAccount reference is still to be restored;
+    /// returns how many still wait.
+    pub async fn restore_references(&self) -> Result<usize, TokenError> {
+        let mut waiting = 0;
+        for record in self.pending().await? {
+            if let Some(uid) = &record.recreated
+                && !self.restore_reference(&record, uid).await?
+            {
+                waiting += 1;
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Puts the recreated Secret back into `sa.secrets`, once the token controller has removed
+    /// the old reference: it removes by name and late, so a reference added earlier would be
+    /// removed with the old one. `Ok(true)` when nothing is left to do.
+    async fn restore_reference(&self, record: &PendingSecret, uid: &str) -> Result<bool, TokenError> {
+        let (ns, name) = (record.namespace.as_str(), record.name.as_str());
+        let id = format!("{ns}/{name}");
+        let ours = self.kube.secret_meta(ns, name).await?.is_some_and(|m| m.uid.as_deref() == Some(uid));
+        let account = match ours {
+            true => self.kube.service_account(ns, &record.service_account).await?,
+            false => None,
+        };
+        let Some(account) = account else {
+            tracing::info!(secret = %id, "the recreated Secret or its serviceaccount is gone; no reference to restore");
+            self.forget(ns, name).await?;
+            return Ok(true);
+        };
+        if account.lists(name) {
+            let now = self.clock.now();
+            let waited = super::parse_time(&record.since).map(|since| now.as_second() - since.as_second());
+            if waited.is_none_or(|w| w >= REFERENCE_WAIT.as_secs() as i64) {
+                tracing::info!(secret = %id, "the token controller never removed the reference; it stands");
+                self.forget(ns, name).await?;
+                return Ok(true);
+            }
+            tracing::debug!(secret = %id, "the old reference is not removed yet; the reference is restored later");
+            return Ok(false);
+        }
+        match self.kube.add_secret_reference(ns, &account, name).await? {
+            Referenced::Done => {
+                tracing::info!(secret = %id, serviceaccount = %record.service_account, "restored the serviceaccount's reference");
+                self.forget(ns, name).await?;
+                Ok(true)
+            }
+            Referenced::Conflict => Ok(false),
+            Referenced::Gone => {
+                self.forget(ns, name).await?;
+                Ok(true)
+            }
+        }
     }
 
     /// Rotates one Secret the plan found due.
@@ -277,21 +320,22 @@ impl<'a> Legacy<'a> {
         };
     }
 
-    /// Why a due Secret cannot be rotated, if it cannot.
-    async fn preflight(&self, c: &Candidate) -> Result<Option<String>, TokenError> {
+    /// Why a due Secret cannot be rotated (`Err`), or whether its ServiceAccount lists it in
+    /// `secrets` (`Ok`).
+    async fn preflight(&self, c: &Candidate) -> Result<Result<bool, String>, TokenError> {
         // NB: without its ServiceAccount the token controller deletes a recreated Secret, so
         // deleting this one would lose it for nothing (its token is already dead).
-        let sa_uid = self.kube.service_account_uid(&c.namespace, &c.service_account).await?;
-        Ok(match (sa_uid, c.annotations.get(SA_UID_ANNOTATION)) {
-            (None, _) => Some(format!(
+        let account = self.kube.service_account(&c.namespace, &c.service_account).await?;
+        Ok(match (account, c.annotations.get(SA_UID_ANNOTATION)) {
+            (None, _) => Err(format!(
                 "serviceaccount {}/{} does not exist; not rotated",
                 c.namespace, c.service_account
             )),
-            (Some(now), Some(then)) if &now != then => Some(format!(
+            (Some(now), Some(then)) if now.metadata.uid.as_deref() != Some(then.as_str()) => Err(format!(
                 "the token belongs to an earlier serviceaccount {}/{} (uid changed); not rotated",
                 c.namespace, c.service_account
             )),
-            _ => None,
+            (Some(account), _) => Ok(account.lists(&c.name)),
         })
     }
 
@@ -299,9 +343,10 @@ impl<'a> Legacy<'a> {
         if c.verdict != Verdict::Rotate {
             return Ok(Outcome::Skipped(c.reason.clone()));
         }
-        if let Some(why) = self.preflight(c).await? {
-            return Ok(Outcome::Failed(why));
-        }
+        let referenced = match self.preflight(c).await? {
+            Ok(referenced) => referenced,
+            Err(why) => return Ok(Outcome::Failed(why)),
+        };
         let record = PendingSecret {
             namespace: c.namespace.clone(),
             name: c.name.clone(),
@@ -320,6 +365,8 @@ impl<'a> Legacy<'a> {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             since: rfc3339(self.clock.now()),
+            referenced,
+            recreated: None,
         };
         self.update_status(|s| {
             s.pending.retain(|p| !(p.namespace == record.namespace && p.name == record.name));
@@ -345,7 +392,7 @@ impl<'a> Legacy<'a> {
         self.recreate(&record).await
     }
 
-    /// Creates the Secret from its record, drops the record, and waits for the token.
+    /// Creates the Secret from its record, updates the record, and waits for the token.
     async fn recreate(&self, record: &PendingSecret) -> Result<Outcome, TokenError> {
         let mut annotations = record.annotations.clone();
         annotations.insert(SA_NAME_ANNOTATION.into(), record.service_account.clone());
@@ -353,11 +400,39 @@ impl<'a> Legacy<'a> {
             .kube
             .create_legacy_token_secret(&record.namespace, &record.name, &record.labels, &annotations)
             .await?;
-        self.forget(&record.namespace, &record.name).await?;
-        if created == Created::Exists {
-            tracing::info!(secret = %format!("{}/{}", record.namespace, record.name), "recreated by someone else");
+        let uid = match created {
+            Created::Done(uid) => Some(uid),
+            Created::Exists => {
+                tracing::info!(secret = %format!("{}/{}", record.namespace, record.name), "recreated by someone else");
+                None
+            }
+        };
+        let record = self.created(record, uid).await?;
+        self.finish(&record).await
+    }
+
+    /// The Secret exists again (with `uid` when kmsgate made it): drops the record, so a slow
+    /// token controller never leads to a second create, or, when the ServiceAccount listed the
+    /// Secret, keeps it as the reminder to restore that reference.
+    async fn created(
+        &self,
+        record: &PendingSecret,
+        uid: Option<String>,
+    ) -> Result<PendingSecret, TokenError> {
+        let mut record = record.clone();
+        match uid.filter(|_| record.referenced) {
+            Some(uid) => {
+                record.recreated = Some(uid);
+                let kept = record.clone();
+                self.update_status(|s| {
+                    s.pending.retain(|p| !(p.namespace == kept.namespace && p.name == kept.name));
+                    s.pending.push(kept.clone());
+                })
+                .await?;
+            }
+            None => self.forget(&record.namespace, &record.name).await?,
         }
-        self.finish(record).await
+        Ok(record)
     }
 
     /// Waits for the token controller to fill the recreated Secret, then annotates it.
@@ -386,6 +461,9 @@ impl<'a> Legacy<'a> {
         let annotation = BTreeMap::from([(ROTATED_ANNOTATION.to_owned(), Some(rfc3339(self.clock.now())))]);
         self.kube.annotate_secret(ns, name, &annotation).await?;
         tracing::info!(secret = %format!("{ns}/{name}"), "rotated a legacy service-account token");
+        if let Some(uid) = &record.recreated {
+            self.restore_reference(record, uid).await?;
+        }
         Ok(Outcome::Rotated)
     }
 
@@ -414,7 +492,7 @@ impl<'a> Legacy<'a> {
                 Verdict::Rotate => {
                     totals.due += 1;
                     if dry_run {
-                        self.preflight(&candidate).await?.map(Outcome::Failed)
+                        self.preflight(&candidate).await?.err().map(Outcome::Failed)
                     } else {
                         Some(self.rotate(&candidate).await?)
                     }
@@ -459,10 +537,11 @@ mod tests {
     #[test]
     fn verdicts_follow_age_exclusions_and_the_cleaner() {
         let now = Timestamp::from_second(1_000_000_000).unwrap();
+        let rule = |text| crate::crd::tokens::Match::parse(text).unwrap();
         let selection = Selection {
-            max_age: Duration::from_secs(90 * 86_400),
-            exclude_labels: vec!["team=infra".into()],
-            exclude_annotations: vec!["keep".into()],
+            max_age: crate::crd::tokens::MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(),
+            exclude_labels: vec![rule("team=infra")],
+            exclude_annotations: vec![rule("keep")],
             ..Selection::default()
         };
         let sa = [(SA_NAME_ANNOTATION, "builder")];

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     backoff::Backoff,
-    crd::tokens::{MIN_LIFETIME, ManagedSpec, Plan},
+    crd::tokens::{Deny, MIN_LIFETIME, ManagedPlan, is_subdomain},
     k8s::{EventKind, Kube, KubeError},
     metrics::ControllerMetrics,
 };
@@ -47,19 +47,19 @@ pub struct Guard {
     audiences: Vec<String>,
     default_lifetime: Duration,
     max_lifetime: Duration,
-    deny: Vec<String>,
+    deny: Vec<Deny>,
     own: String,
 }
 
 impl Guard {
-    /// From a policy; `own` is kmsgate's own ServiceAccount as `namespace/name`.
-    pub fn new(spec: &ManagedSpec, rules: &Plan, own: &str) -> Self {
+    /// From a policy's managed plan; `own` is kmsgate's own ServiceAccount as `namespace/name`.
+    pub fn new(plan: &ManagedPlan, own: &str) -> Self {
         Self {
-            namespaces: spec.namespaces.clone(),
-            audiences: spec.audiences.clone(),
-            default_lifetime: rules.default_lifetime,
-            max_lifetime: rules.max_lifetime,
-            deny: spec.deny_service_accounts.clone(),
+            namespaces: plan.namespaces.clone(),
+            audiences: plan.audiences.clone(),
+            default_lifetime: plan.default_lifetime,
+            max_lifetime: plan.max_lifetime,
+            deny: plan.deny.clone(),
             own: own.to_owned(),
         }
     }
@@ -83,14 +83,14 @@ impl Guard {
                 "the serviceaccount must be in the secret's own namespace {ns}: {raw:?} names namespace {other:?}"
             ));
         }
-        if !valid_name(raw) {
+        if !is_subdomain(raw) {
             return Err(format!("{SERVICE_ACCOUNT_ANNOTATION} {raw:?} is not a serviceaccount name"));
         }
         let id = format!("{ns}/{raw}");
         if id == self.own {
             return Err(format!("serviceaccount {id} is kmsgate's own and is never issued"));
         }
-        if self.deny.iter().any(|d| *d == id || d.strip_suffix("/*") == Some(ns)) {
+        if self.deny.iter().any(|d| d.denies(ns, raw)) {
             return Err(format!(
                 "serviceaccount {id} is denied by TokenPolicy spec.managed.denyServiceAccounts"
             ));
@@ -122,15 +122,6 @@ impl Guard {
         }
         Ok(Request { service_account: raw.to_owned(), audiences, lifetime })
     }
-}
-
-/// A DNS-1123 subdomain, as ServiceAccount names are.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// What the token in a Secret answers: the request annotations as written and the Secret's uid.
@@ -218,7 +209,7 @@ impl Managed {
 
     /// Looks at every Secret that asks for a token; with `act`, issues those due and reports
     /// refusals and failures on the Secret.
-    pub async fn pass(&mut self, spec: &ManagedSpec, guard: &Guard, act: bool) -> Result<Pass, TokenError> {
+    pub async fn pass(&mut self, plan: &ManagedPlan, guard: &Guard, act: bool) -> Result<Pass, TokenError> {
         let secrets = self.kube.list_secrets(None, None, None).await?;
         let now = self.clock.now();
         let mut pass = Pass::default();
@@ -257,7 +248,7 @@ impl Managed {
             let issued = annotations.get(ISSUED_ANNOTATION).and_then(|t| parse_time(t));
             let refresh_at = match (current, issued, entry.expires) {
                 (true, Some(issued), Some(expires)) => {
-                    Some(refresh_point(issued, expires, spec.refresh_fraction))
+                    Some(refresh_point(issued, expires, plan.refresh_fraction))
                 }
                 _ => None,
             };
@@ -292,7 +283,7 @@ impl Managed {
                     pass.refreshed += 1;
                     pass.tokens += 1;
                     pass.earliest_expiry = earliest(pass.earliest_expiry, expires);
-                    let next = refresh_point(now, expires, spec.refresh_fraction);
+                    let next = refresh_point(now, expires, plan.refresh_fraction);
                     pass.next = earliest(pass.next, next);
                     entry.state = if current { "refreshed".into() } else { "issued".into() };
                     entry.expires = Some(expires);
@@ -443,19 +434,17 @@ mod tests {
     use super::*;
 
     fn guard() -> Guard {
-        let spec = ManagedSpec {
-            enabled: true,
-            namespaces: vec!["apps".into()],
-            audiences: vec!["vault".into()],
-            deny_service_accounts: vec!["apps/root".into(), "ops/*".into()],
-            ..ManagedSpec::default()
-        };
-        let rules = crate::crd::tokens::parse(&crate::crd::tokens::TokenPolicySpec {
-            managed: spec.clone(),
-            ..Default::default()
-        })
+        let plan = crate::crd::tokens::parse(
+            &serde_json::from_value(serde_json::json!({"managed": {
+                "enabled": true,
+                "namespaces": ["apps"],
+                "audiences": ["vault"],
+                "denyServiceAccounts": ["apps/root", "ops/*"],
+            }}))
+            .unwrap(),
+        )
         .unwrap();
-        Guard::new(&spec, &rules, "apps/kmsgate")
+        Guard::new(&plan.managed, "apps/kmsgate")
     }
 
     fn secret(ns: &str, annotations: &[(&str, &str)]) -> ObjectMeta {

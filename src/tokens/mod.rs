@@ -14,7 +14,6 @@ pub mod reconcile;
 
 use std::collections::BTreeMap;
 
-use crate::k8s::KubeError;
 pub use crate::{
     clock::{Clock, SystemClock, parse_time, rfc3339},
     crd::tokens::{
@@ -24,6 +23,7 @@ pub use crate::{
     },
     k8s::BearerToken,
 };
+use crate::{crd::tokens::Match, k8s::KubeError};
 
 /// A token operation failed; each variant names what.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum TokenError {
     Kube(#[from] KubeError),
     /// The TokenPolicy is invalid.
     #[error(transparent)]
-    Spec(#[from] crate::crd::tokens::SpecError),
+    InvalidPolicy(#[from] crate::crd::tokens::SpecError),
     /// The TokenPolicy does not exist.
     #[error(
         "TokenPolicy {0:?} not found: create one (deploy/controller/tokenpolicy.yaml) so rotations can be \
@@ -69,15 +69,9 @@ pub async fn update_status(
     Err(TokenError::Journal(format!("TokenPolicy {name}")))
 }
 
-/// Whether `map` has any of `rules` (`key` or `key=value`).
-pub fn matches_any(map: &BTreeMap<String, String>, rules: &[String]) -> Option<String> {
-    rules
-        .iter()
-        .find(|rule| match rule.split_once('=') {
-            Some((key, value)) => map.get(key).is_some_and(|v| v == value),
-            None => map.contains_key(rule.as_str()),
-        })
-        .cloned()
+/// The first of `rules` that `map` matches.
+pub fn matches_any<'a>(map: &BTreeMap<String, String>, rules: &'a [Match]) -> Option<&'a Match> {
+    rules.iter().find(|rule| rule.matches(map))
 }
 
 /// `3d4h`-style age for tables.
@@ -99,9 +93,11 @@ mod tests {
     fn exclusion_rules_match_keys_and_values() {
         let map: BTreeMap<String, String> =
             [("team".to_owned(), "infra".to_owned()), ("keep".to_owned(), String::new())].into();
-        assert_eq!(matches_any(&map, &["keep".into()]).as_deref(), Some("keep"));
-        assert_eq!(matches_any(&map, &["team=infra".into()]).as_deref(), Some("team=infra"));
-        assert_eq!(matches_any(&map, &["team=apps".into(), "other".into()]), None);
+        let rules = |texts: &[&str]| texts.iter().map(|t| Match::parse(t).unwrap()).collect::<Vec<_>>();
+        let first = |texts: &[&str]| matches_any(&map, &rules(texts)).map(Match::to_string);
+        assert_eq!(first(&["keep"]).as_deref(), Some("keep"));
+        assert_eq!(first(&["team=infra"]).as_deref(), Some("team=infra"));
+        assert_eq!(first(&["team=apps", "other"]), None);
     }
 
     #[test]

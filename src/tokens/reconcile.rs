@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::{
     Clock, TokenError,
-    legacy::{Legacy, Selection},
+    legacy::Legacy,
     managed::{Guard, Managed},
     rfc3339, update_status,
 };
@@ -22,6 +22,10 @@ use crate::{
 
 /// How long to wait before looking again for a TokenPolicy that does not exist or is invalid.
 const ABSENT_WAIT: Duration = Duration::from_secs(60);
+
+/// How soon to look again while a rotated Secret's ServiceAccount reference waits for the token
+/// controller to remove the old one.
+const REFERENCE_RECHECK: Duration = Duration::from_secs(15);
 
 /// What the token loops need.
 #[derive(Clone)]
@@ -63,7 +67,19 @@ impl TokenLoop {
 
     /// Legacy rotation on the policy's schedule.
     pub async fn run_legacy(&self, leader: watch::Receiver<bool>) {
-        self.follow(leader, |me| async move { me.legacy_once().await }).await;
+        self.follow(leader, |me| async move { me.legacy_round().await }).await;
+    }
+
+    /// A legacy round, then a re-check of the ServiceAccount references still to restore: those
+    /// cannot wait for the next scheduled run.
+    pub async fn legacy_round(&self) -> Result<Duration, TokenError> {
+        let wait = self.legacy_once().await?;
+        // NB: restoring a reference never waits for a token, so no token timeout applies.
+        let legacy = Legacy::new(&self.kube, &self.policy, &*self.clock, &self.metrics, Duration::ZERO);
+        Ok(match legacy.restore_references().await? {
+            0 => wait,
+            _ => wait.min(REFERENCE_RECHECK),
+        })
     }
 
     /// Managed tokens: a pass whenever one is due, a watched Secret's request changed, or the
@@ -154,8 +170,8 @@ impl TokenLoop {
     /// One legacy round: a run when due; returns how long until the next.
     pub async fn legacy_once(&self) -> Result<Duration, TokenError> {
         let Some(policy) = self.policy().await? else { return Ok(ABSENT_WAIT) };
-        let rules = parse(&policy.spec)?;
-        if !policy.spec.legacy.enabled {
+        let plan = parse(&policy.spec)?.legacy;
+        if !plan.enabled {
             return Ok(ABSENT_WAIT);
         }
         let now = self.clock.now();
@@ -165,9 +181,8 @@ impl TokenLoop {
             let next = super::parse_time(&status.legacy.next_run).unwrap_or(now);
             return Ok(until(now, next).min(ABSENT_WAIT * 10));
         }
-        let legacy = Legacy::new(&self.kube, &self.policy, &*self.clock, &self.metrics, rules.token_timeout);
-        let selection = Selection::from_spec(&policy.spec.legacy, rules.max_age);
-        let (results, totals) = legacy.run(&selection, false, |_, _, _| {}).await?;
+        let legacy = Legacy::new(&self.kube, &self.policy, &*self.clock, &self.metrics, plan.token_timeout);
+        let (results, totals) = legacy.run(&plan.selection, false, |_, _, _| {}).await?;
         let problems: Vec<String> = results
             .iter()
             .filter_map(|(c, o)| match o {
@@ -178,7 +193,7 @@ impl TokenLoop {
             .collect();
         let finished = self.clock.now();
         let next =
-            rules.schedule.next_after(finished.as_second()).and_then(|s| Timestamp::from_second(s).ok());
+            plan.schedule.next_after(finished.as_second()).and_then(|s| Timestamp::from_second(s).ok());
         let legacy_status = LegacyStatus {
             last_run: rfc3339(finished),
             next_run: next.map(rfc3339).unwrap_or_default(),
@@ -200,12 +215,12 @@ impl TokenLoop {
     /// One managed pass; returns how long until the next and whether to watch Secrets.
     pub async fn managed_once(&self, managed: &mut Managed) -> Result<(Duration, bool), TokenError> {
         let Some(policy) = self.policy().await? else { return Ok((ABSENT_WAIT, false)) };
-        let rules = parse(&policy.spec)?;
-        if !policy.spec.managed.enabled {
+        let plan = parse(&policy.spec)?.managed;
+        if !plan.enabled {
             return Ok((ABSENT_WAIT, false));
         }
-        let guard = Guard::new(&policy.spec.managed, &rules, &self.own);
-        let pass = managed.pass(&policy.spec.managed, &guard, true).await?;
+        let guard = Guard::new(&plan, &self.own);
+        let pass = managed.pass(&plan, &guard, true).await?;
         let now = self.clock.now();
         let summary = ManagedStatus {
             tokens: pass.tokens,
@@ -215,7 +230,7 @@ impl TokenLoop {
         if policy.status.as_ref().map(|s| &s.managed) != Some(&summary) {
             update_status(&self.kube, &self.policy, |s| s.managed = summary.clone()).await?;
         }
-        let wait = pass.next.map_or(rules.resync, |next| until(now, next).min(rules.resync));
+        let wait = pass.next.map_or(plan.resync, |next| until(now, next).min(plan.resync));
         // NB: whatever the answers said, never spin.
         Ok((wait.max(Duration::from_secs(1)), true))
     }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::error::ClientError;
-use crate::config::VaultAuth;
+use crate::{config::VaultAuth, files};
 
 /// A login call: the path below `/v1/` and the JSON body holding the credentials.
 pub type LoginRequest = (String, Zeroizing<Vec<u8>>);
@@ -17,8 +17,8 @@ pub type LoginRequest = (String, Zeroizing<Vec<u8>>);
 pub fn fingerprint(auth: &VaultAuth) -> [u8; 32] {
     let mut hash = Sha256::new();
     for path in auth.files() {
-        match std::fs::read(path) {
-            Ok(bytes) => hash.update(Sha256::digest(Zeroizing::new(bytes).as_slice())),
+        match files::read_capped(path, files::CREDENTIAL_MAX_BYTES) {
+            Ok(bytes) => hash.update(Sha256::digest(bytes.as_slice())),
             Err(_) => hash.update(b"<unreadable>"),
         }
     }
@@ -48,7 +48,8 @@ pub fn login_request(auth: &VaultAuth) -> Result<Option<LoginRequest>, ClientErr
 /// Reads a one-line credential file; the value never appears in errors.
 pub fn read_secret(path: &Path) -> Result<Zeroizing<String>, ClientError> {
     let problem = |problem: String| ClientError::CredentialFile { path: path.to_owned(), problem };
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?);
+    let text =
+        files::read_text_capped(path, files::CREDENTIAL_MAX_BYTES).map_err(|e| problem(e.to_string()))?;
     let value = text.trim();
     if value.is_empty() {
         return Err(problem("it is empty".into()));

@@ -3,7 +3,6 @@
 //! change can be noticed and the client rebuilt without a restart.
 
 use std::{
-    io::BufReader,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -11,15 +10,15 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use super::error::ClientError;
-use crate::config::VaultTls;
+use crate::{config::VaultTls, files};
 
 /// SHA-256 over every file's path and contents; changes when any of them changes.
 pub fn fingerprint(tls: &VaultTls) -> [u8; 32] {
     let mut hash = Sha256::new();
     for path in files(tls) {
         hash.update(path.as_os_str().as_encoded_bytes());
-        match std::fs::read(&path) {
-            Ok(bytes) => hash.update(Sha256::digest(&bytes)),
+        match files::read_capped(&path, files::DOCUMENT_MAX_BYTES) {
+            Ok(bytes) => hash.update(Sha256::digest(bytes.as_slice())),
             Err(_) => hash.update(b"<unreadable>"),
         }
     }
@@ -55,8 +54,8 @@ pub fn http_client(tls_files: &VaultTls, addresses: &[String]) -> Result<reqwest
             if chain.is_empty() {
                 return Err(tls_error(cert, "holds no PEM certificate"));
             }
-            let key_file = std::fs::File::open(key).map_err(|e| tls_error(key, &e.to_string()))?;
-            let private = rustls_pemfile::private_key(&mut BufReader::new(key_file))
+            let key_pem = read_pem(key)?;
+            let private = rustls_pemfile::private_key(&mut key_pem.as_slice())
                 .map_err(|e| tls_error(key, &e.to_string()))?
                 .ok_or_else(|| tls_error(key, "holds no PEM private key"))?;
             builder.with_client_auth_cert(chain, private).map_err(|e| tls_error(cert, &e.to_string()))?
@@ -115,9 +114,12 @@ fn ca_dir_files(path: &Path) -> Option<Vec<PathBuf>> {
     Some(files)
 }
 
+fn read_pem(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, ClientError> {
+    files::read_capped(path, files::DOCUMENT_MAX_BYTES).map_err(|e| tls_error(path, &e.to_string()))
+}
+
 fn read_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
-    let file = std::fs::File::open(path).map_err(|e| tls_error(path, &e.to_string()))?;
-    rustls_pemfile::certs(&mut BufReader::new(file))
+    rustls_pemfile::certs(&mut read_pem(path)?.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| tls_error(path, &e.to_string()))
 }

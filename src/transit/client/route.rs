@@ -157,7 +157,13 @@ impl VaultClient {
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let bytes = Zeroizing::new(response.bytes().await.map_err(transport)?.to_vec());
+        // NB: a too-large body is a broken node: Transport, so the call fails over to another.
+        let bytes = crate::http::read_capped(response, body_limit(path)).await.map_err(|e| match e {
+            crate::http::BodyError::Read(e) => transport(e),
+            e @ crate::http::BodyError::TooLarge { .. } => {
+                ClientError::Transport { address: address.to_owned(), problem: e.to_string() }
+            }
+        })?;
         if status == StatusCode::NO_CONTENT {
             return Ok(Envelope { data: None, auth: None });
         }
@@ -194,6 +200,24 @@ impl VaultClient {
         }
     }
 }
+
+/// The largest answer a call below `/v1/` may have. Encrypt and decrypt carry at most
+/// `MAX_BATCH` items of at most a 1 KiB ciphertext each (about 100 KiB); a key's metadata grows
+/// by about 100 bytes per version; logins and token calls are small.
+fn body_limit(path: &str) -> usize {
+    const KIB: usize = 1024;
+    if path.starts_with("auth/") || path.starts_with("sys/") {
+        64 * KIB
+    } else if ["/encrypt/", "/decrypt/", "/rewrap/"].iter().any(|op| path.contains(op)) {
+        512 * KIB
+    } else {
+        // Key metadata (`{mount}/keys/{name}`) and anything else: room for ~10 000 versions.
+        MAX_OTHER_BODY
+    }
+}
+
+/// The cap of a Vault answer other than a login, token, encrypt or decrypt call.
+const MAX_OTHER_BODY: usize = 1024 * 1024;
 
 fn random_u8() -> u8 {
     let mut byte = [0u8; 1];

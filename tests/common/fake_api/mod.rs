@@ -69,6 +69,15 @@ pub struct Secret {
     pub key_id: String,
 }
 
+/// A ServiceAccount's parts that token rotation reads and writes, besides its uid.
+#[derive(Debug, Clone, Default)]
+pub struct AccountRefs {
+    /// `metadata.resourceVersion`.
+    pub resource_version: u64,
+    /// The names in `secrets`, in order.
+    pub secrets: Vec<String>,
+}
+
 /// Faults to inject into Secret patches, by `namespace/name`.
 #[derive(Default)]
 pub struct Faults {
@@ -86,6 +95,12 @@ pub struct State {
     pub secrets: BTreeMap<(String, String), Secret>,
     /// ServiceAccounts by (namespace, name), with their uid.
     pub service_accounts: BTreeMap<(String, String), String>,
+    /// ServiceAccounts' resourceVersion and `secrets` names, by (namespace, name).
+    pub account_refs: BTreeMap<(String, String), AccountRefs>,
+    /// How long the token controller takes to remove a deleted token Secret's reference.
+    pub unref_delay: Duration,
+    /// Another client writes the next this-many ServiceAccount patches' target first (409).
+    pub account_races: u32,
     /// The one policy object served (a RotationPolicy or a TokenPolicy, by its `kind`).
     pub policy: Value,
     /// Leases by (namespace, name).
@@ -144,6 +159,9 @@ impl Default for State {
         Self {
             secrets: BTreeMap::new(),
             service_accounts: BTreeMap::new(),
+            account_refs: BTreeMap::new(),
+            unref_delay: Duration::from_millis(100),
+            account_races: 0,
             policy: Value::Null,
             leases: HashMap::new(),
             api_servers: Vec::new(),
@@ -352,7 +370,10 @@ impl Server {
             ("POST", ["api", "v1", "namespaces", ns, "secrets"]) => self.create_from(ns, body).await,
             ("PATCH", ["api", "v1", "namespaces", ns, "secrets", name]) => self.patch(ns, name, body).await,
             ("GET", ["api", "v1", "namespaces", ns, "serviceaccounts", name]) => {
-                self.service_account(ns, name).await
+                self.service_account(ns, name, accept).await
+            }
+            ("PATCH", ["api", "v1", "namespaces", ns, "serviceaccounts", name]) => {
+                self.patch_service_account(ns, name, body).await
             }
             ("POST", ["api", "v1", "namespaces", ns, "serviceaccounts", name, "token"]) => {
                 self.token_request(ns, name, body).await
@@ -471,17 +492,64 @@ impl Server {
         json_response(200, state.policy.clone())
     }
 
-    async fn service_account(&self, ns: &str, name: &str) -> Response<kube::client::Body> {
+    async fn service_account(&self, ns: &str, name: &str, accept: &str) -> Response<kube::client::Body> {
         let state = self.state.lock().await;
-        match state.service_accounts.get(&(ns.to_string(), name.to_string())) {
-            Some(uid) => json_response(
+        let id = (ns.to_string(), name.to_string());
+        match state.service_accounts.get(&id) {
+            Some(uid) if accept.contains("as=PartialObjectMetadata") => json_response(
                 200,
                 json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
                        "metadata": {"name": name, "namespace": ns, "uid": uid}}),
             ),
+            Some(uid) => json_response(200, account_json(ns, name, uid, &state.account_refs[&id])),
             None => not_found("serviceaccounts", name),
         }
     }
+
+    /// A merge patch of a ServiceAccount's `secrets` (a list, so replaced whole: staging/src/
+    /// k8s.io/apimachinery/pkg/util/json merge semantics in staging/src/k8s.io/apiserver/pkg/
+    /// endpoints/handlers/patch.go, `jsonPatcher.applyJSPatch`). A resourceVersion in the patch
+    /// is a precondition (staging/src/k8s.io/apiserver/pkg/registry/generic/registry/store.go,
+    /// `Store.Update`: 409 when it is not the stored one).
+    async fn patch_service_account(
+        &self,
+        ns: &str,
+        name: &str,
+        body: &Value,
+    ) -> Response<kube::client::Body> {
+        let mut state = self.state.lock().await;
+        let id = (ns.to_string(), name.to_string());
+        let Some(uid) = state.service_accounts.get(&id).cloned() else {
+            return not_found("serviceaccounts", name);
+        };
+        if state.account_races > 0 {
+            state.account_races -= 1;
+            state.next_rv += 1;
+            let rv = state.next_rv;
+            state.account_refs.get_mut(&id).unwrap().resource_version = rv;
+        }
+        let current = state.account_refs[&id].resource_version.to_string();
+        if body["metadata"]["resourceVersion"].as_str().is_some_and(|rv| rv != current) {
+            return conflict("serviceaccounts", name);
+        }
+        state.next_rv += 1;
+        let rv = state.next_rv;
+        let refs = state.account_refs.get_mut(&id).unwrap();
+        if let Some(secrets) = body["secrets"].as_array() {
+            refs.secrets = secrets.iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect();
+        }
+        refs.resource_version = rv;
+        json_response(200, account_json(ns, name, &uid, refs))
+    }
+}
+
+/// A v1 ServiceAccount as the API server serves it.
+fn account_json(ns: &str, name: &str, uid: &str, refs: &AccountRefs) -> Value {
+    let secrets: Vec<Value> = refs.secrets.iter().map(|s| json!({"name": s})).collect();
+    json!({"apiVersion": "v1", "kind": "ServiceAccount",
+           "metadata": {"name": name, "namespace": ns, "uid": uid,
+                        "resourceVersion": refs.resource_version.to_string()},
+           "secrets": secrets})
 }
 
 /// Whether the policy object is the one a `{plural}/{name}` path names.

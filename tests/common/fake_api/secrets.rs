@@ -178,9 +178,12 @@ impl Server {
                 ),
             ),
             Some(_) => {
-                state.secrets.remove(&id);
+                let deleted = state.secrets.remove(&id);
                 drop(state);
                 self.changed.notify_waiters();
+                if let Some(deleted) = deleted.filter(|s| s.type_ == kmsgate::tokens::LEGACY_TYPE) {
+                    self.spawn_reference_removal(deleted).await;
+                }
                 json_response(200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
             }
         }

@@ -5,6 +5,11 @@
 //! A kind of its own rather than a field of `RotationPolicy`: token work is continuous (a
 //! reconcile loop) where key rotation is a run with phases, the two statuses share nothing, and
 //! an operator can let someone manage token policy without the right to rotate keys.
+//!
+//! The spec is parsed once into a [`Plan`] (see [`parse`]); the token loops and `kmsgate tokens`
+//! read only the plan.
+
+mod plan;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -12,7 +17,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::schedule::Schedule;
+pub use plan::{
+    Deny, LegacyPlan, ManagedPlan, Match, MaxAge, Plan, Selection, SpecError, is_namespace, is_subdomain,
+    parse,
+};
 
 /// The Secret type of legacy tokens.
 pub const LEGACY_TYPE: &str = "kubernetes.io/service-account-token";
@@ -21,7 +29,8 @@ pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
 /// The ServiceAccount's uid on a legacy token (dropped on rotation: the token controller sets it,
 /// and a stale one makes it delete the Secret).
 pub const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
-/// Set by the API server on each use of a legacy token.
+/// The UTC date (`YYYY-MM-DD`) a legacy token last authenticated: the API server writes it on the
+/// first use of a day it does not already show, so at most once a day, and it is a day, not a time.
 pub const LAST_USED_LABEL: &str = "kubernetes.io/legacy-token-last-used";
 /// Set by the legacy token cleaner: the token no longer authenticates.
 pub const INVALID_SINCE_LABEL: &str = "kubernetes.io/legacy-token-invalid-since";
@@ -191,6 +200,13 @@ pub struct PendingSecret {
     pub annotations: BTreeMap<String, String>,
     /// When the rotation started (RFC 3339).
     pub since: String,
+    /// `sa.secrets` listed the Secret when it was deleted, so the reference is put back once the
+    /// token controller has removed the old one (it removes by name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub referenced: bool,
+    /// The uid of the Secret kmsgate recreated: only the reference is left to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreated: Option<String>,
 }
 
 /// Results of the last legacy run.
@@ -247,90 +263,6 @@ pub struct TokenStatus {
     pub managed: ManagedStatus,
 }
 
-/// A spec value is invalid.
-#[derive(Debug, thiserror::Error)]
-#[error("TokenPolicy spec.{field}: {problem}")]
-pub struct SpecError {
-    /// The field, e.g. `managed.maxLifetime`.
-    pub field: &'static str,
-    /// What is wrong.
-    pub problem: String,
-}
-
-/// The parsed, checked form of a spec.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// When the legacy run is due.
-    pub schedule: Schedule,
-    /// Rotate legacy Secrets older than this.
-    pub max_age: Duration,
-    /// Wait this long for the token controller.
-    pub token_timeout: Duration,
-    /// Lifetime asked for by default.
-    pub default_lifetime: Duration,
-    /// Longest lifetime allowed.
-    pub max_lifetime: Duration,
-    /// Managed re-list interval.
-    pub resync: Duration,
-}
-
-fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
-    humantime::parse_duration(text)
-        .map_err(|e| SpecError { field, problem: format!("{text:?} is not a duration like 24h: {e}") })
-}
-
-/// Parses and checks every field, so a bad policy fails once with a message naming the field.
-pub fn parse(spec: &TokenPolicySpec) -> Result<Plan, SpecError> {
-    let bad = |field, problem: &str| Err(SpecError { field, problem: problem.to_owned() });
-    let schedule = Schedule::parse(Some(&spec.legacy.schedule))
-        .map_err(|e| SpecError { field: "legacy.schedule", problem: e.to_string() })?;
-    let max_age = duration("legacy.maxAge", &spec.legacy.max_age)?;
-    if max_age < Duration::from_secs(3600) {
-        return bad("legacy.maxAge", "must be at least 1h");
-    }
-    let token_timeout = duration("legacy.tokenTimeout", &spec.legacy.token_timeout)?;
-    if token_timeout.is_zero() {
-        return bad("legacy.tokenTimeout", "must be above 0");
-    }
-    for (field, entries) in [
-        ("legacy.excludeLabels", &spec.legacy.exclude_labels),
-        ("legacy.excludeAnnotations", &spec.legacy.exclude_annotations),
-    ] {
-        if entries.iter().any(|e| e.split('=').next().is_none_or(str::is_empty)) {
-            return bad(field, "entries are `key` or `key=value`");
-        }
-    }
-    let m = &spec.managed;
-    let default_lifetime = duration("managed.defaultLifetime", &m.default_lifetime)?;
-    let max_lifetime = duration("managed.maxLifetime", &m.max_lifetime)?;
-    if max_lifetime < MIN_LIFETIME || max_lifetime > Duration::from_secs(1 << 32) {
-        return bad("managed.maxLifetime", "must be 10m to 2^32 seconds (the TokenRequest API's range)");
-    }
-    if default_lifetime < MIN_LIFETIME || default_lifetime > max_lifetime {
-        return bad("managed.defaultLifetime", "must be at least 10m and at most maxLifetime");
-    }
-    if !(m.refresh_fraction >= 0.1 && m.refresh_fraction <= 0.95) {
-        return bad("managed.refreshFraction", "must be 0.1 to 0.95");
-    }
-    let resync = duration("managed.resync", &m.resync)?;
-    if resync < Duration::from_secs(10) {
-        return bad("managed.resync", "must be at least 10s");
-    }
-    if m.enabled && m.namespaces.is_empty() {
-        return bad("managed.namespaces", "list the namespaces allowed to ask for tokens");
-    }
-    if m.namespaces.iter().any(|n| n.is_empty() || n.contains('*')) {
-        return bad("managed.namespaces", "entries are namespace names (no wildcards)");
-    }
-    for entry in &m.deny_service_accounts {
-        match entry.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {}
-            _ => return bad("managed.denyServiceAccounts", "entries are `namespace/name` or `namespace/*`"),
-        }
-    }
-    Ok(Plan { schedule, max_age, token_timeout, default_lifetime, max_lifetime, resync })
-}
-
 /// The CRD as YAML.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
     use kube::CustomResourceExt;
@@ -362,36 +294,6 @@ fn default_resync() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_empty_spec_is_valid_and_does_nothing() {
-        let spec: TokenPolicySpec = serde_json::from_value(serde_json::json!({})).unwrap();
-        assert!(!spec.legacy.enabled && !spec.managed.enabled);
-        let rules = parse(&spec).unwrap();
-        assert_eq!(rules.max_age, Duration::from_secs(90 * 24 * 3600));
-        assert_eq!(rules.default_lifetime, Duration::from_secs(3600));
-        assert_eq!(spec.managed.refresh_fraction, 0.8);
-    }
-
-    #[test]
-    fn validation_names_the_field() {
-        let check = |json: serde_json::Value, field: &str| {
-            let spec: TokenPolicySpec = serde_json::from_value(json).unwrap();
-            let error = parse(&spec).unwrap_err().to_string();
-            assert!(error.starts_with(&format!("TokenPolicy spec.{field}:")), "{error}");
-        };
-        check(serde_json::json!({"managed": {"enabled": true}}), "managed.namespaces");
-        check(serde_json::json!({"managed": {"maxLifetime": "5m"}}), "managed.maxLifetime");
-        check(serde_json::json!({"managed": {"defaultLifetime": "48h"}}), "managed.defaultLifetime");
-        check(serde_json::json!({"managed": {"refreshFraction": 1.0}}), "managed.refreshFraction");
-        check(
-            serde_json::json!({"managed": {"denyServiceAccounts": ["kmsgate"]}}),
-            "managed.denyServiceAccounts",
-        );
-        check(serde_json::json!({"legacy": {"maxAge": "soon"}}), "legacy.maxAge");
-        check(serde_json::json!({"legacy": {"schedule": "5m"}}), "legacy.schedule");
-        check(serde_json::json!({"legacy": {"excludeLabels": ["=x"]}}), "legacy.excludeLabels");
-    }
 
     #[test]
     fn crd_is_cluster_scoped_with_status() {
