@@ -41,9 +41,6 @@ pub const MAX_METRICS_BYTES: usize = 32 << 20;
 /// Longest metrics line kept; the lines we want are a few hundred bytes.
 const MAX_LINE: usize = 4096;
 
-/// Most bytes read from the CA or token file.
-const MAX_FILE: u64 = 1 << 20;
-
 /// The metric each API server sets when a Status call returns a key_id.
 pub const STATUS_METRIC: &str = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds";
 
@@ -116,7 +113,7 @@ impl ApiServerAccess {
         let mut ca = self.ca.clone();
         if let Some(file) = &self.ca_file {
             // NB: the file wins when readable: the CA may have been rotated since the start.
-            let pem = read_bounded(file)?;
+            let pem = read_file(file, crate::files::DOCUMENT_MAX_BYTES)?;
             let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
             ca = certs.map_err(|e| format!("{}: {e}", file.display()))?;
         }
@@ -134,7 +131,7 @@ impl ApiServerAccess {
         match &self.token {
             Token::Fixed(token) => Ok(Zeroizing::new(token.as_str().to_owned())),
             Token::File(path) => {
-                let bytes = Zeroizing::new(read_bounded(path)?);
+                let bytes = read_file(path, crate::files::CREDENTIAL_MAX_BYTES)?;
                 let text =
                     std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
                 Ok(Zeroizing::new(text.trim().to_owned()))
@@ -192,15 +189,8 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn read_bounded(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE + 1).read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_FILE {
-        return Err(format!("{} is larger than {MAX_FILE} bytes", path.display()));
-    }
-    Ok(bytes)
+fn read_file(path: &std::path::Path, max: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+    crate::files::read_capped(path, max).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Keeps the `STATUS_METRIC` lines of a metrics body fed in chunks, and fails past
@@ -387,5 +377,36 @@ mod tests {
         long.extend(vec![b'x'; MAX_LINE]);
         scanner.feed(&long).unwrap();
         assert_eq!(scanner.finish(), "", "an overlong line is dropped, not cut");
+    }
+
+    #[test]
+    fn the_in_cluster_token_and_ca_files_are_read_at_use_and_other_auth_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, token) = (dir.path().join("ca.crt"), dir.path().join("token"));
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        std::fs::write(&token, "first\n").unwrap();
+        let mut config = kube::Config::new("https://10.96.0.1".parse().unwrap());
+        config.root_cert_file = Some(ca.clone());
+        config.auth_info.token_file = Some(token.display().to_string());
+        let access = ApiServerAccess::from_config(&config).unwrap();
+        assert_eq!(access.roots().unwrap().len(), 1);
+        assert_eq!(access.token().unwrap().as_str(), "first");
+        std::fs::write(&token, "rotated").unwrap();
+        assert_eq!(access.token().unwrap().as_str(), "rotated", "kubelet rotates the token file");
+        assert!(!format!("{access:?}").contains("rotated"));
+
+        config.auth_info.token_file = None;
+        assert_eq!(
+            ApiServerAccess::from_config(&config).unwrap_err(),
+            "the client authenticates without a bearer token"
+        );
+        config.root_cert_file = None;
+        assert_eq!(
+            ApiServerAccess::from_config(&config).unwrap_err(),
+            "the client configuration names no cluster CA"
+        );
     }
 }
