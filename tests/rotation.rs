@@ -286,36 +286,171 @@ async fn convergence_times_out_into_failed_and_a_request_resumes_it() {
     assert_eq!(status["totals"]["rewritten"], 10);
 }
 
-#[tokio::test]
-async fn api_server_metrics_end_the_settle_wait_once_every_server_reports_the_key() {
+/// A run at Converging from v1 to v2 since the fake's now, with the API servers' metrics read.
+async fn converging_since_now(fake: &FakeApi, plugin: &str, settle: &str) {
     let (v1, v2) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let mut p = policy(plugin, json!({"spec": {"converge": {"settle": settle, "apiServerMetrics": true}}}));
+    let now = kmsgate::clock::Clock::now(&*fake.clock);
+    p["status"] = json!({"phase": "Converging", "runId": "r", "fromVersion": 1, "toVersion": 2, "toKeyId": v2,
+        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::clock::rfc3339(now)});
+    fake.set_policy(p).await;
+}
+
+/// A context that reads each fake API server at its own address and keeps the fake's time.
+fn converge_context(fake: &FakeApi) -> Context<FakeKeys> {
+    common::init_crypto();
+    let kube = Kube::new(fake.client()).with_api_server_access(fake.api_server_access());
+    Context::new(kube, FakeKeys::new(2), None, Arc::new(ControllerMetrics::new()), Duration::from_millis(20))
+        .with_clock(fake.clock.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_server_metrics_end_the_settle_wait_once_every_server_reports_the_key() {
+    let v2 = FakeKeys::key_id(2);
     let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
     let fake = FakeApi::new(&v2);
-    let mut p = policy(&plugin, json!({"spec": {"converge": {"settle": "1h", "apiServerMetrics": true}}}));
-    p["status"] = json!({"phase": "Converging", "runId": "r", "fromVersion": 1, "toVersion": 2, "toKeyId": v2,
-        "fromKeyId": v1, "knownVersion": 1, "phaseStartedAt": kmsgate::clock::rfc3339(k8s_openapi::jiff::Timestamp::now())});
-    fake.set_policy(p).await;
-    let lease = |id: &str| json!({"metadata": {"name": format!("apiserver-{id}"), "namespace": "kube-system"}, "spec": {"holderIdentity": id}});
-    let line = |id: &str| {
-        format!(
-            "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{{apiserver_id_hash=\"{}\",key_id_hash=\"{}\",provider_name=\"kmsgate\"}} 1.8e9\n",
-            kmsgate::k8s::sha256_label(id),
-            kmsgate::k8s::sha256_label(&v2)
-        )
-    };
-    {
-        let mut state = fake.state.lock().await;
-        state.identity_leases = vec![lease("kube-apiserver-a"), lease("kube-apiserver-b")];
-        state.metrics = line("kube-apiserver-a");
-    }
-    let ctx = context(&fake, FakeKeys::new(2));
+    converging_since_now(&fake, &plugin, "1h").await;
+    fake.start_api_servers(&["cp-a", "cp-b"]).await;
+    fake.status_returned(0, &v2).await;
+    let ctx = converge_context(&fake);
     assert!(matches!(ctx.step("p").await.unwrap(), Step::Wait(_)));
     assert_eq!(fake.status().await["phase"], "Converging", "one API server of two has not reported the key");
-    fake.state.lock().await.metrics.push_str(&line("kube-apiserver-b"));
+    fake.status_returned(1, &v2).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(
+        status["phase"], "Converging",
+        "both reported, but a failed first Encrypt keeps the old seed 3 minutes"
+    );
+    assert!(
+        status["message"].as_str().unwrap().starts_with("all 2 API servers reported the new key_id"),
+        "{status:#}"
+    );
+    tokio::time::advance(Duration::from_secs(180)).await;
     ctx.step("p").await.unwrap();
     let status = fake.status().await;
     assert_eq!(status["phase"], "Migrating", "{status:#}");
     assert_eq!(status["message"], "every API server reported the new key_id");
+    let state = fake.state.lock().await;
+    assert!(
+        state.log.iter().filter(|l| *l == "GET /metrics").count() >= 4,
+        "each server is read at its own address"
+    );
+    assert!(state.metrics.is_empty(), "the Service's /metrics (one server behind it) proves nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn of_three_api_servers_the_one_that_lags_holds_the_run_and_is_named() {
+    let (v1, v2) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    converging_since_now(&fake, &plugin, "1h").await;
+    fake.start_api_servers(&["cp-a", "cp-b", "cp-c"]).await;
+    for server in 0..3 {
+        fake.status_returned(server, &v1).await;
+    }
+    fake.status_returned(0, &v2).await;
+    fake.status_returned(1, &v2).await;
+    let ctx = converge_context(&fake);
+    ctx.step("p").await.unwrap();
+    tokio::time::advance(Duration::from_secs(600)).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Converging", "{status:#}");
+    // The ID as kube-apiserver derives it (cross-checked with Python's base64.b32encode).
+    assert_eq!(fake_api::api_server_id("cp-a"), "apiserver-tqsyvnc7rs47fayzipsuqpfg4m");
+    let lagging = fake_api::api_server_id("cp-c");
+    assert!(
+        status["message"].as_str().unwrap().contains(&format!("{lagging} has not reported it")),
+        "{status:#}"
+    );
+    fake.status_returned(2, &v2).await;
+    ctx.step("p").await.unwrap();
+    assert_eq!(fake.status().await["phase"], "Migrating");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_api_servers_lingering_lease_does_not_hold_the_run() {
+    let v2 = FakeKeys::key_id(2);
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    fake.start_api_servers(&["cp-a", "cp-b", "cp-old"]).await;
+    fake.stop_api_server(2).await;
+    // Its Lease stays for up to two hours; a minute without renewal marks it as gone.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    converging_since_now(&fake, &plugin, "1h").await;
+    fake.status_returned(0, &v2).await;
+    fake.status_returned(1, &v2).await;
+    let ctx = converge_context(&fake);
+    ctx.step("p").await.unwrap();
+    tokio::time::advance(Duration::from_secs(180)).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Migrating", "{status:#}");
+    assert_eq!(status["message"], "every API server reported the new key_id");
+}
+
+#[tokio::test(start_paused = true)]
+async fn servers_the_endpoint_slice_and_the_leases_count_differently_wait_the_whole_settle() {
+    let v2 = FakeKeys::key_id(2);
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    converging_since_now(&fake, &plugin, "8m").await;
+    fake.start_api_servers(&["cp-a", "cp-b", "cp-c"]).await;
+    // Running and renewing, but not (yet) in the EndpointSlice.
+    fake.state.lock().await.api_servers[2].in_endpoints = false;
+    for server in 0..3 {
+        fake.status_returned(server, &v2).await;
+    }
+    let ctx = converge_context(&fake);
+    ctx.step("p").await.unwrap();
+    tokio::time::advance(Duration::from_secs(300)).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Converging", "{status:#}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("EndpointSlice default/kubernetes lists 2 API servers but 3 identity Leases are live"),
+        "{status:#}"
+    );
+    tokio::time::advance(Duration::from_secs(180)).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Migrating", "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("had 480s to switch"), "{status:#}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_api_server_whose_certificate_the_cluster_ca_did_not_sign_proves_nothing() {
+    let v2 = FakeKeys::key_id(2);
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    converging_since_now(&fake, &plugin, "1h").await;
+    fake.start_api_servers(&["cp-a"]).await;
+    fake.status_returned(0, &v2).await;
+    common::init_crypto();
+    let other = fake_api::ServingCert::new();
+    let access = kmsgate::k8s::ApiServerAccess::new(
+        vec![other.ca],
+        zeroize::Zeroizing::new(fake_api::METRICS_TOKEN.into()),
+    );
+    let kube = Kube::new(fake.client()).with_api_server_access(access);
+    let ctx = Context::new(
+        kube,
+        FakeKeys::new(2),
+        None,
+        Arc::new(ControllerMetrics::new()),
+        Duration::from_millis(20),
+    )
+    .with_clock(fake.clock.clone());
+    ctx.step("p").await.unwrap();
+    tokio::time::advance(Duration::from_secs(300)).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Converging", "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("has not reported it; 127.0.0.1:"), "{status:#}");
 }
 
 #[tokio::test]
@@ -363,4 +498,95 @@ async fn storage_version_migration_falls_back_to_rewriting_where_not_served() {
     assert_eq!(status["storageMigrationFallback"], true, "{status:#}");
     assert_eq!(status["totals"]["rewritten"], 40);
     assert!(fake.stale(&new).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_policy_listing_a_resource_the_rbac_does_not_grant_fails_before_anything_rotates() {
+    let v1 = FakeKeys::key_id(1);
+    let plugin = plugin_status(Arc::new(Mutex::new(v1.clone()))).await;
+    let fake = FakeApi::new(&v1);
+    let resources = json!([{"resource": "secrets"}, {"group": "apps", "resource": "deployments"}]);
+    let mut p = policy(&plugin, json!({"spec": {"resources": resources}}));
+    p["metadata"]["annotations"] = json!({"kmsgate.io/rotate-requested": "r1"});
+    p["status"] = json!({"phase": "Idle", "knownVersion": 1});
+    fake.set_policy(p).await;
+    let keys = FakeKeys::new(1);
+    let ctx = context(&fake, keys.clone());
+    let status = run_to_rest(&ctx).await;
+
+    assert_eq!(status["phase"], "Failed", "{status:#}");
+    assert_eq!(status["failedPhase"], "Idle", "the run never started");
+    assert_eq!(status["conditions"][0]["reason"], "Forbidden");
+    assert_eq!(
+        status["message"],
+        "the controller's RBAC does not allow it to get deployments.apps in all namespaces, list \
+         deployments.apps in all namespaces, patch deployments.apps in all namespaces; grant that, then \
+         request a run"
+    );
+    assert_eq!(status["handledRequest"], "r1", "the failure answers the request");
+    assert_eq!(keys.metadata(&TransitKey::default()).await.unwrap().latest, 1, "no version was made");
+    let state = fake.state.lock().await;
+    assert!(state.log.iter().all(|l| !l.contains("/apis/apps")), "nothing was listed: {:?}", state.log);
+    assert!(
+        state.reviews.contains(&"list secrets.".to_owned())
+            && state.reviews.contains(&"patch secrets.".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_failed_run_does_not_resume_into_writes_the_rbac_does_not_grant() {
+    let v2 = FakeKeys::key_id(2);
+    let plugin = plugin_status(Arc::new(Mutex::new(v2.clone()))).await;
+    let fake = FakeApi::new(&v2);
+    let resources = json!([{"resource": "secrets"}, {"group": "apps", "resource": "deployments"}]);
+    let mut p = migrating(&plugin, json!({"spec": {"resources": resources}}));
+    p["metadata"]["annotations"] = json!({"kmsgate.io/rotate-requested": "again"});
+    p["status"]["phase"] = json!("Failed");
+    p["status"]["failedPhase"] = json!("Migrating");
+    fake.set_policy(p).await;
+    let ctx = context(&fake, FakeKeys::new(2));
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Failed", "{status:#}");
+    assert_eq!(status["failedPhase"], "Migrating", "a later request still resumes there");
+    assert_eq!(status["handledRequest"], "again");
+    assert!(
+        status["message"].as_str().unwrap().contains("list deployments.apps in all namespaces"),
+        "{status:#}"
+    );
+    let state = fake.state.lock().await;
+    assert!(state.log.iter().all(|l| !l.contains("/apis/apps")), "nothing was listed: {:?}", state.log);
+    assert_eq!(state.patches, 0);
+}
+
+/// A plugin endpoint that never stops sending is cut off at the /status bound instead of filling
+/// the controller's memory, and the report names the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_plugin_status_is_cut_off_at_its_bound() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 1024];
+        let _ = socket.read(&mut request).await;
+        let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"x\":\"").await;
+        let chunk = [b'a'; 64 * 1024];
+        // NB: bounded, so a broken cap fails the assertion below rather than running forever.
+        for _ in 0..1024 {
+            if socket.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let fake = FakeApi::new(&FakeKeys::key_id(1));
+    let ctx = context(&fake, FakeKeys::new(1));
+    let spec: kmsgate::crd::rotation::RotationPolicy =
+        serde_json::from_value(policy(&endpoint, json!({}))).unwrap();
+    let plan = kmsgate::crd::rotation::parse(&spec.spec).unwrap();
+    let reports = ctx.plugin_key_ids(&plan.converge).await.unwrap();
+    let err = reports[0].1.as_ref().unwrap_err();
+    assert!(err.contains("larger than the 65536-byte limit"), "{err}");
 }

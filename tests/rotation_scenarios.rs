@@ -41,6 +41,20 @@ fn event(reason: &'static str, kind: &'static str) -> Expect {
     )
 }
 
+/// A SelfSubjectAccessReview for `verb` on a core resource in all namespaces, answered `allowed`.
+fn access_review(verb: &'static str, resource: &'static str, allowed: bool) -> Expect {
+    let path = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews?";
+    let answer = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {}, "status": {"allowed": allowed}});
+    expect("POST", path, (201, answer)).check(move |_, body| {
+        let attributes = &body["spec"]["resourceAttributes"];
+        assert_eq!(attributes["verb"], verb);
+        assert_eq!(attributes["resource"], resource);
+        assert_eq!(attributes["group"], "");
+        assert!(attributes.get("namespace").is_none(), "all namespaces: {body}");
+    })
+}
+
 fn merge_patch(request: &Request<()>) {
     assert_eq!(request.headers()["content-type"], "application/merge-patch+json");
 }
@@ -312,15 +326,19 @@ async fn the_schedule_starts_a_run_when_the_injected_clock_reaches_it() {
     tokio::time::advance(Duration::from_secs(3600)).await;
     let (ctx, handle) = context(keys);
     let ctx = ctx.with_clock(clock);
-    let scenario = vec![
-        expect("GET", POLICY, (200, p)),
+    let mut scenario = vec![expect("GET", POLICY, (200, p))];
+    // Before the run starts, the controller asks whether it may do what the run will do.
+    for verb in ["get", "list", "patch"] {
+        scenario.push(access_review(verb, "secrets", true));
+    }
+    scenario.extend([
         expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
             assert_eq!(body["status"]["phase"], "Rotating");
             assert_eq!(body["status"]["trigger"], "schedule");
             assert_eq!(body["status"]["startedAt"], "2030-01-01T01:00:00Z");
         }),
         event("Rotating", "Normal"),
-    ];
+    ]);
     let verify = verifier(handle, scenario);
     assert_eq!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Again);
     verify.await.unwrap();

@@ -1,7 +1,4 @@
-//! The cluster around the controller: plugin endpoints on Nodes, the API servers' identities and
-//! metrics, and the leader Lease.
-
-use std::collections::BTreeMap;
+//! The cluster around the controller: plugin endpoints on Nodes and the leader Lease.
 
 use k8s_openapi::{
     api::{
@@ -17,9 +14,6 @@ use kube::{
 };
 
 use super::{Kube, KubeError, call};
-
-/// Label of the API servers' identity leases in kube-system.
-const APISERVER_IDENTITY_SELECTOR: &str = "apiserver.kubernetes.io/identity=kube-apiserver";
 
 impl Kube {
     /// `http://<InternalIP>:<port>` of every Node matching the selector.
@@ -47,24 +41,6 @@ impl Kube {
             }
         }
         Ok(endpoints)
-    }
-
-    /// The identities of the running API servers, from their identity leases.
-    pub async fn api_server_ids(&self) -> Result<Vec<String>, KubeError> {
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-system");
-        let list = leases
-            .list(&ListParams::default().labels(APISERVER_IDENTITY_SELECTOR))
-            .await
-            .map_err(call("list API server identity leases"))?;
-        Ok(list.items.into_iter().filter_map(|l| l.spec.and_then(|s| s.holder_identity)).collect())
-    }
-
-    /// The API server's own /metrics text.
-    pub async fn api_server_metrics(&self) -> Result<String, KubeError> {
-        let request = http::Request::get("/metrics")
-            .body(Vec::new())
-            .map_err(|e| KubeError::Unexpected(format!("build /metrics request: {e}")))?;
-        self.client.request_text(request).await.map_err(call("read API server /metrics"))
     }
 
     /// Takes or renews a Lease for `holder`; `false` when someone else holds a fresh one.
@@ -155,69 +131,4 @@ fn lease_fresh(spec: &LeaseSpec) -> bool {
     };
     let age = Timestamp::now().as_second() - renewed.0.as_second();
     age < i64::from(seconds)
-}
-
-/// The `apiserver_id_hash` values that reported `key_id` from Status, read from the
-/// `apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds` metric.
-pub fn api_servers_on_key(metrics: &str, provider: &str, key_id: &str) -> BTreeMap<String, f64> {
-    let wanted = sha256_label(key_id);
-    let mut seen = BTreeMap::new();
-    for line in metrics.lines() {
-        let Some(rest) =
-            line.strip_prefix("apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{")
-        else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once('}') else { continue };
-        let label = |name: &str| {
-            labels.split(',').find_map(|pair| {
-                let (k, v) = pair.split_once('=')?;
-                (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
-            })
-        };
-        if label("key_id_hash").as_deref() != Some(wanted.as_str())
-            || label("provider_name").is_some_and(|p| p != provider)
-        {
-            continue;
-        }
-        let (Some(id), Ok(at)) = (label("apiserver_id_hash"), value.trim().parse::<f64>()) else { continue };
-        seen.insert(id, at);
-    }
-    seen
-}
-
-/// `sha256:<hex>`, the form the API server's metrics use for key_ids and server ids.
-pub fn sha256_label(value: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(value.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_id_status_metric_is_read_per_api_server() {
-        let key = "kmsgate:1:vault:prod:::transit:k:2:100";
-        let text = format!(
-            "# HELP x\n\
-             apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{{apiserver_id_hash=\"sha256:a\",key_id_hash=\"{new}\",provider_name=\"kmsgate\"}} 1.7e9\n\
-             apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{{apiserver_id_hash=\"sha256:b\",key_id_hash=\"{old}\",provider_name=\"kmsgate\"}} 1.7e9\n\
-             apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{{apiserver_id_hash=\"sha256:c\",key_id_hash=\"{new}\",provider_name=\"other\"}} 1.7e9\n",
-            new = sha256_label(key),
-            old = sha256_label("kmsgate:1:vault:prod:::transit:k:1:50"),
-        );
-        let seen = api_servers_on_key(&text, "kmsgate", key);
-        assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["sha256:a"]);
-    }
-
-    #[test]
-    fn sha256_label_matches_a_known_digest() {
-        assert_eq!(
-            sha256_label("abc"),
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
 }

@@ -19,15 +19,20 @@ use serde_json::json;
 
 use crate::crd::rotation::{RotationPolicy, RotationStatus, Verification};
 
+mod access;
+mod apiservers;
 mod bounded;
 mod cluster;
 mod jobs;
 mod objects;
 mod tokens;
 
+pub use access::Review;
+pub use apiservers::{
+    ApiServerAccess, ApiServerAddresses, IdentityLease, MAX_API_SERVERS, SERVICE_NAME, STATUS_METRIC,
+    api_servers_on_key, sha256_label,
+};
 pub use bounded::{Bounded, MAX_BODY_BYTES};
-
-pub use cluster::{api_servers_on_key, sha256_label};
 pub use jobs::{JobState, MigrationState};
 pub use objects::{ObjectKey, Page, Target, Touch};
 pub use tokens::{BearerToken, Created, Deleted, IssuedToken, Referenced, ServiceAccountRefs, TokenSecret};
@@ -38,6 +43,8 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
     ("kmsgate.io", "rotationpolicies", &["get", "patch"]),
     ("kmsgate.io", "rotationpolicies/status", &["patch"]),
     ("coordination.k8s.io", "leases", &["get", "list", "create", "update"]),
+    ("discovery.k8s.io", "endpointslices", &["get"]),
+    ("authorization.k8s.io", "selfsubjectaccessreviews", &["create"]),
     ("events.k8s.io", "events", &["create"]),
     ("", "nodes", &["list"]),
     ("batch", "jobs", &["get", "create"]),
@@ -53,7 +60,7 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
 pub const VERIFY_RBAC: &[(&str, &str, &[&str])] =
     &[("kmsgate.io", "rotationpolicies", &["get"]), ("kmsgate.io", "rotationpolicies/status", &["patch"])];
 
-/// Non-resource URLs the controller reads.
+/// Non-resource URLs the controller reads (`/metrics` of each API server, at its own address).
 pub const RBAC_NON_RESOURCE: &[(&str, &[&str])] = &[("/metrics", &["get"])];
 
 /// Field manager recorded on every write.
@@ -110,22 +117,25 @@ fn call(operation: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
 #[derive(Clone)]
 pub struct Kube {
     client: Client,
+    /// How each API server is read at its own address, or why it cannot be.
+    api_servers: Result<ApiServerAccess, String>,
 }
 
 impl Kube {
-    /// Wraps a client (tests pass a mock service).
+    /// Wraps a client (tests pass a mock service); API servers are not read directly.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self { client, api_servers: Err("no cluster CA and token were given".into()) }
     }
 
     /// From the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or the in-cluster service account,
     /// with every answer's body bounded ([`bounded::MAX_BODY_BYTES`]).
     pub async fn infer() -> Result<Self, KubeError> {
         let config = kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?;
+        let api_servers = ApiServerAccess::from_config(&config);
         let builder =
             kube::client::ClientBuilder::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
         let client = builder.with_layer(&tower::layer::layer_fn(Bounded::new)).build();
-        Ok(Self { client })
+        Ok(Self { client, api_servers })
     }
 
     fn policies(&self) -> Api<RotationPolicy> {

@@ -1,14 +1,21 @@
-//! Converge: every plugin reports the new key_id, then the API servers get time (or their own
-//! metric says they switched). The driver gathers the evidence; [`decide`] judges it.
+//! Converge: every plugin reports the new key_id, then the API servers get time (or each one's
+//! own metric says it switched, and three more minutes pass). The driver gathers the evidence;
+//! [`decide`] judges it.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
+
+use k8s_openapi::jiff::Timestamp;
 
 use super::{Context, KeyAdmin, RotationError, Run, Step};
 use crate::{
     crd::rotation::{ConvergePlan, Phase, PluginSource},
-    k8s::{EventKind, KubeError},
+    k8s::{EventKind, IdentityLease, KubeError, MAX_API_SERVERS, api_servers_on_key, sha256_label},
     plugin_status::PluginStatus,
 };
+
+/// The most a plugin's `/status` may send: a few hundred bytes in practice, so a larger answer
+/// is not a plugin and must not fill the controller's memory.
+pub const PLUGIN_STATUS_MAX_BYTES: usize = 64 * 1024;
 
 impl<K: KeyAdmin> Context<K> {
     /// The key_id each plugin endpoint reports (or why it could not be read).
@@ -28,7 +35,10 @@ impl<K: KeyAdmin> Context<K> {
                 if !response.status().is_success() {
                     return Err(format!("HTTP {}", response.status()));
                 }
-                let body: PluginStatus = response.json().await.map_err(|e| e.to_string())?;
+                let body = crate::http::read_capped(response, PLUGIN_STATUS_MAX_BYTES)
+                    .await
+                    .map_err(|e| crate::error::chain(&e))?;
+                let body: PluginStatus = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
                 body.promoted.map(|p| p.key_id).ok_or_else(|| "no promoted key_id".to_owned())
             }
             .await;
@@ -44,7 +54,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         let wanted = self.book.status.to_key_id.clone();
         let reports = self.ctx.plugin_key_ids(&self.plan.converge).await?;
         let plugins = judge_plugins(&reports, &wanted);
-        let mut api_servers_switched = false;
+        let mut api_servers = ApiServers::NotRead;
         if let Plugins::Converged(count) = plugins {
             if self.book.status.plugins_converged_at.is_empty() {
                 self.book.status.plugins_converged_at = self.book.now_text();
@@ -54,14 +64,16 @@ impl<K: KeyAdmin> Run<'_, K> {
                     format!("{count} plugins report {wanted}"),
                 ));
             }
-            api_servers_switched =
-                self.plan.converge.api_server_metrics && self.api_servers_switched(&wanted).await;
+            let settled = self.book.elapsed_since(&self.book.status.plugins_converged_at);
+            if self.plan.converge.api_server_metrics && settled < self.plan.converge.settle {
+                api_servers = self.api_servers(&wanted).await;
+            }
         }
         let evidence = Evidence {
             waited,
             plugins,
             settled: self.book.elapsed_since(&self.book.status.plugins_converged_at),
-            api_servers_switched,
+            api_servers,
         };
         Ok(match decide(&self.plan.converge, evidence) {
             Decision::Fail(message) => self.fail("ConvergeTimeout", &message),
@@ -77,26 +89,97 @@ impl<K: KeyAdmin> Run<'_, K> {
         })
     }
 
-    /// Whether every API server (by identity lease) reported the new key_id from Status.
-    async fn api_servers_switched(&self, key_id: &str) -> bool {
-        let ids = match self.ctx.kube.api_server_ids().await {
-            Ok(ids) if !ids.is_empty() => ids,
-            Ok(_) => return false,
-            Err(e) => {
-                tracing::debug!(error = %e, "API server identities unreadable; waiting the settle time");
-                return false;
-            }
+    /// Reads every live API server's own metric: the identity Leases say which servers exist,
+    /// the `default/kubernetes` EndpointSlice where they are.
+    async fn api_servers(&self, key_id: &str) -> ApiServers {
+        let kube = &self.ctx.kube;
+        let access = match kube.api_server_access() {
+            Ok(access) => access,
+            Err(why) => return ApiServers::Unreadable(format!("API servers cannot be read directly: {why}")),
         };
-        let text = match self.ctx.kube.api_server_metrics().await {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::debug!(error = %e, "API server metrics unreadable; waiting the settle time");
-                return false;
-            }
+        let leases = match kube.identity_leases().await {
+            Ok(leases) => live_leases(&leases, self.book.now()),
+            Err(e) => return ApiServers::Unreadable(crate::error::chain(&e)),
         };
-        let seen = crate::k8s::api_servers_on_key(&text, &self.plan.verify.provider, key_id);
-        ids.iter().all(|id| seen.contains_key(&crate::k8s::sha256_label(id)))
+        let slice = match kube.api_server_addresses().await {
+            Ok(slice) => slice,
+            Err(e) => return ApiServers::Unreadable(crate::error::chain(&e)),
+        };
+        if slice.addresses.len() != leases.len() {
+            return ApiServers::Disagree { addresses: slice.addresses.len(), leases: leases.len() };
+        }
+        if slice.addresses.len() > MAX_API_SERVERS {
+            return ApiServers::Unreadable(format!(
+                "{} API server addresses; at most {MAX_API_SERVERS} are read",
+                slice.addresses.len()
+            ));
+        }
+        let Some(port) = slice.port else {
+            return ApiServers::Unreadable("EndpointSlice default/kubernetes names no port".into());
+        };
+        let mut scrapes = Vec::new();
+        for ip in slice.addresses {
+            let address = SocketAddr::new(ip, port);
+            scrapes.push((address.to_string(), access.status_metric_lines(address).await));
+        }
+        judge_api_servers(&leases, &scrapes, &self.plan.verify.provider, key_id)
     }
+}
+
+/// How long an identity Lease may go unrenewed and still count as a running API server. Live
+/// servers renew every 10 s (pkg/controlplane/apiserver/server.go,
+/// `IdentityLeaseRenewIntervalPeriod`); a removed server's Lease lingers until it expires (1 h,
+/// `IdentityLeaseDurationSeconds`) and the hourly garbage collection deletes it
+/// (pkg/controlplane/controller/apiserverleasegc/gc_controller.go, `Controller.gc`).
+pub const LEASE_FRESH: Duration = Duration::from_secs(60);
+
+/// How long an API server keeps writing with its old seed after its Status reported the new
+/// key_id, when the first Encrypt under the new one fails: the metric is recorded before the
+/// new seed is tried (staging/src/k8s.io/apiserver/pkg/server/options/encryptionconfig/config.go,
+/// `kmsv2PluginProbe.isKMSv2ProviderHealthyAndMaybeRotateDEK` calls `RecordKeyIDFromStatus`
+/// before `rotateDEKOnKeyIDChange`), and the old seed stays valid for `kmsv2PluginWriteDEKSourceMaxTTL`.
+pub const SEED_COAST: Duration = Duration::from_secs(180);
+
+/// The names of the identity Leases renewed within [`LEASE_FRESH`] of `now`. A Lease without a
+/// renew time is dead, as the garbage collector treats it (`isLeaseExpired`).
+pub fn live_leases(leases: &[IdentityLease], now: Timestamp) -> Vec<String> {
+    let fresh = LEASE_FRESH.as_secs() as i64;
+    leases
+        .iter()
+        .filter(|l| l.renewed.is_some_and(|at| now.as_second() - at.as_second() <= fresh))
+        .map(|l| l.name.clone())
+        .collect()
+}
+
+/// Judges each live server (by Lease name, which is the API server ID the metric hashes) against
+/// the metric lines read at each address: `(address, lines or why not)`.
+pub fn judge_api_servers(
+    live: &[String],
+    scrapes: &[(String, Result<String, String>)],
+    provider: &str,
+    key_id: &str,
+) -> ApiServers {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut unreadable = Vec::new();
+    for (address, scrape) in scrapes {
+        match scrape {
+            Ok(lines) => seen.extend(api_servers_on_key(lines, provider, key_id).into_keys()),
+            Err(e) => unreadable.push(format!("{address}: {e}")),
+        }
+    }
+    let mut lagging: Vec<String> = live
+        .iter()
+        .filter(|id| !seen.contains(&sha256_label(id)))
+        .map(|id| format!("{id} has not reported it"))
+        .collect();
+    if live.is_empty() {
+        return ApiServers::Unreadable("no identity Lease was renewed in the last minute".into());
+    }
+    if lagging.is_empty() {
+        return ApiServers::Switched(live.len());
+    }
+    lagging.extend(unreadable);
+    ApiServers::Lagging(lagging)
 }
 
 /// What the plugins report.
@@ -138,8 +221,28 @@ pub struct Evidence {
     pub plugins: Plugins,
     /// Time since every plugin first reported the new key_id (zero before).
     pub settled: Duration,
-    /// Every API server's metric shows the new key_id.
-    pub api_servers_switched: bool,
+    /// What the API servers' own metrics say.
+    pub api_servers: ApiServers,
+}
+
+/// What the API servers' metrics show about the new key_id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiServers {
+    /// Not read: the policy does not ask, or the plugins are not there yet.
+    NotRead,
+    /// The evidence could not be gathered, and why.
+    Unreadable(String),
+    /// The EndpointSlice and the live identity Leases count different servers.
+    Disagree {
+        /// Addresses in `default/kubernetes`.
+        addresses: usize,
+        /// Identity Leases renewed in the last minute.
+        leases: usize,
+    },
+    /// Some live servers have not reported the key_id (or could not be read): one line each.
+    Lagging(Vec<String>),
+    /// This many live servers all reported it.
+    Switched(usize),
 }
 
 /// The converge phase's next move.
@@ -172,19 +275,38 @@ pub fn decide(plan: &ConvergePlan, evidence: Evidence) -> Decision {
         }
         return Decision::Wait { message, at_most: None };
     }
-    if evidence.api_servers_switched {
-        return Decision::Migrate("every API server reported the new key_id".into());
-    }
     let settle = plan.settle;
     if evidence.settled >= settle {
         return Decision::Migrate(format!("plugins converged and API servers had {settle:?} to switch"));
+    }
+    if let ApiServers::Switched(count) = evidence.api_servers {
+        if evidence.settled >= SEED_COAST {
+            return Decision::Migrate("every API server reported the new key_id".into());
+        }
+        // NB: a server whose first Encrypt under the new key_id failed keeps its old seed for
+        // up to three minutes, whatever its metric says.
+        let left = SEED_COAST - evidence.settled;
+        return Decision::Wait {
+            message: format!(
+                "all {count} API servers reported the new key_id; waiting {left:?} more in case one still writes with its old seed"
+            ),
+            at_most: Some(left),
+        };
     }
     if evidence.waited >= timeout {
         return Decision::Fail(format!("API servers did not switch within {timeout:?}"));
     }
     let left = settle - evidence.settled;
+    let why = match evidence.api_servers {
+        ApiServers::NotRead | ApiServers::Switched(_) => String::new(),
+        ApiServers::Unreadable(why) => format!(" (their metrics are unreadable: {why})"),
+        ApiServers::Disagree { addresses, leases } => format!(
+            " (EndpointSlice default/kubernetes lists {addresses} API servers but {leases} identity Leases are live, so the metrics cannot prove all switched)"
+        ),
+        ApiServers::Lagging(lines) => format!(" ({})", lines.join("; ")),
+    };
     Decision::Wait {
-        message: format!("plugins converged; waiting {left:?} more for API servers"),
+        message: format!("plugins converged; waiting {left:?} more for API servers{why}"),
         at_most: Some(left),
     }
 }
@@ -207,7 +329,7 @@ mod tests {
             waited: Duration::from_secs(waited),
             plugins,
             settled: Duration::from_secs(settled),
-            api_servers_switched: switched,
+            api_servers: if switched { ApiServers::Switched(3) } else { ApiServers::NotRead },
         }
     }
 
@@ -245,10 +367,108 @@ mod tests {
                 at_most: Some(Duration::from_secs(400))
             }
         );
-        assert!(matches!(decide(&plan(), evidence(100, converged(), 80, true)), Decision::Migrate(_)));
+        assert!(matches!(decide(&plan(), evidence(200, converged(), 180, true)), Decision::Migrate(_)));
         assert!(matches!(decide(&plan(), evidence(600, converged(), 480, false)), Decision::Migrate(_)));
         assert!(
             matches!(decide(&plan(), evidence(3600, converged(), 60, false)), Decision::Fail(m) if m.starts_with("API servers did not switch"))
         );
+    }
+
+    #[test]
+    fn the_metrics_end_the_wait_no_sooner_than_three_minutes_after_the_plugins_converged() {
+        let converged = || Plugins::Converged(3);
+        assert_eq!(
+            decide(&plan(), evidence(100, converged(), 80, true)),
+            Decision::Wait {
+                message: "all 3 API servers reported the new key_id; waiting 100s more in case one still writes with its old seed".into(),
+                at_most: Some(Duration::from_secs(100))
+            }
+        );
+        assert!(matches!(decide(&plan(), evidence(180, converged(), 179, true)), Decision::Wait { .. }));
+        assert!(matches!(decide(&plan(), evidence(180, converged(), 180, true)), Decision::Migrate(_)));
+    }
+
+    #[test]
+    fn disagreeing_counts_and_lagging_servers_wait_the_whole_settle_and_say_why() {
+        let with = |api_servers| Evidence {
+            waited: Duration::from_secs(300),
+            plugins: Plugins::Converged(3),
+            settled: Duration::from_secs(280),
+            api_servers,
+        };
+        assert_eq!(
+            decide(&plan(), with(ApiServers::Disagree { addresses: 2, leases: 3 })),
+            Decision::Wait {
+                message: "plugins converged; waiting 200s more for API servers (EndpointSlice default/kubernetes lists 2 API servers but 3 identity Leases are live, so the metrics cannot prove all switched)".into(),
+                at_most: Some(Duration::from_secs(200))
+            }
+        );
+        let lagging = ApiServers::Lagging(vec!["apiserver-c has not reported it".into()]);
+        assert!(
+            matches!(decide(&plan(), with(lagging)), Decision::Wait { message, .. } if message.ends_with("(apiserver-c has not reported it)"))
+        );
+        let settled = Evidence {
+            settled: Duration::from_secs(480),
+            ..with(ApiServers::Disagree { addresses: 2, leases: 3 })
+        };
+        assert!(matches!(decide(&plan(), settled), Decision::Migrate(_)));
+    }
+
+    fn lease(name: &str, renewed: Option<i64>) -> IdentityLease {
+        IdentityLease { name: name.into(), renewed: renewed.map(|s| Timestamp::from_second(s).unwrap()) }
+    }
+
+    #[test]
+    fn leases_unrenewed_for_a_minute_are_not_running_servers() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let t = now.as_second();
+        let leases = [
+            lease("apiserver-a", Some(t - 10)),
+            lease("apiserver-b", Some(t - 60)),
+            lease("apiserver-gone", Some(t - 61)),
+            lease("apiserver-unset", None),
+            lease("apiserver-skewed", Some(t + 5)),
+        ];
+        assert_eq!(live_leases(&leases, now), vec!["apiserver-a", "apiserver-b", "apiserver-skewed"]);
+    }
+
+    #[test]
+    fn each_server_is_matched_by_the_hash_of_its_lease_name_not_its_holder() {
+        let key = "kmsgate:1:vault:prod:::transit:k:2:100";
+        let line = |id: &str| {
+            format!(
+                "{}{{apiserver_id_hash=\"{}\",key_id_hash=\"{}\",provider_name=\"kmsgate\"}} 1.8e9\n",
+                crate::k8s::STATUS_METRIC,
+                sha256_label(id),
+                sha256_label(key)
+            )
+        };
+        let live = vec!["apiserver-a".to_owned(), "apiserver-b".to_owned()];
+        let scrapes = vec![
+            ("10.0.0.1:6443".to_owned(), Ok(line("apiserver-a"))),
+            ("10.0.0.2:6443".to_owned(), Ok(line("apiserver-b_0b9f6c1e-uuid"))),
+        ];
+        assert_eq!(
+            judge_api_servers(&live, &scrapes, "kmsgate", key),
+            ApiServers::Lagging(vec!["apiserver-b has not reported it".into()]),
+            "a holder identity hash is not the server ID"
+        );
+        let scrapes = vec![
+            ("10.0.0.1:6443".to_owned(), Ok(line("apiserver-a"))),
+            ("10.0.0.2:6443".to_owned(), Ok(line("apiserver-b"))),
+        ];
+        assert_eq!(judge_api_servers(&live, &scrapes, "kmsgate", key), ApiServers::Switched(2));
+        let scrapes = vec![
+            ("10.0.0.1:6443".to_owned(), Ok(line("apiserver-a"))),
+            ("10.0.0.2:6443".to_owned(), Err("HTTP 403".to_owned())),
+        ];
+        assert_eq!(
+            judge_api_servers(&live, &scrapes, "kmsgate", key),
+            ApiServers::Lagging(vec![
+                "apiserver-b has not reported it".into(),
+                "10.0.0.2:6443: HTTP 403".into()
+            ])
+        );
+        assert!(matches!(judge_api_servers(&[], &[], "kmsgate", key), ApiServers::Unreadable(_)));
     }
 }

@@ -3,6 +3,7 @@
 //! work from whatever the status says and writes the result back, so a restarted controller (or
 //! `kmsgate rotate`) resumes exactly where the last one stopped, and any step may be cut short.
 
+pub mod access;
 pub mod converge;
 pub mod keys;
 pub mod migrate;
@@ -149,7 +150,7 @@ impl<K: KeyAdmin> Run<'_, K> {
     async fn advance(&mut self) -> Result<Step, RotationError> {
         match self.book.status.phase {
             Phase::Idle => self.idle().await,
-            Phase::Failed => Ok(self.failed()),
+            Phase::Failed => self.failed().await,
             Phase::Rotating => self.rotating().await,
             Phase::Converging => self.converging().await,
             Phase::Migrating => self.migrating().await,
@@ -261,6 +262,14 @@ impl<K: KeyAdmin> Run<'_, K> {
                 Ok(self.rest())
             }
             Idle::Start { trigger, from, to } => {
+                if let Some(message) = self.missing_access().await? {
+                    // NB: the request is answered (by the failure), so it does not start again
+                    // at once; a new request or the schedule retries.
+                    if let Some(request) = self.new_request() {
+                        self.book.status.handled_request = request;
+                    }
+                    return Ok(self.fail("Forbidden", &message));
+                }
                 self.start(trigger, &meta, from, to);
                 Ok(Step::Again)
             }
@@ -273,20 +282,30 @@ impl<K: KeyAdmin> Run<'_, K> {
         }
     }
 
-    fn failed(&mut self) -> Step {
+    async fn failed(&mut self) -> Result<Step, RotationError> {
         let request = self.new_request();
         if request.is_none() && !self.due() {
-            return self.rest();
+            return Ok(self.rest());
         }
         if let Some(request) = request {
             self.book.status.handled_request = request;
         }
-        let resume = self.book.status.failed_phase.take().unwrap_or(Phase::Idle);
+        let resume = self.book.status.failed_phase.unwrap_or(Phase::Idle);
+        // NB: Idle checks access when it starts a run; a run resumed past that point must not
+        // go on into writes it may not make (the policy or the RBAC may have changed).
+        if !matches!(resume, Phase::Idle | Phase::Retiring)
+            && let Some(message) = self.missing_access().await?
+        {
+            self.book.stall("Forbidden", &message);
+            self.book.status.next_run = self.next_run();
+            return Ok(self.rest());
+        }
+        self.book.status.failed_phase = None;
         self.book.status.result.clear();
         self.book.condition("Stalled", false, "Resumed", "");
         self.book.enter(resume);
         self.book.status.message = format!("resumed at {}", resume.as_str());
-        Step::Again
+        Ok(Step::Again)
     }
 
     async fn rotating(&mut self) -> Result<Step, RotationError> {

@@ -10,6 +10,7 @@
 //! Each Secret remembers the key_id it was last written with. An optional [`Store`] mirrors every
 //! write into real storage (the end-to-end test seals it through the plugin into etcd).
 
+mod apiservers;
 mod secrets;
 mod tokens;
 mod wire;
@@ -26,6 +27,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
+pub use apiservers::{ApiServer, METRICS_TOKEN, ServingCert, api_server_id};
 pub use tokens::{Issued, TestClock};
 pub use wire::{
     Incoming, client_for, conflict, json_response, merge, metadata_list, not_found, status_response,
@@ -103,11 +105,15 @@ pub struct State {
     pub policy: Value,
     /// Leases by (namespace, name).
     pub leases: HashMap<(String, String), Value>,
-    /// The API servers' identity Leases, listed in kube-system.
-    pub identity_leases: Vec<Value>,
+    /// The API server processes: identity Leases, `default/kubernetes`, each one's /metrics.
+    pub api_servers: Vec<ApiServer>,
+    /// The EncryptionConfiguration provider name the API servers label their metrics with.
+    pub provider_name: String,
+    /// SelfSubjectAccessReviews asked, as `verb resource.group`.
+    pub reviews: Vec<String>,
     /// Events created, as sent.
     pub events: Vec<Value>,
-    /// The API server's own /metrics text.
+    /// What `/metrics` through the Service answers (one server behind the load balancer).
     pub metrics: String,
     /// The key_id a write uses now (without a [`Store`]).
     pub current_key_id: String,
@@ -158,7 +164,9 @@ impl Default for State {
             account_races: 0,
             policy: Value::Null,
             leases: HashMap::new(),
-            identity_leases: Vec::new(),
+            api_servers: Vec::new(),
+            provider_name: "kmsgate".into(),
+            reviews: Vec::new(),
             events: Vec::new(),
             metrics: String::new(),
             current_key_id: String::new(),
@@ -192,6 +200,7 @@ pub struct FakeApi {
     /// Wall-clock time that advances with tokio's clock.
     pub clock: Arc<TestClock>,
     server: Server,
+    serving: Arc<ServingCert>,
     _rbac: Arc<RbacCheck>,
 }
 
@@ -252,7 +261,8 @@ impl FakeApi {
             store: None,
             changed: Arc::new(Notify::new()),
         };
-        Self { state: state.clone(), clock, server, _rbac: Arc::new(RbacCheck(state)) }
+        let serving = Arc::new(ServingCert::new());
+        Self { state: state.clone(), clock, server, serving, _rbac: Arc::new(RbacCheck(state)) }
     }
 
     /// Mirrors every Secret write into `store`.
@@ -373,11 +383,13 @@ impl Server {
                 self.patch_policy(plural, name, rest == ["status"], body).await
             }
             ("GET", ["apis", "coordination.k8s.io", "v1", "namespaces", "kube-system", "leases"]) => {
-                let state = self.state.lock().await;
-                json_response(
-                    200,
-                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList", "metadata": {}, "items": state.identity_leases}),
-                )
+                self.identity_leases().await
+            }
+            ("GET", ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices", name]) => {
+                self.endpoint_slice(ns, name).await
+            }
+            ("POST", ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]) => {
+                self.access_review(body).await
             }
             ("GET", ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
                 let state = self.state.lock().await;
