@@ -4,25 +4,12 @@
 
 use kmsgate_testkit as common;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use common::{Bao, Plugin, eventually};
-use kmsgate::proto::v2::{DecryptRequest, EncryptRequest, StatusRequest};
+use common::{Bao, Plugin, decrypt_request as decrypt, encrypt_request as encrypt, eventually};
+use kmsgate::proto::v2::StatusRequest;
 use serde_json::json;
 use tonic::Code;
-
-fn encrypt(plaintext: &[u8]) -> EncryptRequest {
-    EncryptRequest { plaintext: plaintext.to_vec(), uid: uuid::Uuid::new_v4().to_string() }
-}
-
-fn decrypt(ciphertext: &[u8], key_id: &str) -> DecryptRequest {
-    DecryptRequest {
-        ciphertext: ciphertext.to_vec(),
-        uid: uuid::Uuid::new_v4().to_string(),
-        key_id: key_id.to_owned(),
-        annotations: HashMap::new(),
-    }
-}
 
 /// Probes that never run on their own after the first ones, so only a hint can trigger a poll.
 fn quiet_probes(bao: &Bao, dir: &std::path::Path) -> Vec<(String, String)> {

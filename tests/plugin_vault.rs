@@ -3,30 +3,17 @@
 
 use kmsgate_testkit as common;
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use common::{Bao, Plugin, eventually, fast_probes};
+use common::{Bao, Plugin, decrypt_request as decrypt, encrypt_request as encrypt, eventually, fast_probes};
 use kmsgate::{
     config::SocketSpec,
     keyid::KeyId,
-    proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
+    proto::v2::{DecryptRequest, StatusRequest},
     selftest,
 };
 use serde_json::json;
 use tonic::{Code, Request};
-
-fn encrypt(plaintext: &[u8]) -> EncryptRequest {
-    EncryptRequest { plaintext: plaintext.to_vec(), uid: uuid::Uuid::new_v4().to_string() }
-}
-
-fn decrypt(ciphertext: &[u8], key_id: &str) -> DecryptRequest {
-    DecryptRequest {
-        ciphertext: ciphertext.to_vec(),
-        uid: uuid::Uuid::new_v4().to_string(),
-        key_id: key_id.to_owned(),
-        annotations: HashMap::new(),
-    }
-}
 
 fn with_settings(base: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut all = base;

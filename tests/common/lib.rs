@@ -20,7 +20,7 @@ use std::{net::TcpListener, process::Command};
 pub use etcd::Etcd;
 pub use eventually::{Settled, eventually};
 pub use openbao::{Bao, RaftCluster, bao_binary};
-pub use plugin::{Plugin, fast_probes, kmsgate_command};
+pub use plugin::{Plugin, decrypt_request, encrypt_request, fast_probes, kmsgate_command};
 
 /// Installs the ring provider once per test binary.
 pub fn init_crypto() {

@@ -174,3 +174,21 @@ pub fn fast_probes() -> Vec<(String, String)> {
         ("plugin.probe_timeout".into(), "500ms".into()),
     ]
 }
+
+/// An Encrypt request as kube-apiserver sends it: a fresh uid per call.
+pub fn encrypt_request(plaintext: &[u8]) -> kmsgate::proto::v2::EncryptRequest {
+    kmsgate::proto::v2::EncryptRequest {
+        plaintext: plaintext.to_vec(),
+        uid: uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+/// A Decrypt request as kube-apiserver sends it: a fresh uid, no annotations.
+pub fn decrypt_request(ciphertext: &[u8], key_id: &str) -> kmsgate::proto::v2::DecryptRequest {
+    kmsgate::proto::v2::DecryptRequest {
+        ciphertext: ciphertext.to_vec(),
+        uid: uuid::Uuid::new_v4().to_string(),
+        key_id: key_id.to_owned(),
+        annotations: std::collections::HashMap::new(),
+    }
+}
