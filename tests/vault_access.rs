@@ -262,10 +262,12 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let waiter = {
         let transit = transit.clone();
-        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(2)).await })
+        // NB: a deadline long enough that a loaded machine still sees the call waiting before it
+        // gives up; the proof below is by order, so a longer wait weakens nothing.
+        tokio::spawn(async move { transit.metadata(Instant::now() + Duration::from_secs(6)).await })
     };
     let mut waiting = 0;
-    eventually(Duration::from_millis(1500), "the second call waits", async || {
+    eventually(Duration::from_millis(5500), "the second call waits", async || {
         waiting = metrics.calls_waiting.get();
         waiting == 1
     })
