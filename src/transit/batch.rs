@@ -171,8 +171,7 @@ async fn flush(client: Arc<VaultClient>, path: String, batch: Vec<Pending>, perm
 fn item(result: Decrypted) -> Reply {
     if !result.error.is_empty() {
         let lower = result.error.to_ascii_lowercase();
-        let mut message = result.error;
-        message.truncate(300);
+        let message = crate::error::clipped(result.error, 300);
         if lower.contains("too old") || lower.contains("less than the minimum") {
             return Err(BackendError::Retired(message));
         }
@@ -185,4 +184,18 @@ fn item(result: Decrypted) -> Reply {
 
 fn dropped() -> BackendError {
     BackendError::Protocol("a batch flusher stopped before answering".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_multi_byte_vault_error_is_clipped_without_a_panic() {
+        // NB: byte 300 falls inside a two-byte character; a plain truncate panicked here.
+        let error = format!("a{}", "é".repeat(400));
+        let reply = item(Decrypted { plaintext: Zeroizing::new(String::new()), error });
+        let message = format!("{:?}", reply.unwrap_err());
+        assert!(message.contains("éé") && message.len() < 700, "{message}");
+    }
 }

@@ -182,7 +182,7 @@ impl VaultClient {
             if message.is_empty() {
                 message = status.canonical_reason().unwrap_or("error").to_owned();
             }
-            message.truncate(300);
+            let message = crate::error::clipped(message, 300);
             return Err(ClientError::Api { address: address.to_owned(), status: status.as_u16(), message });
         }
         serde_json::from_slice(&bytes)

@@ -104,8 +104,10 @@ impl VaultClient {
             generation,
             renewable: auth.renewable,
             initial_ttl,
-            renew_at: ttl.map(|t| now + t.mul_f64(self.settings.renew_fraction)),
-            expires_at: ttl.map(|t| now + t),
+            // NB: a TTL too far away for the clock to hold (a hostile or broken Vault) counts as
+            // none, instead of panicking on the addition.
+            renew_at: ttl.and_then(|t| now.checked_add(t.mul_f64(self.settings.renew_fraction))),
+            expires_at: ttl.and_then(|t| now.checked_add(t)),
         })));
         Ok(())
     }
@@ -184,8 +186,10 @@ impl VaultClient {
             renewable: lookup.renewable,
             // NB: a token without a TTL never expires; MAX marks "looked up, nothing to renew".
             initial_ttl: ttl.or(Some(Duration::MAX)),
-            renew_at: ttl.map(|t| now + t.mul_f64(self.settings.renew_fraction)),
-            expires_at: ttl.map(|t| now + t),
+            // NB: a TTL too far away for the clock to hold (a hostile or broken Vault) counts as
+            // none, instead of panicking on the addition.
+            renew_at: ttl.and_then(|t| now.checked_add(t.mul_f64(self.settings.renew_fraction))),
+            expires_at: ttl.and_then(|t| now.checked_add(t)),
             ..token
         });
     }
