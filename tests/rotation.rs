@@ -590,3 +590,33 @@ async fn an_endless_plugin_status_is_cut_off_at_its_bound() {
     let err = reports[0].1.as_ref().unwrap_err();
     assert!(err.contains("larger than the 65536-byte limit"), "{err}");
 }
+
+/// A plugin that falls behind after all had switched restarts the 3-minute floor: the API servers
+/// get their full time after the last plugin switched, not after the first convergence.
+#[tokio::test(start_paused = true)]
+async fn a_plugin_that_falls_behind_restarts_the_wait_after_convergence() {
+    let (v1, v2) = (FakeKeys::key_id(1), FakeKeys::key_id(2));
+    let reported = Arc::new(Mutex::new(v2.clone()));
+    let plugin = plugin_status(reported.clone()).await;
+    let fake = FakeApi::new(&v2);
+    converging_since_now(&fake, &plugin, "1h").await;
+    fake.start_api_servers(&["cp-a", "cp-b"]).await;
+    fake.status_returned(0, &v2).await;
+    fake.status_returned(1, &v2).await;
+    let ctx = converge_context(&fake);
+    ctx.step("p").await.unwrap();
+    assert_eq!(fake.status().await["phase"], "Converging");
+    tokio::time::advance(Duration::from_secs(170)).await;
+    *reported.lock().unwrap() = v1;
+    ctx.step("p").await.unwrap();
+    assert_eq!(fake.status().await["phase"], "Converging", "a plugin lags");
+    *reported.lock().unwrap() = v2;
+    ctx.step("p").await.unwrap();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    ctx.step("p").await.unwrap();
+    let status = fake.status().await;
+    assert_eq!(status["phase"], "Converging", "20 s after the last plugin switched: {status:#}");
+    tokio::time::advance(Duration::from_secs(170)).await;
+    ctx.step("p").await.unwrap();
+    assert_eq!(fake.status().await["phase"], "Migrating");
+}

@@ -113,6 +113,28 @@ fn call(operation: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
     move |source| KubeError::Call { operation, source }
 }
 
+/// `new` as a merge patch over `old`. In a merge patch an absent member means "keep" (RFC 7386;
+/// kube-apiserver applies it with `jsonpatch.MergePatch` in `jsonPatcher.applyJSPatch`,
+/// staging/src/k8s.io/apiserver/pkg/endpoints/handlers/patch.go), so a field the status
+/// serializes as absent once empty (a mark a new run resets) would survive. Each such member is
+/// set to null, recursively through members that are objects in both.
+fn with_removals(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let (Value::Object(old), Value::Object(new)) = (old, new) else { return new.clone() };
+    let mut patch = new.clone();
+    for (key, old_value) in old {
+        match new.get(key) {
+            None => {
+                patch.insert(key.clone(), Value::Null);
+            }
+            Some(new_value) => {
+                patch.insert(key.clone(), with_removals(old_value, new_value));
+            }
+        }
+    }
+    Value::Object(patch)
+}
+
 /// The Kubernetes client kmsgate uses.
 #[derive(Clone)]
 pub struct Kube {
@@ -147,13 +169,16 @@ impl Kube {
         self.policies().get(name).await.map_err(call(format!("get RotationPolicy {name}")))
     }
 
-    /// Replaces the status of a RotationPolicy (a merge patch of the whole status).
+    /// Replaces the status of a RotationPolicy, read as `before`: a merge patch of the whole new
+    /// status in which every member `before` had and the new status lacks is set to null.
     pub async fn patch_status(
         &self,
         name: &str,
+        before: &RotationStatus,
         status: &RotationStatus,
     ) -> Result<RotationPolicy, KubeError> {
-        let patch = json!({ "status": status });
+        let (before, status) = (json!(before), json!(status));
+        let patch = json!({ "status": with_removals(&before, &status) });
         self.policies()
             .patch_status(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
             .await
@@ -241,5 +266,21 @@ impl EventKind {
             Self::Normal => "Normal",
             Self::Warning => "Warning",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_the_new_status_drops_is_nulled_so_the_merge_removes_it() {
+        let old = json!({"phase": "Converging", "pluginsConvergedAt": "t", "verification": {"error": "x", "round": 1}});
+        let new = json!({"phase": "Rotating", "verification": {"round": 2}});
+        assert_eq!(
+            with_removals(&old, &new),
+            json!({"phase": "Rotating", "pluginsConvergedAt": null, "verification": {"error": null, "round": 2}})
+        );
+        assert_eq!(with_removals(&json!({}), &new), new);
     }
 }

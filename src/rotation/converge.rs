@@ -55,6 +55,11 @@ impl<K: KeyAdmin> Run<'_, K> {
         let reports = self.ctx.plugin_key_ids(&self.plan.converge).await?;
         let plugins = judge_plugins(&reports, &wanted);
         let mut api_servers = ApiServers::NotRead;
+        if !matches!(plugins, Plugins::Converged(_)) {
+            // NB: a plugin that fell behind (a new node, a restart) restarts the clock: the API
+            // servers get their full time after the last plugin switched, not the first.
+            self.book.status.plugins_converged_at.clear();
+        }
         if let Plugins::Converged(count) = plugins {
             if self.book.status.plugins_converged_at.is_empty() {
                 self.book.status.plugins_converged_at = self.book.now_text();

@@ -115,7 +115,7 @@ impl<K: KeyAdmin> Context<K> {
         };
         // NB: progress made before an error (a finished page) is still written.
         if book.status != before {
-            self.kube.patch_status(name, &book.status).await?;
+            self.kube.patch_status(name, &before, &book.status).await?;
         }
         observe(&self.metrics, &book.status);
         for (kind, reason, note) in book.events {

@@ -43,6 +43,10 @@ impl Book<'_> {
             .observe(spent.as_secs_f64());
         self.status.phase = phase;
         self.status.phase_started_at = self.now_text();
+        if phase == Phase::Converging {
+            // NB: a run resumed into Converging (after a failure) proves convergence afresh.
+            self.status.plugins_converged_at.clear();
+        }
         self.events.push((
             EventKind::Normal,
             phase.as_str(),
