@@ -258,7 +258,7 @@ impl<K: KeyAdmin> Run<'_, K> {
             },
         };
         self.book.status.verification = Some(verification.clone());
-        match judge(&verification, round, self.plan.verify.max_rounds) {
+        match judge(&verification, &self.book.status.to_key_id, round, self.plan.verify.max_rounds) {
             Round::Failed { reason, message } => return Ok(self.fail(reason, &message)),
             Round::Clean => {
                 self.book.events.push((
@@ -405,13 +405,22 @@ pub enum Round {
     Stragglers,
 }
 
-/// Judges round `round` of at most `max_rounds` from its verification alone.
-pub fn judge(v: &Verification, round: u32, max_rounds: u32) -> Round {
+/// Judges round `round` of at most `max_rounds` from its verification alone, for a run moving to
+/// `key_id`.
+pub fn judge(v: &Verification, key_id: &str, round: u32, max_rounds: u32) -> Round {
     let failed = |reason, message| Round::Failed { reason, message };
     if !v.error.is_empty() {
         return failed("VerifyFailed", v.error.clone());
     }
-    if v.clean {
+    if v.key_id != key_id {
+        return failed(
+            "VerifyMismatch",
+            format!("the verification checked key_id {} but this run moves to {key_id}", v.key_id),
+        );
+    }
+    // NB: the verify Job writes this report, and Retire cannot be undone: a clean claim holds only
+    // if the counts the same report carries agree with it.
+    if v.clean && v.old_key == 0 && v.invalid == 0 && v.unencrypted == 0 {
         return Round::Clean;
     }
     if v.invalid > 0 {
@@ -448,20 +457,32 @@ mod tests {
     #[test]
     fn a_round_is_judged_from_its_verification() {
         let v = |f: fn(&mut Verification)| {
-            let mut v = Verification { old_key: 2, ..Verification::default() };
+            let mut v = Verification { old_key: 2, key_id: "k2".into(), ..Verification::default() };
             f(&mut v);
             v
         };
-        assert_eq!(judge(&v(|v| v.clean = true), 1, 3), Round::Clean);
-        assert_eq!(judge(&v(|_| {}), 1, 3), Round::Stragglers);
+        let clean = |v: &mut Verification| {
+            v.clean = true;
+            v.old_key = 0;
+        };
+        assert_eq!(judge(&v(clean), "k2", 1, 3), Round::Clean);
+        assert_eq!(judge(&v(|_| {}), "k2", 1, 3), Round::Stragglers);
         let reason = |r: Round| match r {
             Round::Failed { reason, .. } => reason,
             other => panic!("{other:?}"),
         };
-        assert_eq!(reason(judge(&v(|v| v.error = "etcd: down".into()), 1, 3)), "VerifyFailed");
-        assert_eq!(reason(judge(&v(|v| v.invalid = 1), 1, 3)), "UndecryptableValues");
-        assert_eq!(reason(judge(&v(|v| v.unmapped = 1), 1, 3)), "UnlistedResources");
-        assert_eq!(reason(judge(&v(|_| {}), 3, 3)), "StragglersRemain");
+        assert_eq!(reason(judge(&v(|v| v.error = "etcd: down".into()), "k2", 1, 3)), "VerifyFailed");
+        assert_eq!(reason(judge(&v(|v| v.invalid = 1), "k2", 1, 3)), "UndecryptableValues");
+        assert_eq!(reason(judge(&v(|v| v.unmapped = 1), "k2", 1, 3)), "UnlistedResources");
+        assert_eq!(reason(judge(&v(|_| {}), "k2", 3, 3)), "StragglersRemain");
+    }
+
+    #[test]
+    fn a_report_whose_counts_or_key_id_disagree_with_its_clean_claim_is_not_clean() {
+        let report = Verification { clean: true, old_key: 2, key_id: "k2".into(), ..Verification::default() };
+        assert_eq!(judge(&report, "k2", 1, 3), Round::Stragglers);
+        let elsewhere = Verification { clean: true, key_id: "k1".into(), ..Verification::default() };
+        assert!(matches!(judge(&elsewhere, "k2", 1, 3), Round::Failed { reason: "VerifyMismatch", .. }));
     }
 
     #[test]
