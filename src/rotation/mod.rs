@@ -77,8 +77,13 @@ impl<K: KeyAdmin> Context<K> {
         poll: Duration,
     ) -> Self {
         // NB: plugin status endpoints are plain HTTP on the node network; a short timeout keeps a
-        // dead node from stalling the loop.
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+        // dead node from stalling the loop, and a plugin never redirects, so an answer that does
+        // is not followed elsewhere.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
         let clock = Arc::new(SystemClock);
         Self { kube, keys, etcd, metrics, poll, http, targets: Mutex::new(HashMap::new()), clock }
     }
