@@ -92,6 +92,97 @@ impl std::str::FromStr for Alg {
     }
 }
 
+/// A Transit key type that can sign tokens kube-apiserver verifies (facts/externaljwt.md 3.1): each
+/// maps to exactly one algorithm, since kube-apiserver publishes RSA only as RS256 and each curve
+/// only with its own hash (`openidmetadata.go` `algorithmFromPublicKey`). Ed25519 is not here:
+/// kube-apiserver cannot verify EdDSA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    /// `ecdsa-p256`: ES256, the default.
+    EcdsaP256,
+    /// `ecdsa-p384`: ES384.
+    EcdsaP384,
+    /// `ecdsa-p521`: ES512.
+    EcdsaP521,
+    /// `rsa-2048`: RS256.
+    Rsa2048,
+    /// `rsa-3072`: RS256.
+    Rsa3072,
+    /// `rsa-4096`: RS256.
+    Rsa4096,
+}
+
+impl KeyType {
+    /// Every type, for messages and tests.
+    pub const ALL: [Self; 6] =
+        [Self::EcdsaP256, Self::EcdsaP384, Self::EcdsaP521, Self::Rsa2048, Self::Rsa3072, Self::Rsa4096];
+
+    /// Transit's name of the type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::EcdsaP384 => "ecdsa-p384",
+            Self::EcdsaP521 => "ecdsa-p521",
+            Self::Rsa2048 => "rsa-2048",
+            Self::Rsa3072 => "rsa-3072",
+            Self::Rsa4096 => "rsa-4096",
+        }
+    }
+
+    /// The one algorithm tokens signed with this type carry.
+    pub fn alg(self) -> Alg {
+        match self {
+            Self::EcdsaP256 => Alg::Es256,
+            Self::EcdsaP384 => Alg::Es384,
+            Self::EcdsaP521 => Alg::Es512,
+            Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => Alg::Rs256,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KeyType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|t| t.as_str()).collect();
+            format!(
+                "key type {s:?} cannot sign tokens kube-apiserver verifies; use one of {}",
+                names.join(", ")
+            )
+        })
+    }
+}
+
+/// A public key as kube-apiserver wants it in FetchKeys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// The one algorithm this key verifies.
+    pub alg: Alg,
+    /// PKIX DER (SubjectPublicKeyInfo), never PEM.
+    pub der: Vec<u8>,
+}
+
+impl PublicKey {
+    /// Its kid.
+    pub fn kid(&self) -> String {
+        kid(&self.der)
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // NB: public, but long; the kid names it in one line.
+        f.debug_struct("PublicKey").field("alg", &self.alg).field("kid", &self.kid()).finish()
+    }
+}
+
 /// The kid of a public key: base64url without padding of SHA-256 of its PKIX DER, as
 /// kube-apiserver derives it for its own key files (`jwt.go` `keyIDFromPublicKey`). It depends only
 /// on the key, so it is the same on every replica and after every restart, and a recreated key
@@ -246,6 +337,17 @@ mod tests {
         }
         assert!("PS256".parse::<Alg>().unwrap_err().contains("PS256"));
         assert!("EdDSA".parse::<Alg>().is_err());
+    }
+
+    #[test]
+    fn key_types_map_to_their_one_algorithm_and_refuse_others_by_name() {
+        for t in KeyType::ALL {
+            assert_eq!(t.as_str().parse::<KeyType>().unwrap(), t);
+        }
+        assert_eq!(KeyType::Rsa4096.alg(), Alg::Rs256);
+        assert_eq!(KeyType::EcdsaP521.alg(), Alg::Es512);
+        let err = "ed25519".parse::<KeyType>().unwrap_err();
+        assert!(err.contains("ed25519") && err.contains("ecdsa-p256"), "{err}");
     }
 
     #[test]

@@ -8,23 +8,8 @@ use std::{collections::BTreeMap, future::Future};
 use tokio::time::Instant;
 
 use super::{BackendError, KeyMetadata};
+pub use crate::jwt::PublicKey;
 use crate::{jwt::Alg, keyid::KeyScope};
-
-/// One version's public key, as kube-apiserver wants it in FetchKeys.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PublicKey {
-    /// The one algorithm this key signs with.
-    pub alg: Alg,
-    /// PKIX DER (SubjectPublicKeyInfo), never PEM.
-    pub der: Vec<u8>,
-}
-
-impl std::fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // NB: public, but long; the kid names it in one line.
-        f.debug_struct("PublicKey").field("alg", &self.alg).field("kid", &crate::jwt::kid(&self.der)).finish()
-    }
-}
 
 /// What a signing key store knows about the key a signer serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
