@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
-    etcd::{ScanError, Scanner},
+    etcd::{Pages, ScanError, Scanner},
     storage::{Class, Current, Judge, Standing},
 };
 
@@ -177,9 +177,9 @@ pub async fn run(
     let started = std::time::Instant::now();
     let mut shown = started;
     for prefix in &options.prefixes {
-        let mut scanner = Scanner::prefix(prefix.as_bytes(), options.page_size);
-        while let Some(page) = scanner.next_page(client).await? {
-            summary.revision = scanner.revision();
+        let mut pages = Pages::new(Scanner::prefix(prefix.as_bytes(), options.page_size), client.clone());
+        while let Some(page) = pages.next_page().await? {
+            summary.revision = pages.revision();
             for kv in &page {
                 observe(&mut summary, options, deep.as_deref_mut(), kv.key(), kv.value(), out).await;
             }
