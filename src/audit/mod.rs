@@ -222,19 +222,15 @@ async fn observe(
         summary.skipped += 1;
         return;
     }
-    let provider = match class {
-        Class::KmsV1 { provider } | Class::KmsV2 { provider, .. } | Class::KmsV2Invalid { provider, .. } => {
-            provider.clone()
-        }
-        Class::Aescbc { key } | Class::Aesgcm { key } | Class::Secretbox { key } => key.clone(),
-        _ => String::new(),
+    // NB: borrowed, not cloned: this runs once per stored value.
+    let (provider, key_id) = match class {
+        Class::KmsV2 { provider, key_id, .. } => (provider.as_str(), key_id.as_str()),
+        Class::KmsV1 { provider } | Class::KmsV2Invalid { provider, .. } => (provider.as_str(), ""),
+        Class::Aescbc { key } | Class::Aesgcm { key } | Class::Secretbox { key } => (key.as_str(), ""),
+        _ => ("", ""),
     };
     summary.objects += 1;
-    let key_id = match class {
-        Class::KmsV2 { key_id, .. } => key_id.clone(),
-        _ => String::new(),
-    };
-    summary.count(class.name(), &provider, &key_id);
+    summary.count(class.name(), provider, key_id);
     let verified = match (deep, &judgement.object) {
         (Some(deep), Some(object)) => Some(deep.check(key, object).await),
         _ => None,
