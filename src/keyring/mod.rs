@@ -1,4 +1,5 @@
-//! The embedded `local` backend: a keyring file of versioned AES-256-GCM keys.
+//! The embedded `local` backend: a keyring file of versioned AES-256-GCM keys; and beside it the
+//! signer's keyring of ES256 keys, [`SigningKeyring`].
 //!
 //! NOT FOR PRODUCTION. The keys sit on the node's disk beside the data they protect, the file
 //! serves one node only, and the rotation controller cannot rotate it. It exists for first runs,
@@ -20,6 +21,12 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+mod signing;
+
+pub use signing::{
+    DEFAULT_KEY as DEFAULT_SIGNING_KEY, Floors, SigningKeyring, SigningKeyringSummary, SigningVersionInfo,
+};
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
