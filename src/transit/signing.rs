@@ -23,7 +23,7 @@ use spki::{
     der::{Decode as _, Reader as _, SliceReader, asn1::UintRef},
 };
 use tokio::time::Instant;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::{ClientError, VaultClient, map_error};
 use crate::{
@@ -514,12 +514,16 @@ fn describe(algorithm: ObjectIdentifier, parameters: Option<ObjectIdentifier>) -
 fn parse_signature(
     key_type: KeyType,
     version: u64,
-    data: serde_json::Value,
+    mut data: serde_json::Value,
 ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
     // NB: serde's messages quote the values they reject; no detail leaves, since with the claims
     // the signature is a token.
-    let signed = Signed::deserialize(&data)
-        .map_err(|_| BackendError::Protocol("sign answer does not parse".into()))?;
+    let signed =
+        Signed::deserialize(&data).map_err(|_| BackendError::Protocol("sign answer does not parse".into()));
+    if let Some(serde_json::Value::String(copy)) = data.get_mut("signature") {
+        copy.zeroize();
+    }
+    let signed = signed?;
     if signed.signature.len() > SIGNATURE_FIELD_MAX_BYTES {
         return Err(BackendError::Protocol(format!(
             "sign answer's signature is {} bytes, over the limit of {SIGNATURE_FIELD_MAX_BYTES}",
