@@ -6,6 +6,8 @@
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest as _, Sha256};
 
+pub mod keyfile;
+
 /// Largest `claims` string accepted, in bytes of its base64 form. kube-apiserver's claims (issuer,
 /// subject, audiences, pod and node references) are well under 4 KiB; the cap only bounds what a
 /// caller can make us decode and parse.
