@@ -686,3 +686,15 @@ proptest! {
         }
     }
 }
+
+/// Found by `claims_check_is_total_and_bounded`: the claims were parsed into a whole JSON tree,
+/// 32 bytes per value, so 64 KiB of `[0,0,…]` held over 1 MiB, 17 times its size.
+#[test]
+fn claims_of_many_small_values_cost_no_more_than_the_parser_bound() {
+    let array = format!("[{}0]", "0,".repeat(23_000));
+    for json in [format!("{{\"a\":{array}}}"), array] {
+        let claims = URL_SAFE_NO_PAD.encode(&json);
+        assert!(claims.len() <= jwt::CLAIMS_MAX_BYTES);
+        bounded("check_claims", claims.len(), || jwt::check_claims(&claims)).unwrap().ok();
+    }
+}
