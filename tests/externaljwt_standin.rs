@@ -632,3 +632,28 @@ async fn the_cache_refreshes_at_the_hint_and_every_ten_seconds_after_a_failure()
     at(60).await;
     assert_eq!(api.fetch_calls(), 6);
 }
+
+#[tokio::test]
+async fn a_token_without_a_kid_is_tried_against_every_key_and_its_alg_must_fit_the_key() {
+    let (ec, rsa) = (TestKey::ecdsa(false), TestKey::rsa());
+    let mut config = Config::signing_with(rsa.clone());
+    config.keys.insert(0, Published { kid: ec.kid(), der: ec.der.clone(), exclude: false });
+    let signer = signer(config);
+    let api = start(&signer).await.unwrap();
+    let payload = URL_SAFE_NO_PAD.encode(claims("d"));
+    let signed = |header: &str| {
+        let header = URL_SAFE_NO_PAD.encode(header);
+        let signature = URL_SAFE_NO_PAD.encode(rsa.sign(format!("{header}.{payload}").as_bytes()));
+        format!("{header}.{payload}.{signature}")
+    };
+    // jwt.go: an empty kid gets every key; the RSA key, second, verifies it.
+    api.verify(&signed(r#"{"alg":"RS256","typ":"JWT"}"#)).await.unwrap();
+    // The RSA key's kid with an ECDSA alg: each key verifies only its one alg (facts 2.7).
+    let wrong = signed(&format!(r#"{{"alg":"ES256","kid":"{}","typ":"JWT"}}"#, rsa.kid()));
+    let err = api.verify(&wrong).await.unwrap_err();
+    assert!(err.contains("does not fit"), "{err}");
+    // Another issuer's token is not ours to verify.
+    let foreign = URL_SAFE_NO_PAD.encode(r#"{"iss":"https://elsewhere"}"#);
+    let err = api.verify(&format!("e30.{foreign}.AAAA")).await.unwrap_err();
+    assert!(err.contains("issuer"), "{err}");
+}

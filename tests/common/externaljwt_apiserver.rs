@@ -631,7 +631,8 @@ fn go_header(json: &[u8]) -> Result<GoHeader, String> {
     Ok(header)
 }
 
-/// Verifies one signature with one cached key; the header's alg must be the key's one algorithm.
+/// Verifies one signature with one cached key; the header's alg must be the key's one algorithm
+/// (facts 2.7: each key type verifies with one alg only).
 fn verify_with(key: &CachedKey, alg: &str, signed: &[u8], signature: &[u8]) -> Result<(), String> {
     use ring::signature::{
         ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
@@ -657,9 +658,5 @@ fn verify_with(key: &CachedKey, alg: &str, signed: &[u8], signature: &[u8]) -> R
         }
         KeyKind::Ecdsa(Curve::P224) | KeyKind::Ed25519 => false,
     };
-    if verified {
-        Ok(())
-    } else {
-        Err(format!("kid {}: square/go-jose: error in cryptographic primitive", key.kid))
-    }
+    if verified { Ok(()) } else { Err(format!("kid {}: the signature does not verify", key.kid)) }
 }
