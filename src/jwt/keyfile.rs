@@ -133,7 +133,9 @@ fn blocks(text: &[u8]) -> Result<Vec<Block>, KeyFileError> {
         let pem_error =
             |reason: &str| KeyFileError::Pem { block, label: short_label(&label), reason: reason.to_owned() };
         let end = format!("-----END {label}-----");
-        let mut body = Zeroizing::new(Vec::new());
+        // NB: sized for the whole file, so the buffer never grows: a grown Vec leaves its old
+        // copy behind, unzeroized.
+        let mut body = Zeroizing::new(Vec::with_capacity(text.len()));
         let mut closed = false;
         for line in lines.by_ref() {
             if line == end.as_bytes() {
