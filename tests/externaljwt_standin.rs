@@ -657,3 +657,33 @@ async fn a_token_without_a_kid_is_tried_against_every_key_and_its_alg_must_fit_t
     let err = api.verify(&format!("e30.{foreign}.AAAA")).await.unwrap_err();
     assert!(err.contains("issuer"), "{err}");
 }
+
+#[tokio::test]
+async fn keys_read_from_key_files_are_taken_and_verify_tokens() {
+    // Each form of the RSA key, read as the signer reads verify-only key files, is the same key
+    // with the same kid, and the stand-in verifies the signing key's tokens with it.
+    let rsa = TestKey::rsa();
+    for form in ["rsa-pkcs1", "rsa-pkcs8", "rsa-cert", "rsa-pkcs1-public"] {
+        let pem =
+            std::fs::read(format!("{}/tests/data/keyfile/{form}.pem", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let [read] = kmsgate::jwt::keyfile::public_keys(&pem).unwrap().try_into().unwrap();
+        let mut config = Config::signing_with(rsa.clone());
+        config.keys = vec![Published { kid: read.kid(), der: read.der.clone(), exclude: false }];
+        let signer = signer(config);
+        let api = start(&signer).await.unwrap();
+        assert_eq!(api.keys()[0].kind, KeyKind::Rsa, "{form}");
+        let token = api.sign(&claims("e")).await.unwrap();
+        api.verify(&token).await.unwrap_or_else(|e| panic!("{form}: {e}"));
+    }
+    // A P-384 key from a SEC1 file and a P-256 one from a certificate, side by side.
+    let bundle =
+        std::fs::read(format!("{}/tests/data/keyfile/bundle.pem", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let read = kmsgate::jwt::keyfile::public_keys(&bundle).unwrap();
+    let mut config = Config::signing_with(rsa.clone());
+    config.keys =
+        read.iter().map(|k| Published { kid: k.kid(), der: k.der.clone(), exclude: false }).collect();
+    let signer = signer(config);
+    let api = start(&signer).await.unwrap();
+    let algs: Vec<&str> = api.oidc_keys().unwrap().into_iter().map(|(_, alg)| alg).collect();
+    assert_eq!(algs, ["RS256", "ES256", "ES384"]);
+}
