@@ -185,7 +185,7 @@ fn key_of(at: &Where<'_>, der: &[u8]) -> Result<Option<PublicKey>, KeyFileError>
                     let key = pkcs1::RsaPrivateKey::from_der(info.private_key).map_err(|e| at.der(e))?;
                     rsa(at, key.modulus, key.public_exponent)?
                 }
-                EC_PUBLIC_KEY => ec_private(at, Some(&info.algorithm), info.private_key)?,
+                EC_PUBLIC_KEY => ec_private(at, Some((&info.algorithm, info.public_key)), info.private_key)?,
                 other => return Err(at.unsupported(&key_type_name(other))),
             }
         }
@@ -221,15 +221,15 @@ fn from_spki(at: &Where<'_>, spki: &SubjectPublicKeyInfoRef<'_>) -> Result<Publi
     }
 }
 
-/// The public part of a SEC1 EC private key, alone or inside PKCS#8 (whose algorithm then names
-/// the curve). The private scalar is never read.
+/// The public part of a SEC1 EC private key, alone or inside PKCS#8, whose algorithm then names
+/// the curve and whose v2 form may carry the public key. The private scalar is never read.
 fn ec_private(
     at: &Where<'_>,
-    pkcs8: Option<&AlgorithmIdentifierRef<'_>>,
+    pkcs8: Option<(&AlgorithmIdentifierRef<'_>, Option<&[u8]>)>,
     der: &[u8],
 ) -> Result<PublicKey, KeyFileError> {
     let key = sec1::EcPrivateKey::from_der(der).map_err(|e| at.der(e))?;
-    let outer = match pkcs8.and_then(|a| a.parameters) {
+    let outer = match pkcs8.and_then(|(a, _)| a.parameters) {
         Some(params) => Some(params.decode_as::<ObjectIdentifier>().map_err(|e| at.der(e))?),
         None => None,
     };
@@ -243,6 +243,7 @@ fn ec_private(
     };
     let point = key
         .public_key
+        .or(pkcs8.and_then(|(_, public)| public))
         .ok_or_else(|| KeyFileError::EcPublicKeyMissing { block: at.block, label: at.label() })?;
     ec(at, curve, point)
 }
@@ -427,6 +428,30 @@ mod tests {
                 assert!(!shown.contains(&secret), "{shown}");
             }
         }
+    }
+
+    #[test]
+    fn a_pkcs8_v2_ec_key_with_its_public_key_outside_the_sec1_part_is_read() {
+        // The SEC1 key without its public key, wrapped in PKCS#8 v2 with the public key beside it.
+        let sec1 = blocks(&vector("p256-sec1-no-public")).unwrap().remove(0).der;
+        let pkix = blocks(&vector("p256-pkix")).unwrap().remove(0).der;
+        let spki = SubjectPublicKeyInfoRef::from_der(&pkix).unwrap();
+        let mut info = pkcs8::PrivateKeyInfo::new(spki.algorithm, &sec1);
+        info.public_key = spki.subject_public_key.as_bytes();
+        let der = info.to_der().unwrap();
+        let pem =
+            format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(der));
+        let keys = public_keys(pem.as_bytes()).unwrap();
+        assert_eq!(keys[0].kid(), openssl_kid("p256"));
+        // Without it, the same key asks for the public key.
+        info.public_key = None;
+        let der = info.to_der().unwrap();
+        let pem =
+            format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(der));
+        assert!(matches!(
+            public_keys(pem.as_bytes()),
+            Err(KeyFileError::EcPublicKeyMissing { block: 1, .. })
+        ));
     }
 
     #[test]
