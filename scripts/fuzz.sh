@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs each cargo-fuzz target in fuzz/ for a bounded time: the parsers of untrusted bytes (the
-# key_id, the EncryptedObject decoder, the audit classifier, the keyring file, the TOML config).
+# key_id, the EncryptedObject decoder, the audit classifier, the keyring file, the TOML config,
+# the ExternalJWTSigner claims and the verify-only key files).
 # Not part of CI; the stable property tests in tests/parsers.rs cover the same parsers there.
 #
 #   scripts/fuzz.sh                  every target, FUZZ_SECONDS (default 60) each

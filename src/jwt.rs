@@ -6,6 +6,8 @@
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest as _, Sha256};
 
+pub mod keyfile;
+
 /// Largest `claims` string accepted, in bytes of its base64 form. kube-apiserver's claims (issuer,
 /// subject, audiences, pod and node references) are well under 4 KiB; the cap only bounds what a
 /// caller can make us decode and parse.
@@ -221,20 +223,118 @@ pub fn check_claims(claims: &str) -> Result<ClaimsSummary, JwtError> {
     }
     // NB: the decoder's alphabet excludes `=`, `+` and `/`, so padding and standard base64 fail.
     let payload = URL_SAFE_NO_PAD.decode(claims).map_err(|_| JwtError::ClaimsEncoding)?;
-    let value: serde_json::Value =
+    // NB: read as a stream that keeps only `sub` and `aud`: a whole JSON tree costs 32 bytes per
+    // value, so 64 KiB of `[0,0,…]` would hold over 1 MiB.
+    let Summary(summary) =
         serde_json::from_slice(&payload).map_err(|e| JwtError::ClaimsJson(short(&e.to_string())))?;
-    let serde_json::Value::Object(object) = value else {
-        return Err(JwtError::ClaimsJson("the payload is JSON but not an object".to_owned()));
-    };
-    let sub = object.get("sub").and_then(|v| v.as_str()).map(str::to_owned);
-    let aud = match object.get("aud") {
-        Some(serde_json::Value::String(a)) => vec![a.clone()],
-        Some(serde_json::Value::Array(list)) => {
-            list.iter().filter_map(|a| a.as_str()).map(str::to_owned).collect()
+    Ok(summary)
+}
+
+/// The claims object, read for its `sub` and `aud` only; a later duplicate member wins, as in a
+/// JSON map.
+struct Summary(ClaimsSummary);
+
+impl<'de> serde::Deserialize<'de> for Summary {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(SummaryVisitor)
+    }
+}
+
+struct SummaryVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SummaryVisitor {
+    type Value = Summary;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Summary, A::Error> {
+        let mut summary = ClaimsSummary::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "sub" => summary.sub = map.next_value_seed(MemberVisitor { top: false })?.0.pop(),
+                "aud" => summary.aud = map.next_value::<Member>()?.0,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
         }
-        _ => Vec::new(),
-    };
-    Ok(ClaimsSummary { sub, aud })
+        Ok(Summary(summary))
+    }
+}
+
+/// A member's strings: a string alone, or each string of an array; anything else is skipped
+/// without being kept.
+struct Member(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Member {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MemberVisitor { top: true })
+    }
+}
+
+struct MemberVisitor {
+    /// Whether an array's strings count (`aud`), or only a string itself (`sub`, and each
+    /// element of `aud`).
+    top: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for MemberVisitor {
+    type Value = Member;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Member, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MemberVisitor {
+    type Value = Member;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Member, E> {
+        Ok(Member(vec![v.to_owned()]))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Member, A::Error> {
+        let mut strings = Vec::new();
+        if self.top {
+            while let Some(Member(found)) = seq.next_element_seed(MemberVisitor { top: false })? {
+                strings.extend(found);
+            }
+        } else {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        }
+        Ok(Member(strings))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Member, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Member(Vec::new()))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Member, E> {
+        Ok(Member(Vec::new()))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Member, E> {
+        Ok(Member(Vec::new()))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Member, E> {
+        Ok(Member(Vec::new()))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Member, E> {
+        Ok(Member(Vec::new()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Member, E> {
+        Ok(Member(Vec::new()))
+    }
 }
 
 /// The header of a Sign answer, base64url without padding: exactly `alg`, `kid` and `typ: "JWT"`,

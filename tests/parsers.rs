@@ -1,5 +1,6 @@
 //! Property tests for every parser of untrusted bytes: the key_id, the `EncryptedObject` decoder and
-//! validator, the audit classifier, the keyring file and the TOML config. Each must never panic,
+//! validator, the audit classifier, the keyring file, the TOML config, the ExternalJWTSigner claims
+//! check and the verify-only key files. Each must never panic,
 //! must keep its peak memory within [`bound`] of its input (measured by the counting allocator
 //! below), and must round-trip where a round trip exists.
 //!
@@ -14,8 +15,13 @@ use std::{
     path::Path,
 };
 
+use base64::{
+    Engine as _,
+    engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD},
+};
 use kmsgate::{
     config::Config,
+    jwt::{self, JwtError, keyfile},
     keyid::{BackendKind, KeyId, KeyScope},
     keyring::Keyring,
     storage::{Class, Current, DekSourceType, EncryptedObject, Judge, classify},
@@ -494,4 +500,201 @@ fn an_etcd_value_of_annotations_stays_within_the_object_bound() {
     let limit = OBJECT_FACTOR * value.len() + 64 * 1024;
     let (class, object) = bounded_by("classify", limit, value.len(), || classify(&value)).unwrap();
     assert!(matches!(class, Class::KmsV2Invalid { .. }) && object.is_none(), "{class:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ExternalJWTSigner claims check
+
+/// Any JSON value, small and nested a few levels.
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        ".{0,16}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(".{0,8}", inner, 0..6)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Any JSON object, with `sub` and `aud` of any shape now and then.
+fn json_object() -> impl Strategy<Value = serde_json::Map<String, serde_json::Value>> {
+    (prop::collection::btree_map(".{0,8}", json(), 0..8), prop::option::of(json()), prop::option::of(json()))
+        .prop_map(|(fields, sub, aud)| {
+            let mut object: serde_json::Map<String, serde_json::Value> = fields.into_iter().collect();
+            if let Some(sub) = sub {
+                object.insert("sub".to_owned(), sub);
+            }
+            if let Some(aud) = aud {
+                object.insert("aud".to_owned(), aud);
+            }
+            object
+        })
+}
+
+/// Text shaped like a claims segment, so many cases get past the base64 check.
+fn claims_like() -> impl Strategy<Value = String> {
+    prop_oneof![
+        ".*",
+        "[A-Za-z0-9_=+/-]{0,400}",
+        json().prop_map(|v| URL_SAFE_NO_PAD.encode(v.to_string())),
+        ".{0,200}".prop_map(|text| URL_SAFE_NO_PAD.encode(text)),
+        (1usize..20_000, "[\\[0,\\]{}\"]{1,3}").prop_map(|(n, unit)| URL_SAFE_NO_PAD.encode(unit.repeat(n))),
+        (1usize..70_000).prop_map(|n| "e".repeat(n)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn claims_check_is_total_and_bounded(claims in claims_like()) {
+        let checked =
+            bounded("check_claims", claims.len(), || jwt::check_claims(&claims))?;
+        if checked.is_ok() {
+            prop_assert!(!claims.contains('=') && !claims.contains('+') && !claims.contains('/'));
+            prop_assert!(claims.len() <= jwt::CLAIMS_MAX_BYTES);
+        }
+    }
+
+    #[test]
+    fn any_json_object_in_unpadded_base64url_passes_and_is_summarised(object in json_object()) {
+        let claims = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&object).unwrap());
+        prop_assume!(claims.len() <= jwt::CLAIMS_MAX_BYTES);
+        let summary = jwt::check_claims(&claims).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(summary.sub.as_deref(), object.get("sub").and_then(|s| s.as_str()));
+        let aud: Vec<&str> = match object.get("aud") {
+            Some(serde_json::Value::String(one)) => vec![one.as_str()],
+            Some(serde_json::Value::Array(list)) => list.iter().filter_map(|a| a.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        prop_assert_eq!(summary.aud, aud);
+    }
+
+    #[test]
+    fn any_json_that_is_not_an_object_is_refused(value in json()) {
+        prop_assume!(!value.is_object());
+        let claims = URL_SAFE_NO_PAD.encode(value.to_string());
+        prop_assert!(matches!(jwt::check_claims(&claims), Err(JwtError::ClaimsJson(_))));
+    }
+
+    #[test]
+    fn padded_or_standard_base64_always_fails(object in json_object(), extra_pad in 0usize..3) {
+        let payload = serde_json::to_vec(&object).unwrap();
+        // Padded base64url, with padding even where none is due: never the unpadded form.
+        let mut padded = URL_SAFE.encode(&payload);
+        padded.push_str(&"=".repeat(extra_pad));
+        if padded.contains('=') {
+            prop_assert_eq!(jwt::check_claims(&padded), Err(JwtError::ClaimsEncoding));
+        }
+        let standard = STANDARD.encode(&payload);
+        if standard.contains(['=', '+', '/']) {
+            prop_assert_eq!(jwt::check_claims(&standard), Err(JwtError::ClaimsEncoding));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verify-only key files
+
+/// A real key file of each form, from tests/data/keyfile.
+fn key_vector() -> impl Strategy<Value = Vec<u8>> {
+    const NAMES: &[&str] = &[
+        "rsa-pkcs1",
+        "rsa-pkcs8",
+        "rsa-pkix",
+        "rsa-pkcs1-public",
+        "rsa-cert",
+        "p256-sec1",
+        "p256-pkcs8",
+        "p256-pkix",
+        "p256-cert",
+        "p384-sec1",
+        "p521-pkcs8",
+        "ed25519-pkix",
+        "p256-sec1-no-public",
+        "bundle",
+    ];
+    prop::sample::select(NAMES).prop_map(|name| {
+        std::fs::read(format!("{}/tests/data/keyfile/{name}.pem", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    })
+}
+
+/// A PEM block around `der`.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    let body = STANDARD.encode(der);
+    let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+/// Key files: real ones with a byte changed inside their DER, random DER under every label, and
+/// broken framing.
+fn key_file_like() -> impl Strategy<Value = Vec<u8>> {
+    let label = prop::sample::select(
+        [
+            "PUBLIC KEY",
+            "RSA PUBLIC KEY",
+            "CERTIFICATE",
+            "RSA PRIVATE KEY",
+            "EC PRIVATE KEY",
+            "PRIVATE KEY",
+            "EC PARAMETERS",
+            "X",
+        ]
+        .as_slice(),
+    );
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..600),
+        (key_vector(), any::<prop::sample::Index>(), any::<u8>()).prop_map(|(file, at, byte)| {
+            let text = String::from_utf8(file).unwrap();
+            // Change one byte of the first block's DER and frame it again.
+            let label =
+                text.lines().next().unwrap().trim_start_matches("-----BEGIN ").trim_end_matches("-----");
+            let body: String = text.lines().skip(1).take_while(|l| !l.starts_with("-----")).collect();
+            let mut der = STANDARD.decode(body).unwrap();
+            let at = at.index(der.len());
+            der[at] = byte;
+            pem_block(label, &der).into_bytes()
+        }),
+        (label, prop::collection::vec(any::<u8>(), 0..300))
+            .prop_map(|(label, der)| pem_block(label, &der).into_bytes()),
+        (key_vector(), any::<prop::sample::Index>()).prop_map(|(file, at)| {
+            let cut = at.index(file.len());
+            file[..cut].to_vec()
+        }),
+        (1usize..5000).prop_map(|n| "-----BEGIN PUBLIC KEY-----\n".repeat(n).into_bytes()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn key_file_read_is_total_bounded_and_each_key_reads_back_as_itself(file in key_file_like()) {
+        let keys = bounded("keyfile::public_keys", file.len(), || keyfile::public_keys(&file))?;
+        for key in keys.into_iter().flatten() {
+            // What we serve is PKIX DER that reads back, as a PUBLIC KEY, to the same key and kid.
+            let again = keyfile::public_keys(pem_block("PUBLIC KEY", &key.der).as_bytes())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(again, vec![key]);
+        }
+    }
+}
+
+/// Found by `claims_check_is_total_and_bounded`: the claims were parsed into a whole JSON tree,
+/// 32 bytes per value, so 64 KiB of `[0,0,…]` held over 1 MiB, 17 times its size.
+#[test]
+fn claims_of_many_small_values_cost_no_more_than_the_parser_bound() {
+    let array = format!("[{}0]", "0,".repeat(23_000));
+    for json in [format!("{{\"a\":{array}}}"), array] {
+        let claims = URL_SAFE_NO_PAD.encode(&json);
+        assert!(claims.len() <= jwt::CLAIMS_MAX_BYTES);
+        bounded("check_claims", claims.len(), || jwt::check_claims(&claims)).unwrap().ok();
+    }
 }

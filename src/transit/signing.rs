@@ -476,8 +476,7 @@ fn check_rsa(
             r.decode::<UintRef<'_>>()?;
             Ok::<_, spki::der::Error>(modulus)
         })?;
-        reader.finish()?;
-        Ok::<_, spki::der::Error>(modulus)
+        reader.finish(modulus)
     })()
     .map_err(|e| PublicKeyError::RsaKey(e.to_string()))?;
     let expected = match key_type {

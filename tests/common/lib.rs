@@ -6,6 +6,7 @@
 
 mod etcd;
 mod eventually;
+pub mod externaljwt_apiserver;
 pub mod fake_api;
 pub mod fake_keys;
 pub mod fake_transit;
