@@ -28,6 +28,7 @@ pub mod plugin_status;
 pub mod proto;
 pub mod rotation;
 pub mod selftest;
+pub mod serving;
 pub mod storage;
 pub mod telemetry;
 pub mod tokens;

@@ -202,7 +202,7 @@ pub fn encryption_config(
 ) -> Result<String, CommandError> {
     let file = crate::encryption_config::EncryptionConfiguration::kms_first(
         name,
-        &config.plugin.socket.endpoint(),
+        &config.plugin.socket.spec.endpoint(),
         timeout,
         resources,
     );
