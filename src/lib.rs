@@ -29,6 +29,8 @@ pub mod proto;
 pub mod rotation;
 pub mod selftest;
 pub mod serving;
+pub mod signer;
+pub mod signer_status;
 pub mod storage;
 pub mod telemetry;
 pub mod tokens;

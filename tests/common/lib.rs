@@ -8,6 +8,7 @@ mod etcd;
 mod eventually;
 pub mod fake_api;
 pub mod fake_keys;
+pub mod fake_signing;
 pub mod fake_transit;
 pub mod kms_apiserver;
 pub mod mock_api;
