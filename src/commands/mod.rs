@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     audit,
-    config::{BackendConfig, Config, SocketSpec, VaultAuth},
+    config::{BackendConfig, Config, SignerBackend, SocketSpec, VaultAuth},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
@@ -79,6 +79,9 @@ pub enum CommandError {
     /// The plugin failed.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The signer failed.
+    #[error(transparent)]
+    Signer(#[from] crate::signer::SignerError),
     /// The selftest found deviations.
     #[error("selftest failed")]
     Selftest,
@@ -138,6 +141,38 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
             result?;
         }
     }
+    Ok(())
+}
+
+/// `kmsgate signer`: serves ExternalJWTSigner until SIGTERM or SIGINT.
+pub async fn signer(config: Config) -> Result<(), CommandError> {
+    if !config.signer.verify_keys.is_empty() {
+        // NB: serving fewer keys than configured would log out every pod whose token one of them
+        // signed; refuse until the key-file reader is wired in.
+        return Err(CommandError::Refused(
+            "signer.verify_keys is set, but this build cannot read key files yet; unset it".into(),
+        ));
+    }
+    let store = match &config.signer.backend {
+        SignerBackend::Local { .. } => "local",
+        SignerBackend::Vault { .. } => "vault",
+    };
+    // NB: the `vault` (Transit) and `local` (keyring) signing stores plug in here through
+    // `crate::backend::SigningBackend`, served with `crate::signer::serve`.
+    Err(CommandError::Refused(format!(
+        "signer.backend = {store}: this build has no {store} signing key store yet"
+    )))
+}
+
+/// Serves the signer over `backend` until SIGTERM or SIGINT: what [`signer`] runs once it has
+/// built the configured key store.
+pub async fn serve_signer(
+    config: &Config,
+    backend: impl crate::backend::SigningBackend,
+    verify_only: Vec<(crate::backend::PublicKey, bool)>,
+    metrics: Metrics,
+) -> Result<(), CommandError> {
+    crate::signer::serve(&config.signer, backend, verify_only, metrics, shutdown_signal()).await?;
     Ok(())
 }
 
