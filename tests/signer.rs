@@ -376,3 +376,92 @@ async fn the_signing_version_follows_publish_lead_and_the_pin_on_paused_time() {
     fresh.poll().await;
     assert_eq!(fresh.signing().unwrap().0, 1);
 }
+
+/// GETs `path` from the signer's read-only HTTP router.
+async fn get(view: Arc<dyn kmsgate::http::HttpView>, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let request = axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+    let response = kmsgate::http::router(view).oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn status_readyz_and_metrics_report_the_signing_key_and_the_last_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSigning::new(&[1_000, 2_000]);
+    let clock = ManualClock::at(NOW);
+    let s = start(dir.path(), &fake, clock.clone(), vec![]).await;
+    s.v1().sign(v1::SignJwtRequest { claims: claims(CLAIMS) }).await.unwrap();
+    let view: Arc<dyn kmsgate::http::HttpView> = s.shared.clone();
+
+    let (code, body) = get(view.clone(), "/status").await;
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The controller reads it through the shared type.
+    let status: kmsgate::signer_status::SignerStatus = serde_json::from_value(doc.clone()).unwrap();
+    let signing = status.signing.unwrap();
+    assert_eq!(
+        (signing.version, signing.kid.as_str(), signing.alg.as_str()),
+        (2, fake.public_key(2).kid().as_str(), "ES256")
+    );
+    assert_eq!(status.published.len(), 2);
+    assert!(status.last_poll.unwrap().ok);
+    assert_eq!(status.data_timestamp.as_deref(), Some("2027-01-15T08:00:00Z"));
+    assert_eq!(status.conflict, None);
+    assert_eq!(doc["publish_lead_seconds"], LEAD);
+    assert_eq!(doc["served_from_disk"], false);
+    assert_eq!(get(view.clone(), "/readyz").await.0, 200);
+    let (_, metrics) = get(view.clone(), "/metrics").await;
+    assert!(metrics.contains(r#"method="Sign",code="OK""#), "{metrics}");
+
+    // An outage makes /readyz fail with the reason, and /status name the poll's error.
+    fake.set_down(true);
+    s.shared.poll().await;
+    s.shared.poll().await;
+    let (code, reason) = get(view.clone(), "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(reason.contains("unreachable"), "{reason}");
+    let (_, body) = get(view, "/status").await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["last_poll"]["ok"], false);
+    assert_eq!(doc["unreachable_polls"], 2);
+    s.stop().await;
+}
+
+/// `signer::serve`, as `kmsgate signer` runs it: the socket, the persisted set (0600), the HTTP
+/// endpoint, and the socket removed at shutdown.
+#[tokio::test]
+async fn serve_binds_persists_and_cleans_up() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let port = kmsgate_testkit::free_port();
+    let cfg = config(dir.path(), &[("signer.http_listen", &format!("127.0.0.1:{port}"))]);
+    let fake = FakeSigning::new(&[1_000]);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let (cfg, fake) = (cfg.clone(), fake.clone());
+        async move {
+            kmsgate::signer::serve(&cfg, fake, vec![], Metrics::new(), async {
+                let _ = rx.await;
+            })
+            .await
+        }
+    });
+    let socket = dir.path().join("signer.sock");
+    kmsgate_testkit::eventually(Duration::from_secs(30), "the signer socket", async || socket.exists()).await;
+    let channel = signer_channel(&socket).await;
+    let mut client = v1::external_jwt_signer_client::ExternalJwtSignerClient::new(channel);
+    let keys = client.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
+    assert_eq!(keys.keys[0].key_id, fake.public_key(1).kid());
+    let mode = std::fs::metadata(&cfg.state_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the persisted key set is private");
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    let readyz = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    assert!(readyz.is_ok(), "the HTTP endpoint listens on signer.http_listen");
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    assert!(!socket.exists(), "socket removed on exit");
+}
