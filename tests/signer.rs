@@ -247,6 +247,7 @@ async fn a_restart_with_the_key_store_down_serves_the_persisted_set() {
     assert_eq!(after.data_timestamp, before.data_timestamp, "with its old data_timestamp");
     let err = s.v1().sign(v1::SignJwtRequest { claims: claims(CLAIMS) }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("not been read successfully since start"), "{}", err.message());
     assert!(s.shared.status_doc().signing.is_none());
     s.stop().await;
 

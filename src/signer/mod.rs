@@ -153,12 +153,20 @@ impl<B: SigningBackend> Shared<B> {
     /// The version, kid and algorithm Sign uses now, or why nothing may sign (UNAVAILABLE).
     pub fn signing(&self) -> Result<(u64, String, crate::jwt::Alg), String> {
         let state = self.lock();
+        let last = || state.last_poll.as_ref().and_then(|(_, e)| e.clone()).unwrap_or_default();
+        if state.tracker.promoted().is_none() && (state.from_disk || state.keys.is_none()) {
+            return Err(format!(
+                "the key store has not been read successfully since start (FetchKeys serves the persisted key \
+                 set, if any); last: {}",
+                last()
+            ));
+        }
         if state.unreachable_polls >= OUTAGE_AFTER_POLLS {
-            let last = state.last_poll.as_ref().and_then(|(_, e)| e.clone()).unwrap_or_default();
             return Err(format!(
                 "key store unreachable for {} consecutive polls; failing fast (FetchKeys still serves the cached \
-                 keys); last: {last}",
-                state.unreachable_polls
+                 keys); last: {}",
+                state.unreachable_polls,
+                last()
             ));
         }
         let current = state.tracker.current().map_err(|reason| {
@@ -499,12 +507,13 @@ pub async fn serve<B: SigningBackend>(
     };
     let (listener, guard) = socket::bind(&config.socket)?;
     tracing::info!(endpoint = %config.socket.spec.plain(), "serving ExternalJWTSigner v1 and v1alpha1");
-    let result = serve_on(shared, listener, async {
+    let result = serve_on(shared, listener, async move {
         shutdown.await;
-        tracing::info!("stopping");
+        // NB: unlink first, so a successor can bind the path at once while this one drains.
+        drop(guard);
+        tracing::info!("stopping: socket removed; draining in-flight calls");
     })
     .await;
-    drop(guard);
     if let Some(task) = http_task {
         task.abort();
     }
