@@ -306,6 +306,16 @@ async fn a_vanished_kid_stays_served_and_is_reported() {
     let err = s.v1().sign(v1::SignJwtRequest { claims: claims(CLAIMS) }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 
+    // A restart keeps them: the persisted set is the previous set of the first poll.
+    s.stop().await;
+    let s = start(dir.path(), &fake, clock.clone(), vec![]).await;
+    let after = s.shared.status_doc();
+    assert_eq!(after.published.iter().filter(|k| k.vanished_at.is_some()).count(), 2, "{after:?}");
+    assert_eq!(
+        after.published.iter().find(|k| k.vanished_at.is_some()).unwrap().vanished_at,
+        status.published.iter().find(|k| k.vanished_at.is_some()).unwrap().vanished_at
+    );
+
     // Past max_token_expiration plus the margin, the vanished kids leave.
     let keep = 24 * 3600 + kmsgate::signer::VANISHED_MARGIN.as_secs() as i64;
     clock.set(NOW + 60 + keep + 1);

@@ -408,6 +408,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn errors_name_the_section_of_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&dir.path().join("sub/signer.sock"));
+        cfg.section = "signer";
+        let err = bind(&cfg).unwrap_err().to_string();
+        assert!(err.contains("signer.create_socket_dir"), "{err}");
+        let (_root, open) = shared_dir(0o777, None);
+        let mut cfg = config(&open.join("signer.sock"));
+        cfg.section = "signer";
+        let err = bind(&cfg).unwrap_err().to_string();
+        assert!(err.contains("signer.socket_dir_check"), "{err}");
+    }
+
+    #[tokio::test]
     async fn missing_directory_needs_the_option() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/kms.sock");
