@@ -427,6 +427,12 @@ async fn status_readyz_and_metrics_report_the_signing_key_and_the_last_poll() {
     assert_eq!(get(view.clone(), "/readyz").await.0, 200);
     let (_, metrics) = get(view.clone(), "/metrics").await;
     assert!(metrics.contains(r#"method="Sign",code="OK""#), "{metrics}");
+    clock.set(NOW + 42);
+    let (_, metrics) = get(view.clone(), "/metrics").await;
+    assert!(
+        metrics.contains("kmsgate_seconds_since_last_round_trip 42"),
+        "the age of the key set: {metrics}"
+    );
 
     // An outage makes /readyz fail with the reason, and /status name the poll's error.
     fake.set_down(true);

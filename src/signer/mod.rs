@@ -408,6 +408,9 @@ impl<B: SigningBackend> HttpView for Shared<B> {
     }
 
     fn metrics(&self) -> String {
+        // NB: the signer's round trip is its key poll: the age of the data FetchKeys serves.
+        let age = self.keys().map_or(-1.0, |set| self.now().saturating_sub(set.data_timestamp) as f64);
+        self.metrics.seconds_since_round_trip.set(age);
         self.metrics.healthy.set(i64::from(self.ready().is_ok()));
         self.metrics.encode()
     }
