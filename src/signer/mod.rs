@@ -41,7 +41,7 @@ pub const VANISHED_MARGIN: Duration = Duration::from_secs(10 * 60);
 /// instead of waiting for its own call to time out.
 pub const OUTAGE_AFTER_POLLS: u32 = 2;
 
-/// How soon to poll again after a failed poll (or before any key was read), at most.
+/// How soon to poll again after a failed poll, or while no version may sign yet, at most.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Least time between two polls that Sign answers asked for.
@@ -268,7 +268,11 @@ impl<B: SigningBackend> Shared<B> {
             self.poll().await;
             let settled = {
                 let state = self.lock();
-                state.unreachable_polls == 0 && state.last_poll.as_ref().is_some_and(|(_, e)| e.is_none())
+                // NB: while nothing signs (a version still younger than publish_lead, or none read
+                // yet), poll at retry speed so signing starts soon after the version is old enough.
+                state.unreachable_polls == 0
+                    && state.last_poll.as_ref().is_some_and(|(_, e)| e.is_none())
+                    && state.tracker.promoted().is_some()
             };
             let pause =
                 if settled { self.config.poll_interval } else { self.config.poll_interval.min(RETRY_MAX) };
