@@ -482,3 +482,49 @@ async fn serve_binds_persists_and_cleans_up() {
     task.await.unwrap().unwrap();
     assert!(!socket.exists(), "socket removed on exit");
 }
+
+/// Kills the child when the test ends, passing or not.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real `kmsgate signer` process on the `local` keyring: it starts, publishes, signs once its
+/// version is `publish_lead` old, and removes its socket on SIGTERM.
+#[tokio::test]
+async fn the_kmsgate_signer_process_signs_with_the_local_keyring() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let socket = dir.path().join("signer.sock");
+    let child = kmsgate_testkit::kmsgate_command()
+        .args(["signer", "--backend", "local", "--keyring", &path("keyring.json"), "--socket"])
+        .arg(&socket)
+        .args(["--set", &format!("signer.state_file={}", path("keys.json"))])
+        .args(["--set", &format!("signer.audit_log={}", path("audit.log"))])
+        .args(["--set", "signer.http_listen=off", "--set", "signer.publish_lead=1s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    kmsgate_testkit::eventually(Duration::from_secs(60), "the signer socket", async || socket.exists()).await;
+    let mut client =
+        v1::external_jwt_signer_client::ExternalJwtSignerClient::new(signer_channel(&socket).await);
+    let c = claims(CLAIMS);
+    // The keyring's first version was made at start: it signs once it is a second old.
+    let signed = kmsgate_testkit::eventually(Duration::from_secs(60), "a signed token", async || {
+        client.sign(v1::SignJwtRequest { claims: c.clone() }).await.map(|r| r.into_inner())
+    })
+    .await;
+    let keys = client.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner().keys;
+    verify(&signed.header, &c, &signed.signature, &keys);
+    let meta = client.metadata(v1::MetadataRequest {}).await.unwrap().into_inner();
+    assert_eq!(meta.max_token_expiration_seconds, 24 * 3600);
+    kmsgate_testkit::signal(child.0.id(), "-TERM");
+    kmsgate_testkit::eventually(Duration::from_secs(60), "the socket removed", async || !socket.exists())
+        .await;
+}

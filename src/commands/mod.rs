@@ -153,15 +153,32 @@ pub async fn signer(config: Config) -> Result<(), CommandError> {
             "signer.verify_keys is set, but this build cannot read key files yet; unset it".into(),
         ));
     }
-    let store = match &config.signer.backend {
-        SignerBackend::Local { .. } => "local",
-        SignerBackend::Vault { .. } => "vault",
-    };
-    // NB: the `vault` (Transit) and `local` (keyring) signing stores plug in here through
-    // `crate::backend::SigningBackend`, served with `crate::signer::serve`.
-    Err(CommandError::Refused(format!(
-        "signer.backend = {store}: this build has no {store} signing key store yet"
-    )))
+    let metrics = Metrics::new();
+    match (&config.signer.backend, &config.backend) {
+        (SignerBackend::Local { keyring }, _) => {
+            // NB: opening it logs the NOT FOR PRODUCTION warning.
+            let backend = crate::keyring::SigningKeyring::open(keyring, true)?;
+            serve_signer(&config, backend, Vec::new(), metrics).await
+        }
+        (SignerBackend::Vault { key, key_type }, BackendConfig::Vault(v)) => {
+            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let maintenance = tokio::spawn(client.clone().maintain());
+            let backend = crate::transit::SigningTransit::new(
+                client,
+                &v.identity,
+                &v.client.namespace,
+                &v.mount,
+                key,
+                *key_type,
+            );
+            let result = serve_signer(&config, backend, Vec::new(), metrics).await;
+            maintenance.abort();
+            result
+        }
+        (SignerBackend::Vault { .. }, BackendConfig::Local { .. }) => Err(CommandError::WrongBackend(
+            "signer.backend = vault needs backend.kind = vault (the vault.* client settings)",
+        )),
+    }
 }
 
 /// Serves the signer over `backend` until SIGTERM or SIGINT: what [`signer`] runs once it has
