@@ -528,3 +528,61 @@ async fn the_kmsgate_signer_process_signs_with_the_local_keyring() {
     kmsgate_testkit::eventually(Duration::from_secs(60), "the socket removed", async || !socket.exists())
         .await;
 }
+
+/// Starts `kmsgate signer` with `settings`, its files in `dir`.
+fn spawn_signer(dir: &Path, settings: &[(String, String)]) -> Child {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut command = kmsgate_testkit::kmsgate_command();
+    command.args(["signer", "--socket", &path("signer.sock")]);
+    let mut all = vec![
+        ("signer.state_file".to_owned(), path("keys.json")),
+        ("signer.audit_log".to_owned(), path("audit.log")),
+        ("signer.http_listen".to_owned(), "off".to_owned()),
+        ("signer.publish_lead".to_owned(), "1s".to_owned()),
+    ];
+    all.extend(settings.iter().cloned());
+    for (key, value) in all {
+        command.args(["--set", &format!("{key}={value}")]);
+    }
+    Child(command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap())
+}
+
+/// End to end on real OpenBao: `kmsgate signer` signs with a Transit key and publishes its key;
+/// after Vault goes away and the signer restarts, FetchKeys serves the persisted set with its old
+/// data_timestamp (so kube-apiserver can start) and Sign fails with UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_openbao_the_signer_signs_and_survives_a_restart_during_an_outage() {
+    let bao = kmsgate_testkit::Bao::start().await;
+    bao.post("transit/keys/kmsgate-signer", serde_json::json!({ "type": "ecdsa-p256" })).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = bao.plugin_settings(dir.path());
+    settings.push(("signer.backend".into(), "vault".into()));
+    let socket = dir.path().join("signer.sock");
+
+    let child = spawn_signer(dir.path(), &settings);
+    kmsgate_testkit::eventually(Duration::from_secs(60), "the signer socket", async || socket.exists()).await;
+    let mut client =
+        v1::external_jwt_signer_client::ExternalJwtSignerClient::new(signer_channel(&socket).await);
+    let c = claims(CLAIMS);
+    let signed = kmsgate_testkit::eventually(Duration::from_secs(60), "a signed token", async || {
+        client.sign(v1::SignJwtRequest { claims: c.clone() }).await.map(|r| r.into_inner())
+    })
+    .await;
+    let before = client.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
+    verify(&signed.header, &c, &signed.signature, &before.keys);
+    kmsgate_testkit::signal(child.0.id(), "-TERM");
+    kmsgate_testkit::eventually(Duration::from_secs(60), "the socket removed", async || !socket.exists())
+        .await;
+    drop(child);
+
+    drop(bao);
+    let _child = spawn_signer(dir.path(), &settings);
+    kmsgate_testkit::eventually(Duration::from_secs(60), "the signer socket", async || socket.exists()).await;
+    let mut client =
+        v1::external_jwt_signer_client::ExternalJwtSignerClient::new(signer_channel(&socket).await);
+    let after = client.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
+    assert_eq!(after.keys, before.keys, "the persisted set");
+    assert_eq!(after.data_timestamp, before.data_timestamp, "with its old data_timestamp");
+    let err = client.sign(v1::SignJwtRequest { claims: c }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
