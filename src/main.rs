@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Serve the KMS v2 gRPC API on a unix socket for kube-apiserver.
     Plugin(ConfigArgs),
+    /// Serve the ExternalJWTSigner gRPC API (v1 and v1alpha1) on a unix socket for kube-apiserver.
+    Signer(SignerArgs),
     /// Drive a running plugin as kube-apiserver does and check every answer.
     Selftest {
         /// The plugin's socket: /path, unix:///path or @name.
@@ -288,6 +290,40 @@ struct ConfigArgs {
     keyring: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct SignerArgs {
+    /// TOML config file.
+    #[arg(long, env = "KMSGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override a setting: --set signer.poll_interval=10s (repeatable; beats env and file).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set_flag)]
+    set: Vec<(String, String)>,
+    /// Same as --set signer.socket=PATH.
+    #[arg(long)]
+    socket: Option<String>,
+    /// Same as --set signer.backend=KIND (local or vault).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Same as --set signer.keyring=PATH.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+}
+
+impl SignerArgs {
+    fn load(self) -> Result<Config, config::ConfigError> {
+        let shorthands = [
+            ("signer.socket", self.socket),
+            ("signer.backend", self.backend),
+            ("signer.keyring", self.keyring.map(|p| p.display().to_string())),
+        ];
+        let mut flags: Vec<(String, String)> =
+            shorthands.into_iter().filter_map(|(name, value)| Some((name.to_owned(), value?))).collect();
+        // NB: --set comes last so it wins over the shorthands.
+        flags.extend(self.set);
+        Config::load(self.config.as_deref(), &flags, &ProcessEnv)
+    }
+}
+
 impl ConfigArgs {
     fn load(self) -> Result<Config, config::ConfigError> {
         self.load_as(config::Role::Plugin)
@@ -476,6 +512,11 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
     let run = |e: commands::CommandError| Failure::Run(e.to_string());
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
     match command {
+        Command::Signer(args) => {
+            let config = args.load().map_err(usage)?;
+            telemetry::init(&config.log.level, config.log.json);
+            commands::signer(config).await.map_err(run)
+        }
         Command::Plugin(args) => {
             let config = args.load().map_err(usage)?;
             telemetry::init(&config.log.level, config.log.json);

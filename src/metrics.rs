@@ -160,8 +160,8 @@ impl Metrics {
         let healthy = Gauge::default();
         let promotions = Counter::default();
         let rollbacks_refused = Counter::default();
-        registry.register("grpc_requests", "KMS gRPC requests by method and code", grpc_requests.clone());
-        registry.register("grpc_request_duration_seconds", "KMS gRPC latency", grpc_duration.clone());
+        registry.register("grpc_requests", "gRPC requests by method and code", grpc_requests.clone());
+        registry.register("grpc_request_duration_seconds", "gRPC latency by method", grpc_duration.clone());
         registry.register(
             "backend_calls",
             "Key store (Transit) calls by operation and outcome",

@@ -29,6 +29,7 @@ use serde_json::Value;
 /// Every Kubernetes manifest shipped (the policies are checked by their own validation).
 const MANIFESTS: &[&str] = &[
     "deploy/plugin/kmsgate-plugin.yaml",
+    "deploy/signer/kmsgate-signer.yaml",
     "deploy/controller/namespace.yaml",
     "deploy/controller/serviceaccounts.yaml",
     "deploy/controller/rbac.yaml",
@@ -107,15 +108,17 @@ fn pod_specs() -> Vec<(String, PodSpec)> {
 #[test]
 fn every_container_is_locked_down_and_has_limits() {
     let specs = pod_specs();
-    assert_eq!(specs.len(), 3, "plugin, controller, verify job");
+    assert_eq!(specs.len(), 4, "plugin, signer, controller, verify job");
     for (path, pod) in specs {
         let pod_sc = pod.security_context.clone().unwrap_or_default();
         assert_ne!(pod.host_pid, Some(true), "{path}: hostPID");
         assert_ne!(pod.host_ipc, Some(true), "{path}: hostIPC");
         if pod.host_network == Some(true) {
             assert!(
-                path.ends_with("kmsgate-plugin.yaml") || path.ends_with("verify-job.yaml"),
-                "{path}: only the plugin and the verify Job use the host network"
+                path.ends_with("kmsgate-plugin.yaml")
+                    || path.ends_with("kmsgate-signer.yaml")
+                    || path.ends_with("verify-job.yaml"),
+                "{path}: only the plugin, the signer and the verify Job use the host network"
             );
         }
         assert!(pod.init_containers.is_none(), "{path}: no init containers (nothing runs as root first)");
@@ -366,6 +369,7 @@ fn the_shipped_configs_load_for_their_role() {
     use kmsgate::config::{Config, Role};
     let none = std::collections::HashMap::new();
     Config::load_as(Role::Plugin, Some(Path::new("deploy/plugin/plugin.toml")), &[], &none).unwrap();
+    Config::load_as(Role::Plugin, Some(Path::new("deploy/signer/signer.toml")), &[], &none).unwrap();
     let map: ConfigMap =
         serde_json::from_value(documents("deploy/controller/configmap.yaml").remove(0)).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -569,4 +573,42 @@ fn the_etcd_verify_certificate_is_a_client_certificate_the_etcd_ca_signed() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(out.join("kmsgate-verify.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o400, "the key is readable by its owner only");
+}
+
+#[test]
+fn the_signer_pod_serves_the_socket_kube_apiserver_is_pointed_at() {
+    use kmsgate::config::{Config, SignerBackend, SocketSpec};
+    let none = std::collections::HashMap::new();
+    let config = Config::load(Some(Path::new("deploy/signer/signer.toml")), &[], &none).unwrap().signer;
+    assert!(matches!(config.backend, SignerBackend::Vault { .. }));
+    let SocketSpec::Path(socket) = &config.socket.spec else { panic!("a socket file") };
+    let pod: Pod = serde_json::from_value(documents("deploy/signer/kmsgate-signer.yaml").remove(0)).unwrap();
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let container = &spec.containers[0];
+    assert_eq!(container.args.as_deref().unwrap()[..3], ["signer", "--config", "/etc/kmsgate/signer.toml"]);
+    let port = container.ports.as_ref().unwrap()[0].container_port;
+    assert_eq!(Some(port as u16), config.http_listen.map(|a| a.port()));
+    assert_ne!(port, 8787, "the plugin holds 8787 on the host network");
+    let mounts = container.volume_mounts.clone().unwrap();
+    let inside =
+        |path: &Path| mounts.iter().any(|m| path.starts_with(&m.mount_path) && m.read_only != Some(true));
+    assert!(inside(socket), "{} is in a writable mounted directory", socket.display());
+    assert!(inside(&config.state_file), "the persisted key set survives a restart");
+
+    let flags = &documents("deploy/signer/kube-apiserver-flags.yaml")[0];
+    let args: Vec<(String, String)> = flags["apiServer"]["extraArgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap().to_owned(), a["value"].as_str().unwrap().to_owned()))
+        .collect();
+    let value = |name: &str| args.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    assert_eq!(value("service-account-signing-endpoint"), Some(socket.to_str().unwrap()), "a plain path");
+    assert!(value("service-account-issuer").is_some(), "required for the signer to be set up");
+    assert_eq!(value("feature-gates"), Some("ExternalServiceAccountTokenSigner=true"));
+    for exclusive in ["service-account-key-file", "service-account-signing-key-file"] {
+        assert!(value(exclusive).is_none(), "{exclusive} is mutually exclusive with the endpoint");
+    }
 }

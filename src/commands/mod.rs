@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     audit,
-    config::{BackendConfig, Config, SocketSpec, VaultAuth},
+    config::{BackendConfig, Config, SignerBackend, SocketSpec, VaultAuth},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
@@ -79,6 +79,9 @@ pub enum CommandError {
     /// The plugin failed.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The signer failed.
+    #[error(transparent)]
+    Signer(#[from] crate::signer::SignerError),
     /// The selftest found deviations.
     #[error("selftest failed")]
     Selftest,
@@ -138,6 +141,55 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
             result?;
         }
     }
+    Ok(())
+}
+
+/// `kmsgate signer`: serves ExternalJWTSigner until SIGTERM or SIGINT.
+pub async fn signer(config: Config) -> Result<(), CommandError> {
+    if !config.signer.verify_keys.is_empty() {
+        // NB: serving fewer keys than configured would log out every pod whose token one of them
+        // signed; refuse until the key-file reader is wired in.
+        return Err(CommandError::Refused(
+            "signer.verify_keys is set, but this build cannot read key files yet; unset it".into(),
+        ));
+    }
+    let metrics = Metrics::new();
+    match (&config.signer.backend, &config.backend) {
+        (SignerBackend::Local { keyring }, _) => {
+            // NB: opening it logs the NOT FOR PRODUCTION warning.
+            let backend = crate::keyring::SigningKeyring::open(keyring, true)?;
+            serve_signer(&config, backend, Vec::new(), metrics).await
+        }
+        (SignerBackend::Vault { key, key_type }, BackendConfig::Vault(v)) => {
+            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let maintenance = tokio::spawn(client.clone().maintain());
+            let backend = crate::transit::SigningTransit::new(
+                client,
+                &v.identity,
+                &v.client.namespace,
+                &v.mount,
+                key,
+                *key_type,
+            );
+            let result = serve_signer(&config, backend, Vec::new(), metrics).await;
+            maintenance.abort();
+            result
+        }
+        (SignerBackend::Vault { .. }, BackendConfig::Local { .. }) => Err(CommandError::WrongBackend(
+            "signer.backend = vault needs backend.kind = vault (the vault.* client settings)",
+        )),
+    }
+}
+
+/// Serves the signer over `backend` until SIGTERM or SIGINT: what [`signer`] runs once it has
+/// built the configured key store.
+pub async fn serve_signer(
+    config: &Config,
+    backend: impl crate::backend::SigningBackend,
+    verify_only: Vec<(crate::backend::PublicKey, bool)>,
+    metrics: Metrics,
+) -> Result<(), CommandError> {
+    crate::signer::serve(&config.signer, backend, verify_only, metrics, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -202,7 +254,7 @@ pub fn encryption_config(
 ) -> Result<String, CommandError> {
     let file = crate::encryption_config::EncryptionConfiguration::kms_first(
         name,
-        &config.plugin.socket.endpoint(),
+        &config.plugin.socket.spec.endpoint(),
         timeout,
         resources,
     );

@@ -14,6 +14,8 @@ mod etcd;
 mod http_log;
 mod plugin;
 mod settings;
+mod signer;
+mod socket;
 mod source;
 
 use std::{
@@ -25,8 +27,10 @@ pub use backend::{BackendConfig, VaultAuth, VaultClientConfig, VaultConfig, Vaul
 pub use controller::ControllerConfig;
 pub use etcd::EtcdConfig;
 pub use http_log::LogConfig;
-pub use plugin::{AuditSink, DirCheck, PluginConfig, SocketSpec, StatusVersion};
+pub use plugin::{AuditSink, PluginConfig, StatusVersion};
 pub use settings::{Fallback, Kind, SETTINGS, Setting, VAULT_ENV, env_name, reference};
+pub use signer::{MIN_TOKEN_EXPIRATION, SignerBackend, SignerConfig, VerifyKeyFile};
+pub use socket::{DirCheck, SocketConfig, SocketSpec};
 pub use source::{Env, ProcessEnv, parse_set_flag};
 
 /// The config file format this code reads.
@@ -63,6 +67,8 @@ fn field(field: &str, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// The KMS plugin server.
     pub plugin: PluginConfig,
+    /// The ExternalJWTSigner server.
+    pub signer: SignerConfig,
     /// The read-only HTTP endpoint; `None` when off.
     pub http_listen: Option<SocketAddr>,
     /// Logging.
@@ -106,8 +112,14 @@ impl Config {
         // ciphertext layout.
         let backend = BackendConfig::read(&values, role)?;
         let plugin = PluginConfig::read(&values, backend.ciphertext_tag())?;
+        let backend_kind = match backend {
+            BackendConfig::Local { .. } => "local",
+            BackendConfig::Vault(_) => "vault",
+        };
+        let signer = SignerConfig::read(&values, backend_kind)?;
         Ok(Self {
             plugin,
+            signer,
             http_listen: http_log::listen(&values)?,
             log: LogConfig::read(&values)?,
             backend,

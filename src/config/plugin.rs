@@ -1,49 +1,9 @@
 //! `plugin.*`: the KMS plugin server's socket, probes, deadlines and audit log.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
-use super::{ConfigError, field, hostname, source::Values};
+use super::{ConfigError, SocketConfig, field, hostname, source::Values};
 use crate::{ciphertext, storage::CIPHERTEXT_MAX_BYTES};
-
-/// Where the socket lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SocketSpec {
-    /// A Linux abstract socket (`@name`): no file, no permissions.
-    Abstract(String),
-    /// A socket file.
-    Path(PathBuf),
-}
-
-impl SocketSpec {
-    /// Parses `@name`, `/abs/path` or `unix:///abs/path`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.strip_prefix("unix://").unwrap_or(text);
-        if let Some(name) = text.strip_prefix('@') {
-            if name.is_empty() || name.len() > 107 {
-                return Err("abstract socket name must be 1-107 bytes".into());
-            }
-            return Ok(Self::Abstract(name.to_owned()));
-        }
-        if !text.starts_with('/') {
-            return Err(format!("{text:?} is not an absolute path (write /path or unix:///path)"));
-        }
-        if text.len() > 107 {
-            return Err("socket paths are limited to 107 bytes by the kernel".into());
-        }
-        Ok(Self::Path(PathBuf::from(text)))
-    }
-
-    /// The endpoint URL kube-apiserver's EncryptionConfiguration uses.
-    pub fn endpoint(&self) -> String {
-        match self {
-            Self::Abstract(name) => format!("unix:///@{name}"),
-            Self::Path(path) => format!("unix://{}", path.display()),
-        }
-    }
-}
 
 /// What Status reports as `version`; fixed for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,30 +35,23 @@ pub enum AuditSink {
     Stderr,
 }
 
-/// What to do when the socket's directory, or one above it, is writable by others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirCheck {
-    /// Refuse to start.
-    Refuse,
-    /// Start, with a warning (a pod volume shared with the API server).
-    Warn,
+impl AuditSink {
+    /// Reads an audit log setting: `stderr`, `off` or a file path.
+    pub(super) fn read(v: &Values, name: &str) -> Result<Self, ConfigError> {
+        Ok(match v.text(name)?.unwrap_or_default().as_str() {
+            "stderr" => Self::Stderr,
+            "off" => Self::Off,
+            "" => return Err(field(name, "must be stderr, off, or a file path")),
+            path => Self::File(PathBuf::from(path)),
+        })
+    }
 }
 
 /// The KMS plugin server's settings.
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
-    /// Socket location.
-    pub socket: SocketSpec,
-    /// Socket file mode.
-    pub socket_mode: u32,
-    /// Socket group id.
-    pub socket_gid: Option<u32>,
-    /// Refuse or warn when the socket's directory is writable by others.
-    pub socket_dir_check: DirCheck,
-    /// Create the socket's directory.
-    pub create_socket_dir: bool,
-    /// Allow abstract sockets.
-    pub allow_abstract_socket: bool,
+    /// The socket and its permissions.
+    pub socket: SocketConfig,
     /// Status version.
     pub status_version: StatusVersion,
     /// Node name for /status.
@@ -131,52 +84,7 @@ impl PluginConfig {
     /// Reads `plugin.*`; `ciphertext_tag` is the tag of the configured key store's ciphertexts.
     pub(super) fn read(v: &Values, ciphertext_tag: &str) -> Result<Self, ConfigError> {
         let text = |name| v.text(name).map(Option::unwrap_or_default);
-        let socket = SocketSpec::parse(&text("plugin.socket")?).map_err(|e| field("plugin.socket", e))?;
-        let allow_abstract_socket = v.flag("plugin.allow_abstract_socket")?;
-        if matches!(socket, SocketSpec::Abstract(_)) && !allow_abstract_socket {
-            return Err(field(
-                "plugin.socket",
-                "abstract sockets (@name) have no file permissions, so any process in the network namespace \
-                 can call Decrypt; set plugin.allow_abstract_socket = true to accept that",
-            ));
-        }
-        let mode_text = text("plugin.socket_mode")?;
-        let socket_mode =
-            u32::from_str_radix(&mode_text, 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| {
-                field("plugin.socket_mode", format!("{mode_text:?} is not an octal mode like 0600"))
-            })?;
-        if socket_mode & 0o007 != 0 {
-            return Err(field(
-                "plugin.socket_mode",
-                format!(
-                    "{socket_mode:04o} gives every local user access to Decrypt; use 0600 or 0660 with \
-                     socket_group"
-                ),
-            ));
-        }
-        let socket_gid = match v.nonempty("plugin.socket_group")? {
-            None => None,
-            Some(group) => Some(resolve_group(&group).map_err(|e| field("plugin.socket_group", e))?),
-        };
-        if socket_mode & 0o070 != 0 && socket_gid.is_none() {
-            // NB: refused rather than warned: without a named group the socket gets the plugin's
-            // own primary group (often root's, 0), so the group bits grant access to whoever shares
-            // it by accident. Naming the group, even the plugin's own, makes the grant deliberate.
-            return Err(field(
-                "plugin.socket_mode",
-                format!(
-                    "{socket_mode:04o} gives group access, but plugin.socket_group is not set; name the group \
-                     that may call Decrypt (e.g. the API server's), or use 0600"
-                ),
-            ));
-        }
-        let socket_dir_check = match text("plugin.socket_dir_check")?.as_str() {
-            "refuse" => DirCheck::Refuse,
-            "warn" => DirCheck::Warn,
-            other => {
-                return Err(field("plugin.socket_dir_check", format!("{other:?} must be refuse or warn")));
-            }
-        };
+        let socket = SocketConfig::read(v, "plugin", "Decrypt")?;
         let status_version = match text("plugin.status_version")?.as_str() {
             "v2" => StatusVersion::V2,
             "v2beta1" => StatusVersion::V2beta1,
@@ -203,19 +111,9 @@ impl PluginConfig {
             "honest" => None,
             other => return Err(field("plugin.outage_mode", format!("{other:?} must be grace or honest"))),
         };
-        let audit_log = match text("plugin.audit_log")?.as_str() {
-            "stderr" => AuditSink::Stderr,
-            "off" => AuditSink::Off,
-            "" => return Err(field("plugin.audit_log", "must be stderr, off, or a file path")),
-            path => AuditSink::File(PathBuf::from(path)),
-        };
+        let audit_log = AuditSink::read(v, "plugin.audit_log")?;
         Ok(Self {
             socket,
-            socket_mode,
-            socket_gid,
-            socket_dir_check,
-            create_socket_dir: v.flag("plugin.create_socket_dir")?,
-            allow_abstract_socket,
             status_version,
             node_name: v.nonempty("plugin.node_name")?.unwrap_or_else(hostname),
             max_plaintext_bytes,
@@ -230,37 +128,5 @@ impl PluginConfig {
             outage_grace,
             audit_log,
         })
-    }
-}
-
-fn resolve_group(group: &str) -> Result<u32, String> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    let text = crate::files::read_text_capped(Path::new("/etc/group"), crate::files::DOCUMENT_MAX_BYTES)
-        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
-    text.lines()
-        .filter_map(|line| {
-            let mut parts = line.split(':');
-            Some((parts.next()?, parts.nth(1)?))
-        })
-        .find(|(name, _)| *name == group)
-        .and_then(|(_, gid)| gid.parse().ok())
-        .ok_or_else(|| format!("group {group:?} not found in /etc/group"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn socket_specs() {
-        assert_eq!(
-            SocketSpec::parse("unix:///var/run/k.sock").unwrap(),
-            SocketSpec::Path("/var/run/k.sock".into())
-        );
-        assert_eq!(SocketSpec::parse("@kms").unwrap().endpoint(), "unix:///@kms");
-        assert_eq!(SocketSpec::parse("/a/b.sock").unwrap().endpoint(), "unix:///a/b.sock");
-        assert!(SocketSpec::parse(&format!("/{}", "a".repeat(107))).is_err());
     }
 }

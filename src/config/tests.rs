@@ -74,8 +74,8 @@ token_file = "/etc/kmsgate/token"
 fn defaults_are_the_embedded_local_backend() {
     let c = Config::load(None, &[], &env(&[])).unwrap();
     assert!(matches!(c.backend, BackendConfig::Local { create: true, .. }));
-    assert_eq!(c.plugin.socket, SocketSpec::Path("/run/kmsgate/kms.sock".into()));
-    assert_eq!(c.plugin.socket_mode, 0o600);
+    assert_eq!(c.plugin.socket.spec, SocketSpec::Path("/run/kmsgate/kms.sock".into()));
+    assert_eq!(c.plugin.socket.mode, 0o600);
     assert_eq!(c.plugin.status_version, StatusVersion::V2);
     assert_eq!(c.plugin.staleness_window, Duration::from_secs(600));
     assert_eq!(c.http_listen, Some("127.0.0.1:8787".parse().unwrap()));
@@ -86,19 +86,19 @@ fn flags_beat_env_beat_file() {
     let file =
         "format = 1\n[plugin]\nsocket = \"/file.sock\"\npoll_interval = \"1s\"\nmax_plaintext_bytes = 100\n";
     let c = load(file, &[], &[]).unwrap();
-    assert_eq!(c.plugin.socket, SocketSpec::Path("/file.sock".into()));
+    assert_eq!(c.plugin.socket.spec, SocketSpec::Path("/file.sock".into()));
     let c = load(
         file,
         &[],
         &[("KMSGATE_PLUGIN_SOCKET", "/env.sock"), ("KMSGATE_PLUGIN_MAX_PLAINTEXT_BYTES", "64")],
     )
     .unwrap();
-    assert_eq!(c.plugin.socket, SocketSpec::Path("/env.sock".into()));
+    assert_eq!(c.plugin.socket.spec, SocketSpec::Path("/env.sock".into()));
     assert_eq!(c.plugin.max_plaintext_bytes, 64);
     assert_eq!(c.plugin.poll_interval, Duration::from_secs(1));
     let c =
         load(file, &[("plugin.socket", "/flag.sock")], &[("KMSGATE_PLUGIN_SOCKET", "/env.sock")]).unwrap();
-    assert_eq!(c.plugin.socket, SocketSpec::Path("/flag.sock".into()));
+    assert_eq!(c.plugin.socket.spec, SocketSpec::Path("/flag.sock".into()));
 }
 
 #[test]
@@ -241,4 +241,56 @@ fn a_config_file_that_never_ends_is_refused_by_name() {
     // NB: /dev/zero never ends; an unbounded read would exhaust memory instead of failing.
     let err = Config::load(Some(Path::new("/dev/zero")), &[], &env(&[])).unwrap_err().to_string();
     assert!(err.contains("/dev/zero") && err.contains("larger than"), "{err}");
+}
+
+#[test]
+fn the_signer_section_has_its_own_socket_port_and_a_derived_publish_lead() {
+    let c = Config::load(None, &[], &env(&[])).unwrap();
+    let s = &c.signer;
+    assert_eq!(s.socket.spec, SocketSpec::Path("/run/kmsgate/signer.sock".into()));
+    assert_eq!(s.socket.section, "signer");
+    assert_eq!(s.http_listen, Some("127.0.0.1:8789".parse().unwrap()));
+    assert_ne!(s.http_listen, c.http_listen, "the plugin holds 8787");
+    assert_eq!(s.max_token_expiration, Duration::from_secs(24 * 3600));
+    assert_eq!(s.refresh_hint, Duration::from_secs(60));
+    // 2 x 30s poll + 60s refresh hint + 1m margin.
+    assert_eq!(s.publish_lead, Duration::from_secs(180));
+    assert!(matches!(s.backend, SignerBackend::Local { .. }));
+    let c = load(
+        VAULT,
+        &[("signer.verify_keys", "/etc/sa.pub,excluded:/etc/legacy.pub"), ("signer.key_type", "rsa-3072")],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.signer.backend,
+        SignerBackend::Vault { key: "kmsgate-signer".into(), key_type: crate::jwt::KeyType::Rsa3072 }
+    );
+    assert_eq!(
+        c.signer.verify_keys,
+        vec![
+            VerifyKeyFile { path: "/etc/sa.pub".into(), exclude_from_oidc_discovery: false },
+            VerifyKeyFile { path: "/etc/legacy.pub".into(), exclude_from_oidc_discovery: true },
+        ]
+    );
+}
+
+#[test]
+fn bad_signer_settings_are_refused_by_name() {
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+    let cases: &[(&str, Pairs<'_>, &str)] = &[
+        ("format = 1\n", &[("signer.max_token_expiration", "599s")], "signer.max_token_expiration"),
+        ("format = 1\n", &[("signer.backend", "vault")], "backend.kind = vault"),
+        (VAULT, &[("signer.key_type", "ed25519")], "ed25519"),
+        ("format = 1\n", &[("signer.backend", "hsm")], "signer.backend"),
+        ("format = 1\n", &[("signer.verify_keys", "sa.pub")], "signer.verify_keys"),
+        ("format = 1\n", &[("signer.socket", "@s")], "signer.allow_abstract_socket"),
+        ("format = 1\n", &[("signer.socket_mode", "0666")], "access to Sign"),
+        ("format = 1\n", &[("signer.refresh_hint_seconds", "0")], "signer.refresh_hint_seconds"),
+    ];
+    for (file, f, needle) in cases {
+        let err = load(file, f, &[]).unwrap_err().to_string();
+        assert!(err.contains(needle), "{f:?}: {err}");
+    }
+    assert!(load("format = 1\n", &[("signer.max_token_expiration", "600s")], &[]).is_ok());
 }

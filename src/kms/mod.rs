@@ -1,12 +1,11 @@
 //! The KMS v2 plugin: shared state, background probes, the gRPC service and its socket.
 
-pub mod audit_log;
 pub mod client;
 pub mod health;
 pub mod probe;
 pub mod service;
-pub mod socket;
-pub mod state;
+
+pub use crate::serving::{audit_log, socket, tracker as state};
 
 use std::{
     future::Future,
@@ -358,8 +357,8 @@ pub async fn serve<B: Backend>(
         }
         None => None,
     };
-    let (listener, guard) = socket::bind(&config.plugin)?;
-    tracing::info!(endpoint = %config.plugin.socket.endpoint(), "serving KMS v2");
+    let (listener, guard) = socket::bind(&config.plugin.socket)?;
+    tracing::info!(endpoint = %config.plugin.socket.spec.endpoint(), "serving KMS v2");
     let probe_task = tokio::spawn(probe::run(shared.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

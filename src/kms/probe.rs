@@ -33,14 +33,7 @@ pub async fn run<B: Backend>(shared: Arc<Shared<B>>) {
         } else {
             shared.config.poll_interval.min(ADOPTION_RETRY_MAX)
         };
-        let polled = Instant::now();
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = shared.repoll.notified() => {
-                tokio::time::sleep_until(polled + HINTED_POLL_GAP.min(pause)).await;
-                tracing::debug!("key store answer hints at a changed key; reading key metadata now");
-            }
-        }
+        crate::serving::pause_before_poll(pause, HINTED_POLL_GAP, Instant::now(), &shared.repoll).await;
     }
 }
 

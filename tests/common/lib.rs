@@ -9,6 +9,7 @@ mod eventually;
 pub mod externaljwt_apiserver;
 pub mod fake_api;
 pub mod fake_keys;
+pub mod fake_signing;
 pub mod fake_transit;
 pub mod kms_apiserver;
 pub mod mock_api;

@@ -1,4 +1,4 @@
-//! The plugin's unix socket: created with its final mode and group before anyone can connect,
+//! A server's unix socket (the KMS plugin's and the signer's): created with its final mode and group before anyone can connect,
 //! never replacing anything but a stale socket, and removed on exit.
 
 use std::{
@@ -22,7 +22,7 @@ use tokio::{
 
 use crate::{
     backoff::AcceptBackoff,
-    config::{DirCheck, PluginConfig, SocketSpec},
+    config::{DirCheck, SocketConfig, SocketSpec},
 };
 
 /// The socket could not be set up.
@@ -30,15 +30,15 @@ use crate::{
 #[non_exhaustive]
 pub enum SocketError {
     /// The parent directory does not exist and may not be created.
-    #[error("socket directory {0} does not exist (create it, or set plugin.create_socket_dir = true)")]
-    DirectoryMissing(PathBuf),
+    #[error("socket directory {0} does not exist (create it, or set {1}.create_socket_dir = true)")]
+    DirectoryMissing(PathBuf, &'static str),
     /// The socket's directory, or one above it, lets another user replace the socket.
     #[error(
         "socket directory {dir} is {why}, so another local user could rename the socket and bind \
-         their own to read the seeds the API server sends; fix its mode, or set \
-         plugin.socket_dir_check = warn for a pod volume shared with the API server"
+         their own to read what the API server sends; fix its mode, or set \
+         {section}.socket_dir_check = warn for a pod volume shared with the API server"
     )]
-    DirectoryWritable { dir: PathBuf, why: String },
+    DirectoryWritable { dir: PathBuf, why: String, section: &'static str },
     /// Another process serves the socket.
     #[error("socket {0} is in use by a running process")]
     InUse(PathBuf),
@@ -72,12 +72,12 @@ impl Drop for SocketGuard {
 }
 
 /// Binds the configured socket.
-pub fn bind(config: &PluginConfig) -> Result<(UnixListener, SocketGuard), SocketError> {
-    let (std_listener, guard) = match &config.socket {
+pub fn bind(config: &SocketConfig) -> Result<(UnixListener, SocketGuard), SocketError> {
+    let (std_listener, guard) = match &config.spec {
         SocketSpec::Abstract(name) => (bind_abstract(name)?, SocketGuard { path: None }),
         SocketSpec::Path(path) => bind_path(path, config)?,
     };
-    let io = |action, source| SocketError::Io { path: config.socket.endpoint(), action, source };
+    let io = |action, source| SocketError::Io { path: config.spec.endpoint(), action, source };
     std_listener.set_nonblocking(true).map_err(|e| io("set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io("register with the runtime", e))?;
     Ok((listener, guard))
@@ -91,12 +91,12 @@ fn bind_abstract(name: &str) -> Result<StdListener, SocketError> {
     StdListener::bind_addr(&addr).map_err(|e| io("bind", e))
 }
 
-fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketGuard), SocketError> {
+fn bind_path(path: &Path, config: &SocketConfig) -> Result<(StdListener, SocketGuard), SocketError> {
     let io = |action, source| SocketError::Io { path: path.display().to_string(), action, source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("/"));
     if !dir.exists() {
-        if !config.create_socket_dir {
-            return Err(SocketError::DirectoryMissing(dir.to_owned()));
+        if !config.create_dir {
+            return Err(SocketError::DirectoryMissing(dir.to_owned(), config.section));
         }
         fs::DirBuilder::new()
             .recursive(true)
@@ -108,13 +108,18 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
     // symlink swapped in after the check cannot redirect the bind.
     let dir = fs::canonicalize(dir).map_err(|e| io("resolve directory", e))?;
     let path = &dir.join(path.file_name().unwrap_or(path.as_os_str()));
-    if let Some((writable, why)) = writable_by_others(&dir, config.socket_gid).map_err(|e| io("stat", e))? {
-        match config.socket_dir_check {
-            DirCheck::Refuse => return Err(SocketError::DirectoryWritable { dir: writable, why }),
+    if let Some((writable, why)) =
+        writable_by_others(&dir, config.gid, config.section).map_err(|e| io("stat", e))?
+    {
+        match config.dir_check {
+            DirCheck::Refuse => {
+                return Err(SocketError::DirectoryWritable { dir: writable, why, section: config.section });
+            }
             DirCheck::Warn => tracing::warn!(
                 dir = %writable.display(),
                 why,
-                "socket directory is writable by others; starting because plugin.socket_dir_check = warn"
+                section = config.section,
+                "socket directory is writable by others; starting because socket_dir_check = warn"
             ),
         }
     }
@@ -129,9 +134,8 @@ fn bind_path(path: &Path, config: &PluginConfig) -> Result<(StdListener, SocketG
     let _ = fs::remove_file(&tmp);
     let listener = StdListener::bind(&tmp).map_err(|e| io("bind", e))?;
     let finish = || -> Result<(), SocketError> {
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))
-            .map_err(|e| io("chmod", e))?;
-        if let Some(gid) = config.socket_gid {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(config.mode)).map_err(|e| io("chmod", e))?;
+        if let Some(gid) = config.gid {
             std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(|e| io("chown to socket_group", e))?;
         }
         reclaim_stale(path)?;
@@ -162,7 +166,7 @@ pub fn incoming(
                         let conn = Conn { io, spoken: spoken.clone(), spoke: false };
                         return Some((Ok(conn), (l, spoken, backoff)));
                     }
-                    Err(e) => backoff.wait("KMS socket", &e).await,
+                    Err(e) => backoff.wait("gRPC socket", &e).await,
                 }
             }
         },
@@ -242,7 +246,11 @@ impl AsyncWrite for Conn {
 
 /// The first directory from `dir` up to `/` that a user other than root or us could write into,
 /// and why. A sticky world-writable directory (`/tmp`) is fine: others cannot rename what it holds.
-fn writable_by_others(dir: &Path, socket_gid: Option<u32>) -> std::io::Result<Option<(PathBuf, String)>> {
+fn writable_by_others(
+    dir: &Path,
+    socket_gid: Option<u32>,
+    section: &str,
+) -> std::io::Result<Option<(PathBuf, String)>> {
     let uid = rustix::process::geteuid().as_raw();
     let gid = rustix::process::getegid().as_raw();
     for dir in dir.ancestors() {
@@ -254,7 +262,7 @@ fn writable_by_others(dir: &Path, socket_gid: Option<u32>) -> std::io::Result<Op
             Some(format!("world-writable without the sticky bit (mode {:04o})", mode & 0o7777))
         } else if mode & 0o020 != 0 && ![0, gid].contains(&meta.gid()) && socket_gid != Some(meta.gid()) {
             Some(format!(
-                "writable by group {} (mode {:04o}), which is not root's, the plugin's or plugin.socket_group",
+                "writable by group {} (mode {:04o}), which is not root's, ours or {section}.socket_group",
                 meta.gid(),
                 mode & 0o7777
             ))
@@ -294,9 +302,9 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn config(path: &Path) -> PluginConfig {
+    fn config(path: &Path) -> SocketConfig {
         let set = vec![("plugin.socket".to_owned(), path.display().to_string())];
-        Config::load(None, &set, &std::collections::HashMap::new()).unwrap().plugin
+        Config::load(None, &set, &std::collections::HashMap::new()).unwrap().plugin.socket
     }
 
     #[tokio::test]
@@ -384,7 +392,7 @@ mod tests {
         let err = bind(&config(&path)).unwrap_err();
         assert!(err.to_string().contains(&format!("writable by group {stranger}")), "{err}");
         let mut cfg = config(&path);
-        cfg.socket_gid = Some(stranger);
+        cfg.gid = Some(stranger);
         let (_l, _g) = bind(&cfg).unwrap();
     }
 
@@ -394,18 +402,32 @@ mod tests {
         let (_l, _g) = bind(&config(&sticky.join("kms.sock"))).unwrap();
         let (_root2, open) = shared_dir(0o777, None);
         let mut cfg = config(&open.join("kms.sock"));
-        cfg.socket_dir_check = DirCheck::Warn;
+        cfg.dir_check = DirCheck::Warn;
         let (_l2, _g2) = bind(&cfg).unwrap();
         assert!(open.join("kms.sock").exists());
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_section_of_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&dir.path().join("sub/signer.sock"));
+        cfg.section = "signer";
+        let err = bind(&cfg).unwrap_err().to_string();
+        assert!(err.contains("signer.create_socket_dir"), "{err}");
+        let (_root, open) = shared_dir(0o777, None);
+        let mut cfg = config(&open.join("signer.sock"));
+        cfg.section = "signer";
+        let err = bind(&cfg).unwrap_err().to_string();
+        assert!(err.contains("signer.socket_dir_check"), "{err}");
     }
 
     #[tokio::test]
     async fn missing_directory_needs_the_option() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/kms.sock");
-        assert!(matches!(bind(&config(&path)), Err(SocketError::DirectoryMissing(_))));
+        assert!(matches!(bind(&config(&path)), Err(SocketError::DirectoryMissing(..))));
         let mut cfg = config(&path);
-        cfg.create_socket_dir = true;
+        cfg.create_dir = true;
         let (_l, _g) = bind(&cfg).unwrap();
         assert_eq!(fs::metadata(dir.path().join("sub")).unwrap().permissions().mode() & 0o777, 0o750);
     }

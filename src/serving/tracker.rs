@@ -1,8 +1,8 @@
-//! The plugin's key_id state machine and health, kept apart from I/O so both can be tested with
-//! injected observations and time. It knows nothing of Vault or the keyring: both backends (and
-//! later the signer) feed it [`KeyMetadata`] and share one set of promotion rules.
+//! The key-version tracker both servers share, kept apart from I/O so it can be tested with
+//! injected observations and time. It knows nothing of Vault or the keyring: every key store feeds
+//! it [`KeyMetadata`], and one set of rollback and recreated-key rules applies to both policies.
 //!
-//! Rules (DESIGN.md, "key_id"):
+//! The KMS plugin's policy (DESIGN.md, "key_id"):
 //! - adopt the latest version at once at start;
 //! - after that promote a newer version only once it was seen in `needed` consecutive polls,
 //!   unless the promoted version became unusable (retired below a floor, trimmed, or removed from
@@ -13,8 +13,17 @@
 //!   data that can never be read back: no usable version exists, or the key was deleted or
 //!   recreated (a version already seen now has another creation time). An outage or a refusal
 //!   is not a conflict: the key_id stays, since the seeds wrapped under it can still be opened.
+//!
+//! The signer's policy ([`KeyTracker::signer`]), the same on every replica and after every restart
+//! because it reads the key store alone:
+//! - if `min_encryption_version` is set, sign with exactly that version;
+//! - otherwise sign with the newest published version whose creation time is at least
+//!   `publish_lead` old, so no replica signs with a key its peers (and their API servers) have not
+//!   published yet; the latest is never adopted at start just because it is the latest;
+//! - a key store reporting an older latest version than the signing one is a node that is behind
+//!   (refused, as in the plugin); a recreated key fails closed.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use crate::{backend::KeyMetadata, keyid::KeyScope};
 
@@ -52,10 +61,26 @@ pub enum Observation {
     Unchanged,
 }
 
+/// How a tracker picks the version to promote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The KMS plugin's: the latest at start, then after `needed` consecutive sightings.
+    Plugin {
+        /// Consecutive polls that must see a new version.
+        needed: u32,
+    },
+    /// The signer's: the pinned version, else the newest one at least `publish_lead` old.
+    Signer {
+        /// How old a version must be before it signs.
+        publish_lead: Duration,
+    },
+}
+
 /// Which key version is promoted, and which one is waiting.
 #[derive(Debug)]
 pub struct KeyTracker {
     scope: KeyScope,
+    policy: Policy,
     needed: u32,
     promoted: Option<Arc<Promoted>>,
     candidate: Option<Candidate>,
@@ -79,9 +104,23 @@ pub struct Candidate {
 impl KeyTracker {
     /// A tracker that promotes after `needed` consecutive sightings (at least 1).
     pub fn new(scope: KeyScope, needed: u32) -> Self {
+        Self::with_policy(scope, Policy::Plugin { needed: needed.max(1) })
+    }
+
+    /// A tracker with the signer's policy (see the module doc).
+    pub fn signer(scope: KeyScope, publish_lead: Duration) -> Self {
+        Self::with_policy(scope, Policy::Signer { publish_lead })
+    }
+
+    fn with_policy(scope: KeyScope, policy: Policy) -> Self {
+        let needed = match policy {
+            Policy::Plugin { needed } => needed.max(1),
+            Policy::Signer { .. } => 1,
+        };
         Self {
             scope,
-            needed: needed.max(1),
+            policy,
+            needed,
             promoted: None,
             candidate: None,
             conflict: None,
@@ -118,8 +157,17 @@ impl KeyTracker {
         self.scope.key_id(version, created).to_string()
     }
 
-    /// Applies one successful metadata poll.
+    /// Applies one successful metadata poll. With the signer's policy, time stands still at the
+    /// Unix epoch here: use [`KeyTracker::observe_at`].
     pub fn observe(&mut self, meta: &KeyMetadata) -> Observation {
+        self.observe_at(meta, 0)
+    }
+
+    /// Applies one successful metadata poll made at `now` (Unix seconds).
+    pub fn observe_at(&mut self, meta: &KeyMetadata, now: u64) -> Observation {
+        if let Policy::Signer { publish_lead } = self.policy {
+            return self.observe_signer(meta, now, publish_lead);
+        }
         let latest = meta.latest;
         let Some(latest_created) = meta.latest_created() else {
             let reason = format!("key store lists latest version {latest} without a creation time");
@@ -187,6 +235,52 @@ impl KeyTracker {
         Some(self.fail_closed(reason))
     }
 
+    fn observe_signer(&mut self, meta: &KeyMetadata, now: u64, lead: Duration) -> Observation {
+        if let Some(reason) = self.recreated(meta) {
+            return self.fail_closed(reason);
+        }
+        self.remember(meta);
+        let promoted = self.promoted.clone();
+        if let Some(p) = &promoted
+            && meta.latest < p.version
+            && self.scope.kind.has_lagging_replicas()
+        {
+            // NB: a node or replica that is behind; it may lack the signing version entirely.
+            return Observation::RollbackRefused { promoted: p.version, seen: meta.latest };
+        }
+        let chosen = match signing_version(meta, now, lead) {
+            Ok(chosen) => chosen,
+            Err(reason) => return self.fail_closed(reason),
+        };
+        let Some((to, created)) = chosen else {
+            return match promoted {
+                // NB: before any version is old enough nothing signs; the latest is not adopted
+                // just because it is the latest.
+                None => {
+                    self.conflict = None;
+                    Observation::Unchanged
+                }
+                Some(p) => match unusable(meta, p.version, meta.versions.get(&p.version) == Some(&p.created))
+                {
+                    None => {
+                        self.conflict = None;
+                        Observation::Unchanged
+                    }
+                    Some(why) => self.fail_closed(format!(
+                        "signing key version {} {why}, and no other version is old enough to sign",
+                        p.version
+                    )),
+                },
+            };
+        };
+        self.promote(to, created);
+        match promoted {
+            None => Observation::Adopted { version: to },
+            Some(p) if p.version == to => Observation::Unchanged,
+            Some(p) => Observation::Promoted { from: p.version, to },
+        }
+    }
+
     fn fail_closed(&mut self, reason: String) -> Observation {
         self.candidate = None;
         self.conflict = Some(reason.clone());
@@ -221,6 +315,32 @@ impl KeyTracker {
         self.candidate = None;
         self.conflict = None;
     }
+}
+
+/// The signer's choice: the pinned version if `min_encryption_version` is set (an error if it is
+/// not there to sign), else the newest version from `min_decryption_version` up whose creation
+/// time is at least `lead` before `now`; `None` while no version is old enough.
+pub fn signing_version(meta: &KeyMetadata, now: u64, lead: Duration) -> Result<Option<(u64, u64)>, String> {
+    let pin = meta.min_encryption_version;
+    if pin > 0 {
+        return match meta.versions.get(&pin) {
+            Some(created) if pin >= meta.min_decryption_version => Ok(Some((pin, *created))),
+            Some(_) => Err(format!(
+                "min_encryption_version {pin} is below min_decryption_version {}: it would sign tokens \
+                 nobody can verify",
+                meta.min_decryption_version
+            )),
+            None => {
+                Err(format!("min_encryption_version pins version {pin}, which the key store does not list"))
+            }
+        };
+    }
+    Ok(meta
+        .versions
+        .range(meta.min_decryption_version..)
+        .rev()
+        .find(|(_, created)| created.saturating_add(lead.as_secs()) <= now)
+        .map(|(version, created)| (*version, *created)))
 }
 
 /// Why `version` can no longer encrypt or decrypt, if it cannot.
@@ -460,5 +580,88 @@ mod tests {
         t.observe(&meta(1));
         assert!(matches!(t.observe_missing("HTTP 404"), Some(Observation::Conflict { .. })));
         assert!(t.conflict().unwrap().contains("HTTP 404"));
+    }
+
+    fn signer_meta(created: &[u64]) -> KeyMetadata {
+        let versions: BTreeMap<u64, u64> =
+            created.iter().enumerate().map(|(i, c)| (i as u64 + 1, *c)).collect();
+        KeyMetadata {
+            latest: versions.len() as u64,
+            versions,
+            min_decryption_version: 1,
+            min_encryption_version: 0,
+        }
+    }
+
+    const LEAD: Duration = Duration::from_secs(100);
+
+    #[test]
+    fn the_signer_never_adopts_a_young_latest_at_start() {
+        let mut t = KeyTracker::signer(scope(), LEAD);
+        // Version 2 was made 10 s ago: version 1 signs, though 2 is the latest.
+        assert_eq!(t.observe_at(&signer_meta(&[1000, 1990]), 2000), Observation::Adopted { version: 1 });
+        assert_eq!(t.current().unwrap().version, 1);
+        // A key with only a young version: nothing signs yet, and that is not a conflict.
+        let mut fresh = KeyTracker::signer(scope(), LEAD);
+        assert_eq!(fresh.observe_at(&signer_meta(&[1990]), 2000), Observation::Unchanged);
+        assert!(fresh.current().is_err());
+        assert_eq!(fresh.conflict(), None);
+        assert_eq!(fresh.observe_at(&signer_meta(&[1990]), 2090), Observation::Adopted { version: 1 });
+    }
+
+    #[test]
+    fn the_signer_moves_to_a_new_version_once_it_is_publish_lead_old() {
+        let mut t = KeyTracker::signer(scope(), LEAD);
+        t.observe_at(&signer_meta(&[1000]), 2000);
+        let rotated = signer_meta(&[1000, 2000]);
+        assert_eq!(t.observe_at(&rotated, 2099), Observation::Unchanged);
+        assert_eq!(t.current().unwrap().version, 1);
+        assert_eq!(t.observe_at(&rotated, 2100), Observation::Promoted { from: 1, to: 2 });
+        assert_eq!(t.current().unwrap().version, 2);
+    }
+
+    #[test]
+    fn the_signer_signs_with_exactly_the_pinned_version() {
+        let mut t = KeyTracker::signer(scope(), LEAD);
+        let mut pinned = signer_meta(&[1000, 1500, 1999]);
+        pinned.min_encryption_version = 3;
+        // Pinned: version 3 signs at once, young or not.
+        assert_eq!(t.observe_at(&pinned, 2000), Observation::Adopted { version: 3 });
+        // Pinned lower while the latest stays: Vault alone decides, so every replica agrees.
+        pinned.min_encryption_version = 2;
+        assert_eq!(t.observe_at(&pinned, 2000), Observation::Promoted { from: 3, to: 2 });
+        // A pin the key store does not list fails closed.
+        pinned.min_encryption_version = 7;
+        assert!(matches!(t.observe_at(&pinned, 2000), Observation::Conflict { .. }));
+        assert!(t.current().is_err());
+    }
+
+    #[test]
+    fn the_signer_refuses_a_lagging_node_and_a_recreated_key() {
+        let mut t = KeyTracker::signer(scope(), LEAD);
+        t.observe_at(&signer_meta(&[1000, 1100]), 5000);
+        assert_eq!(t.current().unwrap().version, 2);
+        assert_eq!(
+            t.observe_at(&signer_meta(&[1000]), 5000),
+            Observation::RollbackRefused { promoted: 2, seen: 1 }
+        );
+        assert_eq!(t.current().unwrap().version, 2);
+        let seen = t.observe_at(&signer_meta(&[1000, 4000]), 5000);
+        assert!(
+            matches!(seen, Observation::Conflict { ref reason } if reason.contains("recreated")),
+            "{seen:?}"
+        );
+        assert!(t.current().is_err());
+    }
+
+    #[test]
+    fn the_signer_skips_retired_versions() {
+        let mut t = KeyTracker::signer(scope(), LEAD);
+        let mut retired = signer_meta(&[1000, 1100, 4990]);
+        retired.min_decryption_version = 3;
+        // Version 3 is young and 1, 2 are retired: nothing may sign.
+        assert_eq!(t.observe_at(&retired, 5000), Observation::Unchanged);
+        assert!(t.current().is_err());
+        assert_eq!(signing_version(&retired, 5090, LEAD), Ok(Some((3, 4990))));
     }
 }

@@ -1,5 +1,6 @@
-//! The audit log: one JSON line per Encrypt/Decrypt with who called, which key_id, the outcome
-//! and the latency. It never holds plaintext, seeds, ciphertexts or tokens.
+//! The audit log both servers write: one JSON line per Encrypt/Decrypt (with who called, which
+//! key_id, the outcome and the latency) or per Sign (the signer's own record). It never holds
+//! plaintext, seeds, ciphertexts or tokens.
 
 use std::{
     fs::OpenOptions,
@@ -39,7 +40,7 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-/// One audit record.
+/// One KMS audit record.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
     /// Wall-clock time, RFC 3339.
@@ -70,7 +71,7 @@ impl AuditLog {
     }
 
     /// Writes one record; a failed write is logged, never fatal to the call.
-    pub fn write(&self, record: &Record<'_>) {
+    pub fn write(&self, record: &impl Serialize) {
         let Some(sink) = &self.sink else { return };
         let Ok(mut line) = serde_json::to_vec(record) else { return };
         line.push(b'\n');
