@@ -255,7 +255,10 @@ pub fn check_status(version: &str, healthz: &str, key_id: &str) -> Result<(), St
         return Err(format!("version {version:?} is not v2 or v2beta1"));
     }
     if healthz != "ok" {
-        return Err(format!("healthz is {healthz:?}, not \"ok\""));
+        // NB: the plugin's text, shown as written so a cause can be searched for; only control
+        // characters, which could forge lines on a terminal, are blanked.
+        let shown: String = healthz.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        return Err(format!("healthz is not \"ok\": {shown}"));
     }
     storage::validate_key_id(key_id).map_err(|e| e.to_string())
 }
