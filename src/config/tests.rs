@@ -26,6 +26,8 @@ fn the_controller_may_use_kubernetes_auth_and_reads_etcd_settings() {
     let path = dir.path().join("c.toml");
     std::fs::write(&path, VAULT).unwrap();
     let set = flags(&[
+        // NB: the shared file's token_file is for token auth; kubernetes auth refuses it.
+        ("vault.token_file", ""),
         ("vault.auth", "kubernetes"),
         ("vault.role", "kmsgate-controller"),
         ("etcd.endpoints", "https://10.0.0.1:2379,https://10.0.0.2:2379"),
@@ -170,6 +172,21 @@ fn errors_name_the_field() {
         (VAULT, &[("backend.identity", "Prod Vault")], &[], "backend.identity"),
         (VAULT, &[("vault.mount", "/transit")], &[], "vault.mount"),
         (VAULT, &[("vault.key", "a/b")], &[], "vault.key"),
+        (
+            VAULT,
+            &[("vault.role_id_file", "/r")],
+            &[],
+            "vault.role_id_file: set, but vault.auth = \"token\" ignores it",
+        ),
+        (VAULT, &[("vault.secret_id_file", "/s")], &[], "vault.secret_id_file"),
+        (VAULT, &[("vault.role", "r")], &[], "vault.role: set"),
+        (VAULT, &[("vault.auth_mount", "a")], &[], "vault.auth_mount: set"),
+        (
+            VAULT,
+            &[("vault.auth", "jwt"), ("vault.role", "r"), ("vault.jwt_file", "/j")],
+            &[],
+            "vault.token_file: set, but vault.auth = \"jwt\" ignores it",
+        ),
     ];
     for (file, f, e, want) in cases {
         let err =
