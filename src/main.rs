@@ -24,9 +24,9 @@ enum Command {
     Plugin(ConfigArgs),
     /// Drive a running plugin as kube-apiserver does and check every answer.
     Selftest {
-        /// The plugin's socket: /path, unix:///path or @name.
-        #[arg(long, env = "KMSGATE_PLUGIN_SOCKET")]
-        socket: String,
+        /// The plugin's config (its plugin.socket), or --socket /path, unix:///path or @name.
+        #[command(flatten)]
+        config: ConfigArgs,
         /// KMS provider name written into the stored test value's prefix.
         #[arg(long, default_value = "kmsgate")]
         provider: String,
@@ -337,6 +337,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(dispatch(cli.command));
+    // NB: each fatal error is printed once, here, and not logged as well: the log is stderr too.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Findings) => ExitCode::FAILURE,
@@ -345,18 +346,30 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Run(message)) => {
-            tracing::error!("{message}");
             eprintln!("kmsgate: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// How a command ended, by the one exit-code rule of every command: 0 done and clean; 1 ran and
+/// found problems or had failed writes; 2 could not run (bad flags or config, no kubeconfig,
+/// etcd, the API server, Vault or the plugin unreachable).
 enum Failure {
     /// Exit 1 without a message: the command ran and found what it reports.
     Findings,
+    /// Exit 2: the command could not run.
     Usage(String),
+    /// Exit 1: the command ran and failed.
     Run(String),
+}
+
+impl From<commands::CommandError> for Failure {
+    fn from(e: commands::CommandError) -> Self {
+        // NB: the whole chain: a cause kept only in a source (an I/O error) is said too.
+        let message = kmsgate::error::chain(&e);
+        if e.could_not_run() { Self::Usage(message) } else { Self::Run(message) }
+    }
 }
 
 async fn audit(args: AuditArgs) -> Result<(), Failure> {
@@ -396,7 +409,7 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
     match commands::audit(&etcd, &options, plugin_socket, args.deep, &fail_on).await {
         Ok(commands::AuditVerdict::Clean) => Ok(()),
         Ok(commands::AuditVerdict::Findings) => Err(Failure::Findings),
-        Err(e) => Err(Failure::Usage(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -429,7 +442,7 @@ async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
     match commands::rotation::reencrypt(&kube, &options, &mut std::io::stdout()).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(Failure::Findings),
-        Err(e) => Err(Failure::Usage(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -461,19 +474,17 @@ async fn tokens(action: TokensAction) -> Result<(), Failure> {
     let mut out = std::io::stdout();
     let clock = std::sync::Arc::new(kmsgate::tokens::SystemClock);
     if !rotate {
-        return commands::tokens::list(&kube, &options, clock, &mut out)
-            .await
-            .map_err(|e| Failure::Run(e.to_string()));
+        return commands::tokens::list(&kube, &options, clock, &mut out).await.map_err(Failure::from);
     }
     match commands::tokens::rotate(&kube, &options, clock, &mut out).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(Failure::Findings),
-        Err(e) => Err(Failure::Run(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
-    let run = |e: commands::CommandError| Failure::Run(e.to_string());
+    let run = Failure::from;
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
     match command {
         Command::Plugin(args) => {
@@ -481,8 +492,15 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             telemetry::init(&config.log.level, config.log.json);
             commands::plugin(config).await.map_err(run)
         }
-        Command::Selftest { socket, provider, timeout, wait } => {
-            let socket = SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?;
+        Command::Selftest { mut config, provider, timeout, wait } => {
+            // NB: --socket names the socket as given (an @name too); otherwise the plugin's own
+            // config says where it listens.
+            let socket = match config.socket.take() {
+                Some(socket) => {
+                    SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?
+                }
+                None => config.load().map_err(usage)?.plugin.socket,
+            };
             commands::selftest(selftest::Options { socket, provider, timeout, wait }).await.map_err(run)
         }
         Command::Audit(args) => audit(args).await,
@@ -512,7 +530,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             match commands::rotation::verify(&policy, &run_id, round, &etcd.settings()).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(Failure::Findings),
-                Err(e) => Err(Failure::Usage(e.to_string())),
+                Err(e) => Err(e.into()),
             }
         }
         Command::Tokens { action } => tokens(action).await,
@@ -552,8 +570,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             }
             humantime::parse_duration(&timeout)
                 .map_err(|e| Failure::Usage(format!("--timeout {timeout:?}: {e}")))?;
-            let yaml = commands::encryption_config(&config, &name, &timeout, &resources)
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let yaml = commands::encryption_config(&config, &name, &timeout, &resources).map_err(run)?;
             print!("{yaml}");
             Ok(())
         }

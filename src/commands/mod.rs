@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     audit,
-    config::{BackendConfig, Config, SocketSpec, VaultAuth},
+    config::{BackendConfig, Config, SocketSpec, VaultAuth, VaultClientConfig},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
@@ -106,6 +106,50 @@ pub enum CommandError {
     /// The command refuses to act, and says why.
     #[error("{0}")]
     Refused(String),
+    /// The command could not run: bad flags or settings, or a state it cannot start from.
+    #[error("{0}")]
+    CannotRun(String),
+    /// The plugin's socket could not be reached.
+    #[error("{0}")]
+    PluginUnreachable(String),
+}
+
+impl CommandError {
+    /// Whether the command could not run at all (exit 2: bad flags or config, no kubeconfig,
+    /// etcd, the API server, Vault or the plugin unreachable), rather than ran and failed or found
+    /// problems (exit 1).
+    pub fn could_not_run(&self) -> bool {
+        use crate::backend::BackendError as B;
+        let kube = |e: &crate::k8s::KubeError| {
+            use crate::k8s::KubeError as K;
+            // NB: an API answer means the command ran and the server refused a step; no answer
+            // (connect, TLS, timeout) or no client at all means it never got going.
+            match e {
+                K::Config(_) | K::NotServed(_) => true,
+                K::Call { source, .. } => !matches!(source, kube::Error::Api(_)),
+                K::Unexpected(_) => false,
+            }
+        };
+        let transit = |e: &B| matches!(e, B::Unavailable(_) | B::Deadline | B::Misconfigured(_));
+        match self {
+            Self::Audit(_)
+            | Self::CannotRun(_)
+            | Self::EncryptionConfig(_)
+            | Self::PluginUnreachable(_)
+            | Self::Vault(_)
+            | Self::WrongBackend(_) => true,
+            // NB: the keyring commands and the plugin ran and were refused (a keyring that
+            // exists, a socket in use), as they always reported.
+            Self::Keyring(_) | Self::Plugin(_) => false,
+            Self::Kube(e) => kube(e),
+            Self::Rotation(crate::rotation::RotationError::Kube(e)) => kube(e),
+            Self::Rotation(crate::rotation::RotationError::Transit(e)) | Self::Transit(e) => transit(e),
+            Self::Tokens(crate::tokens::TokenError::Kube(e)) => kube(e),
+            Self::Tokens(crate::tokens::TokenError::Journal(_)) => false,
+            Self::Tokens(_) => true,
+            Self::Refused(_) | Self::Selftest => false,
+        }
+    }
 }
 
 /// `kmsgate plugin`: serves KMS v2 until SIGTERM or SIGINT.
@@ -130,7 +174,7 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
                      service-account token, and this plugin starts before the API server it serves)"
                 );
             }
-            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let client = vault_client(&v.client, metrics.vault.clone())?;
             let maintenance = tokio::spawn(client.clone().maintain());
             let backend = Transit::new(client, &v.identity, &v.client.namespace, &v.mount, &v.key);
             let result = kms::serve(&config, backend, metrics, shutdown).await;
@@ -141,9 +185,34 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// The Vault client of `settings`; a TLS file it cannot use is named by its setting.
+pub(crate) fn vault_client(
+    settings: &VaultClientConfig,
+    metrics: crate::metrics::VaultMetrics,
+) -> Result<std::sync::Arc<VaultClient>, CommandError> {
+    VaultClient::new(settings, metrics).map_err(|e| match &e {
+        ClientError::TlsFile { path, .. } => {
+            let tls = &settings.tls;
+            let setting = [
+                ("vault.ca_cert", &tls.ca),
+                ("vault.client_cert", &tls.client_cert),
+                ("vault.client_key", &tls.client_key),
+            ]
+            .into_iter()
+            .find(|(_, file)| file.as_deref().is_some_and(|f| path.starts_with(f)))
+            .map_or("vault TLS", |(name, _)| name);
+            CommandError::CannotRun(format!("{setting}: {e}"))
+        }
+        _ => CommandError::Vault(e),
+    })
+}
+
 /// `kmsgate selftest`: prints the report; fails on any deviation.
 pub async fn selftest(options: selftest::Options) -> Result<(), CommandError> {
     let report = selftest::run(&options).await;
+    if let Some(cause) = report.unreachable() {
+        return Err(CommandError::PluginUnreachable(cause.to_owned()));
+    }
     println!("{report}");
     if report.passed() { Ok(()) } else { Err(CommandError::Selftest) }
 }
