@@ -32,6 +32,56 @@ fn the_production_template_is_https_approle_and_a_ca() {
     assert!(v.client.tls.ca.is_some());
 }
 
+/// `examples/local.toml` as shipped, on a host where neither its keyring's nor its socket's
+/// directory exists yet (the paths move under a temporary root, so the test needs no root).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_local_example_starts_on_a_fresh_host() {
+    let root = tempfile::tempdir().unwrap();
+    let keyring = root.path().join("var/lib/kmsgate/keyring.json");
+    let socket = root.path().join("run/kmsgate/kms.sock");
+    let paths = [
+        "--keyring".to_owned(),
+        keyring.display().to_string(),
+        "--socket".to_owned(),
+        socket.display().to_string(),
+    ];
+    let log = root.path().join("plugin.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut plugin = kmsgate_command()
+        .args(["plugin", "--config", "examples/local.toml", "--set", "http.listen=off"])
+        .args(&paths)
+        .stderr(log_file.try_clone().unwrap())
+        .stdout(log_file)
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the plugin socket appears", async || {
+        if let Some(status) = plugin.try_wait().unwrap() {
+            panic!("plugin exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })
+    .await;
+    let out = kmsgate_command()
+        .args(["selftest", "--config", "examples/local.toml"])
+        .args(&paths[2..])
+        .output()
+        .unwrap();
+    let _ = plugin.kill();
+    let _ = plugin.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+    };
+    assert_eq!(mode(keyring.parent().unwrap()), 0o700);
+    assert_eq!(mode(&keyring), 0o600);
+}
+
 /// The README's dev OpenBao path with the example as shipped: only the Vault address and the
 /// token file change (and where it listens, so parallel test runs do not collide on one port).
 #[tokio::test(flavor = "multi_thread")]
