@@ -289,8 +289,17 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(self) -> Result<Config, config::ConfigError> {
-        self.load_as(config::Role::Plugin)
+    /// Loads the config, starts logging as it says, and logs what loading noticed.
+    fn start(self, role: config::Role) -> Result<Config, config::ConfigError> {
+        let config = self.load_as(role)?;
+        telemetry::init(&config.log.level, config.log.json);
+        for line in &config.notices.info {
+            tracing::info!("{line}");
+        }
+        for line in &config.notices.warnings {
+            tracing::warn!("{line}");
+        }
+        Ok(config)
     }
 
     fn load_as(self, role: config::Role) -> Result<Config, config::ConfigError> {
@@ -488,8 +497,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
     match command {
         Command::Plugin(args) => {
-            let config = args.load().map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = args.start(config::Role::Plugin).map_err(usage)?;
             commands::plugin(config).await.map_err(run)
         }
         Command::Selftest { mut config, provider, timeout, wait } => {
@@ -499,25 +507,22 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 Some(socket) => {
                     SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?
                 }
-                None => config.load().map_err(usage)?.plugin.socket,
+                None => config.start(config::Role::Plugin).map_err(usage)?.plugin.socket,
             };
             commands::selftest(selftest::Options { socket, provider, timeout, wait }).await.map_err(run)
         }
         Command::Audit(args) => audit(args).await,
         Command::Controller(args) => {
-            let config = args.load_as(config::Role::Controller).map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = args.start(config::Role::Controller).map_err(usage)?;
             commands::rotation::controller(config).await.map_err(run)
         }
         Command::Rotate { config, wait, dry_run } => {
-            let config = config.load_as(config::Role::Controller).map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = config.start(config::Role::Controller).map_err(usage)?;
             commands::rotation::rotate(config, wait, dry_run).await.map_err(run)
         }
         Command::Reencrypt(args) => reencrypt(args).await,
         Command::Retire { config, to_version, force, reason, provider, etcd_prefix } => {
-            let config = config.load_as(config::Role::Controller).map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = config.start(config::Role::Controller).map_err(usage)?;
             let reason = reason.filter(|r| !r.trim().is_empty());
             if force && reason.is_none() {
                 return Err(Failure::Usage("--force needs a non-empty --reason".into()));
@@ -550,12 +555,12 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 KeyringAction::Init { identity, key, config } => (config, Some((identity, key))),
                 KeyringAction::Rotate(config) => (config, None),
                 KeyringAction::List(config) => {
-                    let config = config.load().map_err(usage)?;
+                    let config = config.start(config::Role::Plugin).map_err(usage)?;
                     let path = commands::keyring_path(&config).map_err(run)?;
                     return commands::keyring_list(path).map_err(run);
                 }
             };
-            let config = config.load().map_err(usage)?;
+            let config = config.start(config::Role::Plugin).map_err(usage)?;
             let path = commands::keyring_path(&config).map_err(run)?;
             match init {
                 Some((identity, key)) => commands::keyring_init(path, identity.as_deref(), &key),
@@ -564,7 +569,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             .map_err(run)
         }
         Command::EncryptionConfig { config, name, timeout, resources } => {
-            let config = config.load().map_err(usage)?;
+            let config = config.start(config::Role::Plugin).map_err(usage)?;
             if name.is_empty() || name.contains(':') {
                 return Err(Failure::Usage("--name must be non-empty and contain no ':'".into()));
             }

@@ -120,6 +120,43 @@ fn vault_env_is_mapped_explicitly_and_ranks_below_kmsgate_env() {
 }
 
 #[test]
+fn the_environment_beating_the_file_and_unknown_variables_are_warned() {
+    let c = load(VAULT, &[], &[]).unwrap();
+    assert!(c.notices.warnings.is_empty(), "{:?}", c.notices.warnings);
+    assert!(
+        c.notices.info[0].contains("https://vault.example:8200") && c.notices.info[0].contains("from file ")
+    );
+    let file = format!("{VAULT}\n");
+    let file = file.replace("[vault]\n", "[vault]\nnamespace = \"file\"\n");
+    let c = load(
+        &file,
+        &[],
+        &[("VAULT_ADDR", "https://env:8200"), ("VAULT_NAMESPACE", "env"), ("KMSGATE_PLUGN_SOCKET", "/x")],
+    )
+    .unwrap();
+    let warnings = c.notices.warnings.join("\n");
+    assert!(
+        warnings.contains("VAULT_NAMESPACE overrides vault.namespace from the config file"),
+        "{warnings}"
+    );
+    assert!(warnings.contains("KMSGATE_PLUGN_SOCKET names no kmsgate setting"), "{warnings}");
+    assert!(
+        c.notices.info[0].contains("https://env:8200") && c.notices.info[0].contains("from env VAULT_ADDR")
+    );
+    // A file without addresses takes VAULT_ADDR quietly: nothing was overridden.
+    let c = load(
+        &VAULT.replace("addresses = [\"https://vault.example:8200\"]\n", ""),
+        &[],
+        &[("VAULT_ADDR", "https://env:8200")],
+    )
+    .unwrap();
+    assert!(c.notices.warnings.is_empty(), "{:?}", c.notices.warnings);
+    // Variables of --config, the build and the scripts are not settings, and not warned about.
+    let c = load(VAULT, &[], &[("KMSGATE_CONFIG", "/c"), ("KMSGATE_TOOLS_DIR", "/t")]).unwrap();
+    assert!(c.notices.warnings.is_empty(), "{:?}", c.notices.warnings);
+}
+
+#[test]
 fn sub_second_intervals() {
     let c =
         load("format = 1\n[plugin]\npoll_interval = \"50ms\"\nround_trip_interval = \"200ms\"\n", &[], &[])
