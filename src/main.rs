@@ -214,7 +214,7 @@ struct AuditArgs {
     /// text or json (JSON lines: findings, then a summary).
     #[arg(long, default_value = "text")]
     output: String,
-    /// Findings that make the exit code 1.
+    /// Findings that make the exit code 1; `none` for a report-only run.
     #[arg(long, value_delimiter = ',', default_value = "plaintext,stale,undecryptable,unknown")]
     fail_on: Vec<String>,
     /// Values per etcd request; memory is about this times the average value size.
@@ -387,14 +387,28 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
         "json" => true,
         other => return Err(Failure::Usage(format!("--output {other:?} must be text or json"))),
     };
-    let fail_on = args
-        .fail_on
-        .iter()
-        .map(|n| {
-            kmsgate::audit::Finding::parse(n)
-                .ok_or_else(|| Failure::Usage(format!("--fail-on: unknown finding {n:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // NB: `none` alone is a report-only run: findings are listed, the exit code stays 0.
+    let fail_on = match args.fail_on.as_slice() {
+        [none] if none == "none" => Vec::new(),
+        names => names
+            .iter()
+            .map(|n| {
+                kmsgate::audit::Finding::parse(n).ok_or_else(|| {
+                    Failure::Usage(format!(
+                        "--fail-on: unknown finding {n:?}; use plaintext, stale, undecryptable, unknown, or none alone"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if let Some(key_id) = &args.key_id {
+        kmsgate::storage::validate_key_id(key_id).map_err(|e| Failure::Usage(format!("--key-id: {e}")))?;
+        if key_id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Failure::Usage(format!(
+                "--key-id {key_id:?} contains spaces or control characters; copy the key_id exactly"
+            )));
+        }
+    }
     let base = format!("{}/", args.prefix.trim_end_matches('/'));
     let prefixes = if args.all || args.provider.is_some() {
         vec![base]
