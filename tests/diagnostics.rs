@@ -261,3 +261,58 @@ fn commands_that_ran_exit_0_or_1() {
     let (code, _, stderr) = run(&["version"], &[]);
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[test]
+fn a_user_who_may_not_create_the_directories_is_told_which_and_how_to_move_them() {
+    // NB: needs root to drop to an unprivileged user; as that user there is nothing to drop.
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !setpriv.exists() || !is_root() {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let root_owned = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root_owned.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let keyring = root_owned.path().join("lib/kmsgate/keyring.json");
+    let socket = root_owned.path().join("run/kmsgate/kms.sock");
+    let as_nobody = |args: &[&str]| {
+        let out = std::process::Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(kmsgate_command().get_program())
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) =
+        as_nobody(&["plugin", "--keyring", keyring.to_str().unwrap(), "--set", "http.listen=off"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let dir = keyring.parent().unwrap().parent().unwrap().display().to_string();
+    assert!(
+        stderr.contains(&dir) || stderr.contains(&keyring.parent().unwrap().display().to_string()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Permission denied") && stderr.contains("--keyring"), "{stderr}");
+
+    // The keyring in a place the user owns; the socket's directory still not allowed.
+    let own = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(own.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let keyring = own.path().join("keyring.json");
+    let (code, stderr) = as_nobody(&[
+        "plugin",
+        "--keyring",
+        keyring.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--set",
+        "plugin.create_socket_dir=true",
+        "--set",
+        "http.listen=off",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("Permission denied") && stderr.contains("--socket"), "{stderr}");
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+}
