@@ -304,6 +304,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_answer_means_it_ran_and_no_answer_means_it_could_not() {
+        use crate::k8s::KubeError;
+        let answered = || KubeError::Call {
+            operation: "patch Secret".into(),
+            source: kube::Error::Api(Box::new(
+                kube::core::Status::failure("conflict", "Conflict").with_code(409),
+            )),
+        };
+        let unanswered = || KubeError::Call {
+            operation: "list Secrets".into(),
+            source: kube::Error::Service("connection refused".into()),
+        };
+        assert!(!CommandError::Kube(answered()).could_not_run());
+        assert!(CommandError::Kube(unanswered()).could_not_run());
+        assert!(CommandError::Kube(KubeError::Config("no kubeconfig".into())).could_not_run());
+        assert!(CommandError::Tokens(crate::tokens::TokenError::Kube(unanswered())).could_not_run());
+        assert!(!CommandError::Tokens(crate::tokens::TokenError::Kube(answered())).could_not_run());
+        assert!(!CommandError::Tokens(crate::tokens::TokenError::Journal("p".into())).could_not_run());
+        assert!(CommandError::Rotation(crate::rotation::RotationError::Kube(unanswered())).could_not_run());
+        let down = crate::backend::BackendError::Unavailable("refused".into());
+        assert!(CommandError::Rotation(crate::rotation::RotationError::Transit(down)).could_not_run());
+        let denied = crate::backend::BackendError::PermissionDenied("403".into());
+        assert!(!CommandError::Transit(denied).could_not_run());
+        assert!(CommandError::CannotRun("policy p: bad".into()).could_not_run());
+        assert!(CommandError::PluginUnreachable("no socket".into()).could_not_run());
+        assert!(!CommandError::Refused("values still need version 1".into()).could_not_run());
+        assert!(!CommandError::Selftest.could_not_run());
+    }
+
+    #[test]
     fn encryption_config_points_at_the_socket() {
         let set = vec![("plugin.socket".to_owned(), "/var/run/kmsgate/kms.sock".to_owned())];
         let config = Config::load(None, &set, &std::collections::HashMap::new()).unwrap();
