@@ -361,6 +361,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// The log filter of the one-shot Kubernetes commands. NB: kube's client logs every failed request
+/// at ERROR; the command reports the failure itself, once, so that line would say it twice.
+const ONE_SHOT_LOG: &str = "warn,kube_client::client::builder=off";
+
 /// How a command ended, by the one exit-code rule of every command: 0 done and clean; 1 ran and
 /// found problems or had failed writes; 2 could not run (bad flags or config, no kubeconfig,
 /// etcd, the API server, Vault or the plugin unreachable).
@@ -438,7 +442,7 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
 
 /// Exit codes: 0 every object written, 1 some writes failed, 2 could not run.
 async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
-    telemetry::init("warn", false);
+    telemetry::init(ONE_SHOT_LOG, false);
     let resources = args
         .resources
         .iter()
@@ -470,7 +474,7 @@ async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
 }
 
 async fn tokens(action: TokensAction) -> Result<(), Failure> {
-    telemetry::init("warn", false);
+    telemetry::init(ONE_SHOT_LOG, false);
     let (args, dry_run, rotate) = match action {
         TokensAction::List(args) => (args, true, false),
         TokensAction::Rotate { args, dry_run } => (args, dry_run, true),
@@ -545,7 +549,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             commands::rotation::retire(&config, to_version, &provider, &etcd_prefix, force).await.map_err(run)
         }
         Command::Verify { policy, run_id, round, etcd } => {
-            telemetry::init("info", false);
+            telemetry::init("info,kube_client::client::builder=off", false);
             match commands::rotation::verify(&policy, &run_id, round, &etcd.settings()).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(Failure::Findings),

@@ -244,6 +244,7 @@ fn every_command_exits_2_when_it_cannot_run() {
         let fatal = stderr.lines().filter(|l| l.starts_with("kmsgate: ") || l.starts_with("error: ")).count();
         assert_eq!(fatal, 1, "{args:?}: the error once: {stderr}");
         assert!(!stderr.contains("\u{1b}["), "{args:?}: no colour codes in a pipe: {stderr}");
+        assert!(!stderr.contains("ERROR"), "{args:?}: not logged as well: {stderr}");
     }
 }
 
