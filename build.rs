@@ -1,4 +1,5 @@
-//! Compiles the KMS v2 gRPC service and the stored EncryptedObject message, and records what
+//! Compiles the KMS v2 gRPC service, the stored EncryptedObject message and both packages of the
+//! ExternalJWTSigner service, and records what
 //! `kmsgate version` reports: the git commit, the compiler and the crypto and TLS crate versions.
 use std::{env, fmt::Write as _, fs, path::Path, process::Command};
 
@@ -7,10 +8,15 @@ const CRYPTO_CRATES: &[&str] = &["ring", "rustls", "rustls-webpki", "aes-gcm", "
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_protos(&["proto/kms_v2.proto", "proto/encrypted_object.proto"], &["proto"])?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_protos(
+        &[
+            "proto/kms_v2.proto",
+            "proto/encrypted_object.proto",
+            "proto/externaljwt/v1/api.proto",
+            "proto/externaljwt/v1alpha1/api.proto",
+        ],
+        &["proto"],
+    )?;
     build_info()
 }
 

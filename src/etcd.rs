@@ -27,6 +27,9 @@ pub enum ScanError {
     /// One value alone is larger than the largest page response accepted.
     #[error("an etcd value after {after:?} is larger than the {limit}-byte response limit")]
     ValueTooLarge { after: String, limit: usize },
+    /// The task reading the next page ended without an answer (the runtime is shutting down).
+    #[error("etcd page read was interrupted: {0}")]
+    Interrupted(String),
     /// A range read failed.
     #[error("etcd range read failed: {}", describe(.0))]
     Read(etcd_client::Error),
@@ -164,6 +167,65 @@ impl Scanner {
         }
         Ok(if kvs.is_empty() { None } else { Some(kvs) })
     }
+}
+
+/// A scan that reads one page ahead: while the caller judges one page, the next is already on its
+/// way from etcd at the same pinned revision, so etcd's work (and the decoding) overlaps ours
+/// instead of alternating with it. At most two pages are held: the one returned and the one in
+/// flight, so memory stays bounded by the page size.
+pub struct Pages {
+    next: Option<tokio::task::JoinHandle<Fetched>>,
+    revision: i64,
+}
+
+/// A page read, with the scanner and client handed back for the next one.
+struct Fetched {
+    scanner: Scanner,
+    client: Client,
+    page: Result<Option<Vec<KeyValue>>, ScanError>,
+}
+
+impl Pages {
+    /// Starts reading the first page of `scanner` at once.
+    pub fn new(scanner: Scanner, client: Client) -> Self {
+        Self { next: Some(fetch(scanner, client)), revision: 0 }
+    }
+
+    /// The pinned revision (0 before the first page).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The next page, or `None` at the end; the page after it is requested before this returns.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyValue>>, ScanError> {
+        let Some(task) = self.next.take() else { return Ok(None) };
+        let Fetched { scanner, client, page } =
+            task.await.map_err(|e| ScanError::Interrupted(e.to_string()))?;
+        let page = page?;
+        self.revision = scanner.revision();
+        // NB: the next request starts only after this one answered, so it carries the revision
+        // the first page pinned.
+        if page.is_some() && !scanner.done {
+            self.next = Some(fetch(scanner, client));
+        }
+        Ok(page)
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        // NB: a caller that stops early (an error, a cancelled run) must not leave a read running.
+        if let Some(task) = &self.next {
+            task.abort();
+        }
+    }
+}
+
+fn fetch(mut scanner: Scanner, mut client: Client) -> tokio::task::JoinHandle<Fetched> {
+    tokio::spawn(async move {
+        let page = scanner.next_page(&mut client).await;
+        Fetched { scanner, client, page }
+    })
 }
 
 /// Whether a read failed only because its response was larger than a gRPC message limit: the

@@ -18,6 +18,7 @@ pub mod error;
 pub mod etcd;
 pub mod files;
 pub mod http;
+pub mod jwt;
 pub mod k8s;
 pub mod keyid;
 pub mod keyring;

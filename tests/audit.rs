@@ -175,6 +175,39 @@ async fn twenty_thousand_objects_in_bounded_pages() {
     assert_eq!(summary.findings[&audit::Finding::Stale], 19_980);
 }
 
+/// The read-ahead scan returns every value once, in key order, at the revision its first page
+/// pinned, however the API server writes while the caller works on a page.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scan_that_reads_ahead_stays_on_its_snapshot() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await.unwrap();
+    for n in 0..35 {
+        client.put(format!("/registry/secrets/ns/s{n:02}"), b"k8s\x00x".to_vec(), None).await.unwrap();
+    }
+    let mut pages = kmsgate::etcd::Pages::new(Scanner::prefix(b"/registry/secrets/", 10), client.clone());
+    let mut keys = Vec::new();
+    let mut pinned = 0;
+    while let Some(page) = pages.next_page().await.unwrap() {
+        assert!(page.len() <= 10, "a page held {} values", page.len());
+        if pinned == 0 {
+            pinned = pages.revision();
+            // Writes into every later page, and a deletion, while the first page is being judged.
+            for n in [15, 25, 34] {
+                client.put(format!("/registry/secrets/ns/s{n:02}a"), b"new".to_vec(), None).await.unwrap();
+            }
+            client.delete("/registry/secrets/ns/s30", None).await.unwrap();
+        }
+        assert_eq!(pages.revision(), pinned);
+        for kv in &page {
+            assert!(kv.mod_revision() <= pinned, "{} is newer than the snapshot", kv.key_str().unwrap());
+            keys.push(kv.key_str().unwrap().to_owned());
+        }
+    }
+    let expected: Vec<String> = (0..35).map(|n| format!("/registry/secrets/ns/s{n:02}")).collect();
+    assert_eq!(keys, expected);
+    assert!(pages.next_page().await.unwrap().is_none(), "a finished scan stays finished");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn compaction_during_a_scan_is_detected() {
     let etcd = Etcd::start().await;

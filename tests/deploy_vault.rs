@@ -1,13 +1,21 @@
 //! deploy/vault against a real OpenBao: setup.sh makes what it says, and each identity is
-//! refused what it must not do. The plugin runs on the credentials setup.sh wrote, so the
-//! plugin policy is proven sufficient as well as narrow.
+//! refused what it must not do. The plugin and the signer's store run on the credentials
+//! setup.sh wrote, so their policies are proven sufficient as well as narrow.
 
 use kmsgate_testkit as common;
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use common::{Bao, Plugin, bao_binary};
+use kmsgate::{
+    backend::SigningBackend,
+    config::{VaultAuth, VaultClientConfig},
+    jwt::{self, KeyType},
+    metrics::VaultMetrics,
+    transit::{SigningTransit, VaultClient},
+};
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 fn script(bao: &Bao, name: &str, args: &[&str], home: &Path) -> String {
     let out = Command::new("bash")
@@ -246,4 +254,150 @@ esac
     let calls = std::fs::read_to_string(&log).unwrap();
     assert!(out.status.success(), "{}{calls}", String::from_utf8_lossy(&out.stderr));
     assert!(!calls.contains("enable"), "{calls}");
+}
+
+/// A sign request as the signer makes it (facts/externaljwt.md 3.2).
+fn sign_body() -> Value {
+    json!({
+        "input": "aGVhZGVyLmNsYWltcw==",
+        "key_version": 1,
+        "hash_algorithm": "sha2-256",
+        "marshaling_algorithm": "jws",
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_signer_identity_signs_and_reads_its_key_and_nothing_else() {
+    let bao = Bao::start().await;
+    bao.post("transit/keys/other-signer", json!({"type": "ecdsa-p256"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("creds");
+    let out_arg = out.display().to_string();
+    let args = ["--out", out_arg.as_str(), "--signer", "cp-1=127.0.0.1"];
+    let said = script(&bao, "setup.sh", &args, dir.path());
+    assert!(said.contains("signing key kmsgate-signer (ecdsa-p256)"), "{said}");
+    // Safe to run again (the key, the policy and the roles exist).
+    script(&bao, "setup.sh", &args, dir.path());
+    assert_eq!(bao.get("transit/keys/kmsgate-signer").await["data"]["type"], "ecdsa-p256");
+
+    let (status, answer) = login(&bao, &out.join("cp-1/signer")).await;
+    assert!(ok(status), "{answer}");
+    assert_eq!(answer["auth"]["policies"], json!(["kmsgate-signer"]), "no default policy");
+    let token = answer["auth"]["client_token"].as_str().unwrap().to_owned();
+    let t = token.as_str();
+    let (status, signed) = call(&bao, t, "POST", "transit/sign/kmsgate-signer", sign_body()).await;
+    assert!(ok(status), "{signed}");
+    assert!(signed["data"]["signature"].as_str().unwrap().starts_with("vault:v1:"));
+    let (status, read) = call(&bao, t, "GET", "transit/keys/kmsgate-signer", Value::Null).await;
+    assert!(ok(status) && read["data"]["keys"]["1"]["public_key"].is_string(), "{read}");
+    assert!(ok(call(&bao, t, "POST", "auth/token/renew-self", json!({})).await.0));
+    assert!(ok(call(&bao, t, "GET", "auth/token/lookup-self", Value::Null).await.0));
+    let other_sign = sign_body();
+    for (method, path, body) in [
+        ("POST", "transit/keys/kmsgate-signer/rotate", json!({})),
+        ("POST", "transit/keys/kmsgate-signer/config", json!({"min_encryption_version": 1})),
+        ("POST", "transit/keys/kmsgate-signer/config", json!({"deletion_allowed": true})),
+        ("POST", "transit/keys/kmsgate-signer/trim", json!({"min_available_version": 1})),
+        ("DELETE", "transit/keys/kmsgate-signer", Value::Null),
+        ("GET", "transit/export/public-key/kmsgate-signer", Value::Null),
+        ("GET", "transit/backup/kmsgate-signer", Value::Null),
+        ("POST", "transit/sign/kmsgate-signer/sha2-256", other_sign.clone()),
+        ("POST", "transit/verify/kmsgate-signer", json!({"input": "eA==", "signature": "vault:v1:AA"})),
+        ("POST", "transit/hmac/kmsgate-signer", json!({"input": "eA=="})),
+        ("POST", "transit/sign/other-signer", other_sign),
+        ("GET", "transit/keys/other-signer", Value::Null),
+        ("GET", "transit/keys/kmsgate", Value::Null),
+        ("POST", "transit/encrypt/kmsgate", json!({"plaintext": "aGVsbG8="})),
+        ("POST", "transit/decrypt/kmsgate", json!({"ciphertext": "vault:v1:AAAA"})),
+        ("POST", "transit/keys/new-key", json!({"type": "ecdsa-p256"})),
+        ("LIST", "transit/keys", Value::Null),
+        ("GET", "sys/policies/acl/kmsgate-signer", Value::Null),
+        ("POST", "auth/token/create", json!({})),
+    ] {
+        let (status, answer) = call(&bao, t, method, path, body).await;
+        assert_eq!(status, 403, "the signer must not {method} {path}: {answer}");
+    }
+
+    // The plugin's identity on the same node cannot sign tokens.
+    let (status, answer) = login(&bao, &out.join("cp-1")).await;
+    assert!(ok(status), "{answer}");
+    let plugin = answer["auth"]["client_token"].as_str().unwrap().to_owned();
+    assert_eq!(call(&bao, &plugin, "POST", "transit/sign/kmsgate-signer", sign_body()).await.0, 403);
+
+    // The real signing store runs on exactly these credentials and this policy.
+    let settings = VaultClientConfig {
+        auth: VaultAuth::AppRole {
+            mount: "approle".into(),
+            role_id_file: out.join("cp-1/signer/role_id"),
+            secret_id_file: out.join("cp-1/signer/secret_id"),
+        },
+        ..bao.vault_settings(dir.path())
+    };
+    let client = VaultClient::new(&settings, VaultMetrics::default()).unwrap();
+    let store =
+        SigningTransit::new(client, "deploy-test", "", "transit", "kmsgate-signer", KeyType::EcdsaP256);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metadata = store.metadata(deadline).await.unwrap();
+    let kid = metadata.public_keys[&1].kid();
+    let input = jwt::signing_input(&jwt::header(jwt::Alg::Es256, &kid).unwrap(), "e30");
+    assert_eq!(store.sign(1, jwt::Alg::Es256, &input, deadline).await.unwrap().len(), 64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_makes_the_signer_key_of_the_asked_type_and_refuses_another_by_name() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("creds");
+    let out_arg = out.display().to_string();
+    let args = [
+        "--out",
+        &out_arg,
+        "--mount",
+        "kms",
+        "--signer-key",
+        "sa",
+        "--signer-type",
+        "rsa-2048",
+        "cp-1=127.0.0.1",
+    ];
+    script(&bao, "setup.sh", &args, dir.path());
+    assert_eq!(bao.get("kms/keys/sa").await["data"]["type"], "rsa-2048");
+    let (status, answer) = login(&bao, &out.join("cp-1/signer")).await;
+    assert!(ok(status), "{answer}");
+    let token = answer["auth"]["client_token"].as_str().unwrap().to_owned();
+    let mut body = sign_body();
+    body["signature_algorithm"] = "pkcs1v15".into();
+    let (status, signed) = call(&bao, &token, "POST", "kms/sign/sa", body.clone()).await;
+    assert!(ok(status), "the policy follows --mount and --signer-key: {signed}");
+    assert_eq!(call(&bao, &token, "POST", "transit/sign/kmsgate-signer", body).await.0, 403);
+
+    // The signer's own secret_id rotates like the plugin's, in its own directory.
+    let node = out.join("cp-1/signer");
+    let old = std::fs::read_to_string(node.join("secret_id")).unwrap();
+    script(&bao, "rotate-secret-id.sh", &["--signer", "cp-1", &out_arg], dir.path());
+    assert_ne!(std::fs::read_to_string(node.join("secret_id")).unwrap(), old);
+    let finished =
+        script(&bao, "rotate-secret-id.sh", &["--finish", "--signer", "cp-1", &out_arg], dir.path());
+    assert!(finished.contains("destroyed 1 old"), "{finished}");
+    assert!(ok(login(&bao, &node).await.0));
+    assert!(ok(login(&bao, &out.join("cp-1")).await.0), "the plugin's secret_id is untouched");
+
+    // An existing key of another type, and a type kube-apiserver cannot verify, are refused.
+    for (extra, named) in
+        [(["--signer-type", "ecdsa-p256"], "type rsa-2048"), (["--signer-type", "ed25519"], "ed25519")]
+    {
+        let mut args = vec!["--out", &out_arg, "--mount", "kms", "--signer-key", "sa"];
+        args.extend(extra);
+        let out = Command::new("bash")
+            .arg("deploy/vault/setup.sh")
+            .args(&args)
+            .env("VAULT_ADDR", &bao.addr)
+            .env("VAULT_TOKEN", &bao.token)
+            .env("BAO", bao_binary())
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains(named), "{said}");
+    }
 }

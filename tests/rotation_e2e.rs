@@ -7,87 +7,17 @@ use kmsgate_testkit::{self as common, fake_api};
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use common::{Bao, Etcd, Plugin};
+use common::{Bao, Etcd, Plugin, storage_standin::ApiServerStorage};
 use fake_api::{FakeApi, Store};
-use futures::{FutureExt, future::BoxFuture};
 use kmsgate::{
     k8s::Kube,
-    kms::client::KmsClient,
     metrics::{ControllerMetrics, VaultMetrics},
-    proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
+    proto::v2::DecryptRequest,
     rotation::{Context, Step, VaultKeys},
-    storage::{self, DekSourceType, EncryptedObject},
+    storage::EncryptedObject,
     transit::VaultClient,
 };
 use serde_json::json;
-use tokio::sync::Mutex;
-
-/// key_id, DEK seed, and the seed as the plugin wrapped it.
-type WriteState = (String, [u8; 32], Vec<u8>);
-
-/// kube-apiserver's write path: a DEK seed per key_id, wrapped by the plugin.
-#[derive(Clone)]
-struct ApiServerStorage(Arc<Inner>);
-
-struct Inner {
-    kms: KmsClient,
-    etcd: Mutex<etcd_client::Client>,
-    /// (key_id, seed, wrapped seed) of the current write state.
-    state: Mutex<Option<WriteState>>,
-}
-
-impl Inner {
-    /// Polls Status; on a new key_id, makes a new seed and calls Encrypt (facts §2.3).
-    async fn refresh(&self) -> WriteState {
-        let mut kms = self.kms.clone();
-        let key_id = kms.status(StatusRequest {}).await.unwrap().into_inner().key_id;
-        let mut state = self.state.lock().await;
-        if state.as_ref().is_none_or(|(current, _, _)| *current != key_id) {
-            let seed: [u8; 32] = rand_seed();
-            let response = kms
-                .encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: uuid::Uuid::new_v4().to_string() })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(response.key_id, key_id, "Encrypt must answer with the key_id Status reported");
-            *state = Some((key_id, seed, response.ciphertext));
-        }
-        state.clone().unwrap()
-    }
-}
-
-fn rand_seed() -> [u8; 32] {
-    let mut seed = [0u8; 32];
-    seed.copy_from_slice(&uuid::Uuid::new_v4().as_bytes().repeat(2));
-    seed
-}
-
-impl Store for ApiServerStorage {
-    fn write(&self, namespace: &str, name: &str, data: &[u8]) -> BoxFuture<'static, String> {
-        let key = format!("/registry/secrets/{namespace}/{name}");
-        let data = data.to_vec();
-        let this = self.0.clone();
-        async move {
-            let (key_id, seed, wrapped) = this.refresh().await;
-            let value = EncryptedObject {
-                encrypted_data: storage::seal_with_seed(&seed, &data, key.as_bytes()).unwrap(),
-                key_id: key_id.clone(),
-                encrypted_dek_source: wrapped,
-                annotations: HashMap::new(),
-                dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
-            }
-            .to_value("kmsgate");
-            this.etcd.lock().await.put(key, value, None).await.unwrap();
-            key_id
-        }
-        .boxed()
-    }
-
-    fn current_key_id(&self) -> BoxFuture<'static, String> {
-        let this = self.0.clone();
-        async move { this.refresh().await.0 }.boxed()
-    }
-}
 
 #[tokio::test]
 async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
@@ -99,11 +29,7 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
     let plugin = Plugin::start(dir.path(), &settings).await;
     let v1 = plugin.wait_healthy().await;
 
-    let storage = ApiServerStorage(Arc::new(Inner {
-        kms: plugin.client().await,
-        etcd: Mutex::new(etcd.client().await.unwrap()),
-        state: Mutex::new(None),
-    }));
+    let storage = ApiServerStorage::new(plugin.client().await, etcd.client().await.unwrap());
     let fake = FakeApi::new(&v1).with_store(Arc::new(storage.clone()));
     for i in 0..120 {
         fake.insert(["a", "b", "c"][i % 3], &format!("s{i:03}"), "", format!("{{\"value\":{i}}}").as_bytes())

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{
-    etcd::{ScanError, Scanner},
+    etcd::{Pages, ScanError, Scanner},
     storage::{Class, Current, Judge, Standing},
 };
 
@@ -179,9 +179,9 @@ pub async fn run(
     let started = std::time::Instant::now();
     let mut shown = started;
     for prefix in &options.prefixes {
-        let mut scanner = Scanner::prefix(prefix.as_bytes(), options.page_size);
-        while let Some(page) = scanner.next_page(client).await? {
-            summary.revision = scanner.revision();
+        let mut pages = Pages::new(Scanner::prefix(prefix.as_bytes(), options.page_size), client.clone());
+        while let Some(page) = pages.next_page().await? {
+            summary.revision = pages.revision();
             for kv in &page {
                 observe(&mut summary, options, deep.as_deref_mut(), kv.key(), kv.value(), out).await;
             }
@@ -224,19 +224,15 @@ async fn observe(
         summary.skipped += 1;
         return;
     }
-    let provider = match class {
-        Class::KmsV1 { provider } | Class::KmsV2 { provider, .. } | Class::KmsV2Invalid { provider, .. } => {
-            provider.clone()
-        }
-        Class::Aescbc { key } | Class::Aesgcm { key } | Class::Secretbox { key } => key.clone(),
-        _ => String::new(),
+    // NB: borrowed, not cloned: this runs once per stored value.
+    let (provider, key_id) = match class {
+        Class::KmsV2 { provider, key_id, .. } => (provider.as_str(), key_id.as_str()),
+        Class::KmsV1 { provider } | Class::KmsV2Invalid { provider, .. } => (provider.as_str(), ""),
+        Class::Aescbc { key } | Class::Aesgcm { key } | Class::Secretbox { key } => (key.as_str(), ""),
+        _ => ("", ""),
     };
     summary.objects += 1;
-    let key_id = match class {
-        Class::KmsV2 { key_id, .. } => key_id.clone(),
-        _ => String::new(),
-    };
-    summary.count(class.name(), &provider, &key_id);
+    summary.count(class.name(), provider, key_id);
     let verified = match (deep, &judgement.object) {
         (Some(deep), Some(object)) => Some(deep.check(key, object).await),
         _ => None,

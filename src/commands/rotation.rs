@@ -325,8 +325,8 @@ pub async fn retire_check(
     let base = format!("{}/", etcd_prefix.trim_end_matches('/'));
     let mut check = RetireCheck::default();
     let judge = Judge { provider: Some(provider), current: Current::AtLeast { scope, version: to_version } };
-    let mut scanner = Scanner::prefix(base.as_bytes(), 5000);
-    while let Some(page) = scanner.next_page(client).await.map_err(|e| CommandError::Audit(e.to_string()))? {
+    let mut pages = crate::etcd::Pages::new(Scanner::prefix(base.as_bytes(), 5000), client.clone());
+    while let Some(page) = pages.next_page().await.map_err(|e| CommandError::Audit(e.to_string()))? {
         for kv in &page {
             let blocker = match judge.judge(kv.value()).standing {
                 Standing::Current => false,

@@ -1,4 +1,5 @@
-//! The embedded `local` backend: a keyring file of versioned AES-256-GCM keys.
+//! The embedded `local` backend: a keyring file of versioned AES-256-GCM keys; and beside it the
+//! signer's keyring of ES256 keys, [`SigningKeyring`].
 //!
 //! NOT FOR PRODUCTION. The keys sit on the node's disk beside the data they protect, the file
 //! serves one node only, and the rotation controller cannot rotate it. It exists for first runs,
@@ -20,6 +21,12 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+mod signing;
+
+pub use signing::{
+    DEFAULT_KEY as DEFAULT_SIGNING_KEY, Floors, SigningKeyring, SigningKeyringSummary, SigningVersionInfo,
+};
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
@@ -58,13 +65,9 @@ pub enum KeyringError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not a keyring.
-    #[error("keyring {path} is not valid keyring JSON: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    /// The file is not a keyring. The problem names where, never the value found there.
+    #[error("keyring {path} is not valid keyring JSON: {problem}")]
+    Parse { path: PathBuf, problem: String },
     /// Group or others can read or write the file.
     #[error("keyring {path} has mode {mode:04o}; it must not be accessible by group or others (chmod 600)")]
     Permissions { path: PathBuf, mode: u32 },
@@ -330,15 +333,7 @@ fn load(file: &FileV1, path: &Path) -> Result<Loaded, KeyringError> {
 }
 
 fn read_file(path: &Path) -> Result<FileV1, KeyringError> {
-    let io = |source| KeyringError::Io { path: path.to_owned(), source };
-    let meta = fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyringError::Permissions { path: path.to_owned(), mode });
-    }
-    let text = files::read_capped(path, files::DOCUMENT_MAX_BYTES).map_err(io)?;
-    let file: FileV1 = serde_json::from_slice(&text)
-        .map_err(|source| KeyringError::Parse { path: path.to_owned(), source })?;
+    let file: FileV1 = read_json(path)?;
     if file.format != FORMAT {
         return Err(KeyringError::Invalid {
             path: path.to_owned(),
@@ -363,7 +358,33 @@ fn create_dir(path: &Path) -> Result<(), KeyringError> {
         .map_err(|source| KeyringError::Directory { dir: dir.to_owned(), source })
 }
 
-fn replace_file(path: &Path, file: &FileV1) -> Result<(), KeyringError> {
+/// Reads a keyring file of either kind: private to its owner, bounded in size, JSON.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, KeyringError> {
+    let io = |source| KeyringError::Io { path: path.to_owned(), source };
+    let meta = fs::metadata(path).map_err(io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyringError::Permissions { path: path.to_owned(), mode });
+    }
+    let text = files::read_capped(path, files::DOCUMENT_MAX_BYTES).map_err(io)?;
+    serde_json::from_slice(&text)
+        .map_err(|e| KeyringError::Parse { path: path.to_owned(), problem: json_problem(&e) })
+}
+
+/// What a JSON error says, less any value it quotes: serde names the value it rejects
+/// (`invalid type: string "..."`), and a keyring's values include its keys.
+fn json_problem(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    let what = message.strip_suffix(&position).unwrap_or(&message);
+    let what = match error.classify() {
+        serde_json::error::Category::Data => what.split(':').next().unwrap_or(what),
+        _ => what,
+    };
+    format!("{what}{position}")
+}
+
+fn replace_file(path: &Path, file: &impl Serialize) -> Result<(), KeyringError> {
     let io = |source| KeyringError::Io { path: path.to_owned(), source };
     let tmp = path.with_extension(format!("tmp-{}", random_hex(4)?));
     let result = (|| {
@@ -395,7 +416,7 @@ fn lock_file(path: &Path) -> Result<File, KeyringError> {
     Ok(file)
 }
 
-fn write_json(out: &mut File, file: &FileV1) -> std::io::Result<()> {
+fn write_json(out: &mut File, file: &impl Serialize) -> std::io::Result<()> {
     let mut text = Zeroizing::new(serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?);
     text.push(b'\n');
     out.write_all(&text)?;
@@ -437,6 +458,17 @@ mod tests {
 
     fn far() -> Instant {
         Instant::now() + std::time::Duration::from_secs(5)
+    }
+
+    /// Every source of an error, joined, as a log line would show them.
+    pub(super) fn sources(error: &dyn std::error::Error) -> String {
+        let mut out = String::new();
+        let mut next = error.source();
+        while let Some(source) = next {
+            out.push_str(&format!(": {source}"));
+            next = source.source();
+        }
+        out
     }
 
     #[tokio::test]
@@ -540,5 +572,22 @@ mod tests {
             r#"{"format":1,"warning":"","identity":"a","key":"k","versions":[{"version":1,"created":1,"material":"AAAA"}]}"#,
         );
         assert!(Keyring::open(&path, false).err().unwrap().to_string().contains("3 bytes, not 32"));
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_field_never_reaches_the_parse_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let material = B64.encode([7u8; 32]);
+        let text = format!(
+            r#"{{"format":1,"warning":"","identity":"a","key":"k","versions":[{{"version":1,"created":"{material}","material":"{material}"}}]}}"#
+        );
+        fs::write(&path, text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = Keyring::open(&path, false).err().unwrap();
+        let message = format!("{err} {err:?} {}", sources(&err));
+        assert!(matches!(err, KeyringError::Parse { .. }), "{message}");
+        assert!(!message.contains(&material[..16]), "{message}");
+        assert!(message.contains("invalid type") && message.contains("line 1"), "{message}");
     }
 }

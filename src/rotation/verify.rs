@@ -12,7 +12,7 @@ use crate::{
     crd::rotation::{
         Phase, Plan, ResourceId, ResourceRef, RotationPolicy, Straggler, Verification, Verifier, VerifyJob,
     },
-    etcd::{ScanError, Scanner},
+    etcd::{Pages, ScanError, Scanner},
     k8s::{EventKind, JobState, KubeError, ObjectKey},
     storage::{Current, Judge, Standing},
 };
@@ -70,9 +70,9 @@ pub async fn scan(
         ..Verification::default()
     };
     let judge = Judge { provider: Some(&input.provider), current: Current::KeyId(&input.key_id) };
-    let mut scanner = Scanner::prefix(base.as_bytes(), page_size);
-    while let Some(page) = scanner.next_page(client).await? {
-        result.revision = scanner.revision();
+    let mut pages = Pages::new(Scanner::prefix(base.as_bytes(), page_size), client.clone());
+    while let Some(page) = pages.next_page().await? {
+        result.revision = pages.revision();
         for kv in &page {
             result.objects += 1;
             let key = String::from_utf8_lossy(kv.key());

@@ -31,13 +31,47 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether another address, or a later attempt, may succeed: transport errors, 5xx,
-    /// sealed or standby answers (429, 472, 473), redirects not followed, and 412.
+    /// Whether another address, or a later attempt, may succeed: transport errors, 5xx (except
+    /// Transit's refusals of a request), sealed or standby answers (429, 472, 473), redirects not
+    /// followed, and 412.
     pub(super) fn retryable(&self) -> bool {
         match self {
             Self::Transport { .. } => true,
-            Self::Api { status, .. } => *status >= 500 || matches!(status, 300..=399 | 412 | 429 | 472 | 473),
+            Self::Api { status, message, .. } => {
+                (*status >= 500 && !refused_request(message))
+                    || matches!(status, 300..=399 | 412 | 429 | 472 | 473)
+            }
             _ => false,
         }
+    }
+}
+
+/// Whether a 5xx answer is Transit refusing the request itself, which every node refuses alike:
+/// a signing version that is retired or does not exist. openbao
+/// builtin/logical/transit/path_sign_verify.go, pathSignWrite, returns the user error of
+/// sdk/helper/keysutil/policy.go SignWithOptions ("requested version for signing is ...")
+/// without an error response, so it arrives as HTTP 500.
+fn refused_request(message: &str) -> bool {
+    message.contains("requested version for signing is")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_signing_version_is_not_retried_although_it_arrives_as_500() {
+        // Recorded from OpenBao 2.7.2: retrying it on every address until the deadline marked
+        // healthy nodes failed and turned a retired version into an outage.
+        for message in [
+            "1 error occurred:\n\t* requested version for signing is less than the minimum encryption key version\n\n",
+            "1 error occurred:\n\t* requested version for signing is higher than the latest key version\n\n",
+        ] {
+            let error = ClientError::Api { address: "http://v".into(), status: 500, message: message.into() };
+            assert!(!error.retryable(), "{message}");
+        }
+        let outage =
+            ClientError::Api { address: "http://v".into(), status: 500, message: "internal error".into() };
+        assert!(outage.retryable());
     }
 }

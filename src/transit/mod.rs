@@ -1,10 +1,12 @@
 //! The `vault` backend: Vault/OpenBao Transit encrypt and decrypt with an explicit key version
-//! and the key_id as associated data, plus the key operations the rotation controller needs.
+//! and the key_id as associated data, plus the key operations the rotation controller needs; and
+//! beside it the signer's Transit store, [`SigningTransit`].
 
 mod auth;
 mod batch;
 mod client;
 mod error;
+mod signing;
 mod tls;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -18,6 +20,7 @@ use zeroize::Zeroizing;
 
 pub use client::VaultClient;
 pub use error::ClientError;
+pub use signing::SigningTransit;
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},

@@ -14,6 +14,7 @@ pub mod mock_api;
 mod openbao;
 mod plugin;
 pub mod rbac;
+pub mod storage_standin;
 
 use std::{net::TcpListener, process::Command};
 

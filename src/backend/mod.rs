@@ -1,5 +1,10 @@
 //! The seam between the KMS service and a key store: key metadata, encrypt and decrypt with an
-//! explicit key version, each bounded by the caller's deadline.
+//! explicit key version, each bounded by the caller's deadline; and its sibling for the signer,
+//! [`SigningBackend`], which signs with an explicit key version.
+
+mod signing;
+
+pub use signing::{PublicKey, SigningBackend, SigningKeyMetadata};
 
 use std::{collections::BTreeMap, future::Future};
 

@@ -1,0 +1,357 @@
+//! The JWT pieces of the ExternalJWTSigner API that do not depend on a key store: the algorithms
+//! kube-apiserver accepts, the kid derivation, the claims check and the header it demands
+//! (facts/externaljwt.md 2.5 and 2.7; kubernetes `pkg/serviceaccount/externaljwt/plugin/plugin.go`
+//! `validateJWTHeader`, `pkg/serviceaccount/jwt.go` `keyIDFromPublicKey`).
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use sha2::{Digest as _, Sha256};
+
+/// Largest `claims` string accepted, in bytes of its base64 form. kube-apiserver's claims (issuer,
+/// subject, audiences, pod and node references) are well under 4 KiB; the cap only bounds what a
+/// caller can make us decode and parse.
+pub const CLAIMS_MAX_BYTES: usize = 64 * 1024;
+
+/// Longest kid kube-apiserver accepts (`validateJWTHeader`: "key id longer than 1 kb").
+pub const KID_MAX_BYTES: usize = 1024;
+
+/// A signing request or key could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtError {
+    /// The claims are not URL-safe base64 without padding.
+    #[error("claims are not URL-safe base64 without padding (the JWT's second segment)")]
+    ClaimsEncoding,
+    /// The claims are empty.
+    #[error("claims are empty")]
+    ClaimsEmpty,
+    /// The decoded claims are not one JSON object.
+    #[error("claims are not a JSON object: {0}")]
+    ClaimsJson(String),
+    /// The claims are longer than the cap.
+    #[error("claims are {len} bytes, over the limit of {max}")]
+    ClaimsTooLong { len: usize, max: usize },
+    /// A kid is empty or too long for kube-apiserver.
+    #[error("key id is {0} bytes; kube-apiserver accepts 1 to 1024")]
+    KidLength(usize),
+}
+
+/// A JWS algorithm kube-apiserver accepts for service-account tokens (`validateJWTHeader`), and
+/// the only one it publishes for each key type (`openidmetadata.go` `algorithmFromPublicKey`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Alg {
+    /// RSASSA-PKCS1-v1_5 with SHA-256, for RSA keys of any size.
+    Rs256,
+    /// ECDSA on P-256 with SHA-256.
+    Es256,
+    /// ECDSA on P-384 with SHA-384.
+    Es384,
+    /// ECDSA on P-521 with SHA-512.
+    Es512,
+}
+
+impl Alg {
+    /// The `alg` header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+            Self::Es384 => "ES384",
+            Self::Es512 => "ES512",
+        }
+    }
+
+    /// The JWS signature length of an ECDSA algorithm: r and s, each left-padded to the curve
+    /// size (RFC 7518 3.4); `None` for RSA, whose length is the modulus length.
+    pub fn ecdsa_signature_len(self) -> Option<usize> {
+        match self {
+            Self::Rs256 => None,
+            Self::Es256 => Some(64),
+            Self::Es384 => Some(96),
+            Self::Es512 => Some(132),
+        }
+    }
+}
+
+impl std::fmt::Display for Alg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Alg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "RS256" => Ok(Self::Rs256),
+            "ES256" => Ok(Self::Es256),
+            "ES384" => Ok(Self::Es384),
+            "ES512" => Ok(Self::Es512),
+            other => Err(format!("algorithm {other:?} is not one of RS256, ES256, ES384, ES512")),
+        }
+    }
+}
+
+/// A Transit key type that can sign tokens kube-apiserver verifies (facts/externaljwt.md 3.1): each
+/// maps to exactly one algorithm, since kube-apiserver publishes RSA only as RS256 and each curve
+/// only with its own hash (`openidmetadata.go` `algorithmFromPublicKey`). Ed25519 is not here:
+/// kube-apiserver cannot verify EdDSA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    /// `ecdsa-p256`: ES256, the default.
+    EcdsaP256,
+    /// `ecdsa-p384`: ES384.
+    EcdsaP384,
+    /// `ecdsa-p521`: ES512.
+    EcdsaP521,
+    /// `rsa-2048`: RS256.
+    Rsa2048,
+    /// `rsa-3072`: RS256.
+    Rsa3072,
+    /// `rsa-4096`: RS256.
+    Rsa4096,
+}
+
+impl KeyType {
+    /// Every type, for messages and tests.
+    pub const ALL: [Self; 6] =
+        [Self::EcdsaP256, Self::EcdsaP384, Self::EcdsaP521, Self::Rsa2048, Self::Rsa3072, Self::Rsa4096];
+
+    /// Transit's name of the type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::EcdsaP384 => "ecdsa-p384",
+            Self::EcdsaP521 => "ecdsa-p521",
+            Self::Rsa2048 => "rsa-2048",
+            Self::Rsa3072 => "rsa-3072",
+            Self::Rsa4096 => "rsa-4096",
+        }
+    }
+
+    /// The one algorithm tokens signed with this type carry.
+    pub fn alg(self) -> Alg {
+        match self {
+            Self::EcdsaP256 => Alg::Es256,
+            Self::EcdsaP384 => Alg::Es384,
+            Self::EcdsaP521 => Alg::Es512,
+            Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => Alg::Rs256,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KeyType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|t| t.as_str()).collect();
+            format!(
+                "key type {s:?} cannot sign tokens kube-apiserver verifies; use one of {}",
+                names.join(", ")
+            )
+        })
+    }
+}
+
+/// A public key as kube-apiserver wants it in FetchKeys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// The one algorithm this key verifies.
+    pub alg: Alg,
+    /// PKIX DER (SubjectPublicKeyInfo), never PEM.
+    pub der: Vec<u8>,
+}
+
+impl PublicKey {
+    /// Its kid.
+    pub fn kid(&self) -> String {
+        kid(&self.der)
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // NB: public, but long; the kid names it in one line.
+        f.debug_struct("PublicKey").field("alg", &self.alg).field("kid", &self.kid()).finish()
+    }
+}
+
+/// The kid of a public key: base64url without padding of SHA-256 of its PKIX DER, as
+/// kube-apiserver derives it for its own key files (`jwt.go` `keyIDFromPublicKey`). It depends only
+/// on the key, so it is the same on every replica and after every restart, and a recreated key
+/// (new key material) can never reuse one.
+pub fn kid(public_key_der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(public_key_der))
+}
+
+/// Checks a kid's length against kube-apiserver's bounds.
+pub fn check_kid(kid: &str) -> Result<(), JwtError> {
+    if kid.is_empty() || kid.len() > KID_MAX_BYTES {
+        return Err(JwtError::KidLength(kid.len()));
+    }
+    Ok(())
+}
+
+/// What the audit log keeps of a token's claims: who it is for and whom it addresses, never the
+/// token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimsSummary {
+    /// The `sub` claim, when it is a string.
+    pub sub: Option<String>,
+    /// The `aud` claim: one string, or each string of an array.
+    pub aud: Vec<String>,
+}
+
+/// Checks the `claims` of a Sign request: URL-safe base64 without padding, exactly as
+/// kube-apiserver sends it (`plugin.go` `signAndAssembleJWT`: `base64.RawURLEncoding`), of a
+/// JSON object, within the size cap.
+pub fn check_claims(claims: &str) -> Result<ClaimsSummary, JwtError> {
+    if claims.is_empty() {
+        return Err(JwtError::ClaimsEmpty);
+    }
+    if claims.len() > CLAIMS_MAX_BYTES {
+        return Err(JwtError::ClaimsTooLong { len: claims.len(), max: CLAIMS_MAX_BYTES });
+    }
+    // NB: the decoder's alphabet excludes `=`, `+` and `/`, so padding and standard base64 fail.
+    let payload = URL_SAFE_NO_PAD.decode(claims).map_err(|_| JwtError::ClaimsEncoding)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&payload).map_err(|e| JwtError::ClaimsJson(short(&e.to_string())))?;
+    let serde_json::Value::Object(object) = value else {
+        return Err(JwtError::ClaimsJson("the payload is JSON but not an object".to_owned()));
+    };
+    let sub = object.get("sub").and_then(|v| v.as_str()).map(str::to_owned);
+    let aud = match object.get("aud") {
+        Some(serde_json::Value::String(a)) => vec![a.clone()],
+        Some(serde_json::Value::Array(list)) => {
+            list.iter().filter_map(|a| a.as_str()).map(str::to_owned).collect()
+        }
+        _ => Vec::new(),
+    };
+    Ok(ClaimsSummary { sub, aud })
+}
+
+/// The header of a Sign answer, base64url without padding: exactly `alg`, `kid` and `typ: "JWT"`,
+/// in the order of the upstream mock signer, since kube-apiserver decodes it with
+/// DisallowUnknownFields (`plugin.go` `validateJWTHeader`).
+pub fn header(alg: Alg, kid: &str) -> Result<String, JwtError> {
+    check_kid(kid)?;
+    #[derive(serde::Serialize)]
+    struct Header<'a> {
+        alg: &'static str,
+        kid: &'a str,
+        typ: &'static str,
+    }
+    let json = serde_json::to_vec(&Header { alg: alg.as_str(), kid, typ: "JWT" })
+        .map_err(|e| JwtError::ClaimsJson(e.to_string()))?;
+    Ok(URL_SAFE_NO_PAD.encode(json))
+}
+
+/// The bytes a signature covers: `header "." claims`, both already base64url.
+pub fn signing_input(header: &str, claims: &str) -> Vec<u8> {
+    let mut input = Vec::with_capacity(header.len() + 1 + claims.len());
+    input.extend_from_slice(header.as_bytes());
+    input.push(b'.');
+    input.extend_from_slice(claims.as_bytes());
+    input
+}
+
+/// Encodes a signature as the JWT's third segment.
+pub fn encode_signature(signature: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(signature)
+}
+
+/// A parser message cut to a line, so a hostile payload cannot fill a log.
+fn short(message: &str) -> String {
+    const MAX: usize = 200;
+    match message.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn claims_of_a_kube_apiserver_token_pass_and_name_sub_and_aud() {
+        let claims =
+            b64(r#"{"aud":["https://kubernetes.default.svc"],"sub":"system:serviceaccount:a:b","exp":1}"#);
+        let summary = check_claims(&claims).unwrap();
+        assert_eq!(summary.sub.as_deref(), Some("system:serviceaccount:a:b"));
+        assert_eq!(summary.aud, vec!["https://kubernetes.default.svc".to_owned()]);
+        let one = check_claims(&b64(r#"{"aud":"vault"}"#)).unwrap();
+        assert_eq!(one.aud, vec!["vault".to_owned()]);
+    }
+
+    #[test]
+    fn padded_standard_or_non_json_claims_are_refused_by_name() {
+        // `{"a":1}` is 7 bytes, so its base64 has padding.
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(r#"{"a":1}"#);
+        assert!(padded.ends_with('='));
+        assert_eq!(check_claims(&padded), Err(JwtError::ClaimsEncoding));
+        // `>>>?` encodes to `+` and `/` in standard base64.
+        let standard = base64::engine::general_purpose::STANDARD_NO_PAD.encode(r#"{"a":">>>?"}"#);
+        assert!(standard.contains('+') || standard.contains('/'));
+        assert_eq!(check_claims(&standard), Err(JwtError::ClaimsEncoding));
+        assert!(matches!(check_claims(&b64("[1,2]")), Err(JwtError::ClaimsJson(_))));
+        assert!(matches!(check_claims(&b64("not json")), Err(JwtError::ClaimsJson(_))));
+        assert_eq!(check_claims(""), Err(JwtError::ClaimsEmpty));
+        let long = "a".repeat(CLAIMS_MAX_BYTES + 1);
+        assert!(matches!(check_claims(&long), Err(JwtError::ClaimsTooLong { .. })));
+    }
+
+    #[test]
+    fn header_holds_exactly_alg_kid_and_typ_without_padding() {
+        let h = header(Alg::Es256, "kid-1").unwrap();
+        assert!(!h.contains('='));
+        let json = URL_SAFE_NO_PAD.decode(&h).unwrap();
+        assert_eq!(std::str::from_utf8(&json).unwrap(), r#"{"alg":"ES256","kid":"kid-1","typ":"JWT"}"#);
+        assert_eq!(header(Alg::Rs256, ""), Err(JwtError::KidLength(0)));
+        assert!(header(Alg::Rs256, &"k".repeat(1025)).is_err());
+        assert!(header(Alg::Rs256, &"k".repeat(1024)).is_ok());
+    }
+
+    #[test]
+    fn kid_is_unpadded_base64url_of_the_sha256_of_the_der() {
+        // SHA-256 of the empty string, base64url without padding.
+        assert_eq!(kid(b""), "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU");
+        assert_eq!(kid(b"x").len(), 43);
+    }
+
+    #[test]
+    fn algorithms_round_trip_through_their_names() {
+        for alg in [Alg::Rs256, Alg::Es256, Alg::Es384, Alg::Es512] {
+            assert_eq!(alg.as_str().parse::<Alg>().unwrap(), alg);
+        }
+        assert!("PS256".parse::<Alg>().unwrap_err().contains("PS256"));
+        assert!("EdDSA".parse::<Alg>().is_err());
+    }
+
+    #[test]
+    fn key_types_map_to_their_one_algorithm_and_refuse_others_by_name() {
+        for t in KeyType::ALL {
+            assert_eq!(t.as_str().parse::<KeyType>().unwrap(), t);
+        }
+        assert_eq!(KeyType::Rsa4096.alg(), Alg::Rs256);
+        assert_eq!(KeyType::EcdsaP521.alg(), Alg::Es512);
+        let err = "ed25519".parse::<KeyType>().unwrap_err();
+        assert!(err.contains("ed25519") && err.contains("ecdsa-p256"), "{err}");
+    }
+
+    #[test]
+    fn a_long_parser_message_is_cut() {
+        assert!(short(&"é".repeat(500)).chars().count() <= 201);
+    }
+}
