@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
-cargo build --locked --quiet
+echo "== building kmsgate (the first build compiles every dependency and takes several minutes)"
+cargo build --locked
 bin=target/debug/kmsgate
 work=$(mktemp -d)
 port=$(( 20000 + RANDOM % 20000 ))

@@ -15,12 +15,8 @@ pub enum ScanError {
     #[error("etcd compacted revision {revision} during the scan; the report would be partial")]
     Compacted { revision: i64 },
     /// Connecting to etcd failed.
-    #[error("cannot connect to etcd {endpoints:?}: {source}")]
-    Connect {
-        endpoints: Vec<String>,
-        #[source]
-        source: etcd_client::Error,
-    },
+    #[error("cannot connect to etcd {endpoints:?}: {}", describe(error))]
+    Connect { endpoints: Vec<String>, error: etcd_client::Error },
     /// A TLS or password file could not be read.
     #[error("{path}: {source}")]
     File {
@@ -35,8 +31,24 @@ pub enum ScanError {
     #[error("etcd page read was interrupted: {0}")]
     Interrupted(String),
     /// A range read failed.
-    #[error("etcd range read failed: {0}")]
-    Read(#[source] etcd_client::Error),
+    #[error("etcd range read failed: {}", describe(.0))]
+    Read(etcd_client::Error),
+}
+
+/// An etcd client error in one line. NB: a gRPC status prints its transport source with Debug (a
+/// dump of nested structs), so it is told as its message and the chain of causes instead; the
+/// error is not kept as a `source` for the same reason.
+fn describe(error: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = error else { return error.to_string() };
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(cause) = std::error::Error::source(status) {
+        let cause = crate::error::chain(cause);
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Connects to etcd with the given TLS and authentication.
@@ -65,7 +77,7 @@ pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
     }
     Client::connect(&settings.endpoints, Some(options))
         .await
-        .map_err(|source| ScanError::Connect { endpoints: settings.endpoints.clone(), source })
+        .map_err(|error| ScanError::Connect { endpoints: settings.endpoints.clone(), error })
 }
 
 /// The largest page response accepted.

@@ -26,9 +26,9 @@ enum Command {
     Signer(SignerArgs),
     /// Drive a running plugin as kube-apiserver does and check every answer.
     Selftest {
-        /// The plugin's socket: /path, unix:///path or @name.
-        #[arg(long, env = "KMSGATE_PLUGIN_SOCKET")]
-        socket: String,
+        /// The plugin's config (its plugin.socket), or --socket /path, unix:///path or @name.
+        #[command(flatten)]
+        config: ConfigArgs,
         /// KMS provider name written into the stored test value's prefix.
         #[arg(long, default_value = "kmsgate")]
         provider: String,
@@ -216,7 +216,7 @@ struct AuditArgs {
     /// text or json (JSON lines: findings, then a summary).
     #[arg(long, default_value = "text")]
     output: String,
-    /// Findings that make the exit code 1.
+    /// Findings that make the exit code 1; `none` for a report-only run.
     #[arg(long, value_delimiter = ',', default_value = "plaintext,stale,undecryptable,unknown")]
     fail_on: Vec<String>,
     /// Values per etcd request; memory is about this times the average value size.
@@ -325,8 +325,17 @@ impl SignerArgs {
 }
 
 impl ConfigArgs {
-    fn load(self) -> Result<Config, config::ConfigError> {
-        self.load_as(config::Role::Plugin)
+    /// Loads the config, starts logging as it says, and logs what loading noticed.
+    fn start(self, role: config::Role) -> Result<Config, config::ConfigError> {
+        let config = self.load_as(role)?;
+        telemetry::init(&config.log.level, config.log.json);
+        for line in &config.notices.info {
+            tracing::info!("{line}");
+        }
+        for line in &config.notices.warnings {
+            tracing::warn!("{line}");
+        }
+        Ok(config)
     }
 
     fn load_as(self, role: config::Role) -> Result<Config, config::ConfigError> {
@@ -373,6 +382,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(dispatch(cli.command));
+    // NB: each fatal error is printed once, here, and not logged as well: the log is stderr too.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Findings) => ExitCode::FAILURE,
@@ -381,18 +391,34 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Run(message)) => {
-            tracing::error!("{message}");
             eprintln!("kmsgate: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// The log filter of the one-shot Kubernetes commands. NB: kube's client logs every failed request
+/// at ERROR; the command reports the failure itself, once, so that line would say it twice.
+const ONE_SHOT_LOG: &str = "warn,kube_client::client::builder=off";
+
+/// How a command ended, by the one exit-code rule of every command: 0 done and clean; 1 ran and
+/// found problems or had failed writes; 2 could not run (bad flags or config, no kubeconfig,
+/// etcd, the API server, Vault or the plugin unreachable).
 enum Failure {
     /// Exit 1 without a message: the command ran and found what it reports.
     Findings,
+    /// Exit 2: the command could not run.
     Usage(String),
+    /// Exit 1: the command ran and failed.
     Run(String),
+}
+
+impl From<commands::CommandError> for Failure {
+    fn from(e: commands::CommandError) -> Self {
+        // NB: the whole chain: a cause kept only in a source (an I/O error) is said too.
+        let message = kmsgate::error::chain(&e);
+        if e.could_not_run() { Self::Usage(message) } else { Self::Run(message) }
+    }
 }
 
 async fn audit(args: AuditArgs) -> Result<(), Failure> {
@@ -401,14 +427,28 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
         "json" => true,
         other => return Err(Failure::Usage(format!("--output {other:?} must be text or json"))),
     };
-    let fail_on = args
-        .fail_on
-        .iter()
-        .map(|n| {
-            kmsgate::audit::Finding::parse(n)
-                .ok_or_else(|| Failure::Usage(format!("--fail-on: unknown finding {n:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // NB: `none` alone is a report-only run: findings are listed, the exit code stays 0.
+    let fail_on = match args.fail_on.as_slice() {
+        [none] if none == "none" => Vec::new(),
+        names => names
+            .iter()
+            .map(|n| {
+                kmsgate::audit::Finding::parse(n).ok_or_else(|| {
+                    Failure::Usage(format!(
+                        "--fail-on: unknown finding {n:?}; use plaintext, stale, undecryptable, unknown, or none alone"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if let Some(key_id) = &args.key_id {
+        kmsgate::storage::validate_key_id(key_id).map_err(|e| Failure::Usage(format!("--key-id: {e}")))?;
+        if key_id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Failure::Usage(format!(
+                "--key-id {key_id:?} contains spaces or control characters; copy the key_id exactly"
+            )));
+        }
+    }
     let base = format!("{}/", args.prefix.trim_end_matches('/'));
     let prefixes = if args.all || args.provider.is_some() {
         vec![base]
@@ -432,13 +472,13 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
     match commands::audit(&etcd, &options, plugin_socket, args.deep, &fail_on).await {
         Ok(commands::AuditVerdict::Clean) => Ok(()),
         Ok(commands::AuditVerdict::Findings) => Err(Failure::Findings),
-        Err(e) => Err(Failure::Usage(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Exit codes: 0 every object written, 1 some writes failed, 2 could not run.
 async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
-    telemetry::init("warn", false);
+    telemetry::init(ONE_SHOT_LOG, false);
     let resources = args
         .resources
         .iter()
@@ -465,12 +505,12 @@ async fn reencrypt(args: ReencryptArgs) -> Result<(), Failure> {
     match commands::rotation::reencrypt(&kube, &options, &mut std::io::stdout()).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(Failure::Findings),
-        Err(e) => Err(Failure::Usage(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
 async fn tokens(action: TokensAction) -> Result<(), Failure> {
-    telemetry::init("warn", false);
+    telemetry::init(ONE_SHOT_LOG, false);
     let (args, dry_run, rotate) = match action {
         TokensAction::List(args) => (args, true, false),
         TokensAction::Rotate { args, dry_run } => (args, dry_run, true),
@@ -497,19 +537,17 @@ async fn tokens(action: TokensAction) -> Result<(), Failure> {
     let mut out = std::io::stdout();
     let clock = std::sync::Arc::new(kmsgate::tokens::SystemClock);
     if !rotate {
-        return commands::tokens::list(&kube, &options, clock, &mut out)
-            .await
-            .map_err(|e| Failure::Run(e.to_string()));
+        return commands::tokens::list(&kube, &options, clock, &mut out).await.map_err(Failure::from);
     }
     match commands::tokens::rotate(&kube, &options, clock, &mut out).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(Failure::Findings),
-        Err(e) => Err(Failure::Run(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
-    let run = |e: commands::CommandError| Failure::Run(e.to_string());
+    let run = Failure::from;
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
     match command {
         Command::Signer(args) => {
@@ -518,29 +556,32 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             commands::signer(config).await.map_err(run)
         }
         Command::Plugin(args) => {
-            let config = args.load().map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = args.start(config::Role::Plugin).map_err(usage)?;
             commands::plugin(config).await.map_err(run)
         }
-        Command::Selftest { socket, provider, timeout, wait } => {
-            let socket = SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?;
+        Command::Selftest { mut config, provider, timeout, wait } => {
+            // NB: --socket names the socket as given (an @name too); otherwise the plugin's own
+            // config says where it listens.
+            let socket = match config.socket.take() {
+                Some(socket) => {
+                    SocketSpec::parse(&socket).map_err(|e| Failure::Usage(format!("--socket: {e}")))?
+                }
+                None => config.start(config::Role::Plugin).map_err(usage)?.plugin.socket.spec,
+            };
             commands::selftest(selftest::Options { socket, provider, timeout, wait }).await.map_err(run)
         }
         Command::Audit(args) => audit(args).await,
         Command::Controller(args) => {
-            let config = args.load_as(config::Role::Controller).map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = args.start(config::Role::Controller).map_err(usage)?;
             commands::rotation::controller(config).await.map_err(run)
         }
         Command::Rotate { config, wait, dry_run } => {
-            let config = config.load_as(config::Role::Controller).map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = config.start(config::Role::Controller).map_err(usage)?;
             commands::rotation::rotate(config, wait, dry_run).await.map_err(run)
         }
         Command::Reencrypt(args) => reencrypt(args).await,
         Command::Retire { config, to_version, force, reason, provider, etcd_prefix } => {
-            let config = config.load_as(config::Role::Controller).map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = config.start(config::Role::Controller).map_err(usage)?;
             let reason = reason.filter(|r| !r.trim().is_empty());
             if force && reason.is_none() {
                 return Err(Failure::Usage("--force needs a non-empty --reason".into()));
@@ -549,11 +590,11 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             commands::rotation::retire(&config, to_version, &provider, &etcd_prefix, force).await.map_err(run)
         }
         Command::Verify { policy, run_id, round, etcd } => {
-            telemetry::init("info", false);
+            telemetry::init("info,kube_client::client::builder=off", false);
             match commands::rotation::verify(&policy, &run_id, round, &etcd.settings()).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(Failure::Findings),
-                Err(e) => Err(Failure::Usage(e.to_string())),
+                Err(e) => Err(e.into()),
             }
         }
         Command::Tokens { action } => tokens(action).await,
@@ -573,12 +614,12 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 KeyringAction::Init { identity, key, config } => (config, Some((identity, key))),
                 KeyringAction::Rotate(config) => (config, None),
                 KeyringAction::List(config) => {
-                    let config = config.load().map_err(usage)?;
+                    let config = config.start(config::Role::Plugin).map_err(usage)?;
                     let path = commands::keyring_path(&config).map_err(run)?;
                     return commands::keyring_list(path).map_err(run);
                 }
             };
-            let config = config.load().map_err(usage)?;
+            let config = config.start(config::Role::Plugin).map_err(usage)?;
             let path = commands::keyring_path(&config).map_err(run)?;
             match init {
                 Some((identity, key)) => commands::keyring_init(path, identity.as_deref(), &key),
@@ -587,14 +628,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             .map_err(run)
         }
         Command::EncryptionConfig { config, name, timeout, resources } => {
-            let config = config.load().map_err(usage)?;
+            let config = config.start(config::Role::Plugin).map_err(usage)?;
             if name.is_empty() || name.contains(':') {
                 return Err(Failure::Usage("--name must be non-empty and contain no ':'".into()));
             }
             humantime::parse_duration(&timeout)
                 .map_err(|e| Failure::Usage(format!("--timeout {timeout:?}: {e}")))?;
-            let yaml = commands::encryption_config(&config, &name, &timeout, &resources)
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let yaml = commands::encryption_config(&config, &name, &timeout, &resources).map_err(run)?;
             print!("{yaml}");
             Ok(())
         }

@@ -9,10 +9,14 @@ use zeroize::Zeroizing;
 
 use crate::{
     config::SocketSpec,
+    error,
     kms::client::{KmsClient, connect},
     proto::v2::{DecryptRequest, EncryptRequest, StatusRequest},
     storage::{self, DekSourceType, EncryptedObject},
 };
+
+/// The name of the first check, which reaches the socket.
+const CONNECT: &str = "connect";
 
 /// How to run the selftest.
 #[derive(Debug, Clone)]
@@ -51,6 +55,14 @@ impl Report {
         !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
     }
 
+    /// Why the plugin could not be reached at all (no socket, nobody listening), if so.
+    pub fn unreachable(&self) -> Option<&str> {
+        match self.checks.as_slice() {
+            [c] if c.name == CONNECT && !c.ok => Some(&c.detail),
+            _ => None,
+        }
+    }
+
     fn record(&mut self, name: &'static str, result: Result<String, String>) -> bool {
         let ok = result.is_ok();
         let detail = result.unwrap_or_else(|e| e);
@@ -75,7 +87,9 @@ pub async fn run(options: &Options) -> Report {
     let mut client = match connect(&options.socket).await {
         Ok(client) => client,
         Err(e) => {
-            report.record("connect", Err(e.to_string()));
+            // NB: the whole chain: tonic's own text is only "transport error"; the cause
+            // (no such file, connection refused) is in its source.
+            report.record(CONNECT, Err(error::chain(&e)));
             return report;
         }
     };
@@ -255,7 +269,10 @@ pub fn check_status(version: &str, healthz: &str, key_id: &str) -> Result<(), St
         return Err(format!("version {version:?} is not v2 or v2beta1"));
     }
     if healthz != "ok" {
-        return Err(format!("healthz is {healthz:?}, not \"ok\""));
+        // NB: the plugin's text, shown as written so a cause can be searched for; only control
+        // characters, which could forge lines on a terminal, are blanked.
+        let shown: String = healthz.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        return Err(format!("healthz is not \"ok\": {shown}"));
     }
     storage::validate_key_id(key_id).map_err(|e| e.to_string())
 }

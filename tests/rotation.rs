@@ -28,7 +28,7 @@ async fn plugin_status(key_id: Arc<Mutex<String>>) -> String {
             let key_id = key_id.lock().unwrap().clone();
             let version = kmsgate::keyid::KeyId::parse(&key_id).map_or(0, |id| id.version);
             let promoted = PromotedKey { key_id, version };
-            async move { axum::Json(PluginStatus { promoted: Some(promoted) }) }
+            async move { axum::Json(PluginStatus { promoted: Some(promoted), ..Default::default() }) }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

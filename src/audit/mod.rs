@@ -72,6 +72,8 @@ pub struct Options {
 pub struct Summary {
     /// The pinned etcd revision of the snapshot.
     pub revision: i64,
+    /// The key_id KMS v2 values were compared against; `None`: staleness was not checked.
+    pub current_key_id: Option<String>,
     /// Values read.
     pub objects: u64,
     /// Values of other providers skipped under `--provider`.
@@ -173,7 +175,7 @@ pub async fn run(
     mut deep: Option<&mut deep::Deep>,
     out: &mut impl Write,
 ) -> Result<Summary, ScanError> {
-    let mut summary = Summary::default();
+    let mut summary = Summary { current_key_id: options.current_key_id.clone(), ..Summary::default() };
     let started = std::time::Instant::now();
     let mut shown = started;
     for prefix in &options.prefixes {
@@ -278,6 +280,16 @@ pub fn write_summary(summary: &Summary, json: bool, out: &mut impl Write) -> std
         return writeln!(out, "{value}");
     }
     writeln!(out, "\nsnapshot at etcd revision {}: {} objects", summary.revision, summary.objects)?;
+    match &summary.current_key_id {
+        Some(key_id) => {
+            writeln!(out, "current key_id: {} (KMS v2 values on another are stale)", escape_text(key_id))?
+        }
+        None => writeln!(
+            out,
+            "staleness NOT checked: KMS v2 values on an old key_id are not flagged; pass --key-id or \
+             --plugin-socket to check"
+        )?,
+    }
     if summary.skipped > 0 {
         writeln!(out, "{} values of other providers skipped", summary.skipped)?;
     }
@@ -336,7 +348,7 @@ mod tests {
     /// Runs `observe` over `values` and returns the summary and the report.
     fn scan(options: &Options, values: &[(Vec<u8>, Vec<u8>)]) -> (Summary, String) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let mut summary = Summary::default();
+        let mut summary = Summary { current_key_id: options.current_key_id.clone(), ..Summary::default() };
         let mut out = Vec::new();
         runtime.block_on(async {
             for (key, value) in values {

@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     audit,
-    config::{BackendConfig, Config, SignerBackend, SocketSpec, VaultAuth},
+    config::{BackendConfig, Config, SignerBackend, SocketSpec, VaultAuth, VaultClientConfig},
     keyring::{Keyring, KeyringError},
     kms::{self, PluginError},
     metrics::Metrics,
@@ -109,6 +109,50 @@ pub enum CommandError {
     /// The command refuses to act, and says why.
     #[error("{0}")]
     Refused(String),
+    /// The command could not run: bad flags or settings, or a state it cannot start from.
+    #[error("{0}")]
+    CannotRun(String),
+    /// The plugin's socket could not be reached.
+    #[error("{0}")]
+    PluginUnreachable(String),
+}
+
+impl CommandError {
+    /// Whether the command could not run at all (exit 2: bad flags or config, no kubeconfig,
+    /// etcd, the API server, Vault or the plugin unreachable), rather than ran and failed or found
+    /// problems (exit 1).
+    pub fn could_not_run(&self) -> bool {
+        use crate::backend::BackendError as B;
+        let kube = |e: &crate::k8s::KubeError| {
+            use crate::k8s::KubeError as K;
+            // NB: an API answer means the command ran and the server refused a step; no answer
+            // (connect, TLS, timeout) or no client at all means it never got going.
+            match e {
+                K::Config(_) | K::NotServed(_) => true,
+                K::Call { source, .. } => !matches!(source, kube::Error::Api(_)),
+                K::Unexpected(_) => false,
+            }
+        };
+        let transit = |e: &B| matches!(e, B::Unavailable(_) | B::Deadline | B::Misconfigured(_));
+        match self {
+            Self::Audit(_)
+            | Self::CannotRun(_)
+            | Self::EncryptionConfig(_)
+            | Self::PluginUnreachable(_)
+            | Self::Vault(_)
+            | Self::WrongBackend(_) => true,
+            // NB: the keyring commands and the plugin ran and were refused (a keyring that
+            // exists, a socket in use), as they always reported; the signer is a server like the plugin.
+            Self::Keyring(_) | Self::Plugin(_) | Self::Signer(_) => false,
+            Self::Kube(e) => kube(e),
+            Self::Rotation(crate::rotation::RotationError::Kube(e)) => kube(e),
+            Self::Rotation(crate::rotation::RotationError::Transit(e)) | Self::Transit(e) => transit(e),
+            Self::Tokens(crate::tokens::TokenError::Kube(e)) => kube(e),
+            Self::Tokens(crate::tokens::TokenError::Journal(_)) => false,
+            Self::Tokens(_) => true,
+            Self::Refused(_) | Self::Selftest => false,
+        }
+    }
 }
 
 /// `kmsgate plugin`: serves KMS v2 until SIGTERM or SIGINT.
@@ -133,7 +177,7 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
                      service-account token, and this plugin starts before the API server it serves)"
                 );
             }
-            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let client = vault_client(&v.client, metrics.vault.clone())?;
             let maintenance = tokio::spawn(client.clone().maintain());
             let backend = Transit::new(client, &v.identity, &v.client.namespace, &v.mount, &v.key);
             let result = kms::serve(&config, backend, metrics, shutdown).await;
@@ -146,22 +190,16 @@ pub async fn plugin(config: Config) -> Result<(), CommandError> {
 
 /// `kmsgate signer`: serves ExternalJWTSigner until SIGTERM or SIGINT.
 pub async fn signer(config: Config) -> Result<(), CommandError> {
-    if !config.signer.verify_keys.is_empty() {
-        // NB: serving fewer keys than configured would log out every pod whose token one of them
-        // signed; refuse until the key-file reader is wired in.
-        return Err(CommandError::Refused(
-            "signer.verify_keys is set, but this build cannot read key files yet; unset it".into(),
-        ));
-    }
+    let verify_only = verify_only_keys(&config.signer.verify_keys)?;
     let metrics = Metrics::new();
     match (&config.signer.backend, &config.backend) {
         (SignerBackend::Local { keyring }, _) => {
             // NB: opening it logs the NOT FOR PRODUCTION warning.
             let backend = crate::keyring::SigningKeyring::open(keyring, true)?;
-            serve_signer(&config, backend, Vec::new(), metrics).await
+            serve_signer(&config, backend, verify_only, metrics).await
         }
         (SignerBackend::Vault { key, key_type }, BackendConfig::Vault(v)) => {
-            let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+            let client = vault_client(&v.client, metrics.vault.clone())?;
             let maintenance = tokio::spawn(client.clone().maintain());
             let backend = crate::transit::SigningTransit::new(
                 client,
@@ -171,7 +209,7 @@ pub async fn signer(config: Config) -> Result<(), CommandError> {
                 key,
                 *key_type,
             );
-            let result = serve_signer(&config, backend, Vec::new(), metrics).await;
+            let result = serve_signer(&config, backend, verify_only, metrics).await;
             maintenance.abort();
             result
         }
@@ -179,6 +217,38 @@ pub async fn signer(config: Config) -> Result<(), CommandError> {
             "signer.backend = vault needs backend.kind = vault (the vault.* client settings)",
         )),
     }
+}
+
+/// The keys of `signer.verify_keys`, each file read with a size bound and every key in it
+/// re-encoded to PKIX DER; a file that cannot be read or holds a key kube-apiserver cannot use
+/// stops the start, since serving fewer keys than configured would fail every token one of them
+/// signed.
+fn verify_only_keys(
+    files: &[crate::config::VerifyKeyFile],
+) -> Result<Vec<(crate::backend::PublicKey, bool)>, CommandError> {
+    let mut keys = Vec::new();
+    for file in files {
+        let named = |problem: String| {
+            CommandError::CannotRun(format!("signer.verify_keys: {}: {problem}", file.path.display()))
+        };
+        let max = crate::jwt::keyfile::KEY_FILE_MAX_BYTES as u64;
+        let text = crate::files::read_capped(&file.path, max).map_err(|e| named(e.to_string()))?;
+        let found = crate::jwt::keyfile::public_keys(&text).map_err(|e| named(e.to_string()))?;
+        if found.is_empty() {
+            return Err(named("holds no public key".into()));
+        }
+        for key in found {
+            tracing::info!(
+                path = %file.path.display(),
+                kid = %key.kid(),
+                alg = %key.alg,
+                exclude_from_oidc_discovery = file.exclude_from_oidc_discovery,
+                "serving a verify-only key"
+            );
+            keys.push((key, file.exclude_from_oidc_discovery));
+        }
+    }
+    Ok(keys)
 }
 
 /// Serves the signer over `backend` until SIGTERM or SIGINT: what [`signer`] runs once it has
@@ -193,9 +263,34 @@ pub async fn serve_signer(
     Ok(())
 }
 
+/// The Vault client of `settings`; a TLS file it cannot use is named by its setting.
+pub(crate) fn vault_client(
+    settings: &VaultClientConfig,
+    metrics: crate::metrics::VaultMetrics,
+) -> Result<std::sync::Arc<VaultClient>, CommandError> {
+    VaultClient::new(settings, metrics).map_err(|e| match &e {
+        ClientError::TlsFile { path, .. } => {
+            let tls = &settings.tls;
+            let setting = [
+                ("vault.ca_cert", &tls.ca),
+                ("vault.client_cert", &tls.client_cert),
+                ("vault.client_key", &tls.client_key),
+            ]
+            .into_iter()
+            .find(|(_, file)| file.as_deref().is_some_and(|f| path.starts_with(f)))
+            .map_or("vault TLS", |(name, _)| name);
+            CommandError::CannotRun(format!("{setting}: {e}"))
+        }
+        _ => CommandError::Vault(e),
+    })
+}
+
 /// `kmsgate selftest`: prints the report; fails on any deviation.
 pub async fn selftest(options: selftest::Options) -> Result<(), CommandError> {
     let report = selftest::run(&options).await;
+    if let Some(cause) = report.unreachable() {
+        return Err(CommandError::PluginUnreachable(cause.to_owned()));
+    }
     println!("{report}");
     if report.passed() { Ok(()) } else { Err(CommandError::Selftest) }
 }
@@ -261,8 +356,10 @@ pub fn encryption_config(
     file.validate()?;
     Ok(format!(
         "# Generated by `kmsgate encryption-config`. Pass it to kube-apiserver with\n\
-         # --encryption-provider-config=<this file>. Keep `identity: {{}}` last until every object is\n\
-         # encrypted, then remove it. The provider name is part of every stored value: never change it.\n{}",
+         # --encryption-provider-config=<this file>. Keep `identity: {{}}` last: it reads objects stored\n\
+         # before encryption (or restored by hand) and writes nothing. On a cluster that already has\n\
+         # Secrets, start from the identity-first file (docs/runbooks/first-encryption.md). The provider\n\
+         # name is part of every stored value: never change it.\n{}",
         file.to_yaml()?
     ))
 }
@@ -283,6 +380,36 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_means_it_ran_and_no_answer_means_it_could_not() {
+        use crate::k8s::KubeError;
+        let answered = || KubeError::Call {
+            operation: "patch Secret".into(),
+            source: kube::Error::Api(Box::new(
+                kube::core::Status::failure("conflict", "Conflict").with_code(409),
+            )),
+        };
+        let unanswered = || KubeError::Call {
+            operation: "list Secrets".into(),
+            source: kube::Error::Service("connection refused".into()),
+        };
+        assert!(!CommandError::Kube(answered()).could_not_run());
+        assert!(CommandError::Kube(unanswered()).could_not_run());
+        assert!(CommandError::Kube(KubeError::Config("no kubeconfig".into())).could_not_run());
+        assert!(CommandError::Tokens(crate::tokens::TokenError::Kube(unanswered())).could_not_run());
+        assert!(!CommandError::Tokens(crate::tokens::TokenError::Kube(answered())).could_not_run());
+        assert!(!CommandError::Tokens(crate::tokens::TokenError::Journal("p".into())).could_not_run());
+        assert!(CommandError::Rotation(crate::rotation::RotationError::Kube(unanswered())).could_not_run());
+        let down = crate::backend::BackendError::Unavailable("refused".into());
+        assert!(CommandError::Rotation(crate::rotation::RotationError::Transit(down)).could_not_run());
+        let denied = crate::backend::BackendError::PermissionDenied("403".into());
+        assert!(!CommandError::Transit(denied).could_not_run());
+        assert!(CommandError::CannotRun("policy p: bad".into()).could_not_run());
+        assert!(CommandError::PluginUnreachable("no socket".into()).could_not_run());
+        assert!(!CommandError::Refused("values still need version 1".into()).could_not_run());
+        assert!(!CommandError::Selftest.could_not_run());
+    }
 
     #[test]
     fn encryption_config_points_at_the_socket() {

@@ -15,7 +15,6 @@ use crate::{
     metrics::ControllerMetrics,
     rotation::{Context, KeyAdmin, VaultKeys, migrate, verify},
     storage::{Current, Judge, Standing},
-    transit::VaultClient,
 };
 
 use super::CommandError;
@@ -36,7 +35,7 @@ async fn context(
     metrics: Arc<ControllerMetrics>,
 ) -> Result<Context<VaultKeys>, CommandError> {
     let v = vault(config)?;
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = super::vault_client(&v.client, metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let kube = Kube::infer().await?;
@@ -56,7 +55,7 @@ pub async fn controller(config: Config) -> Result<(), CommandError> {
     if let Some(addr) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| CommandError::Refused(format!("http.listen {addr}: {e}")))?;
+            .map_err(|e| CommandError::CannotRun(format!("http.listen {addr}: {e}")))?;
         tokio::spawn(crate::http::serve(listener, view.clone()));
     }
     controller::run(ctx, &config.controller, holder("controller"), view, super::shutdown_signal()).await;
@@ -87,7 +86,8 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
     let name = config.controller.policy.clone();
     let kube = Kube::infer().await?;
     let policy = kube.policy(&name).await?;
-    let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
+    let plan =
+        policy::parse(&policy.spec).map_err(|e| CommandError::CannotRun(format!("policy {}: {e}", name)))?;
     let status = policy.status.clone().unwrap_or_default();
     if dry_run {
         let metrics = Arc::new(ControllerMetrics::new());
@@ -140,7 +140,7 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
     let ctx = context(&config, metrics.clone()).await?;
     let mut leadership = Leadership::start(ctx.kube.clone(), &config.controller, holder("rotate"), metrics);
     tokio::time::timeout(config.controller.lease_duration, leadership.acquired()).await.map_err(|_| {
-        CommandError::Refused("could not take the controller lease; is a controller starting?".into())
+        CommandError::CannotRun("could not take the controller lease; is a controller starting?".into())
     })?;
     kube.annotate_policy(&name, REQUEST_ANNOTATION, &request).await?;
     let mut last = String::new();
@@ -264,13 +264,14 @@ pub async fn verify(
     let policy = kube.policy(policy_name).await?;
     let status = policy.status.clone().unwrap_or_default();
     if status.run_id != run_id || status.phase != Phase::Verifying {
-        return Err(CommandError::Refused(format!(
+        return Err(CommandError::CannotRun(format!(
             "policy {policy_name} is not verifying run {run_id} (phase {}, run {}); this Job is stale",
             status.phase.as_str(),
             status.run_id
         )));
     }
-    let plan = policy::parse(&policy.spec).map_err(|e| CommandError::Refused(e.to_string()))?;
+    let plan = policy::parse(&policy.spec)
+        .map_err(|e| CommandError::CannotRun(format!("policy {}: {e}", policy_name)))?;
     let input = verify::Input::new(&plan, &status.to_key_id, run_id, round);
     let result = match crate::etcd::connect(etcd).await {
         Ok(mut client) => {
@@ -355,13 +356,13 @@ pub async fn retire(
 ) -> Result<(), CommandError> {
     let v = vault(config)?;
     let metrics = Arc::new(ControllerMetrics::new());
-    let client = VaultClient::new(&v.client, metrics.vault.clone())?;
+    let client = super::vault_client(&v.client, metrics.vault.clone())?;
     tokio::spawn(client.clone().maintain());
     let keys = VaultKeys::new(client, &v.identity, &v.client.namespace);
     let key = policy::TransitKey { mount: v.mount.clone(), key: v.key.clone() };
     let meta = keys.metadata(&key).await?;
     if to_version == 0 || to_version > meta.latest {
-        return Err(CommandError::Refused(format!(
+        return Err(CommandError::CannotRun(format!(
             "--to-version {to_version} must be between 1 and the latest version {}",
             meta.latest
         )));
@@ -374,7 +375,7 @@ pub async fn retire(
         Some(reason) => tracing::warn!(to_version, reason, "retire forced without an audit"),
         None => {
             let etcd = config.etcd.as_ref().ok_or_else(|| {
-                CommandError::Refused(
+                CommandError::CannotRun(
                     "retire needs a clean audit of every value: set etcd.* (or give --force with a reason)"
                         .into(),
                 )

@@ -12,6 +12,16 @@ use super::{
 };
 use crate::ciphertext;
 
+/// The settings only some auth methods read, and which methods read them.
+const AUTH_SETTINGS: &[(&str, &[&str])] = &[
+    ("vault.token_file", &["token"]),
+    ("vault.role_id_file", &["approle"]),
+    ("vault.secret_id_file", &["approle"]),
+    ("vault.role", &["cert", "jwt", "kubernetes"]),
+    ("vault.jwt_file", &["jwt", "kubernetes"]),
+    ("vault.auth_mount", &["approle", "cert", "jwt", "kubernetes"]),
+];
+
 /// Where a pod's service-account token is mounted.
 pub(super) const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
@@ -238,6 +248,25 @@ impl VaultAuth {
     }
 
     fn read(v: &Values, has_client_cert: bool, who: Role) -> Result<Self, ConfigError> {
+        let auth = Self::read_method(v, has_client_cert, who)?;
+        // NB: a credential file the method never reads is a mistake (a half-edited example, a
+        // forgotten switch of method); silently ignoring it hides which identity is in use.
+        for (name, used_by) in AUTH_SETTINGS {
+            if !used_by.contains(&auth.name()) && v.nonempty(name)?.is_some() {
+                return Err(field(
+                    name,
+                    format!(
+                        "set, but vault.auth = {:?} ignores it; remove it, or use vault.auth = {}",
+                        auth.name(),
+                        used_by.iter().map(|m| format!("{m:?}")).collect::<Vec<_>>().join(" or ")
+                    ),
+                ));
+            }
+        }
+        Ok(auth)
+    }
+
+    fn read_method(v: &Values, has_client_cert: bool, who: Role) -> Result<Self, ConfigError> {
         let method = v.text("vault.auth")?.unwrap_or_default();
         let auth_mount = v.nonempty("vault.auth_mount")?;
         let mount = |default: &str| auth_mount.clone().unwrap_or_else(|| default.to_owned());

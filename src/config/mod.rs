@@ -79,6 +79,17 @@ pub struct Config {
     pub controller: ControllerConfig,
     /// etcd access for verification and retire; `None` when not configured.
     pub etcd: Option<EtcdConfig>,
+    /// What loading found worth saying once logging is up.
+    pub notices: Notices,
+}
+
+/// Lines for the log at start: which values were used and where from, and what looks wrong.
+#[derive(Debug, Clone, Default)]
+pub struct Notices {
+    /// Facts worth an info line (the effective Vault addresses and their source).
+    pub info: Vec<String>,
+    /// Likely mistakes (an environment variable that beat the file, an unknown `KMSGATE_*`).
+    pub warnings: Vec<String>,
 }
 
 /// Who loads the configuration; the plugin and the controller accept different auth methods.
@@ -117,6 +128,11 @@ impl Config {
             BackendConfig::Vault(_) => "vault",
         };
         let signer = SignerConfig::read(&values, backend_kind)?;
+        let mut notices = Notices { info: Vec::new(), warnings: values.warnings.clone() };
+        if let BackendConfig::Vault(v) = &backend {
+            let origin = values.origin("vault.addresses").unwrap_or("the default");
+            notices.info.push(format!("Vault addresses {:?}, from {origin}", v.client.addresses));
+        }
         Ok(Self {
             plugin,
             signer,
@@ -125,6 +141,7 @@ impl Config {
             backend,
             controller: ControllerConfig::read(&values)?,
             etcd: EtcdConfig::read(&values)?,
+            notices,
         })
     }
 }

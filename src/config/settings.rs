@@ -377,6 +377,16 @@ pub const VAULT_ENV: &[(&str, &str)] = &[
     ("VAULT_CACERT", "vault.ca_cert"),
 ];
 
+/// `KMSGATE_*` variables that are not settings: `--config`'s, and those of the build and scripts.
+pub const OTHER_ENV: &[&str] = &[
+    "KMSGATE_CONFIG",
+    "KMSGATE_GIT_COMMIT",
+    "KMSGATE_TEST_BAO",
+    "KMSGATE_TOOLS_DIR",
+    "KMSGATE_UPDATE_DEPLOY",
+    "KMSGATE_UPDATE_README",
+];
+
 /// The environment variable of a dotted setting name.
 pub fn env_name(setting: &str) -> String {
     format!("KMSGATE_{}", setting.replace('.', "_").to_ascii_uppercase())

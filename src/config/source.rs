@@ -6,13 +6,15 @@ use std::{collections::HashMap, path::Path, time::Duration};
 
 use super::{
     ConfigError, FORMAT, field,
-    settings::{Fallback, Kind, SETTINGS, Setting, VAULT_ENV, env_name},
+    settings::{Fallback, Kind, OTHER_ENV, SETTINGS, Setting, VAULT_ENV, env_name},
 };
 
 /// Where environment variables come from: the process, or a map in tests.
 pub trait Env {
     /// The variable's value, if set.
     fn var(&self, name: &str) -> Option<String>;
+    /// The names of every variable set (values are not needed, and may be secrets).
+    fn names(&self) -> Vec<String>;
 }
 
 /// The process environment.
@@ -22,11 +24,19 @@ impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn names(&self) -> Vec<String> {
+        std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()).collect()
+    }
 }
 
 impl Env for HashMap<String, String> {
     fn var(&self, name: &str) -> Option<String> {
         self.get(name).cloned()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
     }
 }
 
@@ -81,6 +91,11 @@ impl Value {
 #[derive(Debug, Default)]
 pub(super) struct Values {
     given: HashMap<&'static str, Value>,
+    /// Where each given value came from: `file PATH`, `env NAME`, `flag --set NAME`.
+    origins: HashMap<&'static str, String>,
+    /// Things worth a warning at start: an environment variable that beat the file, an unknown
+    /// `KMSGATE_*` variable.
+    pub(super) warnings: Vec<String>,
 }
 
 impl Values {
@@ -97,14 +112,26 @@ impl Values {
         }
         for (var, name) in VAULT_ENV {
             if let Some(text) = env.var(var) {
-                values.set_text(name, &text, var)?;
+                values.set_env(name, &text, var)?;
             }
         }
         for setting in SETTINGS {
             let var = env_name(setting.name);
             if let Some(text) = env.var(&var) {
-                values.set_text(setting.name, &text, &var)?;
+                values.set_env(setting.name, &text, &var)?;
             }
+        }
+        let mut unknown: Vec<String> = env
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with("KMSGATE_") && !OTHER_ENV.contains(&n.as_str()))
+            .filter(|n| !SETTINGS.iter().any(|s| env_name(s.name) == *n))
+            .collect();
+        unknown.sort();
+        for name in unknown {
+            values.warnings.push(format!(
+                "environment variable {name} names no kmsgate setting and is ignored (see README, Configuration)"
+            ));
         }
         for (name, text) in flags {
             values.set_text(name, text, &format!("flag --set {name}"))?;
@@ -153,9 +180,28 @@ impl Values {
                     field(setting.name, format!("{origin}: {value} is not {}", setting.kind.describe()))
                 })?;
                 self.given.insert(setting.name, value);
+                self.origins.insert(setting.name, format!("file {origin}"));
             }
         }
         Ok(())
+    }
+
+    /// [`Values::set_text`] from an environment variable, warning when it beats the file.
+    fn set_env(&mut self, name: &str, text: &str, var: &str) -> Result<(), ConfigError> {
+        if let Some(setting) = Setting::find(name)
+            && let Some(file) = self.origins.get(setting.name).filter(|o| o.starts_with("file "))
+        {
+            self.warnings.push(format!(
+                "environment variable {var} overrides {name} from the config {file}; unset it to use the file"
+            ));
+        }
+        self.set_text(name, text, &format!("env {var}"))
+    }
+
+    /// Where a given value came from (`file PATH`, `env NAME`, `flag --set NAME`); `None` for a
+    /// default.
+    pub(super) fn origin(&self, name: &str) -> Option<&str> {
+        self.origins.get(name).map(String::as_str)
     }
 
     fn set_text(&mut self, name: &str, text: &str, origin: &str) -> Result<(), ConfigError> {
@@ -163,6 +209,7 @@ impl Values {
         let value = Value::parse(setting.kind, text)
             .map_err(|what| field(name, format!("{origin}: {text:?} is not {what}")))?;
         self.given.insert(setting.name, value);
+        self.origins.insert(setting.name, origin.to_owned());
         Ok(())
     }
 

@@ -26,6 +26,8 @@ fn the_controller_may_use_kubernetes_auth_and_reads_etcd_settings() {
     let path = dir.path().join("c.toml");
     std::fs::write(&path, VAULT).unwrap();
     let set = flags(&[
+        // NB: the shared file's token_file is for token auth; kubernetes auth refuses it.
+        ("vault.token_file", ""),
         ("vault.auth", "kubernetes"),
         ("vault.role", "kmsgate-controller"),
         ("etcd.endpoints", "https://10.0.0.1:2379,https://10.0.0.2:2379"),
@@ -118,6 +120,43 @@ fn vault_env_is_mapped_explicitly_and_ranks_below_kmsgate_env() {
 }
 
 #[test]
+fn the_environment_beating_the_file_and_unknown_variables_are_warned() {
+    let c = load(VAULT, &[], &[]).unwrap();
+    assert!(c.notices.warnings.is_empty(), "{:?}", c.notices.warnings);
+    assert!(
+        c.notices.info[0].contains("https://vault.example:8200") && c.notices.info[0].contains("from file ")
+    );
+    let file = format!("{VAULT}\n");
+    let file = file.replace("[vault]\n", "[vault]\nnamespace = \"file\"\n");
+    let c = load(
+        &file,
+        &[],
+        &[("VAULT_ADDR", "https://env:8200"), ("VAULT_NAMESPACE", "env"), ("KMSGATE_PLUGN_SOCKET", "/x")],
+    )
+    .unwrap();
+    let warnings = c.notices.warnings.join("\n");
+    assert!(
+        warnings.contains("VAULT_NAMESPACE overrides vault.namespace from the config file"),
+        "{warnings}"
+    );
+    assert!(warnings.contains("KMSGATE_PLUGN_SOCKET names no kmsgate setting"), "{warnings}");
+    assert!(
+        c.notices.info[0].contains("https://env:8200") && c.notices.info[0].contains("from env VAULT_ADDR")
+    );
+    // A file without addresses takes VAULT_ADDR quietly: nothing was overridden.
+    let c = load(
+        &VAULT.replace("addresses = [\"https://vault.example:8200\"]\n", ""),
+        &[],
+        &[("VAULT_ADDR", "https://env:8200")],
+    )
+    .unwrap();
+    assert!(c.notices.warnings.is_empty(), "{:?}", c.notices.warnings);
+    // Variables of --config, the build and the scripts are not settings, and not warned about.
+    let c = load(VAULT, &[], &[("KMSGATE_CONFIG", "/c"), ("KMSGATE_TOOLS_DIR", "/t")]).unwrap();
+    assert!(c.notices.warnings.is_empty(), "{:?}", c.notices.warnings);
+}
+
+#[test]
 fn sub_second_intervals() {
     let c =
         load("format = 1\n[plugin]\npoll_interval = \"50ms\"\nround_trip_interval = \"200ms\"\n", &[], &[])
@@ -170,6 +209,21 @@ fn errors_name_the_field() {
         (VAULT, &[("backend.identity", "Prod Vault")], &[], "backend.identity"),
         (VAULT, &[("vault.mount", "/transit")], &[], "vault.mount"),
         (VAULT, &[("vault.key", "a/b")], &[], "vault.key"),
+        (
+            VAULT,
+            &[("vault.role_id_file", "/r")],
+            &[],
+            "vault.role_id_file: set, but vault.auth = \"token\" ignores it",
+        ),
+        (VAULT, &[("vault.secret_id_file", "/s")], &[], "vault.secret_id_file"),
+        (VAULT, &[("vault.role", "r")], &[], "vault.role: set"),
+        (VAULT, &[("vault.auth_mount", "a")], &[], "vault.auth_mount: set"),
+        (
+            VAULT,
+            &[("vault.auth", "jwt"), ("vault.role", "r"), ("vault.jwt_file", "/j")],
+            &[],
+            "vault.token_file: set, but vault.auth = \"jwt\" ignores it",
+        ),
     ];
     for (file, f, e, want) in cases {
         let err =

@@ -42,6 +42,16 @@ const WARNING: &str = "kmsgate local keyring: NOT FOR PRODUCTION. Keys live on t
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyringError {
+    /// The keyring's directory could not be created.
+    #[error(
+        "keyring directory {dir}: cannot create it: {source}; create it (mode 0700), run as a user who \
+         may, or put the keyring elsewhere with --keyring PATH (local.keyring)"
+    )]
+    Directory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The keyring already exists (init never overwrites one).
     #[error("keyring {0} already exists")]
     Exists(PathBuf),
@@ -128,6 +138,7 @@ impl Keyring {
             versions: vec![new_version(1)?],
         };
         let io = |source| KeyringError::Io { path: path.to_owned(), source };
+        create_dir(path)?;
         let mut out = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
             Ok(out) => out,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -334,6 +345,19 @@ fn read_file(path: &Path) -> Result<FileV1, KeyringError> {
     Ok(file)
 }
 
+/// Creates the keyring's missing directories, mode 0700: a fresh host has no /var/lib/kmsgate.
+fn create_dir(path: &Path) -> Result<(), KeyringError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) else {
+        return Ok(());
+    };
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| KeyringError::Directory { dir: dir.to_owned(), source })
+}
+
 /// Reads a keyring file of either kind: private to its owner, bounded in size, JSON.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, KeyringError> {
     let io = |source| KeyringError::Io { path: path.to_owned(), source };
@@ -499,6 +523,28 @@ mod tests {
         let err = Keyring::open(&path, false).err().unwrap();
         assert!(matches!(err, KeyringError::Permissions { mode: 0o640, .. }), "{err}");
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn init_creates_missing_directories_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("var/lib/kmsgate/keyring.json");
+        Keyring::open(&path, true).unwrap();
+        let mode = fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // A directory that may not be made is named, with the way out.
+        let locked = dir.path().join("locked");
+        fs::create_dir(&locked).unwrap();
+        fs::set_permissions(&locked, fs::Permissions::from_mode(0o500)).unwrap();
+        let blocked = locked.join("sub/keyring.json");
+        if fs::create_dir(locked.join("probe")).is_ok() {
+            return; // NB: root ignores directory modes; the message is checked where they apply.
+        }
+        let err = Keyring::open(&blocked, true).err().unwrap().to_string();
+        assert!(
+            err.contains(&locked.join("sub").display().to_string()) && err.contains("--keyring"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -52,7 +52,12 @@ pub struct Health {
     /// The last round trip that succeeded.
     pub last_round_trip_ok: Option<Instant>,
     last_error: Option<String>,
+    last_poll_error: Option<String>,
 }
+
+/// Longest cause healthz carries: the API server logs healthz on every failed Status, and the
+/// whole cause is on `/status` anyway.
+const HEALTHZ_CAUSE_MAX_CHARS: usize = 200;
 
 impl Health {
     /// Unhealthy after `threshold` consecutive failed probes or `staleness` without a round trip;
@@ -70,6 +75,7 @@ impl Health {
             last_round_trip: None,
             last_round_trip_ok: None,
             last_error: None,
+            last_poll_error: None,
         }
     }
 
@@ -80,9 +86,11 @@ impl Health {
             Ok(()) => {
                 self.poll_failures = 0;
                 self.unreachable_since = None;
+                self.last_poll_error = None;
             }
             Err(e) => {
                 self.poll_failures += 1;
+                self.last_poll_error = Some(e.reason.clone());
                 self.failed(now, e);
             }
         }
@@ -135,9 +143,24 @@ impl Health {
         self.poll_failures > 0 || self.round_trip_failures > 0 || self.last_round_trip_ok.is_none()
     }
 
+    /// Why the last metadata poll failed; `None` when it succeeded or none ran yet.
+    pub fn last_poll_error(&self) -> Option<&str> {
+        self.last_poll_error.as_deref()
+    }
+
     /// `Ok` when Status may say "ok"; otherwise a short reason with no secret in it.
     pub fn healthz(&self, tracker: &KeyTracker, now: Instant) -> Result<(), String> {
-        tracker.current()?;
+        if let Err(reason) = tracker.current() {
+            // NB: with nothing adopted, the poll's own error is the cause; without it the
+            // reason would hide a refused token, a missing key or a wrong key type.
+            return Err(match &self.last_poll_error {
+                Some(cause) => {
+                    let short: String = cause.chars().take(HEALTHZ_CAUSE_MAX_CHARS).collect();
+                    format!("{reason}; last key metadata poll failed: {short}")
+                }
+                None => reason,
+            });
+        }
         let Err(reason) = self.probes_healthy(now) else { return Ok(()) };
         // NB: grace covers only an outage (unreachable, not refused) of a plugin that had worked.
         let outage = self
@@ -248,8 +271,15 @@ mod tests {
         let mut t = tracker();
         let mut h = Health::new(2, Duration::from_secs(10), None);
         assert_eq!(h.healthz(&t, start).unwrap_err(), "no key version adopted yet");
+        h.poll(start, Err(Failure::refused("metadata: permission denied")));
+        assert_eq!(h.last_poll_error(), Some("metadata: permission denied"));
+        let err = h.healthz(&t, start).unwrap_err();
+        assert!(err.starts_with("no key version adopted yet") && err.ends_with("permission denied"), "{err}");
+        h.poll(start, Err(Failure::refused("x".repeat(1000))));
+        assert!(h.healthz(&t, start).unwrap_err().len() < 300, "healthz carries a short cause");
         t.observe(&meta(1));
         h.poll(start, Ok(()));
+        assert_eq!(h.last_poll_error(), None);
         assert!(h.healthz(&t, start).unwrap_err().contains("no encrypt/decrypt round trip"));
         h.round_trip(start, Ok(()));
         assert!(h.healthz(&t, start).is_ok());

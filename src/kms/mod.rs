@@ -312,7 +312,11 @@ impl<B: Backend> HttpView for Shared<B> {
             "candidate": candidate,
             "latest_version": state.metadata.as_ref().map(|m| m.latest),
             "min_decryption_version": state.metadata.as_ref().map(|m| m.min_decryption_version),
-            "last_poll": probe(state.health.last_poll),
+            "last_poll": state.health.last_poll.map(|r| crate::plugin_status::LastPoll {
+                at: at(r.at),
+                ok: r.ok,
+                error: state.health.last_poll_error().map(str::to_owned),
+            }),
             "last_round_trip": probe(state.health.last_round_trip),
             "last_good_round_trip": state.health.last_round_trip_ok.map(at),
             "outage_mode": if self.config.outage_grace.is_some() { "grace" } else { "honest" },

@@ -8,7 +8,15 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::{Shared, health::Failure, state::Observation};
-use crate::backend::{Backend, BackendError};
+use crate::{
+    backend::{Backend, BackendError},
+    telemetry::{REPEAT_WINDOW, Repeats, Say},
+};
+
+/// Failed polls repeat every 2 s while nothing is adopted: say each cause once, then a count.
+static POLL_WARNINGS: Repeats = Repeats::new(REPEAT_WINDOW);
+/// The same for failed round trips.
+static ROUND_TRIP_WARNINGS: Repeats = Repeats::new(REPEAT_WINDOW);
 
 /// How soon to retry while no key version is adopted: the API server can read nothing until then.
 const ADOPTION_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -45,7 +53,11 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
     let meta = match result {
         Ok(meta) => meta,
         Err(e) => {
-            tracing::warn!(error = %e, "key metadata poll failed");
+            let error = e.to_string();
+            let say = POLL_WARNINGS.check(Instant::now(), &error);
+            if say != Say::Nothing {
+                tracing::warn!(error, "key metadata poll failed{}", say.suffix());
+            }
             state.health.poll(Instant::now(), Err(failure("metadata", &e)));
             if let BackendError::KeyNotFound(reason) = &e
                 && let Some(Observation::Conflict { reason }) = state.tracker.observe_missing(reason)
@@ -56,6 +68,7 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
             return;
         }
     };
+    POLL_WARNINGS.clear();
     let observation = state.tracker.observe(&meta);
     if let Observation::RollbackRefused { promoted, seen } = observation {
         state.rollback_refused = Some(super::RollbackRefused { promoted, seen, at: Instant::now() });
@@ -99,8 +112,14 @@ pub async fn poll<B: Backend>(shared: &Shared<B>) {
 /// Encrypts and decrypts a random seed with the promoted version, as the API server would.
 pub async fn round_trip<B: Backend>(shared: &Shared<B>) {
     let result = round_trip_once(shared).await;
-    if let Err(e) = &result {
-        tracing::warn!(error = %e.reason, "encrypt/decrypt round trip failed");
+    match &result {
+        Err(e) => {
+            let say = ROUND_TRIP_WARNINGS.check(Instant::now(), &e.reason);
+            if say != Say::Nothing {
+                tracing::warn!(error = %e.reason, "encrypt/decrypt round trip failed{}", say.suffix());
+            }
+        }
+        Ok(()) => ROUND_TRIP_WARNINGS.clear(),
     }
     shared.lock().health.round_trip(Instant::now(), result);
 }

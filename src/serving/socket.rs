@@ -30,7 +30,10 @@ use crate::{
 #[non_exhaustive]
 pub enum SocketError {
     /// The parent directory does not exist and may not be created.
-    #[error("socket directory {0} does not exist (create it, or set {1}.create_socket_dir = true)")]
+    #[error(
+        "socket directory {0} does not exist (create it, set {1}.create_socket_dir = true, or put the \
+         socket elsewhere with --socket PATH)"
+    )]
     DirectoryMissing(PathBuf, &'static str),
     /// The socket's directory, or one above it, lets another user replace the socket.
     #[error(
@@ -102,7 +105,7 @@ fn bind_path(path: &Path, config: &SocketConfig) -> Result<(StdListener, SocketG
             .recursive(true)
             .mode(0o750)
             .create(dir)
-            .map_err(|e| io("create directory", e))?;
+            .map_err(|e| io("create directory (or put the socket elsewhere with --socket PATH)", e))?;
     }
     // NB: resolve first (`/var/run` is a symlink), check, then bind under the resolved path, so a
     // symlink swapped in after the check cannot redirect the bind.

@@ -26,6 +26,8 @@ pub struct Plugin {
 impl Plugin {
     /// Starts the plugin with these settings (as `--set` flags) plus a socket and HTTP port in `dir`.
     pub async fn start(dir: &Path, settings: &[(String, String)]) -> Self {
+        // NB: the HTTP helpers below build reqwest clients, which need a rustls provider.
+        crate::init_crypto();
         let socket = dir.join("kms.sock");
         let port = free_port();
         let mut all = vec![

@@ -11,7 +11,11 @@ use zeroize::Zeroizing;
 
 use super::VaultClient;
 use crate::metrics::AddressLabels;
+use crate::telemetry::{REPEAT_WINDOW, Repeats, Say};
 use crate::transit::error::ClientError;
+
+/// Failed attempts, per error text: said once, then counted once per window.
+static ADDRESS_WARNINGS: Repeats = Repeats::new(REPEAT_WINDOW);
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -55,6 +59,7 @@ impl VaultClient {
             // NB: unsealed standbys (429, 473) forward requests, so they are usable again too.
             if probe.is_ok_and(|r| matches!(r.status().as_u16(), 200 | 429 | 473)) {
                 tracing::info!(address, "Vault address is healthy again");
+                ADDRESS_WARNINGS.clear();
                 self.healthy[index].store(true, Ordering::Relaxed);
             }
         }
@@ -111,7 +116,12 @@ impl VaultClient {
                         return Ok(envelope);
                     }
                     Err(e) if e.retryable() => {
-                        tracing::warn!(address, error = %e, "Vault address failed");
+                        // NB: every call retries, so an outage repeats this many times a second.
+                        let error = e.to_string();
+                        let say = ADDRESS_WARNINGS.check(Instant::now(), &error);
+                        if say != Say::Nothing {
+                            tracing::warn!(address, error, "Vault address failed{}", say.suffix());
+                        }
                         self.healthy[index].store(false, Ordering::Relaxed);
                         self.metrics
                             .address_errors
