@@ -77,7 +77,10 @@ struct Decrypted {
 
 impl std::fmt::Debug for DecryptQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecryptQueue").field("waiting", &self.lock().len()).finish()
+        f.debug_struct("DecryptQueue")
+            .field("waiting", &self.lock().len())
+            .field("in_flight", &(FLUSHERS - self.flushers.available_permits()))
+            .finish()
     }
 }
 
