@@ -1,9 +1,9 @@
 //! Coalesces Decrypts that wait for a Vault slot into Transit batch calls.
 //!
-//! A Decrypt joins a queue, then waits for either its answer or a slot under
-//! `vault.max_concurrent_calls`. Whoever gets a slot takes everything queued (up to
-//! [`MAX_BATCH`]) and sends it as one call: alone when it is alone, as `batch_input` when others
-//! are waiting. So a quiet plugin makes exactly the calls it made before, and an API server's
+//! A Decrypt joins a queue, then waits for either its answer or a slot: one of [`FLUSHERS`]
+//! decrypt calls in flight, then one of the client's `vault.max_concurrent_calls`. Whoever gets a
+//! slot takes everything queued (up to [`MAX_BATCH`]) and sends it as one call: alone when it is
+//! alone, as `batch_input` when others are waiting. So a quiet plugin makes exactly the calls it made before, and an API server's
 //! cold-start storm costs a few batch calls instead of thousands of single ones.
 
 use std::{
