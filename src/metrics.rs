@@ -119,6 +119,21 @@ impl VaultMetrics {
     }
 }
 
+/// The success counter and latency histogram of one gRPC method or key store operation, looked
+/// up in their families once at start, so a call updates them without hashing its labels.
+#[derive(Clone)]
+pub struct Handles {
+    /// Calls that succeeded (`code="OK"`, `outcome="ok"`).
+    pub ok: Counter,
+    /// Latency of every call, whatever its result.
+    pub duration: Histogram,
+}
+
+/// The gRPC methods whose handles are resolved at start.
+const METHODS: [&str; 3] = ["Status", "Encrypt", "Decrypt"];
+/// The key store operations whose handles are resolved at start.
+const OPERATIONS: [&str; 3] = ["metadata", "encrypt", "decrypt"];
+
 /// Every metric the plugin exports, prefixed `kmsgate_`.
 pub struct Metrics {
     registry: Registry,
@@ -142,6 +157,10 @@ pub struct Metrics {
     pub promotions: Counter,
     /// Lower key versions seen and refused.
     pub rollbacks_refused: Counter,
+    /// Handles of each of [`METHODS`], in that order.
+    methods: [Handles; 3],
+    /// Handles of each of [`OPERATIONS`], in that order.
+    operations: [Handles; 3],
 }
 
 impl Metrics {
@@ -188,8 +207,18 @@ impl Metrics {
         let vault = VaultMetrics::default();
         vault.register(&mut registry);
         register_build_info(&mut registry);
+        let methods = METHODS.map(|method| Handles {
+            ok: grpc_requests.get_or_create_owned(&GrpcLabels { method, code: "OK" }),
+            duration: grpc_duration.get_or_create_owned(&MethodLabels { method }),
+        });
+        let operations = OPERATIONS.map(|operation| Handles {
+            ok: backend_calls.get_or_create_owned(&BackendLabels { operation, outcome: "ok" }),
+            duration: backend_duration.get_or_create_owned(&OperationLabels { operation }),
+        });
         Self {
             registry,
+            methods,
+            operations,
             vault,
             grpc_requests,
             grpc_duration,
@@ -211,6 +240,42 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Counts one gRPC call of `method` with result `code` and observes its latency.
+    pub fn record_grpc(&self, method: &'static str, code: tonic::Code, seconds: f64) {
+        match METHODS.iter().position(|m| *m == method).map(|i| &self.methods[i]) {
+            Some(handles) => {
+                if code == tonic::Code::Ok {
+                    handles.ok.inc();
+                } else {
+                    self.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
+                }
+                handles.duration.observe(seconds);
+            }
+            None => {
+                self.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
+                self.grpc_duration.get_or_create(&MethodLabels { method }).observe(seconds);
+            }
+        }
+    }
+
+    /// Counts one key store call of `operation` with `outcome` and observes its latency.
+    pub fn record_backend(&self, operation: &'static str, outcome: &'static str, seconds: f64) {
+        match OPERATIONS.iter().position(|o| *o == operation).map(|i| &self.operations[i]) {
+            Some(handles) => {
+                if outcome == "ok" {
+                    handles.ok.inc();
+                } else {
+                    self.backend_calls.get_or_create(&BackendLabels { operation, outcome }).inc();
+                }
+                handles.duration.observe(seconds);
+            }
+            None => {
+                self.backend_calls.get_or_create(&BackendLabels { operation, outcome }).inc();
+                self.backend_duration.get_or_create(&OperationLabels { operation }).observe(seconds);
+            }
+        }
     }
 }
 
@@ -413,5 +478,55 @@ impl ControllerMetrics {
 impl Default for ControllerMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(series))
+    }
+
+    #[test]
+    fn resolved_handles_count_the_same_series_as_the_families() {
+        let metrics = Metrics::new();
+        metrics.record_grpc("Encrypt", tonic::Code::Ok, 0.001);
+        metrics.record_grpc("Encrypt", tonic::Code::Ok, 0.001);
+        metrics.record_grpc("Encrypt", tonic::Code::Unavailable, 0.001);
+        metrics.record_grpc("Sign", tonic::Code::Ok, 0.001);
+        metrics.record_backend("encrypt", "ok", 0.001);
+        metrics.record_backend("encrypt", "deadline", 0.001);
+        let text = metrics.encode();
+        let at = |series: &str| line(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+        assert_eq!(
+            at("kmsgate_grpc_requests_total{method=\"Encrypt\",code=\"OK\"}").split(' ').nth(1),
+            Some("2")
+        );
+        assert_eq!(
+            at("kmsgate_grpc_requests_total{method=\"Encrypt\",code=\"UNAVAILABLE\"}").split(' ').nth(1),
+            Some("1")
+        );
+        assert_eq!(
+            at("kmsgate_grpc_requests_total{method=\"Sign\",code=\"OK\"}").split(' ').nth(1),
+            Some("1")
+        );
+        assert_eq!(
+            at("kmsgate_grpc_request_duration_seconds_count{method=\"Encrypt\"}").split(' ').nth(1),
+            Some("3")
+        );
+        assert_eq!(
+            at("kmsgate_backend_calls_total{operation=\"encrypt\",outcome=\"ok\"}").split(' ').nth(1),
+            Some("1")
+        );
+        assert_eq!(
+            at("kmsgate_backend_calls_total{operation=\"encrypt\",outcome=\"deadline\"}").split(' ').nth(1),
+            Some("1")
+        );
+        assert_eq!(
+            at("kmsgate_backend_call_duration_seconds_count{operation=\"encrypt\"}").split(' ').nth(1),
+            Some("2")
+        );
     }
 }

@@ -34,6 +34,15 @@ fn one_slot_transit(
     (std::sync::Arc::new(transit), metrics, maintenance)
 }
 
+/// Waits until the Decrypt queue's Debug shows `state` (its length and calls in flight): the
+/// batching tests resume a frozen server only once every Decrypt is where they expect it.
+async fn queued(transit: &Transit, state: &str) {
+    eventually(Duration::from_secs(10), "the Decrypt queue to settle", async || {
+        format!("{transit:?}").contains(state)
+    })
+    .await;
+}
+
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(3)
 }
@@ -506,7 +515,7 @@ async fn waiting_decrypts_are_batched_and_each_gets_its_own_answer() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    queued(&transit, "waiting: 11").await;
     bao.resume();
     for (i, task) in tasks.into_iter().enumerate() {
         let result = task.await.unwrap();
@@ -518,4 +527,44 @@ async fn waiting_decrypts_are_batched_and_each_gets_its_own_answer() {
     }
     assert_eq!(metrics.batch_calls.get(), 1, "the eleven waiting Decrypts go out as one batch");
     assert_eq!(metrics.batched_items.get(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decrypt_backlog_waits_for_few_calls_in_flight_and_leaves_as_one_batch() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // NB: the default cap of 32 calls: before, each of these Decrypts took a free slot of its own
+    // and went out alone, so a cold-start storm cost OpenBao one call per seed.
+    let settings = bao.vault_settings(dir.path());
+    assert!(settings.max_concurrent_calls >= 12);
+    let metrics = VaultMetrics::default();
+    let (transit, _maintenance) = transit(&settings, &metrics);
+    let transit = std::sync::Arc::new(transit);
+    let mut sealed = Vec::new();
+    for i in 0..12 {
+        let seed = format!("seed-{i}");
+        sealed
+            .push(transit.encrypt(1, seed.as_bytes(), format!("kid-{i}").as_bytes(), soon()).await.unwrap());
+    }
+    // The first two Decrypts take the two decrypt slots and hang on the frozen server; the other
+    // ten queue behind them although the client has free slots.
+    bao.pause();
+    let mut tasks = Vec::new();
+    for (i, ciphertext) in sealed.into_iter().enumerate() {
+        let t = transit.clone();
+        tasks.push(tokio::spawn(async move {
+            let aad = format!("kid-{i}");
+            t.decrypt(1, &ciphertext, aad.as_bytes(), Instant::now() + Duration::from_secs(8)).await
+        }));
+        if i < 2 {
+            queued(&transit, &format!("waiting: 0, in_flight: {}", i + 1)).await;
+        }
+    }
+    queued(&transit, "waiting: 10, in_flight: 2").await;
+    bao.resume();
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap().as_slice(), format!("seed-{i}").as_bytes());
+    }
+    assert_eq!(metrics.batch_calls.get(), 1, "the ten queued Decrypts go out as one batch");
+    assert_eq!(metrics.batched_items.get(), 10);
 }

@@ -20,7 +20,7 @@ use crate::{
     backend::{Backend, BackendError, KeyMetadata},
     config::{Config, PluginConfig},
     http::{self, HttpView},
-    metrics::{BackendLabels, GrpcLabels, MethodLabels, Metrics, OperationLabels, code_name},
+    metrics::{Metrics, code_name},
     proto::v2::key_management_service_server::KeyManagementServiceServer,
 };
 use health::{Health, ProbeRecord};
@@ -162,11 +162,7 @@ impl<B: Backend> Shared<B> {
             Err(BackendError::Retired(_)) => "retired",
             Err(BackendError::Unavailable(_)) => "unavailable",
         };
-        self.metrics.backend_calls.get_or_create(&BackendLabels { operation, outcome }).inc();
-        self.metrics
-            .backend_duration
-            .get_or_create(&OperationLabels { operation })
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.record_backend(operation, outcome, started.elapsed().as_secs_f64());
         result
     }
 }
@@ -226,8 +222,7 @@ impl Call<'_> {
         self.recorded = true;
         let (method, uid, key_id) = (self.method, self.uid.as_str(), self.key_id.as_str());
         let elapsed = self.started.elapsed();
-        self.metrics.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
-        self.metrics.grpc_duration.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
+        self.metrics.record_grpc(method, code, elapsed.as_secs_f64());
         let latency_ms = audit_log::millis(elapsed);
         match code {
             tonic::Code::Ok => {}

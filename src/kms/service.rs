@@ -12,7 +12,6 @@ use super::{Shared, audit_log};
 use crate::{
     backend::{Backend, BackendError},
     keyid::KeyId,
-    metrics::{GrpcLabels, MethodLabels, code_name},
     proto::v2::{
         DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
         key_management_service_server::KeyManagementService,
@@ -37,13 +36,7 @@ impl<B: Backend> KmsService<B> {
     /// Counts a Status call; Status is not audited.
     fn finish_status(&self, started: Instant, result: &Result<StatusResponse, Status>) {
         let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        let metrics = &self.shared.metrics;
-        let method = "Status";
-        metrics.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
-        metrics
-            .grpc_duration
-            .get_or_create(&MethodLabels { method })
-            .observe(started.elapsed().as_secs_f64());
+        self.shared.metrics.record_grpc("Status", code, started.elapsed().as_secs_f64());
     }
 
     async fn encrypt_inner(&self, plaintext: &[u8], deadline: Instant) -> Result<EncryptResponse, Status> {

@@ -1,9 +1,9 @@
 //! Coalesces Decrypts that wait for a Vault slot into Transit batch calls.
 //!
-//! A Decrypt joins a queue, then waits for either its answer or a slot under
-//! `vault.max_concurrent_calls`. Whoever gets a slot takes everything queued (up to
-//! [`MAX_BATCH`]) and sends it as one call: alone when it is alone, as `batch_input` when others
-//! are waiting. So a quiet plugin makes exactly the calls it made before, and an API server's
+//! A Decrypt joins a queue, then waits for either its answer or a slot: one of [`FLUSHERS`]
+//! decrypt calls in flight, then one of the client's `vault.max_concurrent_calls`. Whoever gets a
+//! slot takes everything queued (up to [`MAX_BATCH`]) and sends it as one call: alone when it is
+//! alone, as `batch_input` when others are waiting. So a quiet plugin makes exactly the calls it made before, and an API server's
 //! cold-start storm costs a few batch calls instead of thousands of single ones.
 
 use std::{
@@ -19,7 +19,7 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::{
-    sync::{OwnedSemaphorePermit, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     time::Instant,
 };
 use zeroize::Zeroizing;
@@ -27,16 +27,36 @@ use zeroize::Zeroizing;
 use super::{VaultClient, map_error};
 use crate::backend::BackendError;
 
-/// Most Decrypts one batch call carries.
+/// Most Decrypts one batch call carries. OpenBao spends about 435 µs of CPU on a single decrypt
+/// call and about 17 µs per item in a 64-item batch (BENCHMARKS.md), so larger batches gain
+/// little more, and OpenBao refuses a body with more than `max_request_json_strings` JSON
+/// strings, 1000 by default (openbao internalshared/configutil/listener.go, `Listener`; the
+/// limit came with HCSEC-2025-24): four per item, so 64 items stay far below it.
 pub const MAX_BATCH: usize = 64;
+/// Decrypt calls (single or batch) in flight at once: a backlog waits for one of these rather
+/// than one of the client's `vault.max_concurrent_calls`, so it leaves in a few large batches.
+/// Two, so that one call's round trip never idles the path while others are queued.
+const FLUSHERS: usize = 2;
 
 type Reply = Result<Zeroizing<Vec<u8>>, BackendError>;
 
 /// Decrypts waiting for a slot.
-#[derive(Default)]
 pub struct DecryptQueue {
     waiting: Mutex<VecDeque<Pending>>,
     next_id: AtomicU64,
+    /// Slots for decrypt calls in flight; fewer than the client's cap, so a backlog waits here
+    /// and leaves in a few large batches rather than many small ones.
+    flushers: Arc<Semaphore>,
+}
+
+impl Default for DecryptQueue {
+    fn default() -> Self {
+        Self {
+            waiting: Mutex::default(),
+            next_id: AtomicU64::default(),
+            flushers: Arc::new(Semaphore::new(FLUSHERS)),
+        }
+    }
 }
 
 struct Pending {
@@ -57,7 +77,10 @@ struct Decrypted {
 
 impl std::fmt::Debug for DecryptQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecryptQueue").field("waiting", &self.lock().len()).finish()
+        f.debug_struct("DecryptQueue")
+            .field("waiting", &self.lock().len())
+            .field("in_flight", &(FLUSHERS - self.flushers.available_permits()))
+            .finish()
     }
 }
 
@@ -83,13 +106,16 @@ impl DecryptQueue {
         tokio::select! {
             biased;
             result = &mut answer => return result.unwrap_or_else(|_| Err(dropped())),
-            permit = client.permit(deadline) => match permit {
-                Ok(permit) => {
+            slot = self.slot(client, deadline) => match slot {
+                Ok(slot) => {
                     let batch = self.take(MAX_BATCH);
-                    if !batch.is_empty() {
+                    if let [only] = batch.as_slice() && only.id == id {
+                        // NB: nobody else waits on this call, so it may die with its caller.
+                        flush(client.clone(), path.to_owned(), batch, slot).await;
+                    } else if !batch.is_empty() {
                         // NB: a task of its own, so the batch is answered even if this caller's
                         // request is cancelled meanwhile.
-                        tokio::spawn(flush(client.clone(), path.to_owned(), batch, permit));
+                        tokio::spawn(flush(client.clone(), path.to_owned(), batch, slot));
                     }
                 }
                 // NB: still queued means nobody will answer it: leave. Otherwise a flusher holds
@@ -99,6 +125,17 @@ impl DecryptQueue {
             },
         }
         answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    /// Waits, within the deadline, for a flusher slot and then one of the client's call slots.
+    async fn slot(&self, client: &VaultClient, deadline: Instant) -> Result<Slot, BackendError> {
+        let flusher = tokio::time::timeout_at(deadline, self.flushers.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(BackendError::Deadline)?;
+        let call = client.permit(deadline).await.map_err(map_error)?;
+        Ok(Slot { call, _flusher: flusher })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
@@ -119,7 +156,13 @@ impl DecryptQueue {
     }
 }
 
-async fn flush(client: Arc<VaultClient>, path: String, batch: Vec<Pending>, permit: OwnedSemaphorePermit) {
+/// A flusher slot and a client call slot, held together while a decrypt call runs.
+struct Slot {
+    call: OwnedSemaphorePermit,
+    _flusher: OwnedSemaphorePermit,
+}
+
+async fn flush(client: Arc<VaultClient>, path: String, batch: Vec<Pending>, slot: Slot) {
     let now = Instant::now();
     let (live, expired): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.deadline > now);
     for pending in expired {
@@ -134,9 +177,9 @@ async fn flush(client: Arc<VaultClient>, path: String, batch: Vec<Pending>, perm
         json!({ "batch_input": items })
     };
     let answer = client
-        .call_permitted(&permit, Method::POST, &path, Some(body.to_string().as_bytes()), deadline)
+        .call_permitted(&slot.call, Method::POST, &path, Some(body.to_string().as_bytes()), deadline)
         .await;
-    drop(permit);
+    drop(slot);
     if live.len() > 1 {
         client.metrics().batch_calls.inc();
         client.metrics().batched_items.inc_by(live.len() as u64);

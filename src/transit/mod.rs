@@ -37,6 +37,10 @@ pub struct Transit {
     client: Arc<VaultClient>,
     scope: KeyScope,
     decrypts: batch::DecryptQueue,
+    /// `{mount}/encrypt/{key}`, built once rather than per call.
+    encrypt_path: String,
+    /// `{mount}/decrypt/{key}`.
+    decrypt_path: String,
 }
 
 #[derive(Deserialize)]
@@ -63,7 +67,13 @@ impl Transit {
             mount: mount.to_owned(),
             key: key.to_owned(),
         };
-        Self { client, scope, decrypts: batch::DecryptQueue::default() }
+        Self {
+            client,
+            encrypt_path: format!("{mount}/encrypt/{key}"),
+            decrypt_path: format!("{mount}/decrypt/{key}"),
+            scope,
+            decrypts: batch::DecryptQueue::default(),
+        }
     }
 
     /// The underlying Vault client (the controller reuses it).
@@ -176,15 +186,12 @@ impl Backend for Transit {
             ciphertext: String,
             key_version: Option<u64>,
         }
-        let path = format!("{}/encrypt/{}", self.scope.mount, self.scope.key);
-        let plaintext_b64 = Zeroizing::new(B64.encode(plaintext));
-        let body = json!({
-            "plaintext": plaintext_b64.as_str(),
-            "associated_data": B64.encode(aad),
-            "key_version": version,
-        });
-        let body = Zeroizing::new(body.to_string().into_bytes());
-        let data = self.call(Method::POST, &path, Some(body.to_vec()), deadline).await?;
+        let body = encrypt_body(plaintext, aad, version);
+        let data = self
+            .client
+            .call(Method::POST, &self.encrypt_path, Some(&body), deadline)
+            .await
+            .map_err(map_error)?;
         let out: Encrypted = serde_json::from_value(data)
             .map_err(|e| BackendError::Protocol(format!("encrypt answer does not parse: {e}")))?;
         let made_by = ciphertext::version(VAULT_TAG, out.ciphertext.as_bytes()).map(|(v, _)| v);
@@ -212,9 +219,38 @@ impl Backend for Transit {
         }
         let ciphertext = std::str::from_utf8(ciphertext)
             .map_err(|_| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
-        let path = format!("{}/decrypt/{}", self.scope.mount, self.scope.key);
-        self.decrypts.decrypt(&self.client, &path, ciphertext, aad, deadline).await
+        self.decrypts.decrypt(&self.client, &self.decrypt_path, ciphertext, aad, deadline).await
     }
+}
+
+/// The Transit encrypt request body, written straight into one zeroized buffer sized up front (so
+/// it never reallocates and leaves a copy of the plaintext behind). Base64 and a number need no
+/// JSON escaping.
+fn encrypt_body(plaintext: &[u8], aad: &[u8], version: u64) -> Zeroizing<Vec<u8>> {
+    const HEAD: &[u8] = br#"{"plaintext":""#;
+    const MIDDLE: &[u8] = br#"","associated_data":""#;
+    const TAIL: &[u8] = br#"","key_version":"#;
+    let b64_len = |n: usize| n.div_ceil(3) * 4;
+    let capacity =
+        HEAD.len() + MIDDLE.len() + TAIL.len() + b64_len(plaintext.len()) + b64_len(aad.len()) + 21;
+    let mut body = Zeroizing::new(Vec::with_capacity(capacity));
+    body.extend_from_slice(HEAD);
+    push_base64(&mut body, plaintext);
+    body.extend_from_slice(MIDDLE);
+    push_base64(&mut body, aad);
+    body.extend_from_slice(TAIL);
+    body.extend_from_slice(version.to_string().as_bytes());
+    body.push(b'}');
+    body
+}
+
+/// Appends `data` in base64 within `body`'s capacity.
+fn push_base64(body: &mut Vec<u8>, data: &[u8]) {
+    let start = body.len();
+    body.resize(start + data.len().div_ceil(3) * 4, 0);
+    // NB: the slice is exactly the padded encoded length, which encode_slice never exceeds.
+    let written = B64.encode_slice(data, &mut body[start..]).unwrap_or(0);
+    body.truncate(start + written);
 }
 
 /// Symmetric Transit keys report creation as Unix seconds; asymmetric ones as an object with
@@ -265,6 +301,24 @@ mod tests {
             Some(1_700_000_000)
         );
         assert_eq!(creation_time(&json!("soon")), None);
+    }
+
+    #[test]
+    fn encrypt_body_is_the_json_transit_reads_and_never_reallocates() {
+        for n in [0usize, 1, 2, 3, 32, 100, 1000] {
+            let plaintext: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let body = encrypt_body(&plaintext, b"key-id", u64::MAX);
+            let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                parsed,
+                json!({
+                    "plaintext": B64.encode(&plaintext),
+                    "associated_data": B64.encode(b"key-id"),
+                    "key_version": u64::MAX,
+                })
+            );
+            assert!(body.len() <= body.capacity() && body.capacity() <= body.len() + 21, "{n}");
+        }
     }
 
     #[test]

@@ -34,6 +34,8 @@ const MAINTENANCE_DEADLINE: Duration = Duration::from_secs(10);
 /// A Vault client. Token, TLS setup and the preferred address change at run time.
 pub struct VaultClient {
     settings: VaultClientConfig,
+    /// `{address}/v1/` of each address, parsed once: a call only appends its path.
+    bases: Vec<reqwest::Url>,
     namespace: Option<HeaderValue>,
     http: ArcSwap<reqwest::Client>,
     token: ArcSwap<Option<Token>>,
@@ -85,7 +87,18 @@ impl VaultClient {
         };
         let mut settings = settings.clone();
         settings.addresses = settings.addresses.iter().map(|a| a.trim_end_matches('/').to_owned()).collect();
+        let bases = settings
+            .addresses
+            .iter()
+            .map(|a| {
+                reqwest::Url::parse(&format!("{a}/v1/"))
+                    .ok()
+                    .filter(|u| !u.cannot_be_a_base())
+                    .ok_or_else(|| ClientError::Setup(format!("Vault address {a:?} is not a URL")))
+            })
+            .collect::<Result<_, _>>()?;
         let client = Self {
+            bases,
             namespace,
             http: ArcSwap::from_pointee(tls::http_client(&settings.tls, &settings.addresses)?),
             token: ArcSwap::from_pointee(None),

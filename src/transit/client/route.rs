@@ -93,7 +93,7 @@ impl VaultClient {
                 let others_left = tried + 1 < order.len();
                 let budget = if others_left { remaining / ATTEMPT_SHARE } else { remaining };
                 let address = &self.settings.addresses[index];
-                let attempt = self.send(address, method.clone(), path, body, token);
+                let attempt = self.send(index, method.clone(), path, body, token);
                 let result = match tokio::time::timeout(budget, attempt).await {
                     Ok(result) => result,
                     Err(_) if others_left => Err(ClientError::Transport {
@@ -144,14 +144,15 @@ impl VaultClient {
 
     pub(super) async fn send(
         &self,
-        address: &str,
+        index: usize,
         method: Method,
         path: &str,
         body: Option<&[u8]>,
         token: Option<&HeaderValue>,
     ) -> Result<Envelope, ClientError> {
+        let address = self.settings.addresses[index].as_str();
         let http = self.http.load_full();
-        let mut request = http.request(method, format!("{address}/v1/{path}"));
+        let mut request = http.request(method, self.url(index, path));
         if let Some(token) = token {
             request = request.header("X-Vault-Token", token.clone());
         }
@@ -199,6 +200,15 @@ impl VaultClient {
             .map_err(|e| ClientError::Decode { address: address.to_owned(), problem: e.to_string() })
     }
 
+    /// `{address}/v1/{path}`. The base was parsed once; only the path is parsed here (reqwest
+    /// parsed the whole URL, host and IDNA included, on every call).
+    fn url(&self, index: usize, path: &str) -> reqwest::Url {
+        let mut url = self.bases[index].clone();
+        let full = format!("{}{path}", url.path());
+        url.set_path(&full);
+        url
+    }
+
     pub(super) fn publish_address(&self) {
         let current = self.current.load(Ordering::Relaxed) % self.settings.addresses.len();
         for (index, address) in self.settings.addresses.iter().enumerate() {
@@ -211,8 +221,8 @@ impl VaultClient {
     }
 }
 
-/// The largest answer a call below `/v1/` may have. Encrypt and decrypt carry at most
-/// `MAX_BATCH` items of at most a 1 KiB ciphertext each (about 100 KiB); a key's metadata grows
+/// The largest answer a call below `/v1/` may have. A decrypt answers at most `MAX_BATCH` (64)
+/// items of at most about 1 KiB of base64 plaintext each (about 100 KiB); a key's metadata grows
 /// by about 100 bytes per version; logins and token calls are small.
 fn body_limit(path: &str) -> usize {
     const KIB: usize = 1024;
