@@ -242,6 +242,10 @@ async fn verify_only_keys_verify_and_excluded_ones_stay_out_of_discovery() {
     let sa_kid = kmsgate::jwt::keyfile::public_keys(sa_pem.as_bytes()).unwrap()[0].kid();
     let excluded_kid =
         kmsgate::jwt::keyfile::public_keys(&std::fs::read(&excluded).unwrap()).unwrap()[0].kid();
+    // The derivation openssl gives (tests/data/keyfile/generate.sh).
+    let openssl_kids = std::fs::read_to_string(data.join("kids.txt")).unwrap();
+    assert!(openssl_kids.contains(&format!("rsa {sa_kid}\n")), "{sa_kid}");
+    assert!(openssl_kids.contains(&format!("p256 {excluded_kid}\n")), "{excluded_kid}");
     let keys = api.keys();
     let served = |kid: &str| keys.iter().find(|k| k.kid == kid).map(|k| k.exclude_from_oidc_discovery);
     assert_eq!(served(&sa_kid), Some(false), "the sa.key's public part is served for verification");
@@ -270,6 +274,22 @@ async fn verify_only_keys_verify_and_excluded_ones_stay_out_of_discovery() {
     tampered.pop();
     tampered.push(if legacy.ends_with('A') { 'B' } else { 'A' });
     assert!(api.verify(&tampered).await.is_err(), "a changed signature does not verify");
+
+    // A key left out of discovery still verifies: exclusion hides it from the OIDC documents only.
+    let rng = ring::rand::SystemRandom::new();
+    let p256_pem = std::fs::read_to_string(data.join("p256-pkcs8.pem")).unwrap();
+    let p256 = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &pem_der(&p256_pem),
+        &rng,
+    )
+    .unwrap();
+    let head =
+        URL_SAFE_NO_PAD.encode(json!({ "alg": "ES256", "kid": excluded_kid, "typ": "JWT" }).to_string());
+    let input = format!("{head}.{}", URL_SAFE_NO_PAD.encode(claims("hidden")));
+    let signature = p256.sign(&rng, input.as_bytes()).unwrap();
+    let hidden = format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
+    assert_eq!(api.verify(&hidden).await.unwrap()["sub"], "system:serviceaccount:default:hidden");
 
     // The signer signs with its keyring only, never with a verify-only key.
     let first = first_token(&api, "app").await;
