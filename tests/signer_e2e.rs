@@ -3,7 +3,7 @@
 //! before it signs, and verify-only key files. On real OpenBao, logged in with the shipped
 //! least-privilege signer policy: every key type signs and verifies, an outage keeps FetchKeys
 //! answering with its old data_timestamp while Sign fails fast, and a signer restarted during the
-//! outage still lets the stand-in start.
+//! outage still lets the stand-in start, and signs again under its old kid once OpenBao is back.
 
 use kmsgate_testkit as common;
 
@@ -376,8 +376,8 @@ async fn sign_on_bao(bao: &Bao, key_type: KeyType, package: Package) -> OnBao {
 
 /// With OpenBao frozen: FetchKeys answers with the data_timestamp of the last read before the
 /// freeze, and Sign fails fast with UNAVAILABLE. Then the signer restarts, and the stand-in starts
-/// on the persisted set. Returns the restarted signer, to keep it alive to the end.
-async fn outage(one: OnBao, paused_at: u64) -> (Signer, tempfile::TempDir) {
+/// on the persisted set. Returns the restarted signer and its stand-in.
+async fn outage(one: OnBao, paused_at: u64) -> Restarted {
     let key_type = one.key_type;
     let failing_fast = async || match one.api.sign(&claims("app")).await {
         Err(e) if e.contains("code = Unavailable") && e.contains("failing fast") => Ok(()),
@@ -416,7 +416,24 @@ async fn outage(one: OnBao, paused_at: u64) -> (Signer, tempfile::TempDir) {
     api.verify(&one.token).await.unwrap();
     let err = api.sign(&claims("app")).await.unwrap_err();
     assert!(err.contains("code = Unavailable"), "{key_type}: {err}");
-    (signer, one.dir)
+    Restarted { key_type, signer, api, kid: kid_of(&one.token), _dir: one.dir }
+}
+
+/// A signer restarted during the outage, and what it signed with before.
+struct Restarted {
+    key_type: KeyType,
+    signer: Signer,
+    api: ExternalJwtApiServer,
+    kid: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Once OpenBao is back, the restarted signer signs again under the kid it signed with before.
+async fn recovered(again: Restarted) {
+    let token = first_token(&again.api, "app").await;
+    let kid = check_token(&again.api, &token, again.key_type.alg().as_str()).await;
+    assert_eq!(kid, again.kid, "{}: the kid is stable across the restart", again.key_type);
+    again.signer.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -433,5 +450,5 @@ async fn openbao_every_key_type_signs_with_the_signer_policy_and_survives_an_out
     let paused_at = unix_now();
     let restarted = futures::future::join_all(signers.into_iter().map(|one| outage(one, paused_at))).await;
     bao.resume();
-    drop(restarted);
+    futures::future::join_all(restarted.into_iter().map(recovered)).await;
 }
