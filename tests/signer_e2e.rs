@@ -377,7 +377,8 @@ async fn sign_on_bao(bao: &Bao, key_type: KeyType, package: Package) -> OnBao {
 /// With OpenBao frozen: FetchKeys answers with the data_timestamp of the last read before the
 /// freeze, and Sign fails fast with UNAVAILABLE. Then the signer restarts, and the stand-in starts
 /// on the persisted set. Returns the restarted signer and its stand-in.
-async fn outage(one: OnBao, paused_at: u64) -> Restarted {
+/// OpenBao was frozen between the Unix seconds `paused` (before, after).
+async fn outage(one: OnBao, paused: (u64, u64)) -> Restarted {
     let key_type = one.key_type;
     let failing_fast = async || match one.api.sign(&claims("app")).await {
         Err(e) if e.contains("code = Unavailable") && e.contains("failing fast") => Ok(()),
@@ -388,9 +389,9 @@ async fn outage(one: OnBao, paused_at: u64) -> Restarted {
     let during = raw.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
     let stamp = during.data_timestamp.unwrap();
     // NB: a read whose answer OpenBao sent just before the freeze may land a moment after it.
-    assert!(stamp.seconds as u64 <= paused_at + 1, "{key_type}: the last read, not now: {stamp:?}");
+    assert!(stamp.seconds as u64 <= paused.1 + 1, "{key_type}: the last read, not now: {stamp:?}");
     // Failing fast took two failed polls, the second waiting out the 2 s backend_timeout.
-    assert!(unix_now() >= paused_at + 2, "{key_type}: failing fast only after the failed polls");
+    assert!(unix_now() >= paused.0 + 2, "{key_type}: failing fast only after the failed polls");
     let published: Vec<String> = one.api.keys().into_iter().map(|k| k.kid).collect();
     assert_eq!(during.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(), published);
     // The stand-in's own refreshes keep succeeding on the cached answer.
@@ -403,6 +404,8 @@ async fn outage(one: OnBao, paused_at: u64) -> Restarted {
 
     drop(one.api);
     one.signer.stop().await;
+    let state = std::fs::metadata(one.dir.path().join("keys.json")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&state.permissions()) & 0o777, 0o600, "{key_type}");
     let signer = Signer::start(one.dir.path(), &one.settings).await;
     let api = ExternalJwtApiServer::start(&signer.socket, Package::V1, ISSUER)
         .await
@@ -446,9 +449,10 @@ async fn openbao_every_key_type_signs_with_the_signer_policy_and_survives_an_out
     let signers = futures::future::join_all(runs).await;
     assert_eq!(signers.len(), 6);
 
+    let before = unix_now();
     bao.pause();
-    let paused_at = unix_now();
-    let restarted = futures::future::join_all(signers.into_iter().map(|one| outage(one, paused_at))).await;
+    let paused = (before, unix_now());
+    let restarted = futures::future::join_all(signers.into_iter().map(|one| outage(one, paused))).await;
     bao.resume();
     futures::future::join_all(restarted.into_iter().map(recovered)).await;
 }
