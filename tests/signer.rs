@@ -28,7 +28,8 @@ fn config(dir: &Path, extra: &[(&str, &str)]) -> SignerConfig {
         ("signer.state_file".into(), path("keys.json")),
         ("signer.audit_log".into(), path("audit.log")),
         ("signer.http_listen".into(), "off".into()),
-        ("signer.poll_interval".into(), "1h".into()),
+        // NB: the tests poll by hand; 40s + the 60s refresh hint is the least lead config accepts.
+        ("signer.poll_interval".into(), "40s".into()),
         ("signer.publish_lead".into(), format!("{LEAD}s")),
     ];
     set.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
@@ -505,7 +506,8 @@ async fn the_kmsgate_signer_process_signs_with_the_local_keyring() {
         .arg(&socket)
         .args(["--set", &format!("signer.state_file={}", path("keys.json"))])
         .args(["--set", &format!("signer.audit_log={}", path("audit.log"))])
-        .args(["--set", "signer.http_listen=off", "--set", "signer.publish_lead=1s"])
+        .args(["--set", "signer.http_listen=off", "--set", "signer.publish_lead=2s"])
+        .args(["--set", "signer.poll_interval=1s", "--set", "signer.refresh_hint_seconds=1"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -515,7 +517,7 @@ async fn the_kmsgate_signer_process_signs_with_the_local_keyring() {
     let mut client =
         v1::external_jwt_signer_client::ExternalJwtSignerClient::new(signer_channel(&socket).await);
     let c = claims(CLAIMS);
-    // The keyring's first version was made at start: it signs once it is a second old.
+    // The keyring's first version was made at start: it signs once it is two seconds old.
     let signed = kmsgate_testkit::eventually(Duration::from_secs(60), "a signed token", async || {
         client.sign(v1::SignJwtRequest { claims: c.clone() }).await.map(|r| r.into_inner())
     })
@@ -538,7 +540,9 @@ fn spawn_signer(dir: &Path, settings: &[(String, String)]) -> Child {
         ("signer.state_file".to_owned(), path("keys.json")),
         ("signer.audit_log".to_owned(), path("audit.log")),
         ("signer.http_listen".to_owned(), "off".to_owned()),
-        ("signer.publish_lead".to_owned(), "1s".to_owned()),
+        ("signer.publish_lead".to_owned(), "2s".to_owned()),
+        ("signer.poll_interval".to_owned(), "1s".to_owned()),
+        ("signer.refresh_hint_seconds".to_owned(), "1".to_owned()),
     ];
     all.extend(settings.iter().cloned());
     for (key, value) in all {
