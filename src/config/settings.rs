@@ -194,7 +194,7 @@ pub const SETTINGS: &[Setting] = &[
         "signer.allow_abstract_socket",
         Bool,
         Value("false"),
-        "allow an @name signer socket, which has no file permissions",
+        "has no effect: the signer refuses @name sockets (no file permissions; Sign mints any token)",
     ),
     setting(
         "signer.http_listen",
@@ -213,7 +213,7 @@ pub const SETTINGS: &[Setting] = &[
         "signer.publish_lead",
         Str,
         Derived("(2 x poll_interval + refresh_hint_seconds + 1m)"),
-        "a new key version signs only once it is this old, so every replica and API server has it",
+        "a new key version signs only once it is this old, so every replica and API server has it; at least poll_interval + refresh_hint_seconds",
     ),
     setting(
         "signer.max_token_expiration",

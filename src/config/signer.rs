@@ -104,6 +104,20 @@ impl SignerConfig {
         let publish_lead = v
             .duration("signer.publish_lead")?
             .unwrap_or(poll_interval * 2 + refresh_hint + PUBLISH_LEAD_MARGIN);
+        // NB: a shorter lead lets a version sign before another replica has polled it or an API
+        // server has refreshed its keys, so its tokens are refused there.
+        let least_lead = poll_interval + refresh_hint;
+        if publish_lead < least_lead {
+            return Err(field(
+                "signer.publish_lead",
+                format!(
+                    "{} is below signer.poll_interval + signer.refresh_hint_seconds ({}): a new key \
+                     version would sign before every replica and API server has fetched it",
+                    humantime::format_duration(publish_lead),
+                    humantime::format_duration(least_lead)
+                ),
+            ));
+        }
         let max_token_expiration = v.required_duration("signer.max_token_expiration")?;
         if max_token_expiration < MIN_TOKEN_EXPIRATION {
             return Err(field(
@@ -136,6 +150,16 @@ impl SignerConfig {
             .nonempty("signer.state_file")?
             .map(PathBuf::from)
             .ok_or_else(|| field("signer.state_file", "must be a file path"))?;
+        // NB: checked before the shared socket rules, whose message offers
+        // allow_abstract_socket as the way out.
+        if v.text("signer.socket")?.is_some_and(|s| s.starts_with('@')) {
+            return Err(field(
+                "signer.socket",
+                "abstract sockets (@name) have no file permissions, so any process in the host's \
+                 network namespace could call Sign and mint a token for any service account; the \
+                 signer refuses them even with signer.allow_abstract_socket: use a socket file",
+            ));
+        }
         Ok(Self {
             backend,
             socket: SocketConfig::read(v, "signer", "Sign")?,

@@ -341,10 +341,22 @@ fn bad_signer_settings_are_refused_by_name() {
         ("format = 1\n", &[("signer.socket", "@s")], "signer.allow_abstract_socket"),
         ("format = 1\n", &[("signer.socket_mode", "0666")], "access to Sign"),
         ("format = 1\n", &[("signer.refresh_hint_seconds", "0")], "signer.refresh_hint_seconds"),
+        // 30s poll + 60s refresh hint = 90s.
+        (
+            "format = 1\n",
+            &[("signer.publish_lead", "89s")],
+            "signer.poll_interval + signer.refresh_hint_seconds",
+        ),
+        (
+            "format = 1\n",
+            &[("signer.socket", "@s"), ("signer.allow_abstract_socket", "true")],
+            "refuses them",
+        ),
     ];
     for (file, f, needle) in cases {
         let err = load(file, f, &[]).unwrap_err().to_string();
         assert!(err.contains(needle), "{f:?}: {err}");
     }
     assert!(load("format = 1\n", &[("signer.max_token_expiration", "600s")], &[]).is_ok());
+    assert!(load("format = 1\n", &[("signer.publish_lead", "90s")], &[]).is_ok());
 }
