@@ -1,6 +1,10 @@
 //! The kmsgate command line: parse, set up logging and the runtime, dispatch.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kmsgate::{
@@ -23,7 +27,7 @@ enum Command {
     /// Serve the KMS v2 gRPC API on a unix socket for kube-apiserver.
     Plugin(ConfigArgs),
     /// Serve the ExternalJWTSigner gRPC API (v1 and v1alpha1) on a unix socket for kube-apiserver.
-    Signer(SignerArgs),
+    Signer(SignerCommand),
     /// Drive a running plugin as kube-apiserver does and check every answer.
     Selftest {
         /// The plugin's config (its plugin.socket), or --socket /path, unix:///path or @name.
@@ -291,6 +295,54 @@ struct ConfigArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SignerCommand {
+    #[command(flatten)]
+    args: SignerArgs,
+    #[command(subcommand)]
+    action: Option<SignerAction>,
+}
+
+#[derive(Subcommand)]
+enum SignerAction {
+    /// Manage the signer's local ES256 keyring (signer.backend = local; NOT FOR PRODUCTION).
+    Keyring {
+        #[command(subcommand)]
+        action: SignerKeyringAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SignerKeyringAction {
+    /// Create a signing keyring with one version (mode 0600); never overwrites.
+    Init {
+        /// The keyring's identity (default: local-<random>).
+        #[arg(long)]
+        identity: Option<String>,
+        /// The key name.
+        #[arg(long, default_value = kmsgate::keyring::DEFAULT_SIGNING_KEY)]
+        key: String,
+        #[command(flatten)]
+        config: SignerArgs,
+    },
+    /// Add a new version; a running signer publishes it and signs with it after publish_lead.
+    Rotate(SignerArgs),
+    /// List versions, their kids and the floors (never key material).
+    List(SignerArgs),
+    /// Set min_decryption_version (retire kids) or min_encryption_version (pin the signing version).
+    Floors {
+        /// Versions below this leave FetchKeys (0 means 1).
+        #[arg(long)]
+        min_decryption_version: Option<u64>,
+        /// Sign with exactly this version, at once (0 unpins); read README.md before pinning.
+        #[arg(long)]
+        min_encryption_version: Option<u64>,
+        #[command(flatten)]
+        config: SignerArgs,
+    },
+}
+
+#[derive(Args)]
 struct SignerArgs {
     /// TOML config file.
     #[arg(long, env = "KMSGATE_CONFIG")]
@@ -546,14 +598,53 @@ async fn tokens(action: TokensAction) -> Result<(), Failure> {
     }
 }
 
+/// Why a `kmsgate signer keyring` command failed: its settings, or the command itself.
+enum SignerKeyringFailure {
+    Config(config::ConfigError),
+    Command(commands::CommandError),
+}
+
+/// `kmsgate signer keyring ...`: the signer's local keyring, found through `signer.keyring`.
+fn signer_keyring(action: SignerKeyringAction) -> Result<(), SignerKeyringFailure> {
+    let load = |args: SignerArgs| {
+        let config = args.load().map_err(SignerKeyringFailure::Config)?;
+        telemetry::init(&config.log.level, config.log.json);
+        Ok(config)
+    };
+    let path = |config: &Config| commands::signer_keyring_path(config).map(Path::to_path_buf);
+    let result = match action {
+        SignerKeyringAction::Init { identity, key, config } => {
+            let config = load(config)?;
+            path(&config).and_then(|p| commands::signer_keyring_init(&p, identity.as_deref(), &key))
+        }
+        SignerKeyringAction::Rotate(config) => {
+            path(&load(config)?).and_then(|p| commands::signer_keyring_rotate(&p))
+        }
+        SignerKeyringAction::List(config) => {
+            path(&load(config)?).and_then(|p| commands::signer_keyring_list(&p))
+        }
+        SignerKeyringAction::Floors { min_decryption_version, min_encryption_version, config } => {
+            let floors = kmsgate::keyring::Floors { min_decryption_version, min_encryption_version };
+            path(&load(config)?).and_then(|p| commands::signer_keyring_floors(&p, floors))
+        }
+    };
+    result.map_err(SignerKeyringFailure::Command)
+}
+
 async fn dispatch(command: Command) -> Result<(), Failure> {
     let run = Failure::from;
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
     match command {
-        Command::Signer(args) => {
+        Command::Signer(SignerCommand { args, action: None }) => {
             let config = args.load().map_err(usage)?;
             telemetry::init(&config.log.level, config.log.json);
             commands::signer(config).await.map_err(run)
+        }
+        Command::Signer(SignerCommand { action: Some(SignerAction::Keyring { action }), .. }) => {
+            signer_keyring(action).map_err(|e| match e {
+                SignerKeyringFailure::Config(e) => usage(e),
+                SignerKeyringFailure::Command(e) => run(e),
+            })
         }
         Command::Plugin(args) => {
             let config = args.start(config::Role::Plugin).map_err(usage)?;

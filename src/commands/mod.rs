@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 use crate::{
     audit,
     config::{BackendConfig, Config, SignerBackend, SocketSpec, VaultAuth, VaultClientConfig},
-    keyring::{Keyring, KeyringError},
+    keyring::{Floors, Keyring, KeyringError, SigningKeyring},
     kms::{self, PluginError},
     metrics::Metrics,
     selftest,
@@ -338,6 +338,64 @@ pub fn keyring_path(config: &Config) -> Result<&Path, CommandError> {
             "keyring commands need backend.kind = \"local\"; rotate a Transit key with Vault or `kmsgate rotate`",
         )),
     }
+}
+
+/// The signing keyring path of a `signer.backend = local` config.
+pub fn signer_keyring_path(config: &Config) -> Result<&Path, CommandError> {
+    match &config.signer.backend {
+        SignerBackend::Local { keyring } => Ok(keyring),
+        SignerBackend::Vault { .. } => Err(CommandError::WrongBackend(
+            "signer keyring commands need signer.backend = \"local\"; rotate a Transit signing key with Vault",
+        )),
+    }
+}
+
+/// `kmsgate signer keyring init`.
+pub fn signer_keyring_init(path: &Path, identity: Option<&str>, key: &str) -> Result<(), CommandError> {
+    let identity = SigningKeyring::init(path, identity, key)?;
+    println!(
+        "created signing keyring {} (identity {identity}, key {key}, version 1, mode 0600)",
+        path.display()
+    );
+    println!("NOT FOR PRODUCTION: this keyring signs on one node only.");
+    Ok(())
+}
+
+/// `kmsgate signer keyring rotate`.
+pub fn signer_keyring_rotate(path: &Path) -> Result<(), CommandError> {
+    let version = SigningKeyring::rotate(path)?;
+    println!(
+        "added version {} to {}; a running signer publishes it at once and signs with it once it is \
+         signer.publish_lead old",
+        version.version,
+        path.display()
+    );
+    Ok(())
+}
+
+/// `kmsgate signer keyring floors`.
+pub fn signer_keyring_floors(path: &Path, floors: Floors) -> Result<(), CommandError> {
+    let (min_decryption, min_encryption) = SigningKeyring::set_floors(path, floors)?;
+    println!(
+        "{}: min_decryption_version {min_decryption}, min_encryption_version {min_encryption}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `kmsgate signer keyring list`: versions, kids and floors, never key material.
+pub fn signer_keyring_list(path: &Path) -> Result<(), CommandError> {
+    let summary = SigningKeyring::list(path)?;
+    println!(
+        "min_decryption_version {}, min_encryption_version {}",
+        summary.min_decryption_version, summary.min_encryption_version
+    );
+    println!("{:<8} {:<22} kid", "version", "created");
+    for v in summary.versions {
+        let created = std::time::UNIX_EPOCH + Duration::from_secs(v.created);
+        println!("{:<8} {:<22} {}", v.version, humantime::format_rfc3339_seconds(created).to_string(), v.kid);
+    }
+    Ok(())
 }
 
 /// `kmsgate encryption-config`: the EncryptionConfiguration that points an API server here.
