@@ -354,7 +354,7 @@ async fn sign_on_bao(bao: &Bao, key_type: KeyType, package: Package) -> OnBao {
         ("signer.key", key),
         ("signer.key_type", key_type.as_str().to_owned()),
         ("signer.poll_interval", "300ms".to_owned()),
-        ("signer.publish_lead", "1s".to_owned()),
+        ("signer.publish_lead", "2s".to_owned()),
         ("signer.backend_timeout", "2s".to_owned()),
     ]
     .into_iter()
