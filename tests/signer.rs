@@ -66,7 +66,8 @@ async fn start(
     verify_only: Vec<(kmsgate::jwt::PublicKey, bool)>,
 ) -> Running {
     let cfg = config(dir, &[]);
-    let persisted = KeySet::load(&cfg.state_file).unwrap();
+    let now = u64::try_from(clock.now().as_second()).unwrap();
+    let persisted = KeySet::load(&cfg.state_file, now).unwrap();
     let audit = AuditLog::open(&cfg.audit_log).unwrap();
     let shared = Arc::new(Shared::new(
         fake.clone(),
