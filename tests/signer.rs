@@ -484,6 +484,38 @@ async fn serve_binds_persists_and_cleans_up() {
     assert!(!socket.exists(), "socket removed on exit");
 }
 
+/// A persisted key set that cannot be read back (here: not JSON) does not stop `signer::serve`
+/// while the key store answers: it serves the key store's keys.
+#[tokio::test]
+async fn serve_starts_from_the_key_store_when_the_persisted_set_is_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[]);
+    std::fs::write(&cfg.state_file, b"{ not a key set").unwrap();
+    let fake = FakeSigning::new(&[1_000]);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let (cfg, fake) = (cfg.clone(), fake.clone());
+        async move {
+            kmsgate::signer::serve(&cfg, fake, vec![], Metrics::new(), async {
+                let _ = rx.await;
+            })
+            .await
+        }
+    });
+    let socket = dir.path().join("signer.sock");
+    kmsgate_testkit::eventually(Duration::from_secs(30), "the signer socket", async || {
+        socket.exists() || task.is_finished()
+    })
+    .await;
+    assert!(!task.is_finished(), "serve stopped on the unreadable key set file");
+    let channel = signer_channel(&socket).await;
+    let mut client = v1::external_jwt_signer_client::ExternalJwtSignerClient::new(channel);
+    let keys = client.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
+    assert_eq!(keys.keys[0].key_id, fake.public_key(1).kid());
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
 /// Kills the child when the test ends, passing or not.
 struct Child(std::process::Child);
 
