@@ -7,6 +7,9 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest as _, Sha256};
 
 pub mod keyfile;
+pub mod pkix;
+
+pub use pkix::{KeyInfo, PublicKeyError, check_public_key};
 
 /// Largest `claims` string accepted, in bytes of its base64 form. kube-apiserver's claims (issuer,
 /// subject, audiences, pod and node references) are well under 4 KiB; the cap only bounds what a

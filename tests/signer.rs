@@ -67,7 +67,8 @@ async fn start(
     verify_only: Vec<(kmsgate::jwt::PublicKey, bool)>,
 ) -> Running {
     let cfg = config(dir, &[]);
-    let persisted = KeySet::load(&cfg.state_file).unwrap();
+    let now = u64::try_from(clock.now().as_second()).unwrap();
+    let persisted = KeySet::load(&cfg.state_file, now).unwrap();
     let audit = AuditLog::open(&cfg.audit_log).unwrap();
     let shared = Arc::new(Shared::new(
         fake.clone(),
@@ -482,6 +483,38 @@ async fn serve_binds_persists_and_cleans_up() {
     tx.send(()).unwrap();
     task.await.unwrap().unwrap();
     assert!(!socket.exists(), "socket removed on exit");
+}
+
+/// A persisted key set that cannot be read back (here: not JSON) does not stop `signer::serve`
+/// while the key store answers: it serves the key store's keys.
+#[tokio::test]
+async fn serve_starts_from_the_key_store_when_the_persisted_set_is_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[]);
+    std::fs::write(&cfg.state_file, b"{ not a key set").unwrap();
+    let fake = FakeSigning::new(&[1_000]);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let (cfg, fake) = (cfg.clone(), fake.clone());
+        async move {
+            kmsgate::signer::serve(&cfg, fake, vec![], Metrics::new(), async {
+                let _ = rx.await;
+            })
+            .await
+        }
+    });
+    let socket = dir.path().join("signer.sock");
+    kmsgate_testkit::eventually(Duration::from_secs(30), "the signer socket", async || {
+        socket.exists() || task.is_finished()
+    })
+    .await;
+    assert!(!task.is_finished(), "serve stopped on the unreadable key set file");
+    let channel = signer_channel(&socket).await;
+    let mut client = v1::external_jwt_signer_client::ExternalJwtSignerClient::new(channel);
+    let keys = client.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
+    assert_eq!(keys.keys[0].key_id, fake.public_key(1).kid());
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
 }
 
 /// Kills the child when the test ends, passing or not.

@@ -20,7 +20,10 @@ use der::{
 use spki::{AlgorithmIdentifierRef, SubjectPublicKeyInfoRef};
 use zeroize::Zeroizing;
 
-use super::{Alg, PublicKey};
+use super::{
+    PublicKey, PublicKeyError, check_public_key,
+    pkix::{EC_PUBLIC_KEY, RSA_ENCRYPTION, algorithm_name as key_type_name},
+};
 
 /// Largest key file read: a bundle of a few dozen certificates is well under it, and the cap
 /// bounds what a file can make us decode.
@@ -248,74 +251,35 @@ fn ec_private(
     ec(at, curve, point)
 }
 
-/// An RSA public key as PKIX DER: rsaEncryption with NULL parameters around the PKCS#1 key.
+/// An RSA public key as PKIX DER: rsaEncryption with NULL parameters around the PKCS#1 key,
+/// judged as kube-apiserver judges it.
 fn rsa(at: &Where<'_>, modulus: UintRef<'_>, exponent: UintRef<'_>) -> Result<PublicKey, KeyFileError> {
-    // NB: UintRef drops a DER sign byte, so these are the magnitudes, and zero is empty.
-    if modulus.as_bytes().iter().all(|b| *b == 0) {
-        return Err(at.invalid("the RSA modulus is zero"));
-    }
-    let exponent_value =
-        exponent.as_bytes().iter().try_fold(0u64, |acc, b| acc.checked_mul(256).map(|v| v + u64::from(*b)));
-    // Go's crypto/rsa accepts exponents from 2 to 2^31 - 1 only.
-    if !exponent_value.is_some_and(|e| (2..=i32::MAX as u64).contains(&e)) {
-        return Err(at.invalid("the RSA public exponent is outside 2..2^31-1"));
-    }
     let pkcs1 = pkcs1::RsaPublicKey { modulus, public_exponent: exponent }.to_der().map_err(|e| at.der(e))?;
     let spki = SubjectPublicKeyInfoRef {
         algorithm: AlgorithmIdentifierRef { oid: RSA_ENCRYPTION, parameters: Some(AnyRef::NULL) },
         subject_public_key: BitStringRef::from_bytes(&pkcs1).map_err(|e| at.der(e))?,
     };
-    Ok(PublicKey { alg: Alg::Rs256, der: spki.to_der().map_err(|e| at.der(e))? })
+    judged(at, spki.to_der().map_err(|e| at.der(e))?)
 }
 
 /// An ECDSA public key as PKIX DER: id-ecPublicKey with the named curve around the uncompressed
-/// point, the only form Go's `x509.ParsePKIXPublicKey` reads.
+/// point, the only form Go's `x509.ParsePKIXPublicKey` reads, judged as kube-apiserver judges it.
 fn ec(at: &Where<'_>, curve: ObjectIdentifier, point: &[u8]) -> Result<PublicKey, KeyFileError> {
-    let (alg, field_len) = match curve {
-        P256 => (Alg::Es256, 32),
-        P384 => (Alg::Es384, 48),
-        P521 => (Alg::Es512, 66),
-        other => return Err(at.unsupported(&format!("an EC key on {}", curve_name(other)))),
-    };
-    if point.first() != Some(&0x04) || point.len() != 1 + 2 * field_len {
-        return Err(at.invalid("the EC public key is not an uncompressed point of its curve's size"));
-    }
     let spki = SubjectPublicKeyInfoRef {
         algorithm: AlgorithmIdentifierRef { oid: EC_PUBLIC_KEY, parameters: Some(AnyRef::from(&curve)) },
         subject_public_key: BitStringRef::from_bytes(point).map_err(|e| at.der(e))?,
     };
-    Ok(PublicKey { alg, der: spki.to_der().map_err(|e| at.der(e))? })
+    judged(at, spki.to_der().map_err(|e| at.der(e))?)
 }
 
-const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
-const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
-const P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
-const P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
-const P521: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.35");
-
-/// A key algorithm's name for a refusal.
-fn key_type_name(oid: ObjectIdentifier) -> String {
-    let name = match oid.to_string().as_str() {
-        "1.3.101.110" => "an X25519 key",
-        "1.3.101.111" => "an X448 key",
-        "1.3.101.112" => "an Ed25519 key",
-        "1.3.101.113" => "an Ed448 key",
-        "1.2.840.10040.4.1" => "a DSA key",
-        "1.2.840.113549.1.1.10" => "an RSA-PSS key",
-        _ => return format!("a key of algorithm {oid}"),
-    };
-    name.to_owned()
-}
-
-/// A curve's name for a refusal.
-fn curve_name(oid: ObjectIdentifier) -> String {
-    let name = match oid.to_string().as_str() {
-        "1.3.132.0.33" => "P-224",
-        "1.3.132.0.10" => "secp256k1",
-        "1.3.36.3.3.2.8.1.1.7" => "brainpoolP256r1",
-        _ => return format!("curve {oid}"),
-    };
-    name.to_owned()
+/// A PKIX DER key that kube-apiserver will accept, or why not, naming the block.
+fn judged(at: &Where<'_>, der: Vec<u8>) -> Result<PublicKey, KeyFileError> {
+    match check_public_key(&der) {
+        Ok(info) => Ok(PublicKey { alg: info.alg, der }),
+        Err(PublicKeyError::EcCurve(curve)) => Err(at.unsupported(&format!("an EC key on {curve}"))),
+        Err(PublicKeyError::KeyAlgorithm(what)) => Err(at.unsupported(&what)),
+        Err(e) => Err(at.invalid(&e.to_string())),
+    }
 }
 
 /// A label from the file cut to a line, so a hostile file cannot fill a log.
@@ -330,6 +294,7 @@ fn short_label(label: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jwt::Alg;
 
     /// A vector from tests/data/keyfile (made by its generate.sh with openssl).
     fn vector(name: &str) -> Vec<u8> {
@@ -505,6 +470,22 @@ mod tests {
         assert!(matches!(public_keys(&huge), Err(KeyFileError::TooLong { .. })));
         let long_label = format!("-----BEGIN {}-----\nAAAA\n-----END {0}-----\n", "X".repeat(500));
         assert!(public_keys(long_label.as_bytes()).unwrap_err().to_string().len() < 300);
+    }
+
+    #[test]
+    fn an_ec_point_off_its_curve_is_refused_naming_the_block() {
+        // The right prefix and length, but y changed: Go's x509 refuses it, and so would
+        // kube-apiserver, rejecting every key of the FetchKeys answer with it.
+        let mut der = blocks(&vector("p256-pkix")).unwrap().remove(0).der.to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        let pem =
+            format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", STANDARD.encode(&der));
+        let err = public_keys(pem.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, KeyFileError::Der { block: 1, reason, .. } if reason.contains("P-256")),
+            "{err:?}"
+        );
     }
 
     #[test]

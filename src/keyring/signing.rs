@@ -427,6 +427,9 @@ fn load(file: &SigningFileV1, stamp: Stamp, path: &Path) -> Result<Loaded, Keyri
             })?;
         let der = spki_der(pair.public_key().as_ref())
             .map_err(|e| invalid(format!("version {} public key cannot be encoded: {e}", v.version)))?;
+        // NB: the one judge of a published key, so no key store can publish what kube-apiserver
+        // refuses.
+        jwt::check_public_key(&der).map_err(|e| invalid(format!("version {} public key: {e}", v.version)))?;
         let public = PublicKey { alg: Alg::Es256, der };
         jwt::check_kid(&public.kid()).map_err(|e| invalid(e.to_string()))?;
         let version = Version { created: v.created, pair, public };

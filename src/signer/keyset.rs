@@ -19,6 +19,14 @@ const FORMAT: u32 = 1;
 /// Largest persisted key set read back: thousands of RSA-4096 keys fit.
 pub const STATE_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Most vanished kids kept: each is a key store version that disappeared without being retired,
+/// so more than a handful means something rewrites the key store; past this the oldest leave.
+pub const VANISHED_MAX: usize = 64;
+
+/// Latest time a `google.protobuf.Timestamp` may hold (9999-12-31T23:59:59Z; timestamp.proto,
+/// checked by Go's `timestamppb` `CheckValid`, which kube-apiserver applies to `data_timestamp`).
+pub const TIMESTAMP_MAX_SECONDS: u64 = 253_402_300_799;
+
 /// The persisted key set could not be read or written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -91,28 +99,46 @@ impl KeySet {
         Ok((&key.kid, key.alg))
     }
 
-    /// Reads a persisted set, bounded in size.
-    pub fn load(path: &Path) -> Result<Option<Self>, KeySetError> {
+    /// Reads a persisted set, bounded in size, at `now` (Unix seconds). The file is a key source,
+    /// so it must be this uid's with no access for others, and every key must be one kube-apiserver
+    /// accepts under its own kid; times past `now` are brought back to `now`.
+    pub fn load(path: &Path, now: u64) -> Result<Option<Self>, KeySetError> {
+        use std::os::unix::fs::MetadataExt as _;
         let shown = || path.display().to_string();
-        let text = match crate::files::read_text_capped(path, STATE_MAX_BYTES) {
-            Ok(text) => text,
+        let invalid = |problem: String| KeySetError::Invalid { path: shown(), problem };
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(KeySetError::Io { path: shown(), action: "read", source }),
         };
-        let set: Self = serde_json::from_str(&text)
-            .map_err(|e| KeySetError::Invalid { path: shown(), problem: e.to_string() })?;
+        let uid = rustix::process::geteuid().as_raw();
+        let mode = meta.mode() & 0o777;
+        if meta.uid() != uid || mode & 0o077 != 0 {
+            return Err(invalid(format!(
+                "owned by uid {} with mode {mode:04o}; a key set file must be owned by uid {uid} (this \
+                 process) with mode 0600, since any key in it is published",
+                meta.uid()
+            )));
+        }
+        let text = crate::files::read_text_capped(path, STATE_MAX_BYTES)
+            .map_err(|source| KeySetError::Io { path: shown(), action: "read", source })?;
+        let mut set: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if set.format != FORMAT {
-            return Err(KeySetError::Invalid {
-                path: shown(),
-                problem: format!("format {} is not {FORMAT}", set.format),
-            });
+            return Err(invalid(format!("format {} is not {FORMAT}", set.format)));
         }
-        if let Some(bad) = set.keys.iter().find(|k| crate::jwt::kid(&k.der) != k.kid) {
-            return Err(KeySetError::Invalid {
-                path: shown(),
-                problem: format!("kid {} does not match its key", bad.kid),
-            });
+        for key in &mut set.keys {
+            if crate::jwt::kid(&key.der) != key.kid {
+                return Err(invalid(format!("kid {} does not match its key", key.kid)));
+            }
+            let info = crate::jwt::check_public_key(&key.der)
+                .map_err(|e| invalid(format!("kid {}: {e}", key.kid)))?;
+            if info.alg != key.alg {
+                return Err(invalid(format!("kid {} is a {} key, not {}", key.kid, info.alg, key.alg)));
+            }
+            // NB: a time in the future would keep a vanished kid forever.
+            key.vanished_at = key.vanished_at.map(|at| at.min(now));
         }
+        set.data_timestamp = set.data_timestamp.min(now).min(TIMESTAMP_MAX_SECONDS);
         Ok(Some(set))
     }
 
@@ -122,6 +148,16 @@ impl KeySet {
         let io = |action, source| KeySetError::Io { path: path.display().to_string(), action, source };
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| KeySetError::Invalid { path: path.display().to_string(), problem: e.to_string() })?;
+        // NB: never write what `load` would refuse to read back.
+        if json.len() as u64 > STATE_MAX_BYTES {
+            return Err(KeySetError::Invalid {
+                path: path.display().to_string(),
+                problem: format!(
+                    "the key set is {} bytes, over the limit of {STATE_MAX_BYTES}; not written",
+                    json.len()
+                ),
+            });
+        }
         let tmp = path.with_file_name(format!(
             ".{}.{}.tmp",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("signer-keys"),
@@ -206,6 +242,20 @@ pub fn publish(
             keys.insert(old.kid.clone(), ServedKey { vanished_at: Some(since), ..old.clone() });
         }
     }
+    let mut vanished: Vec<(u64, String)> =
+        keys.values().filter_map(|k| Some((k.vanished_at?, k.kid.clone()))).collect();
+    if vanished.len() > VANISHED_MAX {
+        vanished.sort();
+        for (at, kid) in &vanished[..vanished.len() - VANISHED_MAX] {
+            tracing::warn!(
+                kid,
+                vanished_at = at,
+                max = VANISHED_MAX,
+                "too many vanished kids; no longer serving the oldest, whose tokens stop verifying"
+            );
+            keys.remove(kid);
+        }
+    }
     KeySet { format: FORMAT, data_timestamp: now, keys: keys.into_values().collect() }
 }
 
@@ -256,8 +306,35 @@ mod tests {
     use super::*;
     use crate::backend::KeyMetadata;
 
+    /// A real P-256 public key per `n`, the same for the same `n`, since `load` judges keys.
     fn key(n: u8) -> PublicKey {
-        PublicKey { alg: Alg::Es256, der: vec![0x30, n] }
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        use spki::der::{
+            Encode as _,
+            asn1::{AnyRef, BitStringRef, ObjectIdentifier},
+        };
+        static KEYS: std::sync::Mutex<BTreeMap<u8, PublicKey>> = std::sync::Mutex::new(BTreeMap::new());
+        let mut keys = KEYS.lock().unwrap();
+        keys.entry(n)
+            .or_insert_with(|| {
+                let random = ring::rand::SystemRandom::new();
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &random).unwrap();
+                let pair =
+                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &random)
+                        .unwrap();
+                let curve = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+                let der = spki::SubjectPublicKeyInfoRef {
+                    algorithm: spki::AlgorithmIdentifierRef {
+                        oid: ObjectIdentifier::new_unwrap("1.2.840.10045.2.1"),
+                        parameters: Some(AnyRef::from(&curve)),
+                    },
+                    subject_public_key: BitStringRef::from_bytes(pair.public_key().as_ref()).unwrap(),
+                }
+                .to_der()
+                .unwrap();
+                PublicKey { alg: Alg::Es256, der }
+            })
+            .clone()
     }
 
     fn meta(versions: &[u64], floor: u64) -> SigningKeyMetadata {
@@ -274,6 +351,7 @@ mod tests {
     }
 
     const KEEP: Duration = Duration::from_secs(1000);
+    const NOW: u64 = 1_000_000;
 
     #[test]
     fn publishes_every_version_from_the_floor_to_the_latest() {
@@ -347,18 +425,71 @@ mod tests {
     fn persists_atomically_with_mode_0600_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
-        assert_eq!(KeySet::load(&path).unwrap(), None);
+        assert_eq!(KeySet::load(&path, NOW).unwrap(), None);
         let set = publish(None, &meta(&[1, 2], 1), &[(key(9), true)], 42, KEEP);
         set.save(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(KeySet::load(&path).unwrap(), Some(set));
+        assert_eq!(KeySet::load(&path, NOW).unwrap(), Some(set));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
         // A tampered kid is refused, naming the problem.
         let text = std::fs::read_to_string(&path).unwrap().replacen(&key(1).kid(), "forged", 1);
         std::fs::write(&path, text).unwrap();
-        assert!(KeySet::load(&path).unwrap_err().to_string().contains("does not match"));
+        assert!(KeySet::load(&path, NOW).unwrap_err().to_string().contains("does not match"));
         // An oversized file is refused, never read whole.
         std::fs::write(&path, vec![b' '; STATE_MAX_BYTES as usize + 1]).unwrap();
-        assert!(KeySet::load(&path).is_err());
+        assert!(KeySet::load(&path, NOW).is_err());
+    }
+
+    #[test]
+    fn a_tampered_or_foreign_file_is_refused_and_times_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut set = publish(None, &meta(&[1, 2], 1), &[], 42, KEEP);
+        // A vanished_at in the future would keep the kid forever; a data_timestamp past year 9999
+        // fails kube-apiserver's CheckValid.
+        set.keys[0].vanished_at = Some(u64::MAX);
+        set.data_timestamp = u64::MAX;
+        set.save(&path).unwrap();
+        let loaded = KeySet::load(&path, NOW).unwrap().unwrap();
+        assert_eq!(loaded.keys[0].vanished_at, Some(NOW));
+        assert_eq!(loaded.data_timestamp, NOW);
+        // Readable by others: refused, naming the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = KeySet::load(&path, NOW).unwrap_err().to_string();
+        assert!(err.contains("0644") && err.contains("0600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A key kube-apiserver would refuse, under its own kid: refused.
+        let mut bad = set.clone();
+        let last = bad.keys[0].der.len() - 1;
+        bad.keys[0].der[last] ^= 1;
+        bad.keys[0].kid = crate::jwt::kid(&bad.keys[0].der);
+        bad.save(&path).unwrap();
+        let err = KeySet::load(&path, NOW).unwrap_err().to_string();
+        assert!(err.contains("P-256"), "{err}");
+    }
+
+    #[test]
+    fn vanished_kids_are_capped_and_save_never_writes_past_the_read_cap() {
+        let versions: Vec<u64> = (1..=(VANISHED_MAX as u64 + 2)).collect();
+        let first = publish(None, &meta(&versions, 1), &[], 10, KEEP);
+        // All but the last vanish, at different times: only the newest VANISHED_MAX stay.
+        let mut set = first.clone();
+        for (i, k) in set.keys.iter_mut().enumerate() {
+            k.vanished_at = Some(10 + i as u64);
+        }
+        let last = *versions.last().unwrap();
+        let mut only_last = meta(&[last], 1);
+        only_last.public_keys.insert(last, key(last as u8));
+        let kept = publish(Some(&set), &only_last, &[], 20, KEEP);
+        assert_eq!(kept.vanished().len(), VANISHED_MAX);
+        let oldest = set.keys.iter().min_by_key(|k| k.vanished_at).unwrap();
+        assert!(!kept.keys.iter().any(|k| k.kid == oldest.kid));
+        // A set too large to read back is not written.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let mut huge = first;
+        huge.keys[0].kid = "k".repeat(STATE_MAX_BYTES as usize);
+        assert!(huge.save(&path).unwrap_err().to_string().contains("not written"));
+        assert!(!path.exists());
     }
 }

@@ -97,6 +97,8 @@ struct State {
     unreachable_polls: u32,
     persist_error: Option<String>,
     rollback_refused: Option<(u64, u64)>,
+    /// Why the persisted key set was not served at start, if it was refused.
+    state_file_refused: Option<String>,
 }
 
 impl<B: SigningBackend> Shared<B> {
@@ -130,6 +132,7 @@ impl<B: SigningBackend> Shared<B> {
                 unreachable_polls: 0,
                 persist_error: None,
                 rollback_refused: None,
+                state_file_refused: None,
             }),
             repoll: tokio::sync::Notify::new(),
         }
@@ -155,9 +158,14 @@ impl<B: SigningBackend> Shared<B> {
         let state = self.lock();
         let last = || state.last_poll.as_ref().and_then(|(_, e)| e.clone()).unwrap_or_default();
         if state.tracker.promoted().is_none() && (state.from_disk || state.keys.is_none()) {
+            let refused = state
+                .state_file_refused
+                .as_ref()
+                .map(|problem| format!("; the persisted key set was refused: {problem}"))
+                .unwrap_or_default();
             return Err(format!(
                 "the key store has not been read successfully since start (FetchKeys serves the persisted key \
-                 set, if any); last: {}",
+                 set, if any); last: {}{refused}",
                 last()
             ));
         }
@@ -371,6 +379,7 @@ struct StatusPage<'a> {
     served_from_disk: bool,
     unreachable_polls: u32,
     persist_error: Option<String>,
+    state_file_refused: Option<String>,
     rollback_refused: Option<serde_json::Value>,
     publish_lead_seconds: u64,
     max_token_expiration_seconds: u64,
@@ -400,6 +409,7 @@ impl<B: SigningBackend> HttpView for Shared<B> {
             served_from_disk: state.from_disk,
             unreachable_polls: state.unreachable_polls,
             persist_error: state.persist_error.clone(),
+            state_file_refused: state.state_file_refused.clone(),
             rollback_refused: state
                 .rollback_refused
                 .map(|(signing, seen)| serde_json::json!({"signing": signing, "seen_latest": seen})),
@@ -488,7 +498,17 @@ pub async fn serve<B: SigningBackend>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SignerError> {
     let audit = AuditLog::open(&config.audit_log)?;
-    let persisted = KeySet::load(&config.state_file)?;
+    let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+    let now = u64::try_from(clock.now().as_second()).unwrap_or(0);
+    // NB: the file only bridges a key store outage at start; one that cannot be trusted or read
+    // must not keep a signer with a healthy key store from starting.
+    let (persisted, refused) = match KeySet::load(&config.state_file, now) {
+        Ok(set) => (set, None),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the persisted key set; starting from the key store alone");
+            (None, Some(e.to_string()))
+        }
+    };
     if let Some(set) = &persisted {
         tracing::info!(
             kids = ?keyset::kids(set),
@@ -496,9 +516,11 @@ pub async fn serve<B: SigningBackend>(
             "serving the persisted key set until the key store answers"
         );
     }
-    let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
     let shared =
         Arc::new(Shared::new(backend, config.clone(), verify_only, persisted, clock, audit, metrics));
+    if let Some(problem) = refused {
+        shared.lock().state_file_refused = Some(problem);
+    }
     // NB: read the key store once before accepting calls, so a healthy start answers FetchKeys
     // with fresh keys; if it is down, the persisted set (if any) answers instead.
     shared.poll().await;

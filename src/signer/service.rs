@@ -140,7 +140,10 @@ impl<B: SigningBackend> SignerService<B> {
                     })
                     .collect();
                 let timestamp = prost_types::Timestamp {
-                    seconds: i64::try_from(set.data_timestamp).unwrap_or(i64::MAX),
+                    // NB: kube-apiserver checks the timestamp (timestamppb CheckValid); keep it
+                    // within year 9999 whatever the set says.
+                    seconds: i64::try_from(set.data_timestamp.min(super::keyset::TIMESTAMP_MAX_SECONDS))
+                        .unwrap_or(0),
                     nanos: 0,
                 };
                 let hint =

@@ -18,17 +18,14 @@ use reqwest::Method;
 use ring::signature::{self as ring_signature, UnparsedPublicKey, VerificationAlgorithm};
 use rustls::pki_types::pem::{PemObject as _, SectionKind};
 use serde::Deserialize;
-use spki::{
-    ObjectIdentifier, SubjectPublicKeyInfoRef,
-    der::{Decode as _, Reader as _, SliceReader, asn1::UintRef},
-};
+use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef, der::Decode as _};
 use tokio::time::Instant;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::{ClientError, VaultClient, map_error};
 use crate::{
     backend::{BackendError, KeyMetadata, PublicKey, SigningBackend, SigningKeyMetadata},
-    jwt::{Alg, KeyType},
+    jwt::{self, Alg, KeyType},
     keyid::{BackendKind, KeyScope},
 };
 
@@ -68,18 +65,15 @@ enum PublicKeyError {
     /// The DER is not a SubjectPublicKeyInfo.
     #[error("the public key is not PKIX DER (SubjectPublicKeyInfo): {0}")]
     Der(String),
-    /// The EC point is not an uncompressed point of the curve's size.
-    #[error("the EC public key is not an uncompressed {curve} point ({len} bytes)")]
-    EcPoint { curve: &'static str, len: usize },
     /// The key is of another algorithm than the key type's.
     #[error("the public key is {found}, not {expected}")]
     KeyAlgorithm { expected: &'static str, found: String },
     /// The PEM is not exactly one `PUBLIC KEY` block.
     #[error("the public key is not one PEM `PUBLIC KEY` block: {0}")]
     Pem(String),
-    /// The RSA key's parameters or `RSAPublicKey` do not parse.
-    #[error("the RSA public key does not parse: {0}")]
-    RsaKey(String),
+    /// kube-apiserver would refuse the key (Go's `x509.ParsePKIXPublicKey`).
+    #[error(transparent)]
+    Refused(jwt::PublicKeyError),
     /// The RSA modulus is not the key type's size.
     #[error("the RSA modulus is {found} bits, not {expected}")]
     RsaModulus { expected: usize, found: usize },
@@ -418,77 +412,50 @@ fn public_key(key_type: KeyType, pem: &str) -> Result<(Vec<u8>, Check), PublicKe
     Ok((der, check))
 }
 
-/// Checks that `der` is a SubjectPublicKeyInfo of `key_type`'s algorithm and size: an RSA key of
-/// the type's modulus for `rsa-*`, a point on the named curve for `ecdsa-*`.
+/// Checks that `der` is a key kube-apiserver accepts ([`jwt::check_public_key`]: RSA with NULL
+/// parameters and a sane exponent, a point on the named curve), of `key_type`'s algorithm and size.
 fn check_spki(key_type: KeyType, der: &[u8]) -> Result<Check, PublicKeyError> {
     if der.len() > DER_MAX_BYTES {
         return Err(PublicKeyError::TooLong { len: der.len(), max: DER_MAX_BYTES });
     }
+    let info = jwt::check_public_key(der).map_err(|e| match e {
+        jwt::PublicKeyError::Der(problem) => PublicKeyError::Der(problem),
+        other => PublicKeyError::Refused(other),
+    })?;
     let spki = SubjectPublicKeyInfoRef::from_der(der).map_err(|e| PublicKeyError::Der(e.to_string()))?;
-    let (algorithm, parameters) = spki.algorithm.oids().map_err(|e| PublicKeyError::Der(e.to_string()))?;
     let key = spki
         .subject_public_key
         .as_bytes()
         .ok_or_else(|| PublicKeyError::Der("the key's BIT STRING is not whole bytes".into()))?;
-    let (curve, curve_name, verifier): (_, _, Option<&'static dyn VerificationAlgorithm>) = match key_type {
-        KeyType::EcdsaP256 => (SECP256R1, "P-256", Some(&ring_signature::ECDSA_P256_SHA256_FIXED)),
-        KeyType::EcdsaP384 => (SECP384R1, "P-384", Some(&ring_signature::ECDSA_P384_SHA384_FIXED)),
-        KeyType::EcdsaP521 => (SECP521R1, "P-521", None),
+    let (expected, verifier): (_, Option<&'static dyn VerificationAlgorithm>) = match key_type {
+        KeyType::EcdsaP256 => ("P-256", Some(&ring_signature::ECDSA_P256_SHA256_FIXED)),
+        KeyType::EcdsaP384 => ("P-384", Some(&ring_signature::ECDSA_P384_SHA384_FIXED)),
+        KeyType::EcdsaP521 => ("P-521", None),
         KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
-            return check_rsa(key_type, algorithm, parameters, key);
+            ("an RSA key", Some(&ring_signature::RSA_PKCS1_2048_8192_SHA256))
         }
     };
-    if algorithm != EC_PUBLIC_KEY || parameters != Some(curve) {
-        return Err(PublicKeyError::KeyAlgorithm {
-            expected: curve_name,
-            found: describe(algorithm, parameters),
-        });
+    if info.alg != key_type.alg() {
+        let found = match spki.algorithm.oids() {
+            Ok((algorithm, parameters)) => describe(algorithm, parameters),
+            Err(e) => e.to_string(),
+        };
+        return Err(PublicKeyError::KeyAlgorithm { expected, found });
     }
-    // NB: an uncompressed point is 0x04, then x and y, each the curve's field size (SEC 1 2.3.3).
-    let field = key_type.alg().ecdsa_signature_len().unwrap_or(0) / 2;
-    if key.len() != 1 + 2 * field || key.first() != Some(&0x04) {
-        return Err(PublicKeyError::EcPoint { curve: curve_name, len: key.len() });
+    if let Some(found) = info.rsa_bits {
+        let expected = match key_type {
+            KeyType::Rsa3072 => 3072,
+            KeyType::Rsa4096 => 4096,
+            _ => 2048,
+        };
+        if found != expected {
+            return Err(PublicKeyError::RsaModulus { expected, found });
+        }
     }
     Ok(match verifier {
         Some(algorithm) => Check::Ring(algorithm, key.to_vec()),
         None => Check::P521Range,
     })
-}
-
-/// The RSA half of [`check_spki`]: `rsaEncryption` with NULL parameters, and an `RSAPublicKey`
-/// whose modulus is the type's size (RFC 3279 2.3.1).
-fn check_rsa(
-    key_type: KeyType,
-    algorithm: ObjectIdentifier,
-    parameters: Option<ObjectIdentifier>,
-    key: &[u8],
-) -> Result<Check, PublicKeyError> {
-    if algorithm != RSA_ENCRYPTION || parameters.is_some() {
-        return Err(PublicKeyError::KeyAlgorithm {
-            expected: "an RSA key",
-            found: describe(algorithm, parameters),
-        });
-    }
-    let modulus = (|| {
-        let mut reader = SliceReader::new(key)?;
-        let modulus = reader.sequence(|r| {
-            let modulus = r.decode::<UintRef<'_>>()?;
-            r.decode::<UintRef<'_>>()?;
-            Ok::<_, spki::der::Error>(modulus)
-        })?;
-        reader.finish(modulus)
-    })()
-    .map_err(|e| PublicKeyError::RsaKey(e.to_string()))?;
-    let expected = match key_type {
-        KeyType::Rsa3072 => 3072,
-        KeyType::Rsa4096 => 4096,
-        _ => 2048,
-    };
-    let found = modulus.as_bytes().len() * 8;
-    if found != expected {
-        return Err(PublicKeyError::RsaModulus { expected, found });
-    }
-    Ok(Check::Ring(&ring_signature::RSA_PKCS1_2048_8192_SHA256, key.to_vec()))
 }
 
 /// Names a key's algorithm for a message.
@@ -722,6 +689,45 @@ mod tests {
             check_spki(KeyType::EcdsaP256, b"\x30\x03\x02\x01\x01"),
             Err(PublicKeyError::Der(_))
         ));
+    }
+
+    /// The DER of a recorded version 1 public key.
+    fn recorded_der(key_type: KeyType) -> Vec<u8> {
+        let data = recorded(&format!("keys-{key_type}.json"));
+        let pem = data["keys"]["1"]["public_key"].as_str().unwrap().to_owned();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        B64.decode(body).unwrap()
+    }
+
+    #[test]
+    fn keys_kube_apiserver_would_refuse_are_never_published() {
+        // An EC point with the right prefix and length but off its curve, P-521 included.
+        for key_type in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::EcdsaP521] {
+            let mut der = recorded_der(key_type);
+            let last = der.len() - 1;
+            der[last] ^= 1;
+            assert!(
+                matches!(
+                    check_spki(key_type, &der),
+                    Err(PublicKeyError::Refused(jwt::PublicKeyError::EcPoint(_)))
+                ),
+                "{key_type}"
+            );
+        }
+        // An RSA key with its parameters absent instead of NULL: Go says "x509: RSA key missing
+        // NULL parameters".
+        let der = recorded_der(KeyType::Rsa2048);
+        let spki = SubjectPublicKeyInfoRef::from_der(&der).unwrap();
+        let absent = spki::SubjectPublicKeyInfoRef {
+            algorithm: spki::AlgorithmIdentifierRef { oid: RSA_ENCRYPTION, parameters: None },
+            subject_public_key: spki.subject_public_key,
+        };
+        let absent = spki::der::Encode::to_der(&absent).unwrap();
+        assert_eq!(
+            check_spki(KeyType::Rsa2048, &absent).err(),
+            Some(PublicKeyError::Refused(jwt::PublicKeyError::RsaParameters))
+        );
+        assert!(check_spki(KeyType::Rsa2048, &der).is_ok());
     }
 
     #[test]
