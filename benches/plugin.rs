@@ -44,10 +44,7 @@ use kmsgate::{
     config::{SocketSpec, VaultAuth, VaultClientConfig, VaultTls},
     kms::client::{self, KmsClient},
     metrics::VaultMetrics,
-    proto::v2::{
-        DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
-        key_management_service_server::{KeyManagementService, KeyManagementServiceServer},
-    },
+    proto::v2::{DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest},
     transit::{Transit, VaultClient},
 };
 use serde_json::{Value, json};
@@ -207,58 +204,6 @@ fn row(what: &str, s: Sample) {
         ms(s.p999),
         s.per_second
     );
-}
-
-/// The gRPC floor: a KMS v2 service that does no work.
-struct Echo;
-
-#[tonic::async_trait]
-impl KeyManagementService for Echo {
-    async fn status(
-        &self,
-        _: tonic::Request<StatusRequest>,
-    ) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
-        Ok(tonic::Response::new(StatusResponse {
-            version: "v2".into(),
-            healthz: "ok".into(),
-            key_id: "echo".into(),
-        }))
-    }
-
-    async fn encrypt(
-        &self,
-        request: tonic::Request<EncryptRequest>,
-    ) -> Result<tonic::Response<EncryptResponse>, tonic::Status> {
-        let request = request.into_inner();
-        Ok(tonic::Response::new(EncryptResponse {
-            ciphertext: request.plaintext,
-            key_id: "echo".into(),
-            annotations: Default::default(),
-        }))
-    }
-
-    async fn decrypt(
-        &self,
-        request: tonic::Request<DecryptRequest>,
-    ) -> Result<tonic::Response<DecryptResponse>, tonic::Status> {
-        Ok(tonic::Response::new(DecryptResponse { plaintext: request.into_inner().ciphertext }))
-    }
-}
-
-/// Child mode `echo <socket>`: serves the echo service until killed, with the plugin's server
-/// settings (the same HTTP/2 limits), so its CPU per call is the gRPC server's floor.
-async fn echo_child(socket: &str) {
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    println!("ready");
-    tonic::transport::Server::builder()
-        .max_concurrent_streams(1024)
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(4 * 1024 * 1024)
-        .http2_max_header_list_size(16 * 1024)
-        .add_service(KeyManagementServiceServer::new(Echo).max_decoding_message_size(64 * 1024))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-        .await
-        .unwrap();
 }
 
 fn client_settings(addr: &str, token_file: &Path) -> VaultClientConfig {
@@ -535,7 +480,7 @@ fn main() {
         runtime.block_on(run)
     };
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["echo", socket] => child(Box::pin(echo_child(socket))),
+        ["echo", socket] => child(Box::pin(common::echo::serve(Path::new(socket)))),
         ["direct", addr, token_file] => child(Box::pin(direct_child(addr, token_file))),
         _ => runtime.block_on(bench(&args)),
     }
