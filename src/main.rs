@@ -104,7 +104,7 @@ enum Command {
         #[command(subcommand)]
         action: TokensAction,
     },
-    /// Print the CustomResourceDefinitions (RotationPolicy, TokenPolicy).
+    /// Print the CustomResourceDefinitions (RotationPolicy, TokenPolicy, SigningKeyPolicy).
     Crd,
     /// Print the version, git commit, rustc and crypto and TLS crate versions (as --version).
     Version,
@@ -697,7 +697,8 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let render = |e: serde_saphyr::ser::Error| Failure::Run(format!("render CRD: {e}"));
             let rotation = kmsgate::crd::rotation::crd_yaml().map_err(render)?;
             let tokens = kmsgate::crd::tokens::crd_yaml().map_err(render)?;
-            print!("{rotation}---\n{tokens}");
+            let signing = kmsgate::crd::signing::crd_yaml().map_err(render)?;
+            print!("{rotation}---\n{tokens}---\n{signing}");
             Ok(())
         }
         Command::Keyring { action } => {

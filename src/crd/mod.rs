@@ -1,8 +1,9 @@
-//! The custom resources (RotationPolicy, TokenPolicy) and their parsing into typed plans. The
+//! The custom resources (RotationPolicy, SigningKeyPolicy, TokenPolicy) and their parsing into typed plans. The
 //! bottom layer of the controller half: nothing here imports the rooms that act on a plan.
 
 pub mod rotation;
 pub mod schedule;
+pub mod signing;
 pub mod tokens;
 
 pub use schedule::{Schedule, ScheduleError};
