@@ -31,6 +31,7 @@ pub mod selftest;
 pub mod serving;
 pub mod signer;
 pub mod signer_status;
+pub mod signing_rotation;
 pub mod storage;
 pub mod telemetry;
 pub mod tokens;

@@ -352,6 +352,79 @@ pub struct ControllerMetrics {
     pub next_run: Gauge<f64, AtomicU64>,
     /// The latest verification's counts, by class.
     pub verification: Family<ClassLabels, Gauge>,
+    /// The signing-key loop's metrics.
+    pub signing: SigningMetrics,
+}
+
+/// The signing-key rotation loop's metrics, prefixed `kmsgate_signing_rotation_`. Like the
+/// data-key loop's, they carry phases and member kinds only: never a kid, endpoint or address.
+#[derive(Clone)]
+pub struct SigningMetrics {
+    /// 1 for the current phase, 0 for the others.
+    pub phase: Family<PhaseLabels, Gauge>,
+    /// Time spent in each finished phase.
+    pub phase_duration: Family<PhaseLabels, Histogram>,
+    /// Unix time of the last successful run.
+    pub last_success: Gauge<f64, AtomicU64>,
+    /// Unix time the schedule next starts a run (0: none scheduled).
+    pub next_run: Gauge<f64, AtomicU64>,
+    /// Unix time the current Drain ends (0: not draining).
+    pub drain_until: Gauge<f64, AtomicU64>,
+    /// The token-lifetime bound Drain uses, in seconds (0: none reported yet).
+    pub token_lifetime_bound: Gauge,
+    /// Signers or API servers not there yet in the current phase, by kind.
+    pub stragglers: Family<MemberLabels, Gauge>,
+}
+
+/// What kind of fleet member a count is about.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    /// `signer` or `api_server`.
+    pub member: &'static str,
+}
+
+impl SigningMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let signing = registry.sub_registry_with_prefix("signing_rotation");
+        signing.register("phase", "Current signing-key rotation phase (1 = current)", self.phase.clone());
+        signing.register(
+            "phase_duration_seconds",
+            "Time spent in each finished signing-key rotation phase",
+            self.phase_duration.clone(),
+        );
+        signing.register(
+            "last_success_timestamp_seconds",
+            "Unix time of the last successful signing-key rotation",
+            self.last_success.clone(),
+        );
+        signing.register(
+            "next_run_timestamp_seconds",
+            "Unix time the schedule next starts a signing-key rotation (0: none scheduled)",
+            self.next_run.clone(),
+        );
+        signing.register(
+            "drain_until_timestamp_seconds",
+            "Unix time the current Drain ends (0: not draining)",
+            self.drain_until.clone(),
+        );
+        signing.register(
+            "token_lifetime_bound_seconds",
+            "The largest token lifetime Drain waits for (0: no signer reported one)",
+            self.token_lifetime_bound.clone(),
+        );
+        signing.register(
+            "stragglers",
+            "Signers or API servers not there yet in the current phase",
+            self.stragglers.clone(),
+        );
+    }
+
+    /// Marks `current` as the phase, and every other of `phases` as not.
+    pub fn set_phase(&self, phases: impl IntoIterator<Item = &'static str>, current: &'static str) {
+        for name in phases {
+            self.phase.get_or_create(&PhaseLabels { phase: name }).set(i64::from(name == current));
+        }
+    }
 }
 
 /// A class of stored values in a verification.
@@ -435,8 +508,22 @@ impl ControllerMetrics {
             "Stored values by class in the latest verification (old_key, unencrypted: not done)",
             verification.clone(),
         );
+        let signing = SigningMetrics {
+            phase: Family::default(),
+            // NB: up to 4^11 s (about 48 days) in the last finite bucket: a Drain can last a year.
+            phase_duration: Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 4.0, 12))
+            }),
+            last_success: Gauge::default(),
+            next_run: Gauge::default(),
+            drain_until: Gauge::default(),
+            token_lifetime_bound: Gauge::default(),
+            stragglers: Family::default(),
+        };
+        signing.register(&mut registry);
         Self {
             registry,
+            signing,
             phase,
             objects,
             phase_duration,

@@ -25,6 +25,7 @@ mod bounded;
 mod cluster;
 mod jobs;
 mod objects;
+mod signing;
 mod tokens;
 
 pub use access::Review;
@@ -54,6 +55,8 @@ pub const RBAC: &[(&str, &str, &[&str])] = &[
     ("", "serviceaccounts/token", &["create"]),
     ("kmsgate.io", "tokenpolicies", &["get"]),
     ("kmsgate.io", "tokenpolicies/status", &["patch"]),
+    ("kmsgate.io", "signingkeypolicies", &["get", "patch"]),
+    ("kmsgate.io", "signingkeypolicies/status", &["patch"]),
 ];
 
 /// What the verify Job (`kmsgate verify`) calls: read its policy, report into the status.

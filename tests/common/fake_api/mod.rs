@@ -101,7 +101,8 @@ pub struct State {
     pub unref_delay: Duration,
     /// Another client writes the next this-many ServiceAccount patches' target first (409).
     pub account_races: u32,
-    /// The one policy object served (a RotationPolicy or a TokenPolicy, by its `kind`).
+    /// The one policy object served (a RotationPolicy, a TokenPolicy or a SigningKeyPolicy, by its
+    /// `kind`).
     pub policy: Value,
     /// Leases by (namespace, name).
     pub leases: HashMap<(String, String), Value>,
@@ -557,6 +558,7 @@ fn serves(policy: &Value, plural: &str, name: &str) -> bool {
     let kind = match plural {
         "rotationpolicies" => "RotationPolicy",
         "tokenpolicies" => "TokenPolicy",
+        "signingkeypolicies" => "SigningKeyPolicy",
         _ => return false,
     };
     policy["kind"] == kind && policy["metadata"]["name"] == name

@@ -1,0 +1,387 @@
+//! Closed-loop rotation of the service-account signing key: `Idle → Rotating → Publishing →
+//! Switching → Draining → Retiring → Idle`, with the state in the SigningKeyPolicy status.
+//! [`Context::step`] does one bounded unit of work from whatever the status says and writes the
+//! result back, so a restarted controller (or `kmsgate signer rotate`) resumes exactly where the
+//! last one stopped. The phases decide with the pure functions of [`decide`]; the driver here
+//! gathers their evidence through two seams, [`SigningKeyAdmin`] (the Transit key) and [`Fleet`]
+//! (the signers' `/status` and the API servers).
+//!
+//! A schedule that comes due during a run (most often during Drain, which lasts as long as the
+//! longest token) does not start a second run: a run never overlaps another, so the key never
+//! has two versions in flight. Every run restarts the schedule's clock at its start, and a time
+//! that passed meanwhile starts the next run as soon as this one has retired its old version.
+
+pub mod decide;
+mod phases;
+mod status;
+
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+
+use status::{Book, observe};
+
+use crate::{
+    backend::BackendError,
+    clock::{self, Clock, SystemClock, parse_time},
+    crd::{
+        rotation::TransitKey,
+        signing::{self, Plan, REQUEST_ANNOTATION, SigningKeyPolicy, SigningPhase, SigningStatus},
+    },
+    k8s::{EventKind, Kube, KubeError},
+    metrics::ControllerMetrics,
+    signer_status::SignerStatus,
+};
+
+pub use decide::{Idle, decide_idle};
+
+/// A step could not run; the status is unchanged and the step can be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningRotationError {
+    /// A Kubernetes call failed.
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    /// A Transit call failed.
+    #[error("Transit: {0}")]
+    Transit(#[from] BackendError),
+}
+
+/// What the caller should do after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// More work is ready: step again now.
+    Again,
+    /// Waiting on something outside: step again after this long.
+    Wait(Duration),
+    /// No run in progress (Idle, Failed or suspended); the next check is due after this long.
+    Rest(Duration),
+}
+
+/// A signing key's versions as the loop needs them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SigningKeyState {
+    /// The newest version.
+    pub latest: u64,
+    /// The oldest version allowed to sign; 0 means "latest" (Transit's own meaning).
+    pub min_encryption_version: u64,
+    /// The oldest version still published.
+    pub min_decryption_version: u64,
+    /// The kid of each version still held, as the signers publish it.
+    pub kids: BTreeMap<u64, String>,
+}
+
+/// The Transit calls the loop makes on the signing key, with an identity allowed to make them.
+pub trait SigningKeyAdmin: Send + Sync {
+    /// Reads the key's versions and each version's kid.
+    fn metadata(
+        &self,
+        key: &TransitKey,
+    ) -> impl Future<Output = Result<SigningKeyState, BackendError>> + Send;
+    /// Creates a new version.
+    fn rotate(&self, key: &TransitKey) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Sets `min_encryption_version` to `version`: the signers sign with it and nothing older.
+    fn pin_signing(
+        &self,
+        key: &TransitKey,
+        version: u64,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Raises `min_decryption_version` to `version`: FetchKeys stops offering older versions.
+    fn retire_below(
+        &self,
+        key: &TransitKey,
+        version: u64,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// What one API server's own `/metrics` says about the signer's keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FetchKeysMetrics {
+    /// `apiserver_externaljwt_fetch_keys_success_timestamp` (Unix seconds); `None` when the
+    /// series is absent: the server has not flipped to the signer.
+    pub fetch_keys_success: Option<f64>,
+    /// `process_start_time_seconds` (Unix seconds), when exported.
+    pub process_start: Option<f64>,
+}
+
+/// One API server, at its own address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiServerReport {
+    /// `host:port` it was read at.
+    pub address: String,
+    /// Its metrics, or why they could not be read.
+    pub metrics: Result<FetchKeysMetrics, String>,
+}
+
+/// The fleet the loop proves each step on: the signers and the API servers.
+pub trait Fleet: Send + Sync {
+    /// The `/status` of the signer at `endpoint` (`http://host:port`), or why it could not be read.
+    fn signer_status(&self, endpoint: &str) -> impl Future<Output = Result<SignerStatus, String>> + Send;
+    /// Every live API server, each read at its own address; `Err` when they cannot be listed.
+    fn api_servers(&self) -> impl Future<Output = Result<Vec<ApiServerReport>, String>> + Send;
+    /// The kid in the header of a token a TokenRequest sent to the API server at `address`
+    /// returns (the controller's own account, `audience`, a 600 s lifetime); the token itself
+    /// never leaves the implementation.
+    fn token_kid(&self, address: &str, audience: &str)
+    -> impl Future<Output = Result<String, String>> + Send;
+}
+
+/// Everything a step needs.
+pub struct Context<K, F> {
+    /// Kubernetes.
+    pub kube: Kube,
+    /// The Transit key.
+    pub key: K,
+    /// The signers and the API servers.
+    pub fleet: F,
+    /// Metrics.
+    pub metrics: Arc<ControllerMetrics>,
+    /// Longest wait between checks while waiting on something.
+    pub poll: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl<K: SigningKeyAdmin, F: Fleet> Context<K, F> {
+    /// A context polling at most every `poll` while waiting.
+    pub fn new(kube: Kube, key: K, fleet: F, metrics: Arc<ControllerMetrics>, poll: Duration) -> Self {
+        Self { kube, key, fleet, metrics, poll, clock: Arc::new(SystemClock) }
+    }
+
+    /// Reads the time from `clock` instead of the system clock (tests run on paused time).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Does one unit of work on policy `name` and records it in the status.
+    pub async fn step(&self, name: &str) -> Result<Step, SigningRotationError> {
+        let policy = self.kube.signing_policy(name).await?;
+        let before = policy.status.clone().unwrap_or_default();
+        let parsed = signing::parse(&policy.spec);
+        let mut book = Book {
+            name,
+            status: before.clone(),
+            events: Vec::new(),
+            metrics: &self.metrics,
+            clock: &*self.clock,
+        };
+        let step = match &parsed {
+            Err(e) => {
+                book.stall("InvalidSpec", &e.to_string());
+                Ok(Step::Rest(self.poll))
+            }
+            Ok(plan) if plan.suspend => {
+                let message = format!("suspended by spec.suspend in {}", book.status.phase.as_str());
+                book.condition("Suspended", true, "Suspended", &message);
+                book.status.message = message;
+                Ok(Step::Rest(self.poll))
+            }
+            Ok(plan) => {
+                book.condition("Suspended", false, "Running", "");
+                let mut run = Run { ctx: self, policy: &policy, plan, book };
+                let step = run.advance().await;
+                book = run.book;
+                step
+            }
+        };
+        // NB: progress made before an error (a proof already recorded) is still written.
+        if book.status != before {
+            self.kube.patch_signing_status(name, &before, &book.status).await?;
+        }
+        observe(&self.metrics, &book.status);
+        for (kind, reason, note) in book.events {
+            self.kube.signing_event(name, kind, reason, &note).await;
+        }
+        step
+    }
+
+    /// The signer status endpoints of the plan.
+    async fn signer_endpoints(&self, plan: &Plan) -> Result<Vec<String>, KubeError> {
+        match &plan.signers {
+            signing::SignerSource::Endpoints(endpoints) => Ok(endpoints.clone()),
+            signing::SignerSource::Discovery(d) => self.kube.node_endpoints(&d.node_selector, d.port).await,
+        }
+    }
+
+    /// Every signer's `/status`, by endpoint.
+    async fn signer_reports(
+        &self,
+        plan: &Plan,
+    ) -> Result<Vec<(String, Result<SignerStatus, String>)>, KubeError> {
+        let mut reports = Vec::new();
+        for endpoint in self.signer_endpoints(plan).await? {
+            let report = self.fleet.signer_status(&endpoint).await;
+            reports.push((endpoint, report));
+        }
+        Ok(reports)
+    }
+}
+
+struct Run<'a, K, F> {
+    ctx: &'a Context<K, F>,
+    policy: &'a SigningKeyPolicy,
+    plan: &'a Plan,
+    book: Book<'a>,
+}
+
+impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
+    async fn advance(&mut self) -> Result<Step, SigningRotationError> {
+        match self.book.status.phase {
+            SigningPhase::Idle => self.idle().await,
+            SigningPhase::Failed => self.failed().await,
+            SigningPhase::Rotating => self.rotating().await,
+            SigningPhase::Publishing => self.publishing().await,
+            SigningPhase::Switching => self.switching().await,
+            SigningPhase::Draining => self.draining().await,
+            SigningPhase::Retiring => self.retiring().await,
+        }
+    }
+
+    /// When the schedule next starts a run, from now (RFC 3339; empty for never).
+    fn next_run(&self) -> String {
+        self.plan
+            .schedule
+            .next_after(self.book.now().as_second())
+            .map(clock::seconds_text)
+            .unwrap_or_default()
+    }
+
+    fn new_request(&self) -> Option<String> {
+        let value = self.policy.metadata.annotations.as_ref()?.get(REQUEST_ANNOTATION)?;
+        (!value.is_empty() && *value != self.book.status.handled_request).then(|| value.clone())
+    }
+
+    fn due(&self) -> bool {
+        parse_time(&self.book.status.next_run).is_some_and(|t| t <= self.book.now())
+    }
+
+    fn rest(&self) -> Step {
+        let until_next = parse_time(&self.book.status.next_run)
+            .map(|t| Duration::from_secs((t.as_second() - self.book.now().as_second()).max(1) as u64))
+            .unwrap_or(self.ctx.poll);
+        Step::Rest(until_next.min(self.ctx.poll))
+    }
+
+    /// Waits at most `at_most` (the poll interval when `None`), with `message` in the status.
+    fn wait(&mut self, message: String, at_most: Option<Duration>) -> Step {
+        self.book.status.message = message;
+        Step::Wait(at_most.map_or(self.ctx.poll, |d| self.ctx.poll.min(d.max(Duration::from_secs(1)))))
+    }
+
+    /// Stops the run at the current phase; a new request or the schedule resumes it there.
+    fn fail(&mut self, reason: &'static str, message: &str) -> Step {
+        tracing::warn!(policy = self.book.name, reason, message, "signing-key rotation stopped");
+        self.book.status.failed_phase = Some(self.book.status.phase);
+        self.book.enter(SigningPhase::Failed);
+        self.book.status.result = "Failed".into();
+        self.book.stall(reason, message);
+        self.book.status.next_run = self.next_run();
+        self.rest()
+    }
+
+    fn finish(&mut self) -> Step {
+        let to = self.book.status.to_version;
+        let message = format!(
+            "signing moved from version {} to {}; tokens of the old key have expired and it is retired",
+            self.book.status.from_version.unwrap_or(0),
+            to.unwrap_or(0)
+        );
+        self.book.enter(SigningPhase::Idle);
+        self.book.status.result = "Succeeded".into();
+        self.book.status.last_success = self.book.now_text();
+        self.book.status.known_version = to.or(self.book.status.known_version);
+        self.book.status.failed_phase = None;
+        self.book.status.drain_until.clear();
+        if let Some(request) =
+            self.policy.metadata.annotations.as_ref().and_then(|a| a.get(REQUEST_ANNOTATION))
+        {
+            // NB: a request that arrived during the run is satisfied by it.
+            self.book.status.handled_request = request.clone();
+        }
+        // NB: the schedule's clock restarted when the run began; a time that passed since is
+        // kept, so Idle starts the next run at once (see the module documentation).
+        self.book.status.message = match self.due() {
+            true => format!("{message}; the schedule came due during the run, so the next run starts now"),
+            false => message.clone(),
+        };
+        self.ctx.metrics.signing.last_success.set(self.book.now().as_second() as f64);
+        self.book.condition("Ready", true, "Succeeded", &message);
+        self.book.condition("Stalled", false, "Succeeded", "");
+        self.book.events.push((EventKind::Normal, "RotationFinished", message));
+        match self.due() {
+            true => Step::Again,
+            false => self.rest(),
+        }
+    }
+
+    fn start(&mut self, trigger: &str, from: u64) {
+        if let Some(request) = self.new_request() {
+            self.book.status.handled_request = request;
+        }
+        let old = &self.book.status;
+        let keep = SigningStatus {
+            known_version: old.known_version,
+            handled_request: old.handled_request.clone(),
+            last_success: old.last_success.clone(),
+            retired_below: old.retired_below,
+            max_token_expiration_seconds: old.max_token_expiration_seconds,
+            max_token_expiration_changed_at: old.max_token_expiration_changed_at.clone(),
+            lower_token_expiration_seconds: old.lower_token_expiration_seconds,
+            earlier_tokens_expire_at: old.earlier_tokens_expire_at.clone(),
+            conditions: old.conditions.clone(),
+            phase: old.phase,
+            phase_started_at: old.phase_started_at.clone(),
+            ..SigningStatus::default()
+        };
+        self.book.status = keep;
+        self.book.status.run_id = uuid::Uuid::new_v4().to_string();
+        self.book.status.trigger = trigger.into();
+        self.book.status.started_at = self.book.now_text();
+        self.book.status.from_version = Some(from);
+        // NB: every run restarts the schedule's clock.
+        self.book.status.next_run = self.next_run();
+        self.book.status.message = format!("run started by {trigger}");
+        self.book.condition("Ready", false, "Running", "a signing-key rotation is in progress");
+        self.book.enter(SigningPhase::Rotating);
+    }
+
+    async fn idle(&mut self) -> Result<Step, SigningRotationError> {
+        let meta = self.ctx.key.metadata(&self.plan.transit).await?;
+        let known = self.book.status.known_version;
+        match decide_idle(known, &meta, self.new_request().is_some(), self.due()) {
+            Idle::Adopt(version) => {
+                // NB: the first sight of a key adopts the version that signs now; only later
+                // versions start runs.
+                self.book.status.known_version = Some(version);
+                self.book.status.next_run = self.next_run();
+                self.book.status.message = format!("adopted signing key version {version}");
+                Ok(self.rest())
+            }
+            Idle::Start { trigger, from } => {
+                self.start(trigger, from);
+                Ok(Step::Again)
+            }
+            Idle::Rest => {
+                if self.book.status.next_run.is_empty() {
+                    self.book.status.next_run = self.next_run();
+                }
+                Ok(self.rest())
+            }
+        }
+    }
+
+    async fn failed(&mut self) -> Result<Step, SigningRotationError> {
+        let request = self.new_request();
+        if request.is_none() && !self.due() {
+            return Ok(self.rest());
+        }
+        if let Some(request) = request {
+            self.book.status.handled_request = request;
+        }
+        let resume = self.book.status.failed_phase.unwrap_or(SigningPhase::Idle);
+        self.book.status.failed_phase = None;
+        self.book.status.result.clear();
+        self.book.status.next_run = self.next_run();
+        self.book.condition("Stalled", false, "Resumed", "");
+        self.book.enter(resume);
+        self.book.status.message = format!("resumed at {}", resume.as_str());
+        Ok(Step::Again)
+    }
+}

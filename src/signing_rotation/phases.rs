@@ -1,0 +1,275 @@
+//! The driver of each phase after Idle: gather the evidence through the two seams, ask
+//! [`super::decide`], act on the answer, and record proofs and stragglers in the status.
+
+use std::time::Duration;
+
+use super::{
+    ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningRotationError, Step,
+    decide::{
+        Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, decide_publish, decide_rotate,
+        decide_switch, drain_until, judge_fetched, judge_published, judge_retired, judge_signing,
+        judge_token_kids, track_expiration,
+    },
+};
+use crate::{
+    clock::{self, parse_time},
+    crd::signing::SigningPhase,
+    k8s::EventKind,
+};
+
+/// Most stragglers of each kind listed in the status; the count is in the metrics.
+const MAX_LISTED: usize = 32;
+
+impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
+    fn waited(&self) -> Duration {
+        self.book.elapsed_since(&self.book.status.phase_started_at)
+    }
+
+    fn seconds(text: &str) -> Option<i64> {
+        parse_time(text).map(|t| t.as_second())
+    }
+
+    fn stragglers(&mut self, signers: &Members, api_servers: &Members) {
+        let listed = |m: &Members| m.lagging.iter().take(MAX_LISTED).cloned().collect();
+        self.book.status.signer_stragglers = listed(signers);
+        self.book.status.api_server_stragglers = listed(api_servers);
+    }
+
+    /// Acts on a decision: `next` is the phase a [`Decision::Next`] enters.
+    fn act(&mut self, decision: Decision, reason: &'static str, next: SigningPhase) -> Step {
+        match decision {
+            Decision::Next(message) => {
+                self.book.status.message = message;
+                self.book.enter(next);
+                Step::Again
+            }
+            Decision::Wait { message, at_most } => self.wait(message, at_most),
+            Decision::Fail(message) => self.fail(reason, &message),
+        }
+    }
+
+    /// Folds what the signers report now into the kept token-lifetime bound.
+    fn track(&mut self, signers: &SignerReports, api_servers: &Result<Vec<ApiServerReport>, String>) {
+        let reported = signers
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().and_then(|s| s.max_token_expiration_seconds))
+            .max();
+        let starts: Option<Vec<f64>> = api_servers.as_ref().ok().and_then(|list| {
+            list.iter().map(|a| a.metrics.as_ref().ok().and_then(|m| m.process_start)).collect()
+        });
+        let status = &self.book.status;
+        let prev = Expiration {
+            bound: status.max_token_expiration_seconds,
+            changed_at: Self::seconds(&status.max_token_expiration_changed_at),
+            lower: status.lower_token_expiration_seconds,
+            earlier_until: Self::seconds(&status.earlier_tokens_expire_at),
+        };
+        let next = track_expiration(prev, reported, starts.as_deref(), self.book.now().as_second());
+        if next == prev {
+            return;
+        }
+        if next.bound != prev.bound {
+            self.book.events.push((
+                EventKind::Normal,
+                "TokenLifetimeBound",
+                format!("Drain now waits for tokens of up to {}s", next.bound.unwrap_or(0)),
+            ));
+        }
+        let text = |t: Option<i64>| t.map(clock::seconds_text).unwrap_or_default();
+        let status = &mut self.book.status;
+        status.max_token_expiration_seconds = next.bound;
+        status.max_token_expiration_changed_at = text(next.changed_at);
+        status.lower_token_expiration_seconds = next.lower;
+        status.earlier_tokens_expire_at = text(next.earlier_until);
+    }
+
+    pub(super) async fn rotating(&mut self) -> Result<Step, SigningRotationError> {
+        let from = self.book.status.from_version.unwrap_or(0);
+        let key = &self.plan.transit;
+        let mut meta = self.ctx.key.metadata(key).await?;
+        // NB: at most one pin and one rotate per step, each followed by a fresh read, so a call
+        // that timed out but landed is seen before anything is repeated.
+        if let Rotate::Pin(version) = decide_rotate(from, &meta) {
+            self.ctx.key.pin_signing(key, version).await?;
+            meta = self.ctx.key.metadata(key).await?;
+        }
+        if decide_rotate(from, &meta) == Rotate::Rotate {
+            self.ctx.key.rotate(key).await?;
+            meta = self.ctx.key.metadata(key).await?;
+        }
+        let Rotate::Done { to } = decide_rotate(from, &meta) else {
+            if self.waited() >= self.plan.rotate.timeout {
+                let message = format!(
+                    "Transit reports latest {} and min_encryption_version {} after pinning {from} and rotating",
+                    meta.latest, meta.min_encryption_version
+                );
+                return Ok(self.fail("RotateFailed", &message));
+            }
+            return Ok(self.wait("waiting for Transit to show the pin and the new version".into(), None));
+        };
+        let (Some(from_kid), Some(to_kid)) = (meta.kids.get(&from), meta.kids.get(&to)) else {
+            return Ok(self.fail("NoKid", &format!("Transit holds no public key for version {from} or {to}")));
+        };
+        self.book.status.from_kid = from_kid.clone();
+        self.book.status.to_kid = to_kid.clone();
+        self.book.status.to_version = Some(to);
+        self.book.events.push((
+            EventKind::Normal,
+            "Rotated",
+            format!("signing pinned to version {from}; version {to} created"),
+        ));
+        self.book.status.message = format!("version {to} made; publishing it");
+        self.book.enter(SigningPhase::Publishing);
+        Ok(Step::Again)
+    }
+
+    pub(super) async fn publishing(&mut self) -> Result<Step, SigningRotationError> {
+        let kid = self.book.status.to_kid.clone();
+        let signers = self.ctx.signer_reports(self.plan).await?;
+        let (published, hint) = judge_published(&signers, &kid);
+        if !published.done() {
+            // NB: a signer that stopped publishing (a new node, a restart) restarts the clock.
+            self.book.status.published_at.clear();
+        } else if self.book.status.published_at.is_empty() {
+            self.book.status.published_at = self.book.now_text();
+            self.book.events.push((
+                EventKind::Normal,
+                "Published",
+                format!("{} signers publish the new kid", published.total),
+            ));
+        }
+        let api_servers = self.ctx.fleet.api_servers().await;
+        self.track(&signers, &api_servers);
+        let (fetched, since) = match Self::seconds(&self.book.status.published_at) {
+            Some(at) => (
+                judge_fetched(&api_servers, at),
+                Some(self.book.elapsed_since(&self.book.status.published_at)),
+            ),
+            None => (Members::default(), None),
+        };
+        if fetched.done() {
+            if self.book.status.fetched_at.is_empty() {
+                self.book.status.fetched_at = self.book.now_text();
+            }
+        } else {
+            self.book.status.fetched_at.clear();
+        }
+        self.stragglers(&published, &fetched);
+        let evidence = PublishEvidence {
+            waited: self.waited(),
+            signers: published,
+            refresh_hint: hint,
+            api_servers: fetched,
+            since_published: since,
+        };
+        let decision = decide_publish(&self.plan.publish, evidence);
+        Ok(self.act(decision, "PublishTimeout", SigningPhase::Switching))
+    }
+
+    pub(super) async fn switching(&mut self) -> Result<Step, SigningRotationError> {
+        let to = self.book.status.to_version.unwrap_or(0);
+        let kid = self.book.status.to_kid.clone();
+        let key = &self.plan.transit;
+        let meta = self.ctx.key.metadata(key).await?;
+        if meta.min_encryption_version != to {
+            self.ctx.key.pin_signing(key, to).await?;
+            self.book.events.push((EventKind::Normal, "Pinned", format!("signing pinned to version {to}")));
+        }
+        let signers = self.ctx.signer_reports(self.plan).await?;
+        let signing = judge_signing(&signers, &kid);
+        let api_servers = self.ctx.fleet.api_servers().await;
+        self.track(&signers, &api_servers);
+        // NB: tokens are asked for only once every signer signs with the new kid: each one is a
+        // real token, and the signers' own word is the cheaper check.
+        let mut tokens = Members::default();
+        if signing.done() {
+            let kids = match &api_servers {
+                Ok(list) => {
+                    let mut kids = Vec::new();
+                    for server in list {
+                        let answer =
+                            self.ctx.fleet.token_kid(&server.address, &self.plan.switch.audience).await;
+                        kids.push((server.address.clone(), answer));
+                    }
+                    kids
+                }
+                Err(e) => vec![("API servers".to_owned(), Err(format!("cannot be listed: {e}")))],
+            };
+            tokens = judge_token_kids(&kids, &kid);
+        }
+        self.stragglers(&signing, &tokens);
+        let decision = decide_switch(self.plan.switch.timeout, self.waited(), &signing, &tokens);
+        if let Decision::Next(message) = &decision {
+            self.book.status.switched_at = self.book.now_text();
+            self.book.events.push((EventKind::Normal, "Switched", message.clone()));
+        }
+        Ok(self.act(decision, "SwitchTimeout", SigningPhase::Draining))
+    }
+
+    pub(super) async fn draining(&mut self) -> Result<Step, SigningRotationError> {
+        let signers = self.ctx.signer_reports(self.plan).await?;
+        let api_servers = self.ctx.fleet.api_servers().await;
+        self.track(&signers, &api_servers);
+        let switched = Self::seconds(&self.book.status.switched_at).unwrap_or(self.book.now().as_second());
+        let status = &self.book.status;
+        let expiration = Expiration {
+            bound: status.max_token_expiration_seconds,
+            changed_at: None,
+            lower: None,
+            earlier_until: Self::seconds(&status.earlier_tokens_expire_at),
+        };
+        let Some(until) = drain_until(switched, &expiration, self.plan.drain.skew) else {
+            let message = "no signer has reported max_token_expiration_seconds, so how long old tokens live is unknown; upgrade the signers";
+            self.book.stall("NoTokenLifetime", message);
+            return Ok(Step::Wait(self.ctx.poll));
+        };
+        self.book.status.drain_until = clock::seconds_text(until);
+        let now = self.book.now().as_second();
+        if now >= until {
+            self.book.status.message = "every token signed with the old key has expired".into();
+            self.book.enter(SigningPhase::Retiring);
+            return Ok(Step::Again);
+        }
+        let left = Duration::from_secs((until - now) as u64);
+        let mut message = format!("waiting {left:?} until tokens signed with the old key have expired");
+        if self.due() {
+            message.push_str(
+                "; the schedule came due, and its run starts once this one has retired the old key",
+            );
+        }
+        Ok(self.wait(message, Some(left)))
+    }
+
+    pub(super) async fn retiring(&mut self) -> Result<Step, SigningRotationError> {
+        let to = self.book.status.to_version.unwrap_or(0);
+        let key = &self.plan.transit;
+        let meta = self.ctx.key.metadata(key).await?;
+        if meta.min_decryption_version < to {
+            self.ctx.key.retire_below(key, to).await?;
+            self.book.status.retired_below = Some(to);
+            self.book.events.push((
+                EventKind::Normal,
+                "Retired",
+                format!("min_decryption_version raised to {to}"),
+            ));
+        }
+        let mut old: Vec<String> = meta.kids.range(..to).map(|(_, kid)| kid.clone()).collect();
+        if !self.book.status.from_kid.is_empty() && !old.contains(&self.book.status.from_kid) {
+            old.push(self.book.status.from_kid.clone());
+        }
+        let signers = self.ctx.signer_reports(self.plan).await?;
+        let retired = judge_retired(&signers, &old);
+        self.stragglers(&retired, &Members::default());
+        if retired.done() {
+            return Ok(self.finish());
+        }
+        let message = match retired.total {
+            0 => "no signer endpoints found".to_owned(),
+            _ => format!("waiting for signers to drop the old kid: {}", retired.lagging.join("; ")),
+        };
+        if self.waited() >= self.plan.retire.timeout {
+            return Ok(self.fail("RetireTimeout", &message));
+        }
+        Ok(self.wait(message, None))
+    }
+}
