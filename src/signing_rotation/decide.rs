@@ -356,3 +356,228 @@ pub fn judge_retired(reports: &SignerReports, old: &[String]) -> Members {
     }
     members
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        signer_status::{PublishedKey, SigningKey},
+        signing_rotation::FetchKeysMetrics,
+    };
+
+    fn key(latest: u64, min_enc: u64) -> SigningKeyState {
+        SigningKeyState {
+            latest,
+            min_encryption_version: min_enc,
+            min_decryption_version: 1,
+            kids: (1..=latest).map(|v| (v, format!("kid-{v}"))).collect(),
+        }
+    }
+
+    fn signer(signing: &str, published: &[&str]) -> SignerStatus {
+        SignerStatus {
+            signing: Some(SigningKey { version: 0, kid: signing.into(), alg: "ES256".into() }),
+            published: published
+                .iter()
+                .map(|k| PublishedKey {
+                    kid: (*k).into(),
+                    version: None,
+                    exclude_from_oidc_discovery: false,
+                    vanished_at: None,
+                })
+                .collect(),
+            refresh_hint_seconds: Some(60),
+            max_token_expiration_seconds: Some(3600),
+            ..SignerStatus::default()
+        }
+    }
+
+    fn server(address: &str, fetched: Option<f64>) -> ApiServerReport {
+        ApiServerReport {
+            address: address.into(),
+            metrics: Ok(FetchKeysMetrics { fetch_keys_success: fetched, process_start: Some(1.0) }),
+        }
+    }
+
+    #[test]
+    fn an_idle_policy_adopts_the_signing_version_then_starts_on_an_outside_version_a_request_or_the_schedule()
+    {
+        assert_eq!(decide_idle(None, &key(3, 2), true, true), Idle::Adopt(2));
+        assert_eq!(decide_idle(None, &key(3, 0), false, false), Idle::Adopt(3));
+        assert_eq!(
+            decide_idle(Some(2), &key(3, 2), true, true),
+            Idle::Start { trigger: "external", from: 2 }
+        );
+        assert_eq!(decide_idle(Some(3), &key(3, 3), true, true), Idle::Start { trigger: "request", from: 3 });
+        assert_eq!(
+            decide_idle(Some(3), &key(3, 3), false, true),
+            Idle::Start { trigger: "schedule", from: 3 }
+        );
+        assert_eq!(decide_idle(Some(3), &key(3, 3), false, false), Idle::Rest);
+    }
+
+    #[test]
+    fn rotate_pins_first_then_makes_a_version_only_while_none_is_above_from() {
+        assert_eq!(decide_rotate(3, &key(3, 0)), Rotate::Pin(3), "unpinned: pin before anything");
+        assert_eq!(decide_rotate(3, &key(4, 0)), Rotate::Pin(3), "a version made early is pinned away");
+        assert_eq!(decide_rotate(3, &key(3, 3)), Rotate::Rotate);
+        assert_eq!(
+            decide_rotate(3, &key(4, 3)),
+            Rotate::Done { to: 4 },
+            "a rotate that landed is not repeated"
+        );
+        assert_eq!(decide_rotate(3, &key(5, 3)), Rotate::Done { to: 5 });
+    }
+
+    fn plan() -> PublishPlan {
+        PublishPlan { margin: Duration::from_secs(300), timeout: Duration::from_secs(3600) }
+    }
+
+    #[test]
+    fn publish_needs_every_signer_every_fetch_and_the_refresh_hint_plus_margin() {
+        let signers = vec![
+            ("http://a".to_owned(), Ok(signer("kid-1", &["kid-1", "kid-2"]))),
+            ("http://b".to_owned(), Ok(signer("kid-1", &["kid-1"]))),
+            ("http://c".to_owned(), Err("HTTP 503".to_owned())),
+        ];
+        let (members, hint) = judge_published(&signers, "kid-2");
+        assert_eq!(hint, Some(60));
+        assert_eq!(members.lagging, ["http://b does not publish kid kid-2", "http://c: HTTP 503"]);
+
+        let servers = Ok(vec![
+            server("10.0.0.1:6443", Some(1001.0)),
+            server("10.0.0.2:6443", None),
+            server("10.0.0.3:6443", Some(1000.0)),
+        ]);
+        let fetched = judge_fetched(&servers, 1000);
+        assert_eq!(fetched.total, 3);
+        assert_eq!(fetched.lagging.len(), 2);
+        assert!(
+            fetched.lagging[0]
+                .starts_with("10.0.0.2:6443 exports no apiserver_externaljwt_fetch_keys_success_timestamp")
+        );
+        assert!(fetched.lagging[1].starts_with("10.0.0.3:6443 last fetched keys at"));
+        assert!(!judge_fetched(&Ok(vec![]), 1000).done(), "no API server proves nothing");
+
+        let done = Members { total: 2, lagging: vec![] };
+        let evidence = |signers: Members, servers: Members, since: u64, waited: u64| PublishEvidence {
+            waited: Duration::from_secs(waited),
+            signers,
+            refresh_hint: Some(60),
+            api_servers: servers,
+            since_published: Some(Duration::from_secs(since)),
+        };
+        assert_eq!(
+            decide_publish(&plan(), evidence(done.clone(), done.clone(), 100, 100)),
+            Decision::Wait {
+                message: "published and fetched; waiting 260s more so verifiers caching the key set (refresh hint 60s plus margin) have it".into(),
+                at_most: Some(Duration::from_secs(260)),
+            }
+        );
+        assert!(matches!(
+            decide_publish(&plan(), evidence(done.clone(), done.clone(), 360, 360)),
+            Decision::Next(_)
+        ));
+        assert!(
+            matches!(decide_publish(&plan(), evidence(done.clone(), fetched.clone(), 9999, 10)), Decision::Wait { message, .. } if message.contains("has not flipped"))
+        );
+        assert!(
+            matches!(decide_publish(&plan(), evidence(members, done, 9999, 3600)), Decision::Fail(m) if m.contains("http://b does not publish"))
+        );
+    }
+
+    #[test]
+    fn a_signer_without_a_refresh_hint_is_named() {
+        let mut old = signer("kid-1", &["kid-1", "kid-2"]);
+        old.refresh_hint_seconds = None;
+        let (members, hint) = judge_published(&[("http://a".to_owned(), Ok(old))], "kid-2");
+        assert_eq!(
+            (members.lagging, hint),
+            (vec!["http://a reports no refresh_hint_seconds".to_owned()], None)
+        );
+    }
+
+    #[test]
+    fn switch_needs_every_signer_and_every_api_servers_token_on_the_new_kid() {
+        let signers = vec![
+            ("http://a".to_owned(), Ok(signer("kid-2", &[]))),
+            ("http://b".to_owned(), Ok(signer("kid-1", &[]))),
+        ];
+        let signing = judge_signing(&signers, "kid-2");
+        assert_eq!(signing.lagging, ["http://b signs with kid kid-1"]);
+        let tokens = judge_token_kids(
+            &[("10.0.0.1:6443".into(), Ok("kid-2".into())), ("10.0.0.2:6443".into(), Ok("kid-1".into()))],
+            "kid-2",
+        );
+        assert_eq!(tokens.lagging, ["10.0.0.2:6443 issued a token with kid kid-1"]);
+        let all = Members { total: 2, lagging: vec![] };
+        let t = Duration::from_secs(1800);
+        assert!(
+            matches!(decide_switch(t, Duration::ZERO, &all, &tokens), Decision::Wait { message, .. } if message.contains("issued a token with kid kid-1"))
+        );
+        assert!(
+            matches!(decide_switch(t, t, &signing, &all), Decision::Fail(m) if m.contains("http://b signs with kid kid-1"))
+        );
+        assert!(matches!(decide_switch(t, Duration::ZERO, &all, &all), Decision::Next(_)));
+        assert!(!judge_token_kids(&[], "kid-2").done());
+    }
+
+    #[test]
+    fn the_bound_rises_at_once_and_lowers_only_once_every_api_server_restarted_after_the_change() {
+        let e = track_expiration(Expiration::default(), Some(3600), None, 100);
+        assert_eq!(
+            e,
+            Expiration { bound: Some(3600), changed_at: Some(100), lower: None, earlier_until: None }
+        );
+        assert_eq!(track_expiration(e, None, None, 200), e, "no report changes nothing");
+        let raised = track_expiration(e, Some(7200), None, 200);
+        assert_eq!((raised.bound, raised.changed_at), (Some(7200), Some(200)));
+
+        let lowered = track_expiration(raised, Some(600), Some(&[150.0, 250.0]), 300);
+        assert_eq!((lowered.bound, lowered.lower, lowered.changed_at), (Some(7200), Some(600), Some(300)));
+        let still = track_expiration(lowered, Some(600), Some(&[301.0, 250.0]), 400);
+        assert_eq!(
+            (still.bound, still.changed_at),
+            (Some(7200), Some(300)),
+            "one server started before the change"
+        );
+        assert_eq!(
+            track_expiration(lowered, Some(600), None, 400).bound,
+            Some(7200),
+            "an unknown start keeps it"
+        );
+        let adopted = track_expiration(lowered, Some(600), Some(&[301.0, 350.0]), 400);
+        assert_eq!(
+            adopted,
+            Expiration {
+                bound: Some(600),
+                changed_at: Some(300),
+                lower: None,
+                earlier_until: Some(400 + 7200)
+            }
+        );
+        let back = track_expiration(lowered, Some(7200), None, 500);
+        assert_eq!((back.bound, back.lower, back.changed_at), (Some(7200), None, Some(500)));
+    }
+
+    #[test]
+    fn drain_ends_after_the_bound_the_earlier_tokens_and_the_skew() {
+        let skew = Duration::from_secs(300);
+        let e = |bound, earlier| Expiration { bound, changed_at: None, lower: None, earlier_until: earlier };
+        assert_eq!(drain_until(1000, &e(None, None), skew), None);
+        assert_eq!(drain_until(1000, &e(Some(3600), None), skew), Some(1000 + 3600 + 300));
+        assert_eq!(drain_until(1000, &e(Some(60), None), skew), Some(1000 + 600 + 300), "never under 600 s");
+        assert_eq!(drain_until(1000, &e(Some(600), Some(9000)), skew), Some(9000 + 300));
+    }
+
+    #[test]
+    fn retire_waits_until_no_signer_publishes_an_old_kid() {
+        let signers = vec![
+            ("http://a".to_owned(), Ok(signer("kid-2", &["kid-2"]))),
+            ("http://b".to_owned(), Ok(signer("kid-2", &["kid-1", "kid-2"]))),
+        ];
+        let old = ["kid-1".to_owned()];
+        assert_eq!(judge_retired(&signers, &old).lagging, ["http://b still publishes kid kid-1"]);
+        assert!(judge_retired(&signers[..1], &old).done());
+    }
+}
