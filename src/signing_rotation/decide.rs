@@ -289,7 +289,8 @@ pub struct Expiration {
 /// then `MaxExpiration` set from `MaxTokenExpirationSeconds`), so a higher value is in effect
 /// at once where a server restarts, and a lower one only once every API server started after the
 /// change: `starts` holds every server's `process_start_time_seconds`, `None` when any is
-/// unknown. Lowering keeps the old bound's reach in `earlier_until`.
+/// unknown. Lowering keeps the old bound's reach in `earlier_until`: the latest start plus the
+/// old bound, since every process that read the old bound had been replaced by then.
 pub fn track_expiration(
     prev: Expiration,
     reported: Option<i64>,
@@ -317,16 +318,19 @@ pub fn track_expiration(
                 next.lower = Some(reported);
                 next.changed_at = Some(now);
             }
-            let since = next.changed_at.unwrap_or(now);
-            let all_restarted =
-                starts.is_some_and(|s| !s.is_empty() && s.iter().all(|start| *start > since as f64));
-            if all_restarted {
-                // NB: a token issued just before the change may live `bound` from now at most.
-                let reach = now.saturating_add(bound);
-                next.earlier_until = Some(prev.earlier_until.map_or(reach, |e| e.max(reach)));
-                next.bound = Some(reported);
-                next.lower = None;
-            }
+            let since = next.changed_at.unwrap_or(now) as f64;
+            let latest_start = match starts {
+                Some(s) if !s.is_empty() && s.iter().all(|start| *start > since) => {
+                    s.iter().copied().fold(f64::MIN, f64::max)
+                }
+                _ => return next,
+            };
+            // NB: a process that read the higher bound was replaced by the latest start at the
+            // latest, so its tokens live until then plus that bound at most.
+            let reach = (latest_start.ceil() as i64).min(now).saturating_add(bound);
+            next.earlier_until = Some(prev.earlier_until.map_or(reach, |e| e.max(reach)));
+            next.bound = Some(reported);
+            next.lower = None;
         }
     }
     next
@@ -553,7 +557,7 @@ mod tests {
                 bound: Some(600),
                 changed_at: Some(300),
                 lower: None,
-                earlier_until: Some(400 + 7200)
+                earlier_until: Some(350 + 7200)
             }
         );
         let back = track_expiration(lowered, Some(7200), None, 500);
