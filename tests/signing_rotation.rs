@@ -1,0 +1,570 @@
+//! The signing-key rotation loop on paused time: the policy, its status and the Events through
+//! the in-memory fake API server; the Transit key and the fleet (signers' `/status`, API servers'
+//! metrics and TokenRequests) through fakes of the loop's two seams.
+
+use kmsgate_testkit::{self as common, fake_api};
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use fake_api::{FakeApi, TestClock};
+use kmsgate::{
+    backend::BackendError,
+    clock::Clock,
+    crd::rotation::TransitKey,
+    k8s::Kube,
+    metrics::ControllerMetrics,
+    signer_status::{PublishedKey, SignerStatus, SigningKey},
+    signing_rotation::{
+        ApiServerReport, Context, FetchKeysMetrics, Fleet, SigningKeyAdmin, SigningKeyState, Step,
+    },
+};
+use serde_json::{Value, json};
+
+fn kid(version: u64) -> String {
+    format!("kid-{version}")
+}
+
+/// A Transit signing key: versions, `min_encryption_version`, `min_decryption_version`, with
+/// Transit's rules (openbao builtin/logical/transit/path_config.go, `pathKeysConfigWrite`: a
+/// `min_encryption_version` below `min_decryption_version` is refused; 0 means latest).
+#[derive(Debug, Default)]
+struct Key {
+    latest: u64,
+    min_encryption_version: u64,
+    min_decryption_version: u64,
+    /// Every call, in order: `rotate`, `pin N`, `retire N`.
+    calls: Vec<String>,
+    /// The next rotate lands in Transit but its answer is lost (a timeout).
+    lose_next_rotate_answer: bool,
+}
+
+#[derive(Clone)]
+struct FakeKey(Arc<Mutex<Key>>);
+
+impl FakeKey {
+    fn new(latest: u64) -> Self {
+        Self(Arc::new(Mutex::new(Key { latest, min_decryption_version: 1, ..Key::default() })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Key> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl SigningKeyAdmin for FakeKey {
+    async fn metadata(&self, _: &TransitKey) -> Result<SigningKeyState, BackendError> {
+        let k = self.lock();
+        Ok(SigningKeyState {
+            latest: k.latest,
+            min_encryption_version: k.min_encryption_version,
+            min_decryption_version: k.min_decryption_version,
+            kids: (1..=k.latest).map(|v| (v, kid(v))).collect(),
+        })
+    }
+
+    async fn rotate(&self, _: &TransitKey) -> Result<(), BackendError> {
+        let mut k = self.lock();
+        k.latest += 1;
+        k.calls.push("rotate".into());
+        if std::mem::take(&mut k.lose_next_rotate_answer) {
+            return Err(BackendError::Unavailable("deadline passed".into()));
+        }
+        Ok(())
+    }
+
+    async fn pin_signing(&self, _: &TransitKey, version: u64) -> Result<(), BackendError> {
+        let mut k = self.lock();
+        assert!(version >= k.min_decryption_version && version <= k.latest, "Transit refuses pin {version}");
+        k.min_encryption_version = version;
+        k.calls.push(format!("pin {version}"));
+        Ok(())
+    }
+
+    async fn retire_below(&self, _: &TransitKey, version: u64) -> Result<(), BackendError> {
+        let mut k = self.lock();
+        assert!(k.min_encryption_version == 0 || version <= k.min_encryption_version, "Transit refuses");
+        k.min_decryption_version = version;
+        k.calls.push(format!("retire {version}"));
+        Ok(())
+    }
+}
+
+/// One signer, by endpoint: by default it shows the key as it is now (it publishes every version
+/// from `min_decryption_version` up and signs with the pinned version).
+#[derive(Debug, Clone)]
+struct Signer {
+    /// Shows this snapshot instead of the key (a signer whose polls stopped).
+    frozen: Option<SignerStatus>,
+    /// `/status` cannot be read.
+    down: bool,
+    max_token_expiration_seconds: Option<i64>,
+}
+
+/// One API server, at its address, on the same node as the signer of the same index.
+#[derive(Debug, Clone)]
+struct Server {
+    address: String,
+    /// Verifies through the signer (`--service-account-signing-endpoint`); otherwise only
+    /// through its key files, so it exports no fetch-keys series.
+    flipped: bool,
+    /// `process_start_time_seconds`.
+    started: f64,
+    /// Its tokens carry this kid whatever the key says (a server still signing the old way).
+    token_kid: Option<String>,
+}
+
+#[derive(Default)]
+struct FleetState {
+    signers: BTreeMap<String, Signer>,
+    servers: Vec<Server>,
+    refresh_hint: i64,
+    /// TokenRequests sent, by address.
+    token_requests: Vec<String>,
+}
+
+#[derive(Clone)]
+struct FakeFleet {
+    key: FakeKey,
+    clock: Arc<TestClock>,
+    state: Arc<Mutex<FleetState>>,
+}
+
+impl FakeFleet {
+    fn new(key: &FakeKey, clock: Arc<TestClock>, signers: usize, max_token: i64) -> Self {
+        let start = clock.now().as_second() as f64 - 86_400.0;
+        let state = FleetState {
+            signers: (1..=signers)
+                .map(|i| {
+                    let signer =
+                        Signer { frozen: None, down: false, max_token_expiration_seconds: Some(max_token) };
+                    (format!("http://10.0.0.{i}:8789"), signer)
+                })
+                .collect(),
+            servers: (1..=signers)
+                .map(|i| Server {
+                    address: format!("10.0.0.{i}:6443"),
+                    flipped: true,
+                    started: start,
+                    token_kid: None,
+                })
+                .collect(),
+            refresh_hint: 60,
+            token_requests: Vec::new(),
+        };
+        Self { key: key.clone(), clock, state: Arc::new(Mutex::new(state)) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FleetState> {
+        self.state.lock().unwrap()
+    }
+
+    /// What a live signer shows now: the signer publishes every version from
+    /// `min_decryption_version` up and signs with `min_encryption_version` once pinned.
+    fn live(&self, signer: &Signer, refresh_hint: i64) -> SignerStatus {
+        let k = self.key.lock();
+        let signing = if k.min_encryption_version == 0 { k.latest } else { k.min_encryption_version };
+        SignerStatus {
+            signing: Some(SigningKey { version: signing, kid: kid(signing), alg: "ES256".into() }),
+            published: (k.min_decryption_version..=k.latest)
+                .map(|v| PublishedKey {
+                    kid: kid(v),
+                    version: Some(v),
+                    exclude_from_oidc_discovery: false,
+                    vanished_at: None,
+                })
+                .collect(),
+            max_token_expiration_seconds: signer.max_token_expiration_seconds,
+            refresh_hint_seconds: Some(refresh_hint),
+            ..SignerStatus::default()
+        }
+    }
+
+    /// Freezes signer `index` (from 1) at what it shows now.
+    fn freeze(&self, index: usize) {
+        let endpoint = format!("http://10.0.0.{index}:8789");
+        let snapshot = {
+            let state = self.lock();
+            self.live(&state.signers[&endpoint], state.refresh_hint)
+        };
+        self.lock().signers.get_mut(&endpoint).unwrap().frozen = Some(snapshot);
+    }
+
+    fn thaw(&self, index: usize) {
+        self.lock().signers.get_mut(&format!("http://10.0.0.{index}:8789")).unwrap().frozen = None;
+    }
+}
+
+impl Fleet for FakeFleet {
+    async fn signer_status(&self, endpoint: &str) -> Result<SignerStatus, String> {
+        let (signer, hint) = {
+            let state = self.lock();
+            let signer = state.signers.get(endpoint).cloned().ok_or("no such signer")?;
+            (signer, state.refresh_hint)
+        };
+        if signer.down {
+            return Err("connection refused".into());
+        }
+        Ok(signer.frozen.clone().unwrap_or_else(|| self.live(&signer, hint)))
+    }
+
+    async fn api_servers(&self) -> Result<Vec<ApiServerReport>, String> {
+        let now = self.clock.now().as_second();
+        let state = self.lock();
+        // The key cache refreshes at `NextRefreshHint`, the last fetch plus
+        // `refresh_hint_seconds` (kubernetes pkg/serviceaccount/externaljwt/plugin/keycache.go,
+        // `keyCache.scheduleSync` resets its timer to `NextRefreshHint`), and the success metric
+        // is set at each fetch (`recordFetchKeysAttempt`, the `fetch_keys_success_timestamp` gauge).
+        let last_fetch = (now - now.rem_euclid(state.refresh_hint)) as f64;
+        Ok(state
+            .servers
+            .iter()
+            .map(|s| ApiServerReport {
+                address: s.address.clone(),
+                metrics: Ok(FetchKeysMetrics {
+                    fetch_keys_success: s.flipped.then_some(last_fetch),
+                    process_start: Some(s.started),
+                }),
+            })
+            .collect())
+    }
+
+    async fn token_kid(&self, address: &str, audience: &str) -> Result<String, String> {
+        assert_eq!(audience, "kmsgate.io/signing-key-check");
+        let server = {
+            let mut state = self.lock();
+            state.token_requests.push(address.to_owned());
+            state.servers.iter().find(|s| s.address == address).cloned().ok_or("no such server")?
+        };
+        if let Some(kid) = server.token_kid {
+            return Ok(kid);
+        }
+        if !server.flipped {
+            // A server that has not flipped signs with `sa.key`, whose kid kube-apiserver derives
+            // itself (pkg/serviceaccount/jwt.go, `keyIDFromPublicKey`).
+            return Ok("sa-key-kid".into());
+        }
+        // A flipped server's token is signed by its own node's signer.
+        let index = self.lock().servers.iter().position(|s| s.address == address).unwrap() + 1;
+        let status = self.signer_status(&format!("http://10.0.0.{index}:8789")).await?;
+        Ok(status.signing.map(|s| s.kid).unwrap_or_default())
+    }
+}
+
+fn policy(extra: Value) -> Value {
+    let mut policy = json!({
+        "apiVersion": "kmsgate.io/v1alpha1",
+        "kind": "SigningKeyPolicy",
+        "metadata": {"name": "p", "resourceVersion": "1", "annotations": {"kmsgate.io/signer-rotate-requested": "now"}},
+        "spec": {
+            "transit": {"key": "sa-signing"},
+            "signers": {"endpoints": ["http://10.0.0.1:8789", "http://10.0.0.2:8789"]},
+        },
+        "status": {"knownVersion": 1, "nextRun": ""},
+    });
+    fake_api::merge(&mut policy, &extra);
+    policy
+}
+
+struct Rig {
+    fake: FakeApi,
+    key: FakeKey,
+    fleet: FakeFleet,
+}
+
+impl Rig {
+    async fn new(extra: Value, max_token: i64) -> Self {
+        common::init_crypto();
+        let fake = FakeApi::new("");
+        fake.set_policy(policy(extra)).await;
+        let key = FakeKey::new(1);
+        key.lock().min_encryption_version = 1;
+        let fleet = FakeFleet::new(&key, fake.clock.clone(), 2, max_token);
+        Self { fake, key, fleet }
+    }
+
+    /// A fresh context, as a restarted controller builds it.
+    fn context(&self) -> Context<FakeKey, FakeFleet> {
+        Context::new(
+            Kube::new(self.fake.client()),
+            self.key.clone(),
+            self.fleet.clone(),
+            Arc::new(ControllerMetrics::new()),
+            Duration::from_secs(30),
+        )
+        .with_clock(self.fake.clock.clone())
+    }
+
+    async fn phase(&self) -> String {
+        self.fake.status().await["phase"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Steps (sleeping on paused time through each wait) until the phase is `until` or the
+    /// policy rests; returns the status.
+    async fn step_until(&self, ctx: &Context<FakeKey, FakeFleet>, until: &str) -> Value {
+        for _ in 0..10_000 {
+            if self.phase().await == until {
+                break;
+            }
+            match ctx.step("p").await.unwrap() {
+                Step::Again => {}
+                Step::Wait(d) => tokio::time::sleep(d).await,
+                Step::Rest(_) => break,
+            }
+        }
+        self.fake.status().await
+    }
+
+    async fn events(&self) -> Vec<String> {
+        let state = self.fake.state.lock().await;
+        state.events.iter().map(|e| e["reason"].as_str().unwrap_or_default().to_owned()).collect()
+    }
+}
+
+fn seconds(text: &Value) -> i64 {
+    kmsgate::clock::parse_time(text.as_str().unwrap()).unwrap().as_second()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requested_run_goes_through_every_phase_and_drains_for_the_longest_token() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+
+    assert_eq!(status["phase"], "Idle", "{status:#}");
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    assert_eq!((status["fromVersion"].clone(), status["toVersion"].clone()), (json!(1), json!(2)));
+    assert_eq!((status["fromKid"].clone(), status["toKid"].clone()), (json!("kid-1"), json!("kid-2")));
+    assert_eq!(status["knownVersion"], 2);
+    assert_eq!(status["retiredBelow"], 2);
+    assert_eq!(status["handledRequest"], "now");
+    assert_eq!(status["maxTokenExpirationSeconds"], 3600);
+    {
+        let key = rig.key.lock();
+        assert_eq!(
+            key.calls,
+            ["rotate", "pin 2", "retire 2"],
+            "already pinned at 1: no pin before the rotate"
+        );
+        assert_eq!((key.latest, key.min_encryption_version, key.min_decryption_version), (2, 2, 2));
+    }
+
+    let published = seconds(&status["publishedAt"]);
+    let fetched = seconds(&status["fetchedAt"]);
+    let switched = seconds(&status["switchedAt"]);
+    let finished = seconds(&status["lastSuccess"]);
+    assert!(fetched > published, "the API servers fetched after the publication");
+    assert!(switched - published >= 60 + 300, "the refresh hint and the margin passed before the switch");
+    assert!(finished - switched >= 3600 + 300, "Drain waited for the longest token and the skew");
+    assert!(finished - switched >= 600);
+    let requests = rig.fleet.lock().token_requests.clone();
+    assert_eq!(requests, ["10.0.0.1:6443", "10.0.0.2:6443"], "one TokenRequest per API server, once");
+
+    let events = rig.events().await;
+    for reason in
+        ["Rotating", "Rotated", "Published", "Pinned", "Switched", "Draining", "Retired", "RotationFinished"]
+    {
+        assert!(events.iter().any(|e| e == reason), "no {reason} event in {events:?}");
+    }
+    let text = ctx.metrics.encode();
+    assert!(text.contains("kmsgate_signing_rotation_phase{phase=\"Idle\"} 1"), "{text}");
+    assert!(text.contains("kmsgate_signing_rotation_token_lifetime_bound_seconds 3600"), "{text}");
+    assert!(!text.contains("kid-"), "no kid in any metric");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unpinned_key_is_pinned_before_the_rotate() {
+    let rig = Rig::new(json!({}), 3600).await;
+    rig.key.lock().min_encryption_version = 0;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Publishing").await;
+    assert_eq!(rig.key.lock().calls, ["pin 1", "rotate"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_at_every_step_resumes_and_never_makes_a_second_version() {
+    let rig = Rig::new(json!({}), 3600).await;
+    rig.key.lock().lose_next_rotate_answer = true;
+    let mut phases = Vec::new();
+    for _ in 0..10_000 {
+        // Each step first runs in a controller that dies before its status write lands (the
+        // API server goes away after the read), then again in a fresh controller.
+        rig.fake.state.lock().await.crash_after =
+            Some("GET /apis/kmsgate.io/v1alpha1/signingkeypolicies/p".into());
+        let _ = rig.context().step("p").await;
+        rig.fake.recover().await;
+        let phase = rig.phase().await;
+        if phases.last() != Some(&phase) {
+            phases.push(phase);
+        }
+        match rig.context().step("p").await {
+            Ok(Step::Again) | Err(_) => {}
+            Ok(Step::Wait(d)) => tokio::time::sleep(d).await,
+            Ok(Step::Rest(_)) => break,
+        }
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    {
+        let key = rig.key.lock();
+        assert_eq!(key.latest, 2, "one new version, although the first rotate's answer was lost");
+        assert!(!key.lose_next_rotate_answer, "the lost answer was met");
+        assert_eq!(key.calls, ["rotate", "pin 2", "retire 2"], "each call once, though each step ran twice");
+        assert_eq!((key.min_encryption_version, key.min_decryption_version), (2, 2));
+    }
+    for phase in ["Rotating", "Publishing", "Switching", "Draining", "Retiring"] {
+        assert!(
+            rig.events().await.iter().any(|e| e == phase),
+            "the run passed through {phase} (seen as status: {phases:?})"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_straggling_signer_and_an_api_server_without_the_series_hold_publish_and_are_named() {
+    let rig = Rig::new(json!({}), 3600).await;
+    rig.fleet.freeze(2);
+    rig.fleet.lock().servers[1].flipped = false;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Publishing").await;
+    for _ in 0..5 {
+        ctx.step("p").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Publishing", "{status:#}");
+    assert_eq!(status["signerStragglers"], json!(["http://10.0.0.2:8789 does not publish kid kid-2"]));
+    assert!(status["publishedAt"].is_null(), "not every signer publishes it");
+
+    rig.fleet.thaw(2);
+    for _ in 0..5 {
+        ctx.step("p").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Publishing", "{status:#}");
+    assert!(status["signerStragglers"].is_null(), "{status:#}");
+    let named = status["apiServerStragglers"][0].as_str().unwrap();
+    assert!(
+        named.starts_with("10.0.0.2:6443 exports no apiserver_externaljwt_fetch_keys_success_timestamp"),
+        "{named}"
+    );
+    assert!(status["message"].as_str().unwrap().contains("has not flipped to the signer"));
+    assert!(status["fetchedAt"].is_null());
+
+    rig.fleet.lock().servers[1].flipped = true;
+    let status = rig.step_until(&ctx, "Switching").await;
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert!(status["fetchedAt"].is_string());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_api_server_whose_token_still_carries_the_old_kid_blocks_the_switch() {
+    let rig = Rig::new(json!({"spec": {"switch": {"timeout": "10m"}}}), 3600).await;
+    rig.fleet.lock().servers[0].token_kid = Some(kid(1));
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Switching").await;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert_eq!(status["apiServerStragglers"], json!(["10.0.0.1:6443 issued a token with kid kid-1"]));
+    assert!(status["switchedAt"].is_null());
+
+    let status = rig.step_until(&ctx, "Failed").await;
+    assert_eq!(
+        (status["phase"].clone(), status["failedPhase"].clone()),
+        (json!("Failed"), json!("Switching"))
+    );
+    assert!(status["message"].as_str().unwrap().contains("10.0.0.1:6443 issued a token with kid kid-1"));
+    assert!(rig.events().await.iter().any(|e| e == "SwitchTimeout"));
+
+    rig.fleet.lock().servers[0].token_kid = None;
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["metadata"]["annotations"]["kmsgate.io/signer-rotate-requested"] = json!("again");
+    rig.fake.set_policy(p).await;
+    let status = rig.step_until(&ctx, "Draining").await;
+    assert_eq!(status["phase"], "Draining", "a new request resumes at Switching: {status:#}");
+    assert_eq!(rig.key.lock().latest, 2);
+}
+
+/// A run from Idle whose status already keeps `bound` (reported `lower` now since `changed`),
+/// with both API servers started at `started` (seconds from the test's start); returns when
+/// Drain ends, after the switch and after the test's start.
+async fn drain_length(bound: i64, lower: i64, changed: i64, started: i64) -> (i64, i64) {
+    let rig = Rig::new(json!({}), lower).await;
+    let now = rig.fake.clock.now().as_second();
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["status"]["maxTokenExpirationSeconds"] = json!(bound);
+    p["status"]["lowerTokenExpirationSeconds"] = json!(lower);
+    p["status"]["maxTokenExpirationChangedAt"] = json!(kmsgate::clock::seconds_text(now + changed));
+    rig.fake.set_policy(p).await;
+    for server in &mut rig.fleet.lock().servers {
+        server.started = (now + started) as f64;
+    }
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Retiring").await;
+    let until = seconds(&status["drainUntil"]);
+    (until - seconds(&status["switchedAt"]), until - now)
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_keeps_the_largest_lifetime_until_every_api_server_restarted_after_it_was_lowered() {
+    let (day, hour) = (86_400, 3600);
+    assert_eq!(
+        drain_length(day, hour, -2 * day, -3 * day).await.0,
+        day + 300,
+        "the servers started before the signers lowered it: they still issue day-long tokens"
+    );
+    assert_eq!(
+        drain_length(day, hour, -3 * day, -2 * day).await.0,
+        hour + 300,
+        "every server restarted after the change, longer ago than a day"
+    );
+    let (after_switch, after_start) = drain_length(day, hour, -3 * day, -hour).await;
+    assert_eq!(
+        after_start,
+        day - hour + 300,
+        "restarted an hour ago: a day-long token from the process it replaced lives 23 h more"
+    );
+    assert!(after_switch > hour + 300);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspended_policy_holds_its_run_without_a_call() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Publishing").await;
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["spec"]["suspend"] = json!(true);
+    rig.fake.set_policy(p).await;
+    let calls = rig.key.lock().calls.len();
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+    tokio::time::sleep(Duration::from_secs(7200)).await;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Publishing");
+    assert_eq!(status["message"], "suspended by spec.suspend in Publishing");
+    let suspended =
+        status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Suspended").unwrap();
+    assert_eq!(suspended["status"], "True");
+    assert_eq!(rig.key.lock().calls.len(), calls, "no Transit call while suspended");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_schedule_that_comes_due_during_drain_starts_the_next_run_once_this_one_retired() {
+    let rig = Rig::new(json!({"spec": {"schedule": "1h"}}), 7200).await;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Draining").await;
+    let next_run = seconds(&status["nextRun"]);
+    assert!(next_run > seconds(&status["startedAt"]), "the run restarted the schedule's clock");
+    let status = rig.step_until(&ctx, "Retiring").await;
+    assert!(seconds(&status["drainUntil"]) > next_run, "the schedule came due during Drain");
+    assert_eq!(rig.key.lock().latest, 2, "no second run started during Drain");
+    let status = rig.step_until(&ctx, "Rotating").await;
+    assert_eq!(status["trigger"], "schedule", "{status:#}");
+    assert_eq!(status["fromVersion"], 2);
+    assert!(rig.events().await.iter().any(|e| e == "RotationFinished"));
+}
