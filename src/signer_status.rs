@@ -1,5 +1,5 @@
 //! The signer's `/status` document as far as another process relies on it: `signer` writes these
-//! fields and the signing-key rotation loop reads them, through one serde type.
+//! fields and the rotation controller (next) reads them, through one serde type.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,12 +59,11 @@ pub struct SignerStatus {
     /// Why no key signs, or kids vanished without being retired; `None` when all is well.
     #[serde(default)]
     pub conflict: Option<String>,
-    /// The Metadata `max_token_expiration_seconds` this signer answers; `None` from a signer that
-    /// predates the field.
+    /// The `max_token_expiration_seconds` Metadata answers: the longest token an API server that
+    /// read it issues. `None` from a signer that predates the field.
     #[serde(default)]
     pub max_token_expiration_seconds: Option<i64>,
-    /// The FetchKeys `refresh_hint_seconds` this signer answers; `None` from a signer that
-    /// predates the field.
+    /// The `refresh_hint_seconds` FetchKeys answers: how soon API servers read the keys again.
     #[serde(default)]
     pub refresh_hint_seconds: Option<i64>,
 }
