@@ -1,6 +1,6 @@
-//! `kmsgate controller`: Lease-based leader election around the rotation state machine and the
-//! token loops. Only the replica holding the Lease acts; losing it cuts the current step short,
-//! which is safe because every step resumes from the status.
+//! `kmsgate controller`: Lease-based leader election around the rotation state machine, the
+//! signing-key loop and the token loops. Only the replica holding the Lease acts; losing it cuts
+//! the current step short, which is safe because every step resumes from the status.
 
 use std::{
     future::Future,
@@ -17,6 +17,7 @@ use crate::{
     k8s::Kube,
     metrics::ControllerMetrics,
     rotation::{Context, KeyAdmin, Step},
+    signing_rotation::{self, Fleet, SigningKeyAdmin},
 };
 
 /// Keeps trying to take and renew a Lease; publishes whether this process holds it.
@@ -162,7 +163,7 @@ impl View {
     }
 }
 
-/// Runs the controller until `shutdown` completes.
+/// Runs the controller until `shutdown` completes, with no signing-key loop.
 pub async fn run<K: KeyAdmin + 'static>(
     ctx: Arc<Context<K>>,
     config: &ControllerConfig,
@@ -170,7 +171,21 @@ pub async fn run<K: KeyAdmin + 'static>(
     view: Arc<View>,
     shutdown: impl Future<Output = ()>,
 ) {
+    run_with_signing(ctx, config, holder, view, |_| std::future::pending(), shutdown).await;
+}
+
+/// Runs the controller until `shutdown` completes. `signing` builds the third loop (see
+/// [`follow_signing`]) from the Lease's watch, so all three loops act under one Lease.
+pub async fn run_with_signing<K: KeyAdmin + 'static, S: Future<Output = ()>>(
+    ctx: Arc<Context<K>>,
+    config: &ControllerConfig,
+    holder: String,
+    view: Arc<View>,
+    signing: impl FnOnce(watch::Receiver<bool>) -> S,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut leadership = Leadership::start(ctx.kube.clone(), config, holder.clone(), ctx.metrics.clone());
+    let signing_work = signing(leadership.subscribe());
     let tokens = crate::tokens::reconcile::TokenLoop {
         kube: ctx.kube.clone(),
         clock: Arc::new(crate::tokens::SystemClock),
@@ -222,11 +237,64 @@ pub async fn run<K: KeyAdmin + 'static>(
     tokio::select! {
         () = work => {}
         () = token_work => {}
+        () = signing_work => {}
         () = shutdown => tracing::info!("shutting down"),
     }
     // NB: the select dropped the work above, so nothing acts under the Lease once it is released.
     leadership.release().await;
     ctx.metrics.leader.set(0);
+}
+
+/// Steps SigningKeyPolicy `policy` while `leader` says this process holds the Lease; returns
+/// once the Lease campaign has ended. Losing the Lease cuts the current step short, which is safe
+/// because every step resumes from the status.
+pub async fn follow_signing<K: SigningKeyAdmin, F: Fleet>(
+    ctx: &signing_rotation::Context<K, F>,
+    policy: &str,
+    leader: watch::Receiver<bool>,
+) {
+    let lost = || {
+        let mut leader = leader.clone();
+        async move {
+            let _ = leader.wait_for(|held| !*held).await;
+        }
+    };
+    let mut errors = 0u32;
+    loop {
+        if leader.clone().wait_for(|held| *held).await.is_err() {
+            return;
+        }
+        tracing::info!(policy, "leading: following the signing-key policy");
+        loop {
+            let outcome = tokio::select! {
+                outcome = ctx.step(policy) => outcome,
+                () = lost() => break,
+            };
+            let wait = match outcome {
+                Ok(signing_rotation::Step::Again) => {
+                    errors = 0;
+                    continue;
+                }
+                Ok(signing_rotation::Step::Wait(wait) | signing_rotation::Step::Rest(wait)) => {
+                    errors = 0;
+                    wait
+                }
+                Err(e) => {
+                    errors += 1;
+                    tracing::warn!(policy, error = %crate::error::chain(&e), "signing-key step failed; retrying");
+                    Backoff::CALLS.delay(errors).min(ctx.poll)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = lost() => break,
+            }
+        }
+        tracing::warn!(policy, "lost the leader lease; the signing-key loop stopped acting");
+        if leader.has_changed().is_err() {
+            return;
+        }
+    }
 }
 
 /// Steps until the run that handles `request` has finished (Idle or Failed), calling `report`

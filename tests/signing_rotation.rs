@@ -568,3 +568,30 @@ async fn a_schedule_that_comes_due_during_drain_starts_the_next_run_once_this_on
     assert_eq!(status["fromVersion"], 2);
     assert!(rig.events().await.iter().any(|e| e == "RotationFinished"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_controller_steps_the_signing_policy_only_while_it_holds_the_lease() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = Arc::new(rig.context());
+    let (leader, lease) = tokio::sync::watch::channel(false);
+    let follow = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { kmsgate::controller::follow_signing(&ctx, "p", lease).await })
+    };
+    let reads = || async {
+        let state = rig.fake.state.lock().await;
+        state.log.iter().filter(|l| l.contains("signingkeypolicies")).count()
+    };
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(reads().await, 0, "no step without the Lease");
+    leader.send_replace(true);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(rig.phase().await, "Publishing", "leading: the requested run started");
+    leader.send_replace(false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_loss = reads().await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(reads().await, after_loss, "no step after the Lease was lost");
+    drop(leader);
+    follow.await.unwrap();
+}

@@ -14,6 +14,8 @@ pub struct ControllerConfig {
     pub policy: String,
     /// TokenPolicy name.
     pub token_policy: String,
+    /// SigningKeyPolicy name; `None`: no signing-key rotation.
+    pub signing_policy: Option<String>,
     /// The controller's own ServiceAccount, `namespace/name`.
     pub service_account: String,
     /// Lease namespace.
@@ -36,6 +38,13 @@ impl ControllerConfig {
         };
         let policy = name("controller.policy")?;
         let token_policy = name("controller.token_policy")?;
+        let signing_policy = match v.text("controller.signing_policy")?.unwrap_or_default() {
+            text if text.is_empty() => None,
+            text => {
+                object_name("controller.signing_policy", &text)?;
+                Some(text)
+            }
+        };
         let service_account = v.text("controller.service_account")?.unwrap_or_default();
         match service_account.split_once('/') {
             Some((ns, sa)) => {
@@ -47,6 +56,7 @@ impl ControllerConfig {
         let controller = Self {
             policy,
             token_policy,
+            signing_policy,
             service_account,
             lease_namespace: name("controller.lease_namespace")?,
             lease_name: name("controller.lease_name")?,

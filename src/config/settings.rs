@@ -328,6 +328,12 @@ pub const SETTINGS: &[Setting] = &[
         "controller: the TokenPolicy it follows (none there: token rotation idles)",
     ),
     setting(
+        "controller.signing_policy",
+        Str,
+        Unset,
+        "controller: the SigningKeyPolicy it follows; empty: no signing-key rotation",
+    ),
+    setting(
         "controller.service_account",
         Str,
         Value("kmsgate/kmsgate-controller"),

@@ -45,6 +45,13 @@ fn the_controller_may_use_kubernetes_auth_and_reads_etcd_settings() {
     assert_eq!(config.controller.lease_duration, Duration::from_secs(15));
     assert_eq!(config.controller.token_policy, "kmsgate");
     assert_eq!(config.controller.service_account, "kmsgate/kmsgate-controller");
+    assert_eq!(config.controller.signing_policy, None, "no signing-key loop unless named");
+    let signing = env(&[("KMSGATE_CONTROLLER_SIGNING_POLICY", "sa-signing")]);
+    let config = Config::load_as(Role::Controller, Some(&path), &set, &signing).unwrap();
+    assert_eq!(config.controller.signing_policy.as_deref(), Some("sa-signing"));
+    let bad = env(&[("KMSGATE_CONTROLLER_SIGNING_POLICY", "SA_Signing")]);
+    let refused = Config::load_as(Role::Controller, Some(&path), &set, &bad).unwrap_err();
+    assert!(refused.to_string().contains("controller.signing_policy"), "{refused}");
     let own = env(&[("KMSGATE_CONTROLLER_SERVICE_ACCOUNT", "platform/kmsgate")]);
     let config = Config::load_as(Role::Controller, Some(&path), &set, &own).unwrap();
     assert_eq!(config.controller.service_account, "platform/kmsgate");
