@@ -470,9 +470,12 @@ pub async fn serve_on<B: SigningBackend>(
             v1alpha1::external_jwt_signer_server::ExternalJwtSignerServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(socket::incoming(listener, spoken), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            socket::incoming(listener, spoken, socket::ConnectionLimits::DEFAULT),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(SignerError::Serve),
