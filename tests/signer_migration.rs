@@ -249,6 +249,12 @@ async fn migration_keeps_every_token_valid_on_every_server_at_every_step() {
     let probe = ExternalJwtApiServer::start(&signer.socket, Package::V1, ISSUER)
         .await
         .unwrap_or_else(|e| panic!("the stand-in starts: {e}\n{}", signer.log()));
+    // NB: the signer reads the key store before it binds its socket, but a first read that
+    // failed on a loaded machine would leave only sa.pub until the next poll.
+    eventually(WAIT, "FetchKeys lists the Transit version", async || {
+        probe.keys().iter().any(|k| k.kid == transit_kid)
+    })
+    .await;
     let served: Vec<String> = probe.keys().into_iter().map(|k| k.kid).collect();
     assert!(probe.keys().iter().all(|k| !k.exclude_from_oidc_discovery), "{:?}", probe.keys());
     assert_eq!(sorted(served.clone()), sorted(vec![transit_kid.clone(), pki.sa_kid.clone()]));
@@ -307,6 +313,16 @@ async fn without_step_0_a_flipped_servers_token_fails_on_an_unflipped_one() {
     let exported = export(&settings, &out, &[]);
     assert_eq!(exported, vec![kid_of(&from_b)]);
     pki.unflipped(&["sa.pub", "kmsgate-signer.pub"]).verify(&from_b).await.unwrap();
+
+    // Without --out the same file goes to stdout, and the summary to stderr.
+    let mut command = common::kmsgate_command();
+    command.args(["signer", "export-public-keys"]);
+    for (key, value) in &settings {
+        command.args(["--set", &format!("{key}={value}")]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.stdout, std::fs::read(&out).unwrap(), "stdout holds the key file alone");
 
     // A failing read leaves the file the servers read as it was.
     let before = std::fs::read(&out).unwrap();
@@ -377,6 +393,11 @@ async fn sa_key_imported_into_transit_signs_with_the_old_kid() {
     signer_settings.push(("signer.verify_keys".to_owned(), pki.path("sa.pub").display().to_string()));
     let signer = SignerProcess::start(work.path(), &signer_settings).await;
     let flipped = ExternalJwtApiServer::start(&signer.socket, Package::V1, ISSUER).await.unwrap();
+    // sa.pub and version 1 are one key: FetchKeys and the export list it once.
+    let kids: Vec<String> = flipped.keys().into_iter().map(|k| k.kid).collect();
+    assert_eq!(kids, vec![pki.sa_kid.clone()]);
+    let all = export(&signer_settings, &work.path().join("all.pub"), &["--include-verify-keys"]);
+    assert_eq!(all, kids);
     let token =
         eventually(WAIT, "a token from the flipped server", async || flipped.sign(&claims("b")).await).await;
     assert_eq!(kid_of(&token), pki.sa_kid, "Transit signs with the old kid");
