@@ -210,7 +210,8 @@ impl ApiServerAccess {
         let mut response =
             client.post(&url).bearer_auth(bearer.as_str()).json(&body).send().await.map_err(|e| chain(&e))?;
         let status = response.status();
-        let mut answer = Zeroizing::new(Vec::new());
+        // NB: sized up front so it never reallocates and leaves a copy of the token behind.
+        let mut answer = Zeroizing::new(Vec::with_capacity(MAX_TOKEN_ANSWER_BYTES));
         while let Some(chunk) = response.chunk().await.map_err(|e| chain(&e))? {
             if answer.len() + chunk.len() > MAX_TOKEN_ANSWER_BYTES {
                 return Err(format!("the TokenRequest answer is larger than {MAX_TOKEN_ANSWER_BYTES} bytes"));
