@@ -59,6 +59,13 @@ pub struct SignerStatus {
     /// Why no key signs, or kids vanished without being retired; `None` when all is well.
     #[serde(default)]
     pub conflict: Option<String>,
+    /// The `max_token_expiration_seconds` Metadata answers: the longest token an API server that
+    /// read it issues. `None` from a signer that predates the field.
+    #[serde(default)]
+    pub max_token_expiration_seconds: Option<i64>,
+    /// The `refresh_hint_seconds` FetchKeys answers: how soon API servers read the keys again.
+    #[serde(default)]
+    pub refresh_hint_seconds: Option<i64>,
 }
 
 #[cfg(test)]
@@ -76,7 +83,16 @@ mod tests {
         let status: SignerStatus = serde_json::from_value(doc).unwrap();
         assert_eq!(status.signing.unwrap().kid, "abc");
         assert_eq!(status.published[0].vanished_at, None);
+        assert_eq!(status.max_token_expiration_seconds, None, "a signer that predates the field");
         let empty: SignerStatus = serde_json::from_value(serde_json::json!({})).unwrap();
         assert!(empty.signing.is_none());
+        let timing: SignerStatus = serde_json::from_value(
+            serde_json::json!({"max_token_expiration_seconds": 86400, "refresh_hint_seconds": 60}),
+        )
+        .unwrap();
+        assert_eq!(
+            (timing.max_token_expiration_seconds, timing.refresh_hint_seconds),
+            (Some(86400), Some(60))
+        );
     }
 }

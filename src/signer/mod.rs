@@ -365,6 +365,8 @@ impl<B: SigningBackend> Shared<B> {
                 error: error.clone(),
             }),
             conflict,
+            max_token_expiration_seconds: Some(self.config.max_token_expiration_seconds()),
+            refresh_hint_seconds: Some(self.config.refresh_hint_seconds()),
         }
     }
 }
@@ -382,8 +384,6 @@ struct StatusPage<'a> {
     state_file_refused: Option<String>,
     rollback_refused: Option<serde_json::Value>,
     publish_lead_seconds: u64,
-    max_token_expiration_seconds: u64,
-    refresh_hint_seconds: u64,
     build: &'static crate::build_info::BuildInfo,
 }
 
@@ -414,8 +414,6 @@ impl<B: SigningBackend> HttpView for Shared<B> {
                 .rollback_refused
                 .map(|(signing, seen)| serde_json::json!({"signing": signing, "seen_latest": seen})),
             publish_lead_seconds: self.config.publish_lead.as_secs(),
-            max_token_expiration_seconds: self.config.max_token_expiration.as_secs(),
-            refresh_hint_seconds: self.config.refresh_hint.as_secs(),
             build: crate::build_info::BuildInfo::current(),
         };
         serde_json::to_value(page).unwrap_or_default()
