@@ -19,6 +19,10 @@ pub const CLAIMS_MAX_BYTES: usize = 64 * 1024;
 /// Longest kid kube-apiserver accepts (`validateJWTHeader`: "key id longer than 1 kb").
 pub const KID_MAX_BYTES: usize = 1024;
 
+/// Longest JWS header read to find a token's kid, in base64url bytes: kube-apiserver's headers
+/// (`alg`, `kid` up to 1 KiB, `typ`) stay well under it.
+pub const HEADER_MAX_BYTES: usize = 4096;
+
 /// A signing request or key could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -35,9 +39,27 @@ pub enum JwtError {
     /// The claims are longer than the cap.
     #[error("claims are {len} bytes, over the limit of {max}")]
     ClaimsTooLong { len: usize, max: usize },
+    /// A token's header is not URL-safe base64 without padding.
+    #[error("the token header is not URL-safe base64 without padding (the JWT's first segment)")]
+    HeaderEncoding,
+    /// A token's decoded header is not a JSON object.
+    #[error("the token header is not a JSON object")]
+    HeaderJson,
+    /// A token's header is longer than the cap.
+    #[error("the token header is over the limit of {max} bytes")]
+    HeaderTooLong { max: usize },
+    /// A token's header has no `kid`.
+    #[error("the token header has no kid")]
+    KidMissing,
+    /// A token's header has a `kid` that is not a string.
+    #[error("the token header's kid is not a string")]
+    KidNotString,
     /// A kid is empty or too long for kube-apiserver.
     #[error("key id is {0} bytes; kube-apiserver accepts 1 to 1024")]
     KidLength(usize),
+    /// A token is not three dot-separated segments (a compact JWS).
+    #[error("the token is not a compact JWS (three dot-separated segments)")]
+    NotCompact,
 }
 
 /// A JWS algorithm kube-apiserver accepts for service-account tokens (`validateJWTHeader`), and
@@ -356,6 +378,35 @@ pub fn header(alg: Alg, kid: &str) -> Result<String, JwtError> {
     Ok(URL_SAFE_NO_PAD.encode(json))
 }
 
+/// The `kid` of a compact JWS's header. Only the header is decoded, at most
+/// [`HEADER_MAX_BYTES`] of it, and no error carries any part of the token.
+pub fn header_kid(token: &str) -> Result<String, JwtError> {
+    let bytes = token.as_bytes();
+    // NB: look for the first dot within the cap only, so a long token without one is not scanned.
+    let end = bytes.iter().take(HEADER_MAX_BYTES + 1).position(|b| *b == b'.');
+    let header = match end {
+        Some(end) => &bytes[..end],
+        None if bytes.len() > HEADER_MAX_BYTES => {
+            return Err(JwtError::HeaderTooLong { max: HEADER_MAX_BYTES });
+        }
+        None => return Err(JwtError::NotCompact),
+    };
+    if bytes.iter().filter(|b| **b == b'.').count() != 2 {
+        return Err(JwtError::NotCompact);
+    }
+    let json = URL_SAFE_NO_PAD.decode(header).map_err(|_| JwtError::HeaderEncoding)?;
+    // NB: serde's messages quote what they reject; none is kept.
+    let value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| JwtError::HeaderJson)?;
+    let kid = match value.get("kid") {
+        None => return Err(JwtError::KidMissing),
+        Some(serde_json::Value::String(kid)) => kid.clone(),
+        Some(_) => return Err(JwtError::KidNotString),
+    };
+    check_kid(&kid)?;
+    Ok(kid)
+}
+
 /// The bytes a signature covers: `header "." claims`, both already base64url.
 pub fn signing_input(header: &str, claims: &str) -> Vec<u8> {
     let mut input = Vec::with_capacity(header.len() + 1 + claims.len());
@@ -382,6 +433,44 @@ fn short(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_kid_reads_the_kid_of_a_compact_jws_and_names_every_problem_without_the_token() {
+        let b64 = |json: &str| URL_SAFE_NO_PAD.encode(json);
+        let secret = "c2VjcmV0LWNsYWltcy10aGF0LW11c3Qtbm90LWxlYWs";
+        let token = |header: &str| format!("{header}.{secret}.c2lnbmF0dXJl");
+        let good = header(Alg::Es256, "kid-1").unwrap();
+        assert_eq!(header_kid(&token(&good)).unwrap(), "kid-1");
+
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(r#"{"alg":"ES256","kid":"k1"}"#);
+        assert!(padded.ends_with('='));
+        let cases = [
+            (token(&padded), JwtError::HeaderEncoding),
+            (token("not*base64"), JwtError::HeaderEncoding),
+            (token(&b64("kid: k")), JwtError::HeaderJson),
+            (token(&b64(r#"["kid"]"#)), JwtError::HeaderJson),
+            (token(&b64(r#"{"alg":"ES256"}"#)), JwtError::KidMissing),
+            (token(&b64(r#"{"kid":7}"#)), JwtError::KidNotString),
+            (token(&b64(r#"{"kid":""}"#)), JwtError::KidLength(0)),
+            (token(&"A".repeat(HEADER_MAX_BYTES + 1)), JwtError::HeaderTooLong { max: HEADER_MAX_BYTES }),
+            ("A".repeat(HEADER_MAX_BYTES * 4), JwtError::HeaderTooLong { max: HEADER_MAX_BYTES }),
+            (format!("{good}.{secret}"), JwtError::NotCompact),
+            (format!("{good}.{secret}.x.y"), JwtError::NotCompact),
+            (good.clone(), JwtError::NotCompact),
+            (String::new(), JwtError::NotCompact),
+        ];
+        for (bad, expected) in cases {
+            let err = header_kid(&bad).unwrap_err();
+            assert_eq!(err, expected, "{bad}");
+            let said = format!("{err} {err:?}");
+            assert!(!said.contains(secret) && !said.contains("kid-1") && !said.contains("k1"), "{said}");
+        }
+        // A kid at kube-apiserver's limit is read; one past it is refused.
+        let longest = header(Alg::Es256, &"k".repeat(KID_MAX_BYTES)).unwrap();
+        assert_eq!(header_kid(&token(&longest)).unwrap().len(), KID_MAX_BYTES);
+        let over = b64(&format!(r#"{{"kid":"{}"}}"#, "k".repeat(KID_MAX_BYTES + 1)));
+        assert_eq!(header_kid(&token(&over)).unwrap_err(), JwtError::KidLength(KID_MAX_BYTES + 1));
+    }
 
     fn b64(s: &str) -> String {
         URL_SAFE_NO_PAD.encode(s)

@@ -310,6 +310,18 @@ enum SignerAction {
         #[command(subcommand)]
         action: SignerKeyringAction,
     },
+    /// Write the key store's public keys (min_decryption_version to latest) as a
+    /// --service-account-key-file for API servers not (or no longer) using the signer.
+    ExportPublicKeys {
+        /// Write here (atomically, mode 0644) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Append the keys of signer.verify_keys (the old sa.pub) too.
+        #[arg(long)]
+        include_verify_keys: bool,
+        #[command(flatten)]
+        config: SignerArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -639,6 +651,25 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let config = args.load().map_err(usage)?;
             telemetry::init(&config.log.level, config.log.json);
             commands::signer(config).await.map_err(run)
+        }
+        Command::Signer(SignerCommand {
+            action: Some(SignerAction::ExportPublicKeys { out, include_verify_keys, config }),
+            ..
+        }) => {
+            let config = config.load().map_err(usage)?;
+            telemetry::init(&config.log.level, config.log.json);
+            let exported =
+                commands::signer_keys::export_public_keys(&config, out.as_deref(), include_verify_keys)
+                    .await
+                    .map_err(run)?;
+            // NB: stderr, so stdout holds the key file alone.
+            let target = out.as_deref().map_or("stdout".into(), |p| p.display().to_string());
+            eprintln!("exported {} public key(s) to {target}:", exported.keys.len());
+            for (version, kid) in exported.keys {
+                let from = version.map_or("signer.verify_keys".into(), |v| format!("version {v}"));
+                eprintln!("  {kid}  {from}");
+            }
+            Ok(())
         }
         Command::Signer(SignerCommand { action: Some(SignerAction::Keyring { action }), .. }) => {
             signer_keyring(action).map_err(|e| match e {

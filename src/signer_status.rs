@@ -83,7 +83,16 @@ mod tests {
         let status: SignerStatus = serde_json::from_value(doc).unwrap();
         assert_eq!(status.signing.unwrap().kid, "abc");
         assert_eq!(status.published[0].vanished_at, None);
+        assert_eq!(status.max_token_expiration_seconds, None, "a signer that predates the field");
         let empty: SignerStatus = serde_json::from_value(serde_json::json!({})).unwrap();
         assert!(empty.signing.is_none());
+        let timing: SignerStatus = serde_json::from_value(
+            serde_json::json!({"max_token_expiration_seconds": 86400, "refresh_hint_seconds": 60}),
+        )
+        .unwrap();
+        assert_eq!(
+            (timing.max_token_expiration_seconds, timing.refresh_hint_seconds),
+            (Some(86400), Some(60))
+        );
     }
 }

@@ -285,9 +285,29 @@ fn rbac_grants_exactly_what_the_code_calls() {
         rbac::assert_allowed(&[line.to_owned()], kmsgate::k8s::RBAC, kmsgate::k8s::RBAC_NON_RESOURCE)
     };
     check("POST /api/v1/namespaces/ci/serviceaccounts/builder/token");
+    check("POST /api/v1/namespaces/kmsgate/serviceaccounts/kmsgate-controller/token");
     check("WATCH /api/v1/secrets");
     check("PATCH /apis/kmsgate.io/v1alpha1/tokenpolicies/kmsgate/status");
     check("GET /metrics");
+}
+
+#[test]
+fn the_controller_may_ask_for_tokens_of_its_own_account_alone_in_its_namespace() {
+    let roles: Vec<Role> = documents("deploy/controller/rbac.yaml")
+        .into_iter()
+        .filter(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "kmsgate")
+        .map(|d| serde_json::from_value(d).unwrap())
+        .collect();
+    let token_rules: Vec<&PolicyRule> = roles
+        .iter()
+        .flat_map(|r| r.rules.iter().flatten())
+        .filter(|r| r.resources.iter().flatten().any(|res| res == "serviceaccounts/token"))
+        .collect();
+    assert_eq!(token_rules.len(), 1, "{token_rules:?}");
+    let rule = token_rules[0];
+    assert_eq!(rule.resource_names.as_deref(), Some(&["kmsgate-controller".to_owned()][..]));
+    assert_eq!(rule.verbs, ["create"]);
+    assert_eq!(rule.resources.as_deref(), Some(&["serviceaccounts/token".to_owned()][..]));
 }
 
 #[test]

@@ -344,6 +344,69 @@ async fn the_signer_identity_signs_and_reads_its_key_and_nothing_else() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_controller_rotates_pins_and_retires_the_signing_key_and_nothing_else() {
+    let bao = Bao::start().await;
+    bao.post("transit/keys/other-signer", json!({"type": "ecdsa-p256"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let said = script(&bao, "setup.sh", &["--signer-key", "sa", "--signer-type", "rsa-2048"], dir.path());
+    assert!(said.contains("kmsgate-controller-signer"), "{said}");
+    let created = bao
+        .post(
+            "auth/token/create",
+            json!({"policies": ["kmsgate-controller-signer"], "no_default_policy": true, "ttl": "1h"}),
+        )
+        .await;
+    let token = created["auth"]["client_token"].as_str().unwrap().to_owned();
+    let t = token.as_str();
+    // The rotation's own calls, in its order: read, pin, rotate, switch, retire, unpin.
+    for (method, path, body) in [
+        ("GET", "transit/keys/sa", Value::Null),
+        ("POST", "transit/keys/sa/config", json!({"min_encryption_version": 1})),
+        ("POST", "transit/keys/sa/rotate", json!({})),
+        ("POST", "transit/keys/sa/config", json!({"min_encryption_version": 2})),
+        ("POST", "transit/keys/sa/config", json!({"min_decryption_version": 2})),
+        ("POST", "transit/keys/sa/config", json!({"min_encryption_version": 0})),
+    ] {
+        let (status, answer) = call(&bao, t, method, path, body).await;
+        assert!(ok(status), "the controller must {method} {path}: {answer}");
+    }
+    let key = bao.get("transit/keys/sa").await;
+    assert_eq!(
+        (&key["data"]["latest_version"], &key["data"]["min_decryption_version"]),
+        (&json!(2), &json!(2))
+    );
+    let mut sign = sign_body();
+    sign["key_version"] = 2.into();
+    for (method, path, body) in [
+        ("POST", "transit/keys/sa/config", json!({"deletion_allowed": true})),
+        ("POST", "transit/keys/sa/config", json!({"exportable": true})),
+        ("POST", "transit/keys/sa/config", json!({"min_encryption_version": 2, "auto_rotate_period": "1h"})),
+        ("POST", "transit/keys/sa/trim", json!({"min_available_version": 2})),
+        ("DELETE", "transit/keys/sa", Value::Null),
+        ("GET", "transit/backup/sa", Value::Null),
+        ("GET", "transit/export/public-key/sa", Value::Null),
+        ("POST", "transit/sign/sa", sign.clone()),
+        ("POST", "transit/keys/other-signer/rotate", json!({})),
+        ("GET", "transit/keys/other-signer", Value::Null),
+        ("POST", "transit/keys/kmsgate-signer/rotate", json!({})),
+        ("POST", "transit/keys/kmsgate/rotate", json!({})),
+        ("POST", "transit/encrypt/kmsgate", json!({"plaintext": "aGVsbG8="})),
+        ("POST", "transit/keys/new-key", json!({"type": "ecdsa-p256"})),
+        ("LIST", "transit/keys", Value::Null),
+        ("GET", "sys/policies/acl/kmsgate-controller-signer", Value::Null),
+    ] {
+        let (status, answer) = call(&bao, t, method, path, body).await;
+        assert_eq!(status, 403, "the controller must not {method} {path}: {answer}");
+    }
+    // Without --signer there is no such policy: the controller gets no right on a signing key.
+    let bare = Bao::start().await;
+    script(&bare, "setup.sh", &[], dir.path());
+    let (status, _) =
+        call(&bare, &bare.token, "GET", "sys/policies/acl/kmsgate-controller-signer", Value::Null).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn setup_makes_the_signer_key_of_the_asked_type_and_refuses_another_by_name() {
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -424,6 +424,9 @@ async fn status_readyz_and_metrics_report_the_signing_key_and_the_last_poll() {
     assert!(status.last_poll.unwrap().ok);
     assert_eq!(status.data_timestamp.as_deref(), Some("2027-01-15T08:00:00Z"));
     assert_eq!(status.conflict, None);
+    // What Metadata and FetchKeys answer, for the rotation's Drain and Publish waits.
+    assert_eq!(status.max_token_expiration_seconds, Some(24 * 3600));
+    assert_eq!(status.refresh_hint_seconds, Some(60));
     assert_eq!(doc["publish_lead_seconds"], LEAD);
     assert_eq!(doc["served_from_disk"], false);
     assert_eq!(get(view.clone(), "/readyz").await.0, 200);

@@ -14,7 +14,7 @@ use kmsgate::{
     backend::{BackendError, SigningBackend},
     jwt::{self, KeyType},
     metrics::{AddressLabels, VaultMetrics},
-    transit::{SigningTransit, VaultClient},
+    transit::{SigningTransit, Transit, VaultClient, read_signing_key},
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -157,6 +157,55 @@ async fn keys_of_other_types_are_refused_by_name() {
     }
     let (store, _) = store(&bao, dir.path(), "missing", KeyType::EcdsaP256);
     assert!(matches!(store.metadata(soon()).await, Err(BackendError::KeyNotFound(_))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rotation_reads_any_signing_key_and_pins_unpins_and_raises_its_floors() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = VaultClient::new(&bao.vault_settings(dir.path()), VaultMetrics::default()).unwrap();
+    bao.post("transit/keys/rsa", json!({ "type": "rsa-3072" })).await;
+    bao.post("transit/keys/ed", json!({ "type": "ed25519" })).await;
+    let (found, metadata) = read_signing_key(&client, "transit", "rsa", soon()).await.unwrap();
+    assert_eq!(found, KeyType::Rsa3072, "the type comes from the key");
+    assert_eq!(metadata.public_keys[&1].alg, jwt::Alg::Rs256);
+    for (key, named) in [("ed", "type \"ed25519\""), ("kmsgate", "type \"aes256-gcm96\"")] {
+        let err = read_signing_key(&client, "transit", key, soon()).await.unwrap_err();
+        assert!(matches!(&err, BackendError::Misconfigured(m) if m.contains(named)), "{key}: {err}");
+    }
+    let err = read_signing_key(&client, "transit", "missing", soon()).await.unwrap_err();
+    assert!(matches!(err, BackendError::KeyNotFound(_)), "{err}");
+
+    bao.post("transit/keys/sa", json!({ "type": "ecdsa-p256" })).await;
+    bao.post("transit/keys/sa/rotate", json!({})).await;
+    bao.post("transit/keys/sa/rotate", json!({})).await;
+    let key = Transit::new(client.clone(), "test-bao", "", "transit", "sa");
+    let floors = || async {
+        let (_, m) = read_signing_key(&client, "transit", "sa", soon()).await.unwrap();
+        (m.key.min_encryption_version, m.key.min_decryption_version)
+    };
+    key.set_min_encryption_version(2, soon()).await.unwrap();
+    assert_eq!(floors().await, (2, 1), "pinned");
+    key.set_min_encryption_version(0, soon()).await.unwrap();
+    assert_eq!(floors().await, (0, 1), "unpinned");
+    key.set_min_encryption_version(3, soon()).await.unwrap();
+    key.set_min_decryption_version(3, soon()).await.unwrap();
+    assert_eq!(floors().await, (3, 3), "the floor raised after the switch");
+
+    // A pin below the floor, or above the latest version, is refused and says which rule.
+    for version in [2, 4] {
+        let err = key.set_min_encryption_version(version, soon()).await.unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, BackendError::Rejected(_)), "{message}");
+        assert!(
+            message.contains(&format!("min_encryption_version {version}"))
+                && message.contains("min_decryption_version"),
+            "{message}"
+        );
+    }
+    let err = key.set_min_encryption_version(2, soon()).await.unwrap_err().to_string();
+    assert!(err.contains("must be greater than or equal to min decryption version of 3"), "{err}");
+    assert_eq!(floors().await, (3, 3), "a refused pin changes nothing");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,7 +15,9 @@
 #   --kubernetes-host URL   also configure Kubernetes auth for the controller (role kmsgate-controller,
 #   --kubernetes-ca FILE    ServiceAccount kmsgate/kmsgate-controller); both or neither
 #   --signer                also set up `kmsgate signer`: its signing key, policy kmsgate-signer, and
-#                           per NODE an AppRole kmsgate-signer-NODE whose credentials go to OUT/NODE/signer/
+#                           per NODE an AppRole kmsgate-signer-NODE whose credentials go to OUT/NODE/signer/;
+#                           and policy kmsgate-controller-signer (the controller's rotation of that key),
+#                           added to the controller's Kubernetes auth role
 #   --signer-key NAME       its Transit key (default kmsgate-signer; implies --signer)
 #   --signer-type TYPE      the key's type when setup.sh creates it: ecdsa-p256 (default), ecdsa-p384,
 #                           ecdsa-p521, rsa-2048, rsa-3072 or rsa-4096 (implies --signer)
@@ -76,7 +78,7 @@ mounted() {
   grep -q "\"$2/\"" <<<"$listing"
 }
 policy() { sed -e "s#\"transit/#\"$MOUNT/#g" -e "s#/kmsgate\"#/$KEY\"#g" -e "s#/kmsgate/#/$KEY/#g" "$here/$1"; }
-signer_policy() { sed -e "s#\"transit/#\"$MOUNT/#g" -e "s#/kmsgate-signer\"#/$SIGNER_KEY\"#g" "$here/signer-policy.hcl"; }
+signer_policy() { sed -e "s#\"transit/#\"$MOUNT/#g" -e "s#/kmsgate-signer\"#/$SIGNER_KEY\"#g" -e "s#/kmsgate-signer/#/$SIGNER_KEY/#g" "$here/$1"; }
 
 # Transit and the key (an existing key is kept as it is).
 if ! mounted secrets "$MOUNT"; then
@@ -100,7 +102,8 @@ if [ -n "$SIGNER" ]; then
   else
     "$BAO" write "$MOUNT/keys/$SIGNER_KEY" type="$SIGNER_TYPE" >/dev/null
   fi
-  signer_policy | "$BAO" policy write kmsgate-signer - >/dev/null
+  signer_policy signer-policy.hcl | "$BAO" policy write kmsgate-signer - >/dev/null
+  signer_policy controller-signer-policy.hcl | "$BAO" policy write kmsgate-controller-signer - >/dev/null
 fi
 
 if [ ${#NODES[@]} -gt 0 ]; then
@@ -144,13 +147,15 @@ if [ -n "$K8S_HOST" ]; then
     "$BAO" auth enable kubernetes >/dev/null
   fi
   "$BAO" write auth/kubernetes/config kubernetes_host="$K8S_HOST" kubernetes_ca_cert=@"$K8S_CA" >/dev/null
+  controller_policies=kmsgate-controller
+  if [ -n "$SIGNER" ]; then controller_policies="$controller_policies,kmsgate-controller-signer"; fi
   "$BAO" write auth/kubernetes/role/kmsgate-controller \
     bound_service_account_names=kmsgate-controller bound_service_account_namespaces=kmsgate \
-    token_policies=kmsgate-controller token_no_default_policy=true token_ttl=1h token_max_ttl=4h >/dev/null
-  echo "kubernetes auth: role kmsgate-controller for kmsgate/kmsgate-controller"
+    token_policies="$controller_policies" token_no_default_policy=true token_ttl=1h token_max_ttl=4h >/dev/null
+  echo "kubernetes auth: role kmsgate-controller for kmsgate/kmsgate-controller (policies $controller_policies)"
 fi
 if [ -n "$SIGNER" ]; then
-  echo "done: mount $MOUNT, key $KEY, signing key $SIGNER_KEY ($SIGNER_TYPE), policies kmsgate-plugin, kmsgate-controller and kmsgate-signer"
+  echo "done: mount $MOUNT, key $KEY, signing key $SIGNER_KEY ($SIGNER_TYPE), policies kmsgate-plugin, kmsgate-controller, kmsgate-signer and kmsgate-controller-signer"
 else
   echo "done: mount $MOUNT, key $KEY, policies kmsgate-plugin and kmsgate-controller"
 fi

@@ -1,6 +1,7 @@
 //! The commands behind the command line; main.rs parses and dispatches to these.
 
 pub mod rotation;
+pub mod signer_keys;
 pub mod tokens;
 
 use std::{path::Path, time::Duration};
@@ -115,6 +116,13 @@ pub enum CommandError {
     /// The plugin's socket could not be reached.
     #[error("{0}")]
     PluginUnreachable(String),
+    /// An output file could not be written.
+    #[error("write {}: {source}", path.display())]
+    WriteFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CommandError {
@@ -150,7 +158,7 @@ impl CommandError {
             Self::Tokens(crate::tokens::TokenError::Kube(e)) => kube(e),
             Self::Tokens(crate::tokens::TokenError::Journal(_)) => false,
             Self::Tokens(_) => true,
-            Self::Refused(_) | Self::Selftest => false,
+            Self::Refused(_) | Self::Selftest | Self::WriteFile { .. } => false,
         }
     }
 }

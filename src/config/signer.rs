@@ -68,6 +68,17 @@ pub struct SignerConfig {
 }
 
 impl SignerConfig {
+    /// Metadata's `max_token_expiration_seconds`, as the signer answers and reports it.
+    pub fn max_token_expiration_seconds(&self) -> i64 {
+        i64::try_from(self.max_token_expiration.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// FetchKeys' `refresh_hint_seconds`, as the signer answers and reports it (at least 1, which
+    /// kube-apiserver requires).
+    pub fn refresh_hint_seconds(&self) -> i64 {
+        i64::try_from(self.refresh_hint.as_secs()).unwrap_or(i64::MAX).max(1)
+    }
+
     /// Reads `signer.*`; `backend_kind` is `backend.kind`, the default key store.
     pub(super) fn read(v: &Values, backend_kind: &str) -> Result<Self, ConfigError> {
         let kind = v.nonempty("signer.backend")?.unwrap_or_else(|| backend_kind.to_owned());

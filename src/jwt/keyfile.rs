@@ -87,6 +87,27 @@ pub fn public_keys(pem: &[u8]) -> Result<Vec<PublicKey>, KeyFileError> {
     Ok(keys)
 }
 
+/// `keys` as a file `--service-account-key-file` reads: one `PUBLIC KEY` block (PKIX DER, padded
+/// standard base64 in 64-column lines, as Go's `pem.Encode` writes it) per key, in the given
+/// order, with nothing between or around the blocks. keyutil `ParsePublicKeysPEM` (client-go
+/// `util/keyutil/key.go`) reads each block's bytes with `x509.ParsePKIXPublicKey` whatever its
+/// label, so this is the form it reads first; [`public_keys`] reads it back to the same keys.
+/// Public keys only: nothing of a private key can reach this function's input.
+pub fn to_pem(keys: &[PublicKey]) -> String {
+    let mut out = String::new();
+    for key in keys {
+        out.push_str("-----BEGIN PUBLIC KEY-----\n");
+        let body = STANDARD.encode(&key.der);
+        // NB: base64 is ASCII, so every 64-byte chunk is valid UTF-8.
+        for line in body.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END PUBLIC KEY-----\n");
+    }
+    out
+}
+
 /// One PEM block: its label and its decoded bytes, which may be a private key.
 struct Block {
     label: String,
@@ -337,6 +358,20 @@ mod tests {
         let body: String =
             std::str::from_utf8(&pkix).unwrap().lines().filter(|l| !l.starts_with("-----")).collect();
         assert_eq!(one("p256-pkix").der, STANDARD.decode(body).unwrap());
+    }
+
+    #[test]
+    fn written_keys_read_back_to_the_same_kids_in_order() {
+        let keys = [one("rsa-pkcs1"), one("p256-sec1"), one("p384-sec1"), one("p521-sec1")];
+        let pem = to_pem(&keys);
+        assert_eq!(pem.matches("-----BEGIN PUBLIC KEY-----\n").count(), 4);
+        assert!(pem.lines().all(|l| l.len() <= 64), "64 columns, as pem.Encode");
+        assert!(pem.starts_with("-----BEGIN") && pem.ends_with("-----END PUBLIC KEY-----\n"), "no comments");
+        let back = public_keys(pem.as_bytes()).unwrap();
+        assert_eq!(back, keys);
+        // The same DER as openssl's `pkey -pubout` for the RSA key.
+        assert_eq!(back[0].der, one("rsa-pkix").der);
+        assert_eq!(to_pem(&[]), "");
     }
 
     #[test]

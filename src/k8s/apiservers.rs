@@ -44,6 +44,21 @@ const MAX_LINE: usize = 4096;
 /// The metric each API server sets when a Status call returns a key_id.
 pub const STATUS_METRIC: &str = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds";
 
+/// When the API server last fetched the signer's keys successfully, in Unix seconds: an unlabeled
+/// gauge set to the current time on each successful FetchKeys
+/// (pkg/serviceaccount/externaljwt/metrics/metrics.go, `lastKeyFetchTimeStamp`, set by
+/// `RecordFetchKeysAttempt`). Absent on a server not configured for an external signer.
+pub const FETCH_KEYS_SUCCESS_METRIC: &str = "apiserver_externaljwt_fetch_keys_success_timestamp";
+
+/// When the API server process started, in Unix seconds: an unlabeled gauge
+/// (staging/src/k8s.io/component-base/metrics/processstarttime.go, `processStartTime`, and the
+/// Prometheus process collector, prometheus/client_golang prometheus/process_collector.go,
+/// `NewProcessCollector`, `startTime`).
+pub const PROCESS_START_METRIC: &str = "process_start_time_seconds";
+
+/// Longest TokenRequest answer read: a token of a few KiB in a small object.
+const MAX_TOKEN_ANSWER_BYTES: usize = 64 * 1024;
+
 /// One API server identity Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityLease {
@@ -141,6 +156,77 @@ impl ApiServerAccess {
 
     /// The `STATUS_METRIC` lines of the API server at `address`, read with a time and size bound.
     pub async fn status_metric_lines(&self, address: SocketAddr) -> Result<String, String> {
+        self.metric_lines(address, &[STATUS_METRIC]).await
+    }
+
+    /// The sample lines of the metrics `names` (exact names) from the `/metrics` of the API
+    /// server at `address`, read with a time and size bound.
+    pub async fn metric_lines(&self, address: SocketAddr, names: &[&str]) -> Result<String, String> {
+        let client = self.client(address)?;
+        let url = format!("https://{SERVICE_NAME}:{}/metrics", address.port());
+        let token = self.token()?;
+        let mut response =
+            client.get(&url).bearer_auth(token.as_str()).send().await.map_err(|e| chain(&e))?;
+        if !response.status().is_success() {
+            return Err(format!("/metrics answered HTTP {}", response.status()));
+        }
+        let mut scanner = LineScanner::new(names);
+        while let Some(chunk) = response.chunk().await.map_err(|e| chain(&e))? {
+            scanner.feed(&chunk)?;
+        }
+        Ok(scanner.finish())
+    }
+
+    /// Asks the API server at `address` for a token of `namespace/service_account` (a
+    /// TokenRequest for `audience`, lasting `expiration_seconds`, at least 600 upstream) and
+    /// returns only the kid of its header: which key that server signs with now. The token is
+    /// held in zeroized memory and dropped here; no error carries it.
+    pub async fn token_kid_at(
+        &self,
+        address: SocketAddr,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        expiration_seconds: i64,
+    ) -> Result<String, String> {
+        for (what, name) in [("namespace", namespace), ("service account", service_account)] {
+            if !is_object_name(name) {
+                return Err(format!("{what} {name:?} is not a valid object name"));
+            }
+        }
+        let client = self.client(address)?;
+        let url = format!(
+            "https://{SERVICE_NAME}:{}/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            address.port()
+        );
+        // authentication/v1 TokenRequest (staging/src/k8s.io/api/authentication/v1/types.go,
+        // `TokenRequestSpec`: `audiences`, `expirationSeconds`).
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": { "audiences": [audience], "expirationSeconds": expiration_seconds },
+        });
+        let bearer = self.token()?;
+        let mut response =
+            client.post(&url).bearer_auth(bearer.as_str()).json(&body).send().await.map_err(|e| chain(&e))?;
+        let status = response.status();
+        // NB: sized up front so it never reallocates and leaves a copy of the token behind.
+        let mut answer = Zeroizing::new(Vec::with_capacity(MAX_TOKEN_ANSWER_BYTES));
+        while let Some(chunk) = response.chunk().await.map_err(|e| chain(&e))? {
+            if answer.len() + chunk.len() > MAX_TOKEN_ANSWER_BYTES {
+                return Err(format!("the TokenRequest answer is larger than {MAX_TOKEN_ANSWER_BYTES} bytes"));
+            }
+            answer.extend_from_slice(&chunk);
+        }
+        if !status.is_success() {
+            // NB: a refusal is a Status object, which carries no token.
+            return Err(format!("TokenRequest answered HTTP {status}: {}", status_message(&answer)));
+        }
+        token_kid(&answer)
+    }
+
+    /// A client for the one API server at `address`, with the cluster CA and time bounds.
+    fn client(&self, address: SocketAddr) -> Result<reqwest::Client, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -149,7 +235,7 @@ impl ApiServerAccess {
             .with_no_client_auth();
         // NB: the name is resolved to this one address, so SNI and the certificate check use
         // the Service name while the connection goes to the server itself.
-        let client = reqwest::Client::builder()
+        reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .resolve(SERVICE_NAME, address)
             .connect_timeout(Duration::from_secs(3))
@@ -158,20 +244,83 @@ impl ApiServerAccess {
             .no_proxy()
             .http1_only()
             .build()
-            .map_err(|e| e.to_string())?;
-        let url = format!("https://{SERVICE_NAME}:{}/metrics", address.port());
-        let token = self.token()?;
-        let mut response =
-            client.get(&url).bearer_auth(token.as_str()).send().await.map_err(|e| chain(&e))?;
-        if !response.status().is_success() {
-            return Err(format!("/metrics answered HTTP {}", response.status()));
-        }
-        let mut scanner = LineScanner::default();
-        while let Some(chunk) = response.chunk().await.map_err(|e| chain(&e))? {
-            scanner.feed(&chunk)?;
-        }
-        Ok(scanner.finish())
+            .map_err(|e| e.to_string())
     }
+}
+
+/// The kid of the token in a TokenRequest answer; the token never leaves zeroized memory.
+fn token_kid(answer: &[u8]) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        status: TokenStatus,
+    }
+    #[derive(serde::Deserialize)]
+    struct TokenStatus {
+        token: Zeroizing<String>,
+    }
+    // NB: serde's messages may quote what they reject; none is kept.
+    let answer: Answer = serde_json::from_slice(answer)
+        .map_err(|_| "the TokenRequest answer has no status.token string".to_owned())?;
+    crate::jwt::header_kid(&answer.status.token).map_err(|e| format!("the issued token: {e}"))
+}
+
+/// The `message` of a Kubernetes Status answer, clipped; or that there is none.
+fn status_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        message: String,
+    }
+    match serde_json::from_slice::<Status>(body) {
+        Ok(status) => crate::error::clipped(status.message, 300),
+        Err(_) => "no Status message".to_owned(),
+    }
+}
+
+/// Whether `name` can be a namespace or ServiceAccount name in a request path (an RFC 1123
+/// subdomain: lower-case letters, digits, `-` and `.`, at most 253 bytes).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// The value of the first sample of metric `name` (exact name) in Prometheus text-format
+/// `lines`: `name value [timestamp]`, or `name{labels} value [timestamp]`. `None` when there is
+/// no such sample or its value is not a finite number.
+pub fn gauge(lines: &str, name: &str) -> Option<f64> {
+    lines.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let rest = match rest.strip_prefix('{') {
+            Some(labels) => &labels[label_set_end(labels)?..],
+            None if rest.starts_with([' ', '\t']) => rest,
+            None => return None,
+        };
+        let value: f64 = rest.split_ascii_whitespace().next()?.parse().ok()?;
+        value.is_finite().then_some(value)
+    })
+}
+
+/// The index just past the `}` that closes a label set (after its `{`), skipping quoted values,
+/// which may hold `}` and escaped quotes.
+fn label_set_end(labels: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (at, c) in labels.char_indices() {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => quoted = !quoted,
+            (false, _, '}') => return Some(at + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The metric name of a sample line: up to its labels or its value.
+fn metric_name(line: &[u8]) -> &[u8] {
+    let end = line.iter().position(|b| matches!(b, b'{' | b' ' | b'\t')).unwrap_or(line.len());
+    &line[..end]
 }
 
 /// An error and its causes on one line (reqwest's own message omits the cause: timeout, TLS).
@@ -193,17 +342,21 @@ fn read_file(path: &std::path::Path, max: u64) -> Result<Zeroizing<Vec<u8>>, Str
     crate::files::read_capped(path, max).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Keeps the `STATUS_METRIC` lines of a metrics body fed in chunks, and fails past
+/// Keeps the sample lines of the wanted metrics from a metrics body fed in chunks, and fails past
 /// [`MAX_METRICS_BYTES`].
-#[derive(Default)]
-struct LineScanner {
+struct LineScanner<'a> {
+    names: &'a [&'a str],
     read: usize,
     line: Vec<u8>,
     overlong: bool,
     kept: String,
 }
 
-impl LineScanner {
+impl<'a> LineScanner<'a> {
+    fn new(names: &'a [&'a str]) -> Self {
+        Self { names, read: 0, line: Vec::new(), overlong: false, kept: String::new() }
+    }
+
     fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.read += chunk.len();
         if self.read > MAX_METRICS_BYTES {
@@ -223,7 +376,7 @@ impl LineScanner {
 
     fn end_line(&mut self) {
         if !self.overlong
-            && self.line.starts_with(STATUS_METRIC.as_bytes())
+            && self.names.iter().any(|n| metric_name(&self.line) == n.as_bytes())
             && let Ok(text) = std::str::from_utf8(&self.line)
         {
             self.kept.push_str(text);
@@ -363,20 +516,87 @@ mod tests {
     #[test]
     fn the_scanner_keeps_only_the_status_metric_across_chunks_and_stops_at_the_bound() {
         let body = format!("a 1\n{STATUS_METRIC}{{x=\"1\"}} 2\nb 3\n{STATUS_METRIC}{{x=\"2\"}} 4");
-        let mut scanner = LineScanner::default();
+        let mut scanner = LineScanner::new(&[STATUS_METRIC]);
         for chunk in body.as_bytes().chunks(7) {
             scanner.feed(chunk).unwrap();
         }
         assert_eq!(scanner.finish(), format!("{STATUS_METRIC}{{x=\"1\"}} 2\n{STATUS_METRIC}{{x=\"2\"}} 4\n"));
-        let mut scanner = LineScanner::default();
+        let mut scanner = LineScanner::new(&[STATUS_METRIC]);
         let big = vec![b'a'; 1 << 20];
         let fed: Result<Vec<()>, String> = (0..33).map(|_| scanner.feed(&big)).collect();
         assert!(fed.unwrap_err().contains("larger than"));
-        let mut scanner = LineScanner::default();
+        let mut scanner = LineScanner::new(&[STATUS_METRIC]);
         let mut long = STATUS_METRIC.as_bytes().to_vec();
         long.extend(vec![b'x'; MAX_LINE]);
         scanner.feed(&long).unwrap();
         assert_eq!(scanner.finish(), "", "an overlong line is dropped, not cut");
+    }
+
+    #[test]
+    fn gauge_reads_a_sample_with_or_without_labels_and_a_timestamp() {
+        // As Go's text encoder writes the two upstream gauges (unlabeled, `%e`-style floats).
+        let text = format!(
+            "# HELP {FETCH_KEYS_SUCCESS_METRIC} [ALPHA] Unix Timestamp in seconds of the last successful FetchKeys request\n\
+             # TYPE {FETCH_KEYS_SUCCESS_METRIC} gauge\n\
+             {FETCH_KEYS_SUCCESS_METRIC} 1.7331234567891e+09\n\
+             {PROCESS_START_METRIC} 1.73312e+09 1733123456789\n\
+             labelled{{a=\"x}} y\",b=\"q\\\"}}\"}} 7\n\
+             nan_gauge NaN\n"
+        );
+        assert_eq!(gauge(&text, FETCH_KEYS_SUCCESS_METRIC), Some(1.7331234567891e9));
+        assert_eq!(gauge(&text, PROCESS_START_METRIC), Some(1.73312e9), "a timestamp is not the value");
+        assert_eq!(gauge(&text, "labelled"), Some(7.0), "a brace inside a quoted label value");
+        assert_eq!(gauge(&text, "nan_gauge"), None);
+        assert_eq!(gauge(&text, "apiserver_externaljwt_fetch_keys"), None, "a prefix is not the name");
+        assert_eq!(gauge(&text, "absent"), None);
+        assert_eq!(gauge("m{a=\"1\"", "m"), None, "an unclosed label set");
+        assert_eq!(gauge("m\t2", "m"), Some(2.0));
+        assert_eq!(gauge("m", "m"), None);
+    }
+
+    #[test]
+    fn the_scanner_keeps_exactly_the_named_metrics() {
+        let body = format!(
+            "{FETCH_KEYS_SUCCESS_METRIC} 1\n{FETCH_KEYS_SUCCESS_METRIC}_other 2\n{PROCESS_START_METRIC} 3\n\
+             # TYPE {PROCESS_START_METRIC} gauge\nx 4"
+        );
+        let mut scanner = LineScanner::new(&[FETCH_KEYS_SUCCESS_METRIC, PROCESS_START_METRIC]);
+        scanner.feed(body.as_bytes()).unwrap();
+        assert_eq!(scanner.finish(), format!("{FETCH_KEYS_SUCCESS_METRIC} 1\n{PROCESS_START_METRIC} 3\n"));
+    }
+
+    #[test]
+    fn the_kid_of_an_issued_token_is_read_and_the_token_never_reaches_an_error() {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let secret = "c2VjcmV0LWNsYWltcw";
+        let header = crate::jwt::header(crate::jwt::Alg::Es256, "kid-7").unwrap();
+        let answer = |token: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                "status": {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"},
+            }))
+            .unwrap()
+        };
+        assert_eq!(token_kid(&answer(&format!("{header}.{secret}.c2ln"))).unwrap(), "kid-7");
+        let no_kid = URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256"}"#);
+        for bad in [
+            answer(&format!("{no_kid}.{secret}.c2ln")),
+            answer(&format!("{header}.{secret}")),
+            serde_json::to_vec(&serde_json::json!({"status": {"token": 7, "x": secret}})).unwrap(),
+            format!("{{\"status\": {{\"token\": \"{header}.{secret}.").into_bytes(),
+        ] {
+            let err = token_kid(&bad).unwrap_err();
+            assert!(!err.contains(secret) && !err.contains(&header), "{err}");
+        }
+        assert_eq!(
+            status_message(br#"{"kind":"Status","message":"serviceaccounts \"x\" is forbidden"}"#),
+            "serviceaccounts \"x\" is forbidden"
+        );
+        assert_eq!(status_message(b"<html>"), "no Status message");
+        assert!(is_object_name("kmsgate-controller") && is_object_name("kube-system"));
+        for bad in ["", "a/b", "A", "x?y", "..%2f", &"a".repeat(254)] {
+            assert!(!is_object_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -30,8 +30,8 @@ mod tokens;
 
 pub use access::Review;
 pub use apiservers::{
-    ApiServerAccess, ApiServerAddresses, IdentityLease, MAX_API_SERVERS, SERVICE_NAME, STATUS_METRIC,
-    api_servers_on_key, sha256_label,
+    ApiServerAccess, ApiServerAddresses, FETCH_KEYS_SUCCESS_METRIC, IdentityLease, MAX_API_SERVERS,
+    PROCESS_START_METRIC, SERVICE_NAME, STATUS_METRIC, api_servers_on_key, gauge, sha256_label,
 };
 pub use bounded::{Bounded, MAX_BODY_BYTES};
 pub use jobs::{JobState, MigrationState};

@@ -375,9 +375,12 @@ pub async fn serve<B: Backend>(
             KeyManagementServiceServer::new(service::KmsService::new(shared.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(socket::incoming(listener, spoken.clone()), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            socket::incoming(listener, spoken.clone(), socket::ConnectionLimits::DEFAULT),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(PluginError::Serve),

@@ -12,12 +12,13 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{UnixListener, UnixStream},
-    sync::watch,
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
 
 use crate::{
@@ -152,22 +153,57 @@ fn bind_path(path: &Path, config: &SocketConfig) -> Result<(StdListener, SocketG
     Ok((listener, SocketGuard { path: Some((path.to_owned(), meta.dev(), meta.ino())) }))
 }
 
-/// Accepted connections. Accept errors (EMFILE at the descriptor limit, ENOBUFS) are waited
-/// out with backoff instead of retried at once, which spun a core while Status starved.
-/// `spoken` counts the open connections that have sent at least one byte.
+/// How many connections a socket holds, and how long one may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// The most connections open at once; one more waits in the listen backlog until another
+    /// closes. kube-apiserver keeps one gRPC connection per configured KMS provider (or signer
+    /// endpoint), so a node needs a handful.
+    pub max_connections: usize,
+    /// How long an accepted connection may send nothing before it is closed: a connection that
+    /// never speaks holds a slot and no call.
+    pub first_byte_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// The limits both servers use.
+    pub const DEFAULT: Self = Self { max_connections: 64, first_byte_timeout: Duration::from_secs(10) };
+}
+
+/// Accepted connections, at most `limits.max_connections` open at once. Accept errors (EMFILE at
+/// the descriptor limit, ENOBUFS) are waited out with backoff instead of retried at once, which
+/// spun a core while Status starved. `spoken` counts the open connections that have sent at
+/// least one byte.
 pub fn incoming(
     listener: UnixListener,
     spoken: Arc<watch::Sender<usize>>,
+    limits: ConnectionLimits,
 ) -> impl futures::Stream<Item = std::io::Result<Conn>> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     futures::stream::unfold(
-        (listener, spoken, AcceptBackoff::default()),
-        |(l, spoken, mut backoff)| async move {
+        (listener, spoken, AcceptBackoff::default(), slots),
+        move |(l, spoken, mut backoff, slots)| async move {
+            if slots.available_permits() == 0 {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "gRPC socket: every connection slot is taken; new connections wait until one closes"
+                );
+            }
+            // NB: the semaphore is never closed, so acquiring fails only if it were; then stop
+            // accepting rather than accept without a bound.
+            let slot = slots.clone().acquire_owned().await.ok()?;
             loop {
                 match l.accept().await {
                     Ok((io, _)) => {
                         backoff.reset();
-                        let conn = Conn { io, spoken: spoken.clone(), spoke: false };
-                        return Some((Ok(conn), (l, spoken, backoff)));
+                        let conn = Conn {
+                            io,
+                            spoken: spoken.clone(),
+                            spoke: false,
+                            silent_until: Some(Box::pin(tokio::time::sleep(limits.first_byte_timeout))),
+                            _slot: slot,
+                        };
+                        return Some((Ok(conn), (l, spoken, backoff, slots)));
                     }
                     Err(e) => backoff.wait("gRPC socket", &e).await,
                 }
@@ -183,6 +219,10 @@ pub struct Conn {
     io: UnixStream,
     spoken: Arc<watch::Sender<usize>>,
     spoke: bool,
+    /// Until the first byte: when the connection is closed for saying nothing.
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its connection slot, given back when the connection closes.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Drop for Conn {
@@ -211,7 +251,17 @@ impl AsyncRead for Conn {
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
         if !self.spoke && buf.filled().len() > before {
             self.spoke = true;
+            self.silent_until = None;
             self.spoken.send_modify(|n| *n += 1);
+        }
+        if result.is_pending()
+            && let Some(silent_until) = self.silent_until.as_mut()
+            && silent_until.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "the connection sent nothing within the first-byte timeout",
+            )));
         }
         result
     }
@@ -308,6 +358,76 @@ mod tests {
     fn config(path: &Path) -> SocketConfig {
         let set = vec![("plugin.socket".to_owned(), path.display().to_string())];
         Config::load(None, &set, &std::collections::HashMap::new()).unwrap().plugin.socket
+    }
+
+    /// Accepts from `path` under `limits`, handing each connection to the returned channel.
+    fn accept_into_channel(
+        path: &Path,
+        limits: ConnectionLimits,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<std::io::Result<Conn>> {
+        use futures::StreamExt;
+        let (listener, guard) = bind(&config(path)).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut conns = std::pin::pin!(incoming(listener, Arc::new(watch::Sender::new(0)), limits));
+            while let Some(conn) = conns.next().await {
+                if tx.send(conn).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_says_nothing_is_closed_after_the_first_byte_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        let limits = ConnectionLimits { max_connections: 4, first_byte_timeout: Duration::from_millis(200) };
+        let mut accepted = accept_into_channel(&path, limits);
+
+        let _silent = UnixStream::connect(&path).await.unwrap();
+        let mut conn = accepted.recv().await.unwrap().unwrap();
+        // NB: the outer timeout only turns a missing first-byte timeout into a failure, not a hang.
+        let read = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut [0u8; 16])).await;
+        let err = read.expect("the silent connection was never closed").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut);
+
+        // NB: one that speaks keeps its connection past the timeout.
+        let mut talker = UnixStream::connect(&path).await.unwrap();
+        let mut conn = accepted.recv().await.unwrap().unwrap();
+        talker.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 1];
+        conn.read_exact(&mut buf).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        talker.write_all(b"y").await.unwrap();
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"y");
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_the_cap_waits_until_another_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        let limits = ConnectionLimits { max_connections: 1, first_byte_timeout: Duration::from_secs(3600) };
+        let mut accepted = accept_into_channel(&path, limits);
+
+        let _first = UnixStream::connect(&path).await.unwrap();
+        let held = accepted.recv().await.unwrap().unwrap();
+        let mut second = UnixStream::connect(&path).await.unwrap();
+        second.write_all(b"x").await.unwrap();
+        // NB: a wrong answer here (accepted at once) fails at any speed; a slow machine can only
+        // make this check pass later, never fail.
+        let early = tokio::time::timeout(Duration::from_millis(300), accepted.recv()).await;
+        assert!(early.is_err(), "the second connection was accepted while the only slot was held");
+        drop(held);
+        let mut conn = accepted.recv().await.unwrap().unwrap();
+        let mut buf = [0u8; 1];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"x");
     }
 
     #[tokio::test]

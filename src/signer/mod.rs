@@ -365,8 +365,8 @@ impl<B: SigningBackend> Shared<B> {
                 error: error.clone(),
             }),
             conflict,
-            max_token_expiration_seconds: i64::try_from(self.config.max_token_expiration.as_secs()).ok(),
-            refresh_hint_seconds: i64::try_from(self.config.refresh_hint.as_secs()).ok(),
+            max_token_expiration_seconds: Some(self.config.max_token_expiration_seconds()),
+            refresh_hint_seconds: Some(self.config.refresh_hint_seconds()),
         }
     }
 }
@@ -468,9 +468,12 @@ pub async fn serve_on<B: SigningBackend>(
             v1alpha1::external_jwt_signer_server::ExternalJwtSignerServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(socket::incoming(listener, spoken), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            socket::incoming(listener, spoken, socket::ConnectionLimits::DEFAULT),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(SignerError::Serve),

@@ -146,8 +146,7 @@ impl<B: SigningBackend> SignerService<B> {
                         .unwrap_or(0),
                     nanos: 0,
                 };
-                let hint =
-                    i64::try_from(self.shared.config.refresh_hint.as_secs()).unwrap_or(i64::MAX).max(1);
+                let hint = self.shared.config.refresh_hint_seconds();
                 Ok((keys, timestamp, hint))
             }
             _ => Err(Status::unavailable(
@@ -164,7 +163,7 @@ impl<B: SigningBackend> SignerService<B> {
 
     fn max_token_expiration(&self) -> i64 {
         self.record("Metadata", tonic::Code::Ok, std::time::Duration::ZERO);
-        i64::try_from(self.shared.config.max_token_expiration.as_secs()).unwrap_or(i64::MAX)
+        self.shared.config.max_token_expiration_seconds()
     }
 
     fn record(&self, method: &'static str, code: tonic::Code, elapsed: std::time::Duration) {

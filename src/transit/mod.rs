@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 pub use client::VaultClient;
 pub use error::ClientError;
-pub use signing::SigningTransit;
+pub use signing::{SigningTransit, read_signing_key};
 
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
@@ -98,6 +98,28 @@ impl Transit {
         self.call(Method::POST, &path, Some(body), deadline).await.map(drop)
     }
 
+    /// Sets `min_encryption_version`: `version` pins signing or encryption to that version and
+    /// newer, 0 unpins. Transit refuses a pin below `min_decryption_version` or above the latest
+    /// version; both come back as [`BackendError::Rejected`] naming the floors.
+    pub async fn set_min_encryption_version(
+        &self,
+        version: u64,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let path = format!("{}/keys/{}/config", self.scope.mount, self.scope.key);
+        let body = json!({ "min_encryption_version": version }).to_string().into_bytes();
+        match self.client.call(Method::POST, &path, Some(&body), deadline).await {
+            Ok(_) => Ok(()),
+            Err(ClientError::Api { status: 400, message, .. }) => Err(BackendError::Rejected(format!(
+                "Transit key {:?} refused min_encryption_version {version}: it must lie between \
+                 min_decryption_version and latest_version (Transit says: {})",
+                self.scope.key,
+                crate::error::clipped(message.trim().to_owned(), 300)
+            ))),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -120,20 +142,7 @@ impl Backend for Transit {
     }
 
     async fn metadata(&self, deadline: Instant) -> Result<KeyMetadata, BackendError> {
-        let path = format!("{}/keys/{}", self.scope.mount, self.scope.key);
-        // NB: only here is a 404 known to mean the key itself: openbao
-        // builtin/logical/transit/path_keys.go, pathPolicyRead, answers a missing policy with no
-        // response, which the router turns into 404. Elsewhere it may be a wrong mount or path.
-        let data = match self.client.call(Method::GET, &path, None, deadline).await {
-            Ok(data) => data,
-            Err(ClientError::Api { status: 404, address, .. }) => {
-                return Err(BackendError::KeyNotFound(format!(
-                    "{address}: Transit key {:?} on mount {:?} not found (HTTP 404)",
-                    self.scope.key, self.scope.mount
-                )));
-            }
-            Err(e) => return Err(map_error(e)),
-        };
+        let data = read_key(&self.client, &self.scope.mount, &self.scope.key, deadline).await?;
         let key: KeyData = serde_json::from_value(data)
             .map_err(|e| BackendError::Protocol(format!("key metadata does not parse: {e}")))?;
         if !AEAD_TYPES.contains(&key.kind.as_str()) {
@@ -220,6 +229,27 @@ impl Backend for Transit {
         let ciphertext = std::str::from_utf8(ciphertext)
             .map_err(|_| BackendError::Rejected("ciphertext is not a Transit ciphertext".into()))?;
         self.decrypts.decrypt(&self.client, &self.decrypt_path, ciphertext, aad, deadline).await
+    }
+}
+
+/// `data` of `GET <mount>/keys/<key>`, the one read of a key's metadata for the KMS backend and
+/// the signing store alike.
+pub(crate) async fn read_key(
+    client: &VaultClient,
+    mount: &str,
+    key: &str,
+    deadline: Instant,
+) -> Result<serde_json::Value, BackendError> {
+    let path = format!("{mount}/keys/{key}");
+    // NB: only here is a 404 known to mean the key itself: openbao
+    // builtin/logical/transit/path_keys.go, pathPolicyRead, answers a missing policy with no
+    // response, which the router turns into 404. Elsewhere it may be a wrong mount or path.
+    match client.call(Method::GET, &path, None, deadline).await {
+        Ok(data) => Ok(data),
+        Err(ClientError::Api { status: 404, address, .. }) => Err(BackendError::KeyNotFound(format!(
+            "{address}: Transit key {key:?} on mount {mount:?} not found (HTTP 404)"
+        ))),
+        Err(e) => Err(map_error(e)),
     }
 }
 

@@ -22,7 +22,7 @@ use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef, der::Decode as _};
 use tokio::time::Instant;
 use zeroize::{Zeroize as _, Zeroizing};
 
-use super::{ClientError, VaultClient, map_error};
+use super::{ClientError, VaultClient, map_error, read_key};
 use crate::{
     backend::{BackendError, KeyMetadata, PublicKey, SigningBackend, SigningKeyMetadata},
     jwt::{self, Alg, KeyType},
@@ -198,6 +198,21 @@ impl SigningTransit {
     }
 }
 
+/// Reads signing key `key` on Transit mount `mount` whatever its type: the type comes from the key
+/// itself (one of the six kube-apiserver verifies; any other is refused by name), then its
+/// versions, floors and public keys, checked as the signer checks them.
+pub async fn read_signing_key(
+    client: &VaultClient,
+    mount: &str,
+    key: &str,
+    deadline: Instant,
+) -> Result<(KeyType, SigningKeyMetadata), BackendError> {
+    let data = read_key(client, mount, key, deadline).await?;
+    let key_type = key_type(key, &data)?;
+    let (metadata, _) = parse_metadata(key, key_type, data)?;
+    Ok((key_type, metadata))
+}
+
 impl std::fmt::Debug for SigningTransit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SigningTransit")
@@ -214,18 +229,7 @@ impl SigningBackend for SigningTransit {
     }
 
     async fn metadata(&self, deadline: Instant) -> Result<SigningKeyMetadata, BackendError> {
-        let path = format!("{}/keys/{}", self.scope.mount, self.scope.key);
-        // NB: a 404 here means the key itself (see `Transit::metadata`).
-        let data = match self.client.call(Method::GET, &path, None, deadline).await {
-            Ok(data) => data,
-            Err(ClientError::Api { status: 404, address, .. }) => {
-                return Err(BackendError::KeyNotFound(format!(
-                    "{address}: Transit key {:?} on mount {:?} not found (HTTP 404)",
-                    self.scope.key, self.scope.mount
-                )));
-            }
-            Err(e) => return Err(map_error(e)),
-        };
+        let data = read_key(&self.client, &self.scope.mount, &self.scope.key, deadline).await?;
         let (metadata, keys) = parse_metadata(&self.scope.key, self.key_type, data)?;
         self.published
             .store(Arc::new(Published { keys, min_decryption_version: metadata.key.min_decryption_version }));
@@ -322,15 +326,11 @@ fn parse_metadata(
     expected: KeyType,
     data: serde_json::Value,
 ) -> Result<(SigningKeyMetadata, BTreeMap<u64, Arc<VersionKey>>), BackendError> {
-    let head = KeyHead::deserialize(&data)
-        .map_err(|e| BackendError::Protocol(format!("key metadata does not parse: {e}")))?;
-    let found: KeyType = head.kind.parse().map_err(|refused: String| {
-        BackendError::Misconfigured(format!("Transit key {name:?} is of type {:?}: {refused}", head.kind))
-    })?;
+    let found = key_type(name, &data)?;
     if found != expected {
         return Err(BackendError::Misconfigured(format!(
             "Transit key {name:?} is of type {:?}, but the signer is configured for type {:?}",
-            head.kind,
+            found.as_str(),
             expected.as_str()
         )));
     }
@@ -392,6 +392,15 @@ fn parse_metadata(
         public_keys,
     };
     Ok((metadata, published))
+}
+
+/// The signing type of a key read, refusing by name a type kube-apiserver cannot verify.
+fn key_type(name: &str, data: &serde_json::Value) -> Result<KeyType, BackendError> {
+    let head = KeyHead::deserialize(data)
+        .map_err(|e| BackendError::Protocol(format!("key metadata does not parse: {e}")))?;
+    head.kind.parse().map_err(|refused: String| {
+        BackendError::Misconfigured(format!("Transit key {name:?} is of type {:?}: {refused}", head.kind))
+    })
 }
 
 /// Reads a version's `public_key` PEM into PKIX DER, checked to be a key of `key_type`, and how
@@ -630,6 +639,20 @@ mod tests {
                 assert!(matches!(key.verify(other.as_bytes(), &signature), Err(BackendError::Protocol(_))));
             }
         }
+    }
+
+    #[test]
+    fn the_key_type_is_read_from_the_key_and_a_non_signing_type_is_refused_by_name() {
+        for expected in KeyType::ALL {
+            assert_eq!(key_type("k", &recorded(&format!("keys-{expected}.json"))).unwrap(), expected);
+        }
+        for (file, named) in
+            [("keys-ed25519.json", "type \"ed25519\""), ("keys-aes256-gcm96.json", "type \"aes256-gcm96\"")]
+        {
+            let err = key_type("k", &recorded(file)).unwrap_err();
+            assert!(matches!(&err, BackendError::Misconfigured(m) if m.contains(named)), "{err}");
+        }
+        assert!(matches!(key_type("k", &serde_json::json!({})), Err(BackendError::Protocol(_))));
     }
 
     #[test]

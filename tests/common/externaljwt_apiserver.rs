@@ -366,6 +366,17 @@ fn parse_pkix(der: &[u8]) -> Result<(KeyKind, Vec<u8>), String> {
     }
 }
 
+/// A key as `x509.ParsePKIXPublicKey` reads it, for a stand-in that holds keys from elsewhere
+/// than FetchKeys (the key-file API server beside this one).
+pub(crate) fn cached_key(
+    kid: String,
+    der: Vec<u8>,
+    exclude_from_oidc_discovery: bool,
+) -> Result<CachedKey, String> {
+    let (kind, material) = parse_pkix(&der)?;
+    Ok(CachedKey { kid, der, kind, exclude_from_oidc_discovery, material })
+}
+
 /// The one algorithm each key verifies (facts 2.7, `openidmetadata.go` `algorithmFromPublicKey`);
 /// `None` for a key the OIDC documents refuse.
 fn algorithm_of(kind: &KeyKind) -> Option<&'static str> {
@@ -633,7 +644,7 @@ fn go_header(json: &[u8]) -> Result<GoHeader, String> {
 
 /// Verifies one signature with one cached key; the header's alg must be the key's one algorithm
 /// (facts 2.7: each key type verifies with one alg only).
-fn verify_with(key: &CachedKey, alg: &str, signed: &[u8], signature: &[u8]) -> Result<(), String> {
+pub(crate) fn verify_with(key: &CachedKey, alg: &str, signed: &[u8], signature: &[u8]) -> Result<(), String> {
     use ring::signature::{
         ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
     };

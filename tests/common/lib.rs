@@ -12,11 +12,13 @@ pub mod fake_api;
 pub mod fake_keys;
 pub mod fake_signing;
 pub mod fake_transit;
+pub mod keyfile_apiserver;
 pub mod kms_apiserver;
 pub mod mock_api;
 mod openbao;
 mod plugin;
 pub mod rbac;
+mod signer;
 pub mod storage_standin;
 
 use std::{net::TcpListener, process::Command};
@@ -25,6 +27,7 @@ pub use etcd::Etcd;
 pub use eventually::{Settled, eventually};
 pub use openbao::{Bao, RaftCluster, bao_binary};
 pub use plugin::{Plugin, decrypt_request, encrypt_request, fast_probes, kmsgate_command};
+pub use signer::SignerProcess;
 
 /// Installs the ring provider once per test binary.
 pub fn init_crypto() {

@@ -38,12 +38,19 @@ pub struct ApiServer {
     pub address: SocketAddr,
     /// Seconds (on the fake's clock) when it started.
     pub started: u64,
+    /// When it started, in Unix seconds.
+    pub started_unix: i64,
     /// Seconds when it stopped; `None` while it runs.
     pub stopped: Option<u64>,
     /// Whether the endpoint reconciler lists it in `default/kubernetes`.
     pub in_endpoints: bool,
     /// The key_ids its Status calls returned, with the time of the last one (seconds).
     pub status_key_ids: BTreeMap<String, f64>,
+    /// When it last fetched the external signer's keys (Unix seconds); `None` on a server not
+    /// flipped to the signer, which then has no such series.
+    pub fetch_keys_success: Option<f64>,
+    /// The kid its external signer signs with now; `None` on a server not flipped.
+    pub signing_kid: Option<String>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -129,6 +136,7 @@ impl FakeApi {
     pub async fn start_api_servers(&self, hostnames: &[&str]) {
         let listeners = bind_same_port(hostnames.len()).await;
         let now = self.clock.elapsed();
+        let now_unix = kmsgate::clock::Clock::now(&*self.clock).as_second();
         let mut state = self.state.lock().await;
         for (hostname, listener) in hostnames.iter().zip(listeners) {
             let address = listener.local_addr().unwrap();
@@ -143,9 +151,12 @@ impl FakeApi {
                 id,
                 address,
                 started: now,
+                started_unix: now_unix,
                 stopped: None,
                 in_endpoints: true,
                 status_key_ids: BTreeMap::new(),
+                fetch_keys_success: None,
+                signing_kid: None,
                 task: Some(task),
             });
         }
@@ -165,6 +176,16 @@ impl FakeApi {
     pub async fn status_returned(&self, index: usize, key_id: &str) {
         let now = kmsgate::clock::Clock::now(&*self.clock).as_second() as f64;
         self.state.lock().await.api_servers[index].status_key_ids.insert(key_id.to_owned(), now);
+    }
+
+    /// API server `index` fetched its external signer's keys now, and signs with `kid` from now
+    /// on (pkg/serviceaccount/externaljwt/metrics/metrics.go, `RecordFetchKeysAttempt`: the
+    /// gauge is set to the current time on success).
+    pub async fn keys_fetched(&self, index: usize, kid: &str) {
+        let now = kmsgate::clock::Clock::now(&*self.clock).as_second() as f64;
+        let mut state = self.state.lock().await;
+        state.api_servers[index].fetch_keys_success = Some(now);
+        state.api_servers[index].signing_kid = Some(kid.to_owned());
     }
 
     /// Stops API server `index`: its listener closes, its Lease is no longer renewed (it lingers
@@ -203,7 +224,8 @@ async fn bind_same_port(count: usize) -> Vec<TcpListener> {
     panic!("no port free on {count} loopback addresses");
 }
 
-/// One API server's listener: TLS, then `GET /metrics` with a bearer token. Authentication runs
+/// One API server's listener: TLS, then `GET /metrics` or a TokenRequest (`POST
+/// /api/v1/namespaces/{ns}/serviceaccounts/{sa}/token`) with a bearer token. Authentication runs
 /// before authorization (staging/src/k8s.io/apiserver/pkg/endpoints/filters/authentication.go,
 /// `withAuthentication`, answering 401), then RBAC (filters/authorization.go, `withAuthorization`).
 async fn serve(
@@ -226,37 +248,105 @@ async fn serve(
                     Ok(n) => head.extend_from_slice(&buf[..n]),
                 }
             }
+            let split = head.windows(4).position(|w| w == b"\r\n\r\n").map_or(head.len(), |p| p + 4);
+            let mut body = head.split_off(split);
             let head = String::from_utf8_lossy(&head).into_owned();
-            let path = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0)
+                .min(64 * 1024);
+            while body.len() < length {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => body.extend_from_slice(&buf[..n]),
+                }
+            }
+            let mut words = head.split_whitespace();
+            let method = words.next().unwrap_or_default().to_owned();
+            let path = words.next().unwrap_or_default().to_owned();
             let authorized = head.lines().any(|l| {
                 l.to_ascii_lowercase().starts_with("authorization:")
                     && l.split_once(':').is_some_and(|(_, v)| v.trim() == format!("Bearer {METRICS_TOKEN}"))
             });
-            let (code, body) = if !authorized {
-                (401, "Unauthorized".to_owned())
-            } else if rbac::authorize(&format!("GET {path}")).is_err() {
-                (403, "forbidden".to_owned())
-            } else if path != "/metrics" {
-                (404, "not found".to_owned())
-            } else {
+            let (code, content_type, body) = if !authorized {
+                (401, "text/plain", "Unauthorized".to_owned())
+            } else if rbac::authorize(&format!("{method} {path}")).is_err() {
+                (403, "text/plain", "forbidden".to_owned())
+            } else if method == "GET" && path == "/metrics" {
                 let mut state = state.lock().await;
                 state.log.push(format!("GET {path}"));
-                (200, metrics_of(&state, &id))
+                (200, "text/plain; version=0.0.4", metrics_of(&state, &id))
+            } else if let Some((ns, sa)) = token_path(&path).filter(|_| method == "POST") {
+                let mut state = state.lock().await;
+                state.log.push(format!("POST {path}"));
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let (code, answer) = token_of(&state, &id, &ns, &sa, &request);
+                (code, "application/json", answer.to_string())
+            } else {
+                (404, "text/plain", "not found".to_owned())
             };
             let reason = match code {
                 200 => "OK",
+                201 => "Created",
                 401 => "Unauthorized",
                 403 => "Forbidden",
+                422 => "Unprocessable Entity",
                 _ => "Not Found",
             };
             let response = format!(
-                "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {code} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
         });
     }
+}
+
+/// `(namespace, service account)` of a TokenRequest path.
+fn token_path(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let sa = rest.strip_prefix("serviceaccounts/")?.strip_suffix("/token")?;
+    Some((ns.to_owned(), sa.to_owned()))
+}
+
+/// A TokenRequest answered by one server (pkg/registry/core/serviceaccount/storage/token.go,
+/// `TokenREST.Create`): the lifetime is at least 10 minutes (422, pkg/apis/authentication/
+/// validation/validation.go, `ValidateTokenRequest`), and the token is signed by this server's
+/// external signer, so its header carries that signer's kid (pkg/serviceaccount/externaljwt/
+/// plugin/plugin.go, `signer.signPayload`, takes the header the signer returns). A server not
+/// flipped signs with its own key file, `kid` `legacy-sa-key`.
+fn token_of(state: &State, id: &str, ns: &str, sa: &str, request: &Value) -> (u16, Value) {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    if request["spec"]["expirationSeconds"].as_i64().is_some_and(|s| s < 600) {
+        return (
+            422,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                   "message": "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes"}),
+        );
+    }
+    let kid = state
+        .api_servers
+        .iter()
+        .find(|s| s.id == id)
+        .and_then(|s| s.signing_kid.clone())
+        .unwrap_or_else(|| "legacy-sa-key".to_owned());
+    let header = kmsgate::jwt::header(kmsgate::jwt::Alg::Es256, &kid).unwrap();
+    let claims = URL_SAFE_NO_PAD.encode(
+        json!({"aud": request["spec"]["audiences"], "sub": format!("system:serviceaccount:{ns}:{sa}")})
+            .to_string(),
+    );
+    let token = format!("{header}.{claims}.{}", URL_SAFE_NO_PAD.encode(b"stand-in signature"));
+    (
+        201,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": request["spec"],
+               "status": {"token": token, "expirationTimestamp": "2030-01-01T00:00:00Z"}}),
+    )
 }
 
 /// One server's own metrics: only its own ID, as each server labels its gauges with its own
@@ -277,6 +367,13 @@ fn metrics_of(state: &State, id: &str) -> String {
             state.provider_name,
         ));
     }
+    // An unlabeled gauge, present only once the server has fetched keys from an external signer.
+    if let Some(at) = server.fetch_keys_success {
+        text.push_str(&format!("{} {at:e}\n", kmsgate::k8s::FETCH_KEYS_SUCCESS_METRIC));
+    }
+    // Every server exports its start time (staging/src/k8s.io/component-base/metrics/
+    // processstarttime.go, `processStartTime`, an unlabeled gauge in Unix seconds).
+    text.push_str(&format!("{} {:e}\n", kmsgate::k8s::PROCESS_START_METRIC, server.started_unix as f64));
     text.push_str("apiserver_request_total{code=\"200\"} 12\n");
     text
 }
