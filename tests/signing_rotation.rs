@@ -595,3 +595,70 @@ async fn the_controller_steps_the_signing_policy_only_while_it_holds_the_lease()
     drop(leader);
     follow.await.unwrap();
 }
+
+/// A signer `/status` endpoint serving `status`, through the type the signer writes.
+async fn signer_endpoint(status: SignerStatus) -> String {
+    let app = axum::Router::new().route(
+        "/status",
+        axum::routing::get(move || {
+            let status = status.clone();
+            async move { axum::Json(status) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_fleet_reads_each_signer_and_each_api_server_at_its_own_address() {
+    use kmsgate::signing_rotation::ClusterFleet;
+    common::init_crypto();
+    let fake = FakeApi::new("");
+    fake.start_api_servers(&["cp-a", "cp-b"]).await;
+    fake.keys_fetched(0, "kid-2").await;
+    let kube = Kube::new(fake.client()).with_api_server_access(fake.api_server_access());
+    let fleet = ClusterFleet::new(kube, "kmsgate/kmsgate-controller");
+
+    let mut reports = fleet.api_servers().await.unwrap();
+    reports.sort_by(|a, b| a.address.cmp(&b.address));
+    let (flipped, not_flipped) = (&reports[0], &reports[1]);
+    let started = fake.state.lock().await.api_servers[0].started_unix as f64;
+    assert!(flipped.address.starts_with("127.0.0.1:"), "{reports:?}");
+    let m = flipped.metrics.as_ref().unwrap();
+    assert!(m.fetch_keys_success.is_some());
+    assert_eq!(m.process_start, Some(started));
+    let m = not_flipped.metrics.as_ref().unwrap();
+    assert_eq!(m.fetch_keys_success, None, "no series on a server not flipped to the signer");
+    assert_eq!(fleet.token_kid(&flipped.address, "kmsgate.io/signing-key-check").await.unwrap(), "kid-2");
+    assert_eq!(
+        fleet.token_kid(&not_flipped.address, "kmsgate.io/signing-key-check").await.unwrap(),
+        "legacy-sa-key"
+    );
+
+    let status = SignerStatus {
+        signing: Some(SigningKey { version: 2, kid: kid(2), alg: "ES256".into() }),
+        refresh_hint_seconds: Some(60),
+        max_token_expiration_seconds: Some(86_400),
+        ..SignerStatus::default()
+    };
+    let endpoint = signer_endpoint(status.clone()).await;
+    assert_eq!(fleet.signer_status(&endpoint).await.unwrap(), status);
+    assert!(fleet.signer_status("http://127.0.0.1:1").await.is_err());
+
+    // A /status that never ends is cut off at the bound instead of filling memory.
+    let app = axum::Router::new().route(
+        "/status",
+        axum::routing::get(|| async {
+            let chunk = axum::body::Bytes::from(vec![b' '; 64 * 1024]);
+            let stream = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+            axum::body::Body::from_stream(stream)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let error = fleet.signer_status(&format!("http://{addr}")).await.unwrap_err();
+    assert!(error.contains("larger than") || error.contains("limit"), "{error}");
+}

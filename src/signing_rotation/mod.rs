@@ -11,6 +11,7 @@
 //! has two versions in flight. Every run restarts the schedule's clock at its start, and a time
 //! that passed meanwhile starts the next run as soon as this one has retired its old version.
 
+mod cluster;
 pub mod decide;
 mod phases;
 mod status;
@@ -31,6 +32,7 @@ use crate::{
     signer_status::SignerStatus,
 };
 
+pub use cluster::{CHECK_TOKEN_SECONDS, ClusterFleet, SIGNER_STATUS_MAX_BYTES, VaultSigningKey};
 pub use decide::{Idle, decide_idle};
 
 /// A step could not run; the status is unchanged and the step can be retried.
