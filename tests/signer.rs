@@ -340,6 +340,26 @@ async fn a_retired_kid_leaves_at_once() {
     s.stop().await;
 }
 
+/// A rotation's Switch raises `min_encryption_version` between two polls: the key store refuses
+/// the old version at once, and the Sign reads the key again and signs with the pinned version
+/// instead of failing.
+#[tokio::test]
+async fn a_sign_refused_after_the_pin_moved_signs_with_the_pinned_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSigning::new(&[1_000, 2_000]);
+    fake.set_floors(1, 1);
+    let s = start(dir.path(), &fake, ManualClock::at(NOW), vec![]).await;
+    assert_eq!(s.shared.signing().unwrap().0, 1);
+    fake.set_floors(1, 2);
+    let c = claims(CLAIMS);
+    let signed = s.v1().sign(v1::SignJwtRequest { claims: c.clone() }).await.unwrap().into_inner();
+    let keys = s.v1().fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner().keys;
+    let kid = verify(&signed.header, &c, &signed.signature, &keys);
+    assert_eq!(kid, fake.public_key(2).kid());
+    assert_eq!(s.shared.signing().unwrap().0, 2, "the refusal's read moved the signer");
+    s.stop().await;
+}
+
 /// The signing-version rule with time moved by tokio's paused clock alone.
 #[tokio::test(start_paused = true)]
 async fn the_signing_version_follows_publish_lead_and_the_pin_on_paused_time() {

@@ -84,6 +84,9 @@ pub struct Shared<B> {
     state: Mutex<State>,
     /// Wakes the poll early when a Sign answer hints that the key changed.
     repoll: tokio::sync::Notify,
+    /// Held by a Sign that reads the key again after a refusal, so Signs refused together share
+    /// one read.
+    refusal_read: tokio::sync::Mutex<()>,
 }
 
 /// What the poll learned.
@@ -135,6 +138,7 @@ impl<B: SigningBackend> Shared<B> {
                 state_file_refused: None,
             }),
             repoll: tokio::sync::Notify::new(),
+            refusal_read: tokio::sync::Mutex::new(()),
         }
     }
 

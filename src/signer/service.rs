@@ -94,19 +94,52 @@ impl<B: SigningBackend> SignerService<B> {
         *summary = jwt::check_claims(claims).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (version, kid, alg) = self.shared.signing().map_err(Status::unavailable)?;
         *used = Some((version, kid.clone()));
-        let header = jwt::header(alg, &kid).map_err(|e| Status::internal(e.to_string()))?;
-        let input = jwt::signing_input(&header, claims);
-        let deadline = Instant::now() + self.shared.config.backend_timeout;
-        let signature = self
-            .shared
-            .timed("sign", self.shared.backend.sign(version, alg, &input, deadline))
-            .await
-            .map_err(|e| self.backend_status(&e))?;
+        let (mut header, mut signed) = self.sign_version(version, &kid, alg, claims).await?;
+        if matches!(signed, Err(BackendError::Retired(_))) {
+            // NB: a rotation's Switch raises min_encryption_version, which Transit enforces at
+            // once while this signer still signs with the old version until its next poll. The
+            // refusal is itself the news: read the key now and sign once more with the version it
+            // pins, which the rotation published before it switched, instead of failing the Sign.
+            if let Some((version, kid, alg)) = self.signing_after_refusal(version).await {
+                *used = Some((version, kid.clone()));
+                (header, signed) = self.sign_version(version, &kid, alg, claims).await?;
+            }
+        }
+        let signature = signed.map_err(|e| self.backend_status(&e))?;
         if signature.is_empty() {
             // NB: kube-apiserver refuses an empty signature ("empty signature returned").
             return Err(Status::internal("the key store returned an empty signature"));
         }
         Ok(Signed { header, signature: jwt::encode_signature(&signature) })
+    }
+
+    /// Signs `claims` under `kid` with key store `version`: the header, and the key store's answer.
+    async fn sign_version(
+        &self,
+        version: u64,
+        kid: &str,
+        alg: jwt::Alg,
+        claims: &str,
+    ) -> Result<(String, Result<Vec<u8>, BackendError>), Status> {
+        let header = jwt::header(alg, kid).map_err(|e| Status::internal(e.to_string()))?;
+        let input = jwt::signing_input(&header, claims);
+        let deadline = Instant::now() + self.shared.config.backend_timeout;
+        let signed =
+            self.shared.timed("sign", self.shared.backend.sign(version, alg, &input, deadline)).await;
+        Ok((header, signed))
+    }
+
+    /// After the key store refused `refused` as retired: the version, kid and algorithm to sign
+    /// with once the key is read again, if that is another version. Concurrent Signs refused
+    /// together share one read.
+    async fn signing_after_refusal(&self, refused: u64) -> Option<(u64, String, jwt::Alg)> {
+        let _one_read = self.shared.refusal_read.lock().await;
+        let moved = |s: &(u64, String, jwt::Alg)| s.0 != refused;
+        if let Some(now) = self.shared.signing().ok().filter(moved) {
+            return Some(now);
+        }
+        self.shared.poll().await;
+        self.shared.signing().ok().filter(moved)
     }
 
     /// The gRPC status of a failed key store call. A refusal that says the key changed wakes the
