@@ -11,21 +11,33 @@ use k8s_openapi::jiff;
 
 use super::{AccountRefs, FakeApi, Secret, Server, json_response, not_found, status_response};
 
-/// Wall-clock time that advances with tokio's (paused) clock.
+/// Wall-clock time that advances with tokio's (paused) clock, and jumps ahead on
+/// [`TestClock::advance`] (for tests whose other processes run on real time, so tokio's clock
+/// cannot be paused).
 pub struct TestClock {
     base: Timestamp,
     start: tokio::time::Instant,
+    jumped: std::sync::atomic::AtomicU64,
 }
 
 impl TestClock {
     /// Starts at 2026-11-26T20:00:00Z.
     pub fn new() -> Self {
-        Self { base: Timestamp::from_second(1_795_723_200).unwrap(), start: tokio::time::Instant::now() }
+        Self {
+            base: Timestamp::from_second(1_795_723_200).unwrap(),
+            start: tokio::time::Instant::now(),
+            jumped: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
-    /// Seconds since the clock started.
+    /// Seconds since the clock started, jumps included.
     pub fn elapsed(&self) -> u64 {
-        self.start.elapsed().as_secs()
+        self.start.elapsed().as_secs() + self.jumped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Moves the clock ahead by `by` (whole seconds), without waiting.
+    pub fn advance(&self, by: std::time::Duration) {
+        self.jumped.fetch_add(by.as_secs(), std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -37,8 +49,7 @@ impl Default for TestClock {
 
 impl kmsgate::tokens::Clock for TestClock {
     fn now(&self) -> Timestamp {
-        let elapsed = self.start.elapsed();
-        Timestamp::from_second(self.base.as_second() + elapsed.as_secs() as i64).unwrap()
+        Timestamp::from_second(self.base.as_second() + self.elapsed() as i64).unwrap()
     }
 }
 
