@@ -662,3 +662,18 @@ async fn the_cluster_fleet_reads_each_signer_and_each_api_server_at_its_own_addr
     let error = fleet.signer_status(&format!("http://{addr}")).await.unwrap_err();
     assert!(error.contains("larger than") || error.contains("limit"), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn signer_rotate_without_a_controller_drives_the_requested_run_to_its_end() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = rig.context();
+    let mut lines = Vec::new();
+    let status = kmsgate::controller::drive_signing(&ctx, "p", "now", |s| {
+        lines.push(kmsgate::commands::signing::describe(s));
+    })
+    .await
+    .unwrap();
+    assert_eq!((status.phase.as_str(), status.result.as_str()), ("Idle", "Succeeded"));
+    assert_eq!(status.handled_request, "now");
+    assert!(lines.iter().any(|l| l.starts_with("Draining   v1 -> v2  until ")), "{lines:#?}");
+}
