@@ -677,3 +677,33 @@ async fn signer_rotate_without_a_controller_drives_the_requested_run_to_its_end(
     assert_eq!(status.handled_request, "now");
     assert!(lines.iter().any(|l| l.starts_with("Draining   v1 -> v2  until ")), "{lines:#?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn drain_waits_rather_than_guess_while_no_signer_reports_a_token_lifetime() {
+    let rig = Rig::new(json!({}), 3600).await;
+    for signer in rig.fleet.lock().signers.values_mut() {
+        signer.max_token_expiration_seconds = None;
+    }
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Draining").await;
+    for _ in 0..3 {
+        ctx.step("p").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Draining", "a day later, still waiting: {status:#}");
+    assert!(status["drainUntil"].is_null());
+    let stalled = |s: &Value| {
+        s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap()["status"].clone()
+    };
+    assert_eq!(stalled(&status), "True");
+    assert!(status["message"].as_str().unwrap().contains("max_token_expiration_seconds"));
+
+    for signer in rig.fleet.lock().signers.values_mut() {
+        signer.max_token_expiration_seconds = Some(3600);
+    }
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(stalled(&status), "False", "{status:#}");
+    assert!(status["drainUntil"].is_string());
+}
