@@ -331,6 +331,42 @@ pub async fn drive<K: KeyAdmin>(
     }
 }
 
+/// Steps SigningKeyPolicy `policy` until the run that handles `request` has finished (Idle or
+/// Failed), calling `report` with the status after every step. For `kmsgate signer rotate` when
+/// no controller is running.
+pub async fn drive_signing<K: SigningKeyAdmin, F: Fleet>(
+    ctx: &signing_rotation::Context<K, F>,
+    policy: &str,
+    request: &str,
+    mut report: impl FnMut(&crate::crd::signing::SigningStatus),
+) -> Result<crate::crd::signing::SigningStatus, signing_rotation::SigningRotationError> {
+    use crate::crd::signing::SigningPhase;
+    let mut errors = 0u32;
+    loop {
+        let outcome = ctx.step(policy).await;
+        let status = ctx.kube.signing_policy(policy).await?.status.unwrap_or_default();
+        report(&status);
+        if status.handled_request == request
+            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
+        {
+            return Ok(status);
+        }
+        match outcome {
+            Ok(signing_rotation::Step::Again) => errors = 0,
+            Ok(signing_rotation::Step::Wait(wait) | signing_rotation::Step::Rest(wait)) => {
+                errors = 0;
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) if errors < 5 => {
+                errors += 1;
+                tracing::warn!(error = %crate::error::chain(&e), "step failed; retrying");
+                tokio::time::sleep(Backoff::CALLS.delay(errors)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The longest a stopping controller waits to give up its Lease.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -305,6 +305,18 @@ struct SignerCommand {
 
 #[derive(Subcommand)]
 enum SignerAction {
+    /// Rotate the signing key now (the SigningKeyPolicy named by controller.signing_policy): asks
+    /// the running controller, or runs the loop here until the old key is retired.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// With a running controller: follow its progress until the run ends.
+        #[arg(long)]
+        wait: bool,
+        /// Show what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage the signer's local ES256 keyring (signer.backend = local; NOT FOR PRODUCTION).
     Keyring {
         #[command(subcommand)]
@@ -651,6 +663,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let config = args.load().map_err(usage)?;
             telemetry::init(&config.log.level, config.log.json);
             commands::signer(config).await.map_err(run)
+        }
+        Command::Signer(SignerCommand {
+            action: Some(SignerAction::Rotate { config, wait, dry_run }),
+            ..
+        }) => {
+            let config = config.start(config::Role::Controller).map_err(usage)?;
+            commands::signing::rotate(config, wait, dry_run).await.map_err(run)
         }
         Command::Signer(SignerCommand {
             action: Some(SignerAction::ExportPublicKeys { out, include_verify_keys, config }),

@@ -336,11 +336,11 @@ fn the_network_policy_denies_by_default_and_allows_only_what_the_controller_need
         }
     }
     let expected: BTreeSet<(String, i32)> =
-        [("UDP", 53), ("TCP", 53), ("TCP", 6443), ("TCP", 443), ("TCP", 8787), ("TCP", 8200)]
+        [("UDP", 53), ("TCP", 53), ("TCP", 6443), ("TCP", 443), ("TCP", 8787), ("TCP", 8789), ("TCP", 8200)]
             .into_iter()
             .map(|(p, n)| (p.to_owned(), n))
             .collect();
-    assert_eq!(ports, expected, "DNS, the API server, the plugins' /status and Vault only");
+    assert_eq!(ports, expected, "DNS, the API server, the plugins' and signers' /status and Vault only");
     let ingress = spec.ingress.unwrap();
     assert_eq!(ingress.len(), 1, "only the metrics scrape");
 }

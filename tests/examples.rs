@@ -186,6 +186,14 @@ fn shipped_token_policy_is_valid() {
 }
 
 #[test]
+fn shipped_signing_key_policy_is_valid() {
+    let text = std::fs::read_to_string("deploy/controller/signingkeypolicy.yaml").unwrap();
+    let policy: kmsgate::crd::signing::SigningKeyPolicy = serde_saphyr::from_str(&text).unwrap();
+    let plan = kmsgate::crd::signing::parse(&policy.spec).unwrap();
+    assert!(matches!(plan.signers, kmsgate::crd::signing::SignerSource::Discovery(ref d) if d.port == 8789));
+}
+
+#[test]
 fn shipped_rotation_policy_is_valid() {
     let text = std::fs::read_to_string("deploy/controller/rotationpolicy.yaml").unwrap();
     let policy: kmsgate::crd::rotation::RotationPolicy = serde_saphyr::from_str(&text).unwrap();

@@ -662,3 +662,116 @@ async fn the_cluster_fleet_reads_each_signer_and_each_api_server_at_its_own_addr
     let error = fleet.signer_status(&format!("http://{addr}")).await.unwrap_err();
     assert!(error.contains("larger than") || error.contains("limit"), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn signer_rotate_without_a_controller_drives_the_requested_run_to_its_end() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = rig.context();
+    let mut lines = Vec::new();
+    let status = kmsgate::controller::drive_signing(&ctx, "p", "now", |s| {
+        lines.push(kmsgate::commands::signing::describe(s));
+    })
+    .await
+    .unwrap();
+    assert_eq!((status.phase.as_str(), status.result.as_str()), ("Idle", "Succeeded"));
+    assert_eq!(status.handled_request, "now");
+    assert!(lines.iter().any(|l| l.starts_with("Draining   v1 -> v2  until ")), "{lines:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_waits_rather_than_guess_while_no_signer_reports_a_token_lifetime() {
+    let rig = Rig::new(json!({}), 3600).await;
+    for signer in rig.fleet.lock().signers.values_mut() {
+        signer.max_token_expiration_seconds = None;
+    }
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Draining").await;
+    for _ in 0..3 {
+        ctx.step("p").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Draining", "a day later, still waiting: {status:#}");
+    assert!(status["drainUntil"].is_null());
+    let stalled = |s: &Value| {
+        s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap()["status"].clone()
+    };
+    assert_eq!(stalled(&status), "True");
+    assert!(status["message"].as_str().unwrap().contains("max_token_expiration_seconds"));
+
+    for signer in rig.fleet.lock().signers.values_mut() {
+        signer.max_token_expiration_seconds = Some(3600);
+    }
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(stalled(&status), "False", "{status:#}");
+    assert!(status["drainUntil"].is_string());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_run_through_the_cluster_seam_reads_each_signer_and_each_api_server() {
+    use kmsgate::signing_rotation::ClusterFleet;
+    common::init_crypto();
+    let fake = FakeApi::new("");
+    fake.start_api_servers(&["cp-a", "cp-b"]).await;
+    let key = FakeKey::new(1);
+    key.lock().min_encryption_version = 1;
+    // The signers' /status, each showing the key as it is now (the model of `FakeFleet::live`).
+    let model = FakeFleet::new(&key, fake.clock.clone(), 1, 3600);
+    let mut endpoints = Vec::new();
+    for _ in 0..2 {
+        let model = model.clone();
+        let app = axum::Router::new().route(
+            "/status",
+            axum::routing::get(move || {
+                let signer = model.lock().signers.values().next().unwrap().clone();
+                let status = model.live(&signer, 60);
+                async move { axum::Json(status) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        endpoints.push(format!("http://{addr}"));
+    }
+    fake.set_policy(policy(json!({"spec": {"signers": {"endpoints": endpoints}}}))).await;
+    // Each API server's key cache refreshes every refresh hint and then signs with what its
+    // signer signs with (keycache.go `keyCache.scheduleSync`; plugin.go `signAndAssembleJWT`
+    // takes the signer's header).
+    let refresher = {
+        let (fake, key) = (fake.clone(), key.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let signing = {
+                    let k = key.lock();
+                    if k.min_encryption_version == 0 { k.latest } else { k.min_encryption_version }
+                };
+                for server in 0..2 {
+                    fake.keys_fetched(server, &kid(signing)).await;
+                }
+            }
+        })
+    };
+    let kube = Kube::new(fake.client()).with_api_server_access(fake.api_server_access());
+    let fleet = ClusterFleet::new(kube.clone(), "kmsgate/kmsgate-controller");
+    let ctx =
+        Context::new(kube, key.clone(), fleet, Arc::new(ControllerMetrics::new()), Duration::from_secs(30))
+            .with_clock(fake.clock.clone());
+    let status = kmsgate::controller::drive_signing(&ctx, "p", "now", |_| {}).await.unwrap();
+    refresher.abort();
+    assert_eq!((status.phase.as_str(), status.result.as_str()), ("Idle", "Succeeded"), "{status:#?}");
+    assert_eq!(key.lock().calls, ["rotate", "pin 2", "retire 2"]);
+    let state = fake.state.lock().await;
+    let tokens: Vec<&String> = state.log.iter().filter(|l| l.ends_with("/token")).collect();
+    // NB: the stand-in's servers take their signer's new kid at their next key refresh, so the
+    // switch may be checked more than once, both servers each time.
+    assert!(tokens.len() >= 2 && tokens.len().is_multiple_of(2), "{tokens:?}");
+    assert!(
+        tokens
+            .iter()
+            .all(|l| *l == "POST /api/v1/namespaces/kmsgate/serviceaccounts/kmsgate-controller/token"),
+        "TokenRequests for the controller's own account only: {tokens:?}"
+    );
+    assert!(state.log.iter().filter(|l| *l == "GET /metrics").count() >= 4, "each server at its own address");
+}

@@ -2,6 +2,7 @@
 
 pub mod rotation;
 pub mod signer_keys;
+pub mod signing;
 pub mod tokens;
 
 use std::{path::Path, time::Duration};
@@ -98,6 +99,9 @@ pub enum CommandError {
     /// A rotation step failed.
     #[error(transparent)]
     Rotation(#[from] crate::rotation::RotationError),
+    /// A signing-key rotation step failed.
+    #[error(transparent)]
+    SigningRotation(#[from] crate::signing_rotation::SigningRotationError),
     /// The EncryptionConfiguration would be invalid.
     #[error(transparent)]
     EncryptionConfig(#[from] crate::encryption_config::EncryptionConfigError),
@@ -155,6 +159,8 @@ impl CommandError {
             Self::Kube(e) => kube(e),
             Self::Rotation(crate::rotation::RotationError::Kube(e)) => kube(e),
             Self::Rotation(crate::rotation::RotationError::Transit(e)) | Self::Transit(e) => transit(e),
+            Self::SigningRotation(crate::signing_rotation::SigningRotationError::Kube(e)) => kube(e),
+            Self::SigningRotation(crate::signing_rotation::SigningRotationError::Transit(e)) => transit(e),
             Self::Tokens(crate::tokens::TokenError::Kube(e)) => kube(e),
             Self::Tokens(crate::tokens::TokenError::Journal(_)) => false,
             Self::Tokens(_) => true,

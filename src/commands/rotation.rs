@@ -1,4 +1,4 @@
-//! The rotation commands: `controller`, `rotate`, `reencrypt`, `retire`, `verify` and `crd`.
+//! The rotation commands: `controller` (with the signing-key loop when configured), `rotate`, `reencrypt`, `retire`, `verify` and `crd`.
 
 use std::{io::Write, sync::Arc};
 
@@ -19,7 +19,7 @@ use crate::{
 
 use super::CommandError;
 
-fn vault(config: &Config) -> Result<&crate::config::VaultConfig, CommandError> {
+pub(super) fn vault(config: &Config) -> Result<&crate::config::VaultConfig, CommandError> {
     match &config.backend {
         BackendConfig::Vault(v) => Ok(v),
         BackendConfig::Local { .. } => Err(CommandError::WrongBackend(
@@ -51,14 +51,29 @@ fn holder(role: &str) -> String {
 pub async fn controller(config: Config) -> Result<(), CommandError> {
     let metrics = Arc::new(ControllerMetrics::new());
     let ctx = Arc::new(context(&config, metrics.clone()).await?);
-    let view = Arc::new(View::new(metrics));
+    let view = Arc::new(View::new(metrics.clone()));
     if let Some(addr) = config.http_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| CommandError::CannotRun(format!("http.listen {addr}: {e}")))?;
         tokio::spawn(crate::http::serve(listener, view.clone()));
     }
-    controller::run(ctx, &config.controller, holder("controller"), view, super::shutdown_signal()).await;
+    let Some(signing_policy) = config.controller.signing_policy.clone() else {
+        controller::run(ctx, &config.controller, holder("controller"), view, super::shutdown_signal()).await;
+        return Ok(());
+    };
+    let signing = Arc::new(super::signing::context(&config, metrics).await?);
+    let follow =
+        move |leader| async move { controller::follow_signing(&signing, &signing_policy, leader).await };
+    controller::run_with_signing(
+        ctx,
+        &config.controller,
+        holder("controller"),
+        view,
+        follow,
+        super::shutdown_signal(),
+    )
+    .await;
     Ok(())
 }
 

@@ -223,6 +223,9 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             self.book.stall("NoTokenLifetime", message);
             return Ok(Step::Wait(self.ctx.poll));
         };
+        if self.book.status.conditions.iter().any(|c| c.type_ == "Stalled" && c.reason == "NoTokenLifetime") {
+            self.book.condition("Stalled", false, "TokenLifetimeKnown", "");
+        }
         self.book.status.drain_until = clock::seconds_text(until);
         let now = self.book.now().as_second();
         if now >= until {

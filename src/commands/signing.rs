@@ -1,0 +1,209 @@
+//! `kmsgate signer rotate`, and the signing-key loop's context for `kmsgate controller`.
+
+use std::sync::Arc;
+
+use crate::{
+    clock::{Clock, SystemClock},
+    config::Config,
+    controller::{self, Leadership},
+    crd::signing::{self, REQUEST_ANNOTATION, SignerSource, SigningPhase, SigningStatus},
+    k8s::Kube,
+    metrics::ControllerMetrics,
+    signing_rotation::{
+        ClusterFleet, Context, Fleet, SigningKeyAdmin, SigningRotationError, VaultSigningKey,
+    },
+};
+
+use super::{CommandError, rotation::vault};
+
+/// The signing-key loop's context: the controller's Vault identity on the signing key, and the
+/// cluster (signers, API servers) through the inferred Kubernetes client.
+pub async fn context(
+    config: &Config,
+    metrics: Arc<ControllerMetrics>,
+) -> Result<Context<VaultSigningKey, ClusterFleet>, CommandError> {
+    let v = vault(config)?;
+    let client = super::vault_client(&v.client, metrics.vault.clone())?;
+    tokio::spawn(client.clone().maintain());
+    let key = VaultSigningKey::new(client, &v.identity, &v.client.namespace);
+    let kube = Kube::infer().await?;
+    let fleet = ClusterFleet::new(kube.clone(), &config.controller.service_account);
+    Ok(Context::new(kube, key, fleet, metrics, config.controller.poll_interval))
+}
+
+/// One line on where a signing-key run stands.
+pub fn describe(status: &SigningStatus) -> String {
+    let mut line = format!("{:<10}", status.phase.as_str());
+    if let (Some(from), Some(to)) = (status.from_version, status.to_version) {
+        line.push_str(&format!(" v{from} -> v{to}"));
+    }
+    if status.phase == SigningPhase::Draining && !status.drain_until.is_empty() {
+        line.push_str(&format!("  until {}", status.drain_until));
+    }
+    if !status.message.is_empty() {
+        line.push_str(&format!("  ({})", status.message));
+    }
+    line
+}
+
+/// `kmsgate signer rotate`: asks a running controller, or runs the loop here when none holds the
+/// Lease. A run lasts at least as long as the longest token, so without a controller `--wait`
+/// is implied and this process must stay up until Retire.
+pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), CommandError> {
+    let Some(name) = config.controller.signing_policy.clone() else {
+        return Err(CommandError::CannotRun(
+            "controller.signing_policy names no SigningKeyPolicy; set it (or KMSGATE_CONTROLLER_SIGNING_POLICY)"
+                .into(),
+        ));
+    };
+    let kube = Kube::infer().await?;
+    let policy = kube.signing_policy(&name).await?;
+    let plan =
+        signing::parse(&policy.spec).map_err(|e| CommandError::CannotRun(format!("policy {name}: {e}")))?;
+    let status = policy.status.clone().unwrap_or_default();
+    if dry_run {
+        let ctx = context(&config, Arc::new(ControllerMetrics::new())).await?;
+        return dry_run_report(&ctx, &name, &plan, &status).await;
+    }
+    if plan.suspend {
+        return Err(CommandError::Refused(format!(
+            "SigningKeyPolicy {name} is suspended (spec.suspend); no run starts until it is resumed"
+        )));
+    }
+    let request = format!(
+        "{}-{}",
+        crate::clock::rfc3339(SystemClock.now()),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let lease = (&config.controller.lease_namespace, &config.controller.lease_name);
+    if let Some(holder) = kube.lease_holder(lease.0, lease.1).await? {
+        kube.annotate_signing_policy(&name, REQUEST_ANNOTATION, &request).await?;
+        eprintln!("asked the running controller ({holder}) to rotate the signing key; request {request}");
+        if !wait {
+            return Ok(());
+        }
+        return watch(&kube, &name, &request).await;
+    }
+    eprintln!("no controller holds the lease; running the signing-key rotation here until it finishes");
+    let metrics = Arc::new(ControllerMetrics::new());
+    let ctx = context(&config, metrics.clone()).await?;
+    let holder = format!("signer-rotate-{}", crate::config::hostname());
+    let mut leadership = Leadership::start(ctx.kube.clone(), &config.controller, holder, metrics);
+    tokio::time::timeout(config.controller.lease_duration, leadership.acquired()).await.map_err(|_| {
+        CommandError::CannotRun("could not take the controller lease; is a controller starting?".into())
+    })?;
+    kube.annotate_signing_policy(&name, REQUEST_ANNOTATION, &request).await?;
+    let finished = tokio::select! {
+        finished = drive(&ctx, &name, &request) => finished?,
+        () = leadership.lost() => return Err(CommandError::Refused("lost the controller lease; the run resumes wherever a controller runs".into())),
+    };
+    finish(&finished)
+}
+
+async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
+    ctx: &Context<K, F>,
+    name: &str,
+    plan: &signing::Plan,
+    status: &SigningStatus,
+) -> Result<(), CommandError> {
+    let meta = ctx.key.metadata(&plan.transit).await.map_err(SigningRotationError::from)?;
+    let signing = crate::signing_rotation::decide::signing_version(&meta);
+    println!(
+        "policy {name}: phase {}, key {}/{}, signing version {signing}, latest {}{}",
+        status.phase.as_str(),
+        plan.transit.mount,
+        plan.transit.key,
+        meta.latest,
+        if plan.suspend { " (suspended)" } else { "" }
+    );
+    println!(
+        "would pin min_encryption_version to {signing}, then rotate to version {}",
+        meta.latest.max(signing) + 1
+    );
+    let endpoints = match &plan.signers {
+        SignerSource::Endpoints(endpoints) => endpoints.clone(),
+        SignerSource::Discovery(d) => ctx.kube.node_endpoints(&d.node_selector, d.port).await?,
+    };
+    for endpoint in endpoints {
+        match ctx.fleet.signer_status(&endpoint).await {
+            Ok(s) => println!(
+                "signer {endpoint}: signs with {}, publishes {}, max token {}s, refresh hint {}s",
+                s.signing.map_or("nothing".into(), |k| k.kid),
+                s.published.len(),
+                s.max_token_expiration_seconds.map_or("?".into(), |v| v.to_string()),
+                s.refresh_hint_seconds.map_or("?".into(), |v| v.to_string()),
+            ),
+            Err(e) => println!("signer {endpoint}: unreachable ({e})"),
+        }
+    }
+    match ctx.fleet.api_servers().await {
+        Ok(servers) => {
+            for server in servers {
+                match server.metrics {
+                    Ok(m) if m.fetch_keys_success.is_some() => {
+                        println!("API server {}: verifies through the signer", server.address)
+                    }
+                    Ok(_) => println!(
+                        "API server {}: not flipped to the signer (the run would wait)",
+                        server.address
+                    ),
+                    Err(e) => println!("API server {}: unreadable ({e})", server.address),
+                }
+            }
+        }
+        Err(e) => println!("API servers: cannot be listed ({e})"),
+    }
+    let bound = status
+        .max_token_expiration_seconds
+        .map_or("the longest token the signers report".into(), |b| format!("{b}s"));
+    println!(
+        "then publish (refresh hint + {:?}), switch, drain for {bound} + {:?}, and raise min_decryption_version",
+        plan.publish.margin, plan.drain.skew
+    );
+    Ok(())
+}
+
+/// Steps until the run that handles `request` has finished, with a progress line on stderr.
+async fn drive<K: SigningKeyAdmin, F: Fleet>(
+    ctx: &Context<K, F>,
+    policy: &str,
+    request: &str,
+) -> Result<SigningStatus, CommandError> {
+    let mut last = String::new();
+    let report = |status: &SigningStatus| {
+        let line = describe(status);
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+    };
+    Ok(controller::drive_signing(ctx, policy, request, report).await?)
+}
+
+async fn watch(kube: &Kube, name: &str, request: &str) -> Result<(), CommandError> {
+    let mut last = String::new();
+    loop {
+        let status = kube.signing_policy(name).await?.status.unwrap_or_default();
+        let line = describe(&status);
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if status.handled_request == request
+            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
+        {
+            return finish(&status);
+        }
+        tokio::time::sleep(controller::WATCH_INTERVAL).await;
+    }
+}
+
+fn finish(status: &SigningStatus) -> Result<(), CommandError> {
+    println!("{}: {}", status.result, status.message);
+    match status.phase {
+        SigningPhase::Failed => {
+            Err(CommandError::Refused(format!("signing-key rotation stopped: {}", status.message)))
+        }
+        _ => Ok(()),
+    }
+}
