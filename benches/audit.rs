@@ -81,16 +81,7 @@ async fn main() {
     let scan_big = median(|| audit(false, "5000"));
     let deep = median(|| audit(true, "5000"));
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    println!("machine: {cores} cores, {cpu}");
+    println!("machine: {}", common::bench::machine());
     println!("objects: {OBJECTS} (90% KMS v2, 10% plaintext), median of {RUNS} runs after one warm-up");
     println!("etcdctl get --prefix (baseline): {:.3} s", baseline.as_secs_f64());
     for (label, time) in

@@ -26,18 +26,13 @@
 
 use kmsgate_testkit as common;
 
-use std::{
-    future::Future,
-    io::{BufRead, BufReader, Write},
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use common::{Bao, Plugin};
+use common::{
+    Bao, Plugin,
+    bench::{self, ChildProcess, Sample, ms, run},
+};
 use futures::future::BoxFuture;
 use kmsgate::{
     backend::Backend,
@@ -58,48 +53,6 @@ const CPU_OPS: usize = 12_000;
 const CALLGRIND_OPS: usize = 1_000;
 const STORM: usize = 5_000;
 
-/// One run's latency distribution and throughput.
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    p50: Duration,
-    p99: Duration,
-    p999: Duration,
-    per_second: f64,
-}
-
-/// Runs `ops` calls of `call` spread over `concurrency` tasks; latency of each call, and calls
-/// per second over the whole run.
-async fn run<F, Fut>(concurrency: usize, ops: usize, call: F) -> Sample
-where
-    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..concurrency {
-        let call = call.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(ops / concurrency + 1);
-            let mut i = worker;
-            while i < ops {
-                let at = Instant::now();
-                call(i).await;
-                latencies.push(at.elapsed());
-                i += concurrency;
-            }
-            latencies
-        }));
-    }
-    let mut all = Vec::with_capacity(ops);
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    let wall = started.elapsed();
-    all.sort_unstable();
-    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-    Sample { p50: at(0.50), p99: at(0.99), p999: at(0.999), per_second: ops as f64 / wall.as_secs_f64() }
-}
-
 /// One warm-up, then `RUNS` runs; the run with the median p50 (so the figures belong together).
 async fn measure<F, Fut>(concurrency: usize, ops: usize, call: F) -> Sample
 where
@@ -111,8 +64,7 @@ where
     for _ in 0..RUNS {
         samples.push(run(concurrency, ops, call.clone()).await);
     }
-    samples.sort_by_key(|s| s.p50);
-    samples[RUNS / 2]
+    bench::median_run(&samples).1
 }
 
 fn deadline() -> tokio::time::Instant {
@@ -192,10 +144,6 @@ async fn measure_call(concurrency: usize, ops: usize, call: &Call) -> Sample {
     measure(concurrency, ops, move |i| call(i)).await
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn row(what: &str, s: Sample) {
     println!(
         "| {what:<34} | {:>8.3} | {:>8.3} | {:>8.3} | {:>9.0} |",
@@ -255,83 +203,6 @@ async fn direct_child(addr: &str, token_file: &str) {
     }
 }
 
-/// A child process of this bench (`echo` or `direct` mode), under callgrind when asked.
-struct ChildProcess {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl ChildProcess {
-    fn start(name: &str, args: &[&str]) -> Self {
-        let exe = std::env::current_exe().unwrap();
-        let mut command = match callgrind_dir() {
-            Some(dir) => {
-                let mut c = Command::new("valgrind");
-                c.args(["--tool=callgrind", "--instr-atstart=no", "--quiet"])
-                    .arg(format!("--callgrind-out-file={}/{name}.%p", dir.display()))
-                    .arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        let mut child =
-            command.arg(name).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut me = Self { child, stdin, stdout };
-        me.wait_for("ready");
-        me
-    }
-
-    fn wait_for(&mut self, word: &str) {
-        let mut line = String::new();
-        while line.trim() != word {
-            line.clear();
-            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "child exited before {word:?}");
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Runs a `direct` child command and waits for it.
-    fn command(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-        self.wait_for("done");
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn callgrind_dir() -> Option<PathBuf> {
-    std::env::var_os("KMSGATE_BENCH_CALLGRIND").map(PathBuf::from)
-}
-
-/// Switches callgrind's instruction counting of `pid` on or off (off also dumps, named `label`).
-fn callgrind(pid: u32, on: bool, label: &str) {
-    if callgrind_dir().is_none() {
-        return;
-    }
-    let pid = pid.to_string();
-    let args: Vec<&str> = if on { vec!["-i", "on", &pid] } else { vec!["-i", "off", &pid] };
-    let quiet = |c: &mut Command| c.stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
-    let status = quiet(Command::new("callgrind_control").args(&args));
-    assert!(status.success(), "callgrind_control {args:?}");
-    if !on {
-        let dump = format!("--dump={label}");
-        let status = quiet(Command::new("callgrind_control").args([dump.as_str(), &pid]));
-        assert!(status.success(), "callgrind_control --dump {pid}");
-    }
-}
-
 /// A loopback proxy that holds every chunk from the client for `delay` before passing it on:
 /// each Vault request takes `delay` longer.
 async fn delay_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
@@ -372,47 +243,6 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap()))
         .unwrap()
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|t| t.trim().parse::<f64>().ok())
-        .unwrap_or(100.0)
-}
-
-/// CPU seconds (user + system, every thread, living or exited) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // NB: the command name (field 2) may hold spaces; the fields after its ')' are fixed.
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / clock_ticks()
-}
-
-/// CPU microseconds per call that each of `pids` spent while `work` ran.
-async fn cpu_per_call<T>(pids: &[u32], calls: usize, work: impl Future<Output = T>) -> (T, Vec<f64>) {
-    let before: Vec<f64> = pids.iter().map(|&pid| cpu_seconds(pid)).collect();
-    let out = work.await;
-    let per_call =
-        pids.iter().zip(before).map(|(&pid, b)| (cpu_seconds(pid) - b) * 1e6 / calls as f64).collect();
-    (out, per_call)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}")
 }
 
 fn settings(addr: &str, token_file: &Path, audit: &Path) -> Vec<(String, String)> {
@@ -489,7 +319,7 @@ fn main() {
 /// Runs every section, or only those named (`cpu`, `latency`, `storm`).
 async fn bench(sections: &[String]) {
     let want = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
-    let profiling = callgrind_dir().is_some();
+    let profiling = bench::callgrind_dir().is_some();
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = bao.token_file(dir.path());
@@ -508,7 +338,7 @@ async fn bench(sections: &[String]) {
     let transit = Arc::new(Transit::new(client, "bench", "", "transit", "kmsgate"));
     let idle_rss = rss_kib(pid, "VmRSS:");
 
-    println!("# kmsgate plugin benchmarks ({})\n", machine());
+    println!("# kmsgate plugin benchmarks ({})\n", bench::machine());
     let seed = vec![7u8; 32];
     // Ciphertexts to decrypt, made once by each path.
     let mut plugin_ct = Vec::new();
@@ -538,29 +368,29 @@ async fn bench(sections: &[String]) {
             _ => (kms_decrypt(kms.clone(), plugin_ct.clone()), kms_decrypt(echo.clone(), echo_ct.clone())),
         };
         run_call(16, cpu_ops / 4, &plugin_call).await;
-        callgrind(pid, true, op);
+        bench::callgrind(pid, true, op);
         let (_, plugin_cpu) =
-            cpu_per_call(&[pid, bao_pid], cpu_ops, run_call(16, cpu_ops, &plugin_call)).await;
-        callgrind(pid, false, op);
+            bench::cpu_per_call(&[pid, bao_pid], cpu_ops, run_call(16, cpu_ops, &plugin_call)).await;
+        bench::callgrind(pid, false, op);
         run_call(16, cpu_ops / 4, &echo_call).await;
-        callgrind(echo_process.pid(), true, op);
+        bench::callgrind(echo_process.pid(), true, op);
         let (_, echo_cpu) =
-            cpu_per_call(&[echo_process.pid()], cpu_ops, run_call(16, cpu_ops, &echo_call)).await;
-        callgrind(echo_process.pid(), false, op);
+            bench::cpu_per_call(&[echo_process.pid()], cpu_ops, run_call(16, cpu_ops, &echo_call)).await;
+        bench::callgrind(echo_process.pid(), false, op);
         direct_process.command(&format!("{op} 16 {}", cpu_ops / 4));
         let direct_pid = direct_process.pid();
-        callgrind(direct_pid, true, op);
-        let (_, direct_cpu) = cpu_per_call(&[direct_pid, bao_pid], cpu_ops, async {
+        bench::callgrind(direct_pid, true, op);
+        let (_, direct_cpu) = bench::cpu_per_call(&[direct_pid, bao_pid], cpu_ops, async {
             direct_process.command(&format!("{op} 16 {cpu_ops}"))
         })
         .await;
-        callgrind(direct_pid, false, op);
-        callgrind(direct_pid, true, "noop");
-        let (_, noop_cpu) = cpu_per_call(&[direct_pid], cpu_ops, async {
+        bench::callgrind(direct_pid, false, op);
+        bench::callgrind(direct_pid, true, "noop");
+        let (_, noop_cpu) = bench::cpu_per_call(&[direct_pid], cpu_ops, async {
             direct_process.command(&format!("noop 16 {cpu_ops}"))
         })
         .await;
-        callgrind(direct_pid, false, "noop");
+        bench::callgrind(direct_pid, false, "noop");
         cpu_rows.push((op, plugin_cpu, echo_cpu[0], direct_cpu, noop_cpu[0]));
     }
     let mut cpu_ratios = Vec::new();
@@ -605,7 +435,7 @@ async fn bench(sections: &[String]) {
         peak_rss as f64 / 1024.0
     );
     println!();
-    println!("## Targets ({})\n", machine());
+    println!("## Targets ({})\n", bench::machine());
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     for (op, ratio) in &cpu_ratios {
         println!(
@@ -743,7 +573,7 @@ async fn storm(kms: &KmsClient, transit: &Arc<Transit>, bao: &Bao, pid: u32) -> 
                 .collect(),
         );
         let n = naive.clone();
-        let (_, cpu) = cpu_per_call(&[bao_pid], calls * size, async {
+        let (_, cpu) = bench::cpu_per_call(&[bao_pid], calls * size, async {
             run(2, calls, move |i| {
                 let (n, chunks) = (n.clone(), chunks.clone());
                 async move { n.decrypt_batch(&chunks[i]).await }
@@ -764,7 +594,7 @@ async fn storm(kms: &KmsClient, transit: &Arc<Transit>, bao: &Bao, pid: u32) -> 
     let mut storm_cpu = (Vec::new(), Vec::new());
     for round in 0..=RUNS {
         let (k, cts) = (kms.clone(), storm_plugin.clone());
-        let (plugin_run, plugin_cpu) = cpu_per_call(
+        let (plugin_run, plugin_cpu) = bench::cpu_per_call(
             &[pid, bao_pid],
             STORM,
             run(64, STORM, move |i| {
@@ -783,7 +613,7 @@ async fn storm(kms: &KmsClient, transit: &Arc<Transit>, bao: &Bao, pid: u32) -> 
         )
         .await;
         let (n, cts) = (naive.clone(), storm_direct.clone());
-        let (direct_run, direct_cpu) = cpu_per_call(
+        let (direct_run, direct_cpu) = bench::cpu_per_call(
             &[bao_pid],
             STORM,
             run(64, STORM, move |i| {

@@ -10,7 +10,7 @@
 //!
 //! One warm-up, then five runs; medians. No external services needed.
 
-use kmsgate_testkit::fake_api;
+use kmsgate_testkit::{bench::median, fake_api};
 
 use std::time::Instant;
 
@@ -88,24 +88,10 @@ async fn engine(objects: usize, qps: Option<f64>) -> f64 {
     objects as f64 / elapsed
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.split_once(':').filter(|(k, _)| k.trim() == "model name").map(|(_, v)| v.trim().to_owned())
-            })
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("# kmsgate re-encrypt engine ({cores} cores, {cpu})\n");
+    println!("# kmsgate re-encrypt engine ({})\n", kmsgate_testkit::bench::machine());
     baseline().await;
     engine(OBJECTS / 4, None).await;
     let (mut floor, mut unlimited) = (Vec::new(), Vec::new());

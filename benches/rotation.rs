@@ -144,16 +144,7 @@ async fn main() {
     };
     let (migrate, verify) = (span("Migrating"), span("Verifying"));
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    println!("machine: {cores} cores, {cpu}");
+    println!("machine: {}", common::bench::machine());
     println!("objects: {objects} Secrets, page size {PAGE_SIZE}, concurrency {CONCURRENCY}, no QPS limit");
     println!("phase    controller   floor        ratio");
     for (name, time, floor, what) in [

@@ -13,6 +13,9 @@ import sys
 
 # First match wins: order from most to least specific.
 BUCKETS = [
+    # NB: ring's assembly has bare symbols (`__ecp_nistz256_mul_montq`), which the libc bucket's
+    # `__` would otherwise take.
+    ("ring (signature check, hashing)", ("ring::", "ring_core_", "<ring", "nistz256", "sha256_block")),
     ("tonic/prost (gRPC)", ("tonic::", "tonic_prost", "prost::", "<tonic", "<prost")),
     ("h2 (HTTP/2)", ("h2::", "<h2::")),
     ("hyper, hyper-util (HTTP/1 client, pool)", ("hyper::", "hyper_util::", "<hyper", "want::")),

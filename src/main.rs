@@ -275,24 +275,69 @@ enum KeyringAction {
     List(ConfigArgs),
 }
 
+/// The flags every command that reads the config file takes: the file, `--set` overrides, and
+/// shorthands for the settings of one section `S` (the plugin's or the signer's).
 #[derive(Args)]
-struct ConfigArgs {
+struct ConfigArgs<S: Section = PluginSection> {
     /// TOML config file.
     #[arg(long, env = "KMSGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// Override a setting: --set plugin.socket=/run/kms.sock (repeatable; beats env and file).
-    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set_flag)]
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set_flag, help = S::set_help())]
     set: Vec<(String, String)>,
-    /// Same as --set plugin.socket=PATH.
-    #[arg(long)]
+    #[arg(long, help = shorthand_help(S::SOCKET, "PATH"))]
     socket: Option<String>,
-    /// Same as --set backend.kind=KIND (local or vault).
-    #[arg(long)]
+    #[arg(long, help = shorthand_help(S::BACKEND, "KIND (local or vault)"))]
     backend: Option<String>,
-    /// Same as --set local.keyring=PATH.
-    #[arg(long)]
+    #[arg(long, help = shorthand_help(S::KEYRING, "PATH"))]
     keyring: Option<PathBuf>,
+    #[arg(skip)]
+    section: std::marker::PhantomData<S>,
 }
+
+/// The settings a [`ConfigArgs`] shorthand stands for, by section.
+trait Section: Send + Sync + 'static {
+    /// The setting `--socket` sets.
+    const SOCKET: &'static str;
+    /// The setting `--backend` sets.
+    const BACKEND: &'static str;
+    /// The setting `--keyring` sets.
+    const KEYRING: &'static str;
+    /// A setting `--set` commonly overrides, for its help.
+    const SET_EXAMPLE: &'static str;
+
+    /// The help of `--set`.
+    fn set_help() -> String {
+        format!("Override a setting: --set {} (repeatable; beats env and file)", Self::SET_EXAMPLE)
+    }
+}
+
+/// `kmsgate plugin` and the commands that share its settings.
+struct PluginSection;
+
+impl Section for PluginSection {
+    const SOCKET: &'static str = "plugin.socket";
+    const BACKEND: &'static str = "backend.kind";
+    const KEYRING: &'static str = "local.keyring";
+    const SET_EXAMPLE: &'static str = "plugin.socket=/run/kms.sock";
+}
+
+/// `kmsgate signer` and its keyring commands.
+struct SignerSection;
+
+impl Section for SignerSection {
+    const SOCKET: &'static str = "signer.socket";
+    const BACKEND: &'static str = "signer.backend";
+    const KEYRING: &'static str = "signer.keyring";
+    const SET_EXAMPLE: &'static str = "signer.poll_interval=10s";
+}
+
+/// The help of a shorthand flag for `setting`.
+fn shorthand_help(setting: &str, value: &str) -> String {
+    format!("Same as --set {setting}={value}")
+}
+
+/// The signer's config flags.
+type SignerArgs = ConfigArgs<SignerSection>;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -366,41 +411,7 @@ enum SignerKeyringAction {
     },
 }
 
-#[derive(Args)]
-struct SignerArgs {
-    /// TOML config file.
-    #[arg(long, env = "KMSGATE_CONFIG")]
-    config: Option<PathBuf>,
-    /// Override a setting: --set signer.poll_interval=10s (repeatable; beats env and file).
-    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set_flag)]
-    set: Vec<(String, String)>,
-    /// Same as --set signer.socket=PATH.
-    #[arg(long)]
-    socket: Option<String>,
-    /// Same as --set signer.backend=KIND (local or vault).
-    #[arg(long)]
-    backend: Option<String>,
-    /// Same as --set signer.keyring=PATH.
-    #[arg(long)]
-    keyring: Option<PathBuf>,
-}
-
-impl SignerArgs {
-    fn load(self) -> Result<Config, config::ConfigError> {
-        let shorthands = [
-            ("signer.socket", self.socket),
-            ("signer.backend", self.backend),
-            ("signer.keyring", self.keyring.map(|p| p.display().to_string())),
-        ];
-        let mut flags: Vec<(String, String)> =
-            shorthands.into_iter().filter_map(|(name, value)| Some((name.to_owned(), value?))).collect();
-        // NB: --set comes last so it wins over the shorthands.
-        flags.extend(self.set);
-        Config::load(self.config.as_deref(), &flags, &ProcessEnv)
-    }
-}
-
-impl ConfigArgs {
+impl<S: Section> ConfigArgs<S> {
     /// Loads the config, starts logging as it says, and logs what loading noticed.
     fn start(self, role: config::Role) -> Result<Config, config::ConfigError> {
         let config = self.load_as(role)?;
@@ -417,9 +428,9 @@ impl ConfigArgs {
     fn load_as(self, role: config::Role) -> Result<Config, config::ConfigError> {
         let mut flags = Vec::new();
         let shorthands = [
-            ("plugin.socket", self.socket),
-            ("backend.kind", self.backend),
-            ("local.keyring", self.keyring.map(|p| p.display().to_string())),
+            (S::SOCKET, self.socket),
+            (S::BACKEND, self.backend),
+            (S::KEYRING, self.keyring.map(|p| p.display().to_string())),
         ];
         for (name, value) in shorthands {
             if let Some(value) = value {
@@ -630,11 +641,7 @@ enum SignerKeyringFailure {
 
 /// `kmsgate signer keyring ...`: the signer's local keyring, found through `signer.keyring`.
 fn signer_keyring(action: SignerKeyringAction) -> Result<(), SignerKeyringFailure> {
-    let load = |args: SignerArgs| {
-        let config = args.load().map_err(SignerKeyringFailure::Config)?;
-        telemetry::init(&config.log.level, config.log.json);
-        Ok(config)
-    };
+    let load = |args: SignerArgs| args.start(config::Role::Plugin).map_err(SignerKeyringFailure::Config);
     let path = |config: &Config| commands::signer_keyring_path(config).map(Path::to_path_buf);
     let result = match action {
         SignerKeyringAction::Init { identity, key, config } => {
@@ -660,8 +667,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
     let usage = |e: config::ConfigError| Failure::Usage(e.to_string());
     match command {
         Command::Signer(SignerCommand { args, action: None }) => {
-            let config = args.load().map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = args.start(config::Role::Plugin).map_err(usage)?;
             commands::signer(config).await.map_err(run)
         }
         Command::Signer(SignerCommand {
@@ -675,8 +681,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             action: Some(SignerAction::ExportPublicKeys { out, include_verify_keys, config }),
             ..
         }) => {
-            let config = config.load().map_err(usage)?;
-            telemetry::init(&config.log.level, config.log.json);
+            let config = config.start(config::Role::Plugin).map_err(usage)?;
             let exported =
                 commands::signer_keys::export_public_keys(&config, out.as_deref(), include_verify_keys)
                     .await
@@ -780,5 +785,72 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             print!("{yaml}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The long help of `kmsgate <path…>`.
+    fn help(path: &[&str]) -> String {
+        let mut command = Cli::command();
+        for name in path {
+            command = command.find_subcommand(name).unwrap().clone();
+        }
+        command.render_long_help().to_string()
+    }
+
+    #[test]
+    fn each_command_names_its_own_section_in_the_shorthand_help() {
+        for path in [&["plugin"][..], &["rotate"], &["keyring", "list"]] {
+            let text = help(path);
+            for line in [
+                "Override a setting: --set plugin.socket=/run/kms.sock",
+                "Same as --set plugin.socket=PATH",
+                "Same as --set backend.kind=KIND (local or vault)",
+                "Same as --set local.keyring=PATH",
+            ] {
+                assert!(text.contains(line), "{path:?} lacks {line:?}:\n{text}");
+            }
+            assert!(!text.contains("signer."), "{path:?}:\n{text}");
+        }
+        for path in [&["signer"][..], &["signer", "keyring", "floors"]] {
+            let text = help(path);
+            for line in [
+                "Override a setting: --set signer.poll_interval=10s",
+                "Same as --set signer.socket=PATH",
+                "Same as --set signer.backend=KIND (local or vault)",
+                "Same as --set signer.keyring=PATH",
+            ] {
+                assert!(text.contains(line), "{path:?} lacks {line:?}:\n{text}");
+            }
+            assert!(!text.contains("plugin.socket") && !text.contains("local.keyring"), "{path:?}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_shorthands_set_their_sections_settings_and_set_wins() {
+        let plugin =
+            Cli::try_parse_from(["kmsgate", "plugin", "--socket", "/a.sock", "--backend", "local"]).unwrap();
+        let Command::Plugin(args) = plugin.command else { panic!("not plugin") };
+        let config = args.load_as(config::Role::Plugin).unwrap();
+        assert_eq!(config.plugin.socket.spec, SocketSpec::Path("/a.sock".into()));
+        let signer = Cli::try_parse_from([
+            "kmsgate",
+            "signer",
+            "--socket",
+            "/s.sock",
+            "--set",
+            "signer.socket=/t.sock",
+            "--backend",
+            "local",
+        ])
+        .unwrap();
+        let Command::Signer(SignerCommand { args, action: None }) = signer.command else {
+            panic!("not signer")
+        };
+        let config = args.load_as(config::Role::Plugin).unwrap();
+        assert_eq!(config.signer.socket.spec, SocketSpec::Path("/t.sock".into()));
     }
 }

@@ -63,6 +63,22 @@ pub enum BackendError {
     Unavailable(String),
 }
 
+impl BackendError {
+    /// The failure's name as a metric label (`outcome`), the same for every server and key store.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Deadline => "deadline",
+            Self::KeyNotFound(_) => "key_not_found",
+            Self::Misconfigured(_) => "misconfigured",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::Protocol(_) => "protocol",
+            Self::Rejected(_) => "rejected",
+            Self::Retired(_) => "retired",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 /// A key store the plugin can wrap DEK seeds with.
 pub trait Backend: Send + Sync + 'static {
     /// The key this backend serves; with a version it makes a key_id.
@@ -91,4 +107,27 @@ pub trait Backend: Send + Sync + 'static {
         aad: &[u8],
         deadline: Instant,
     ) -> impl Future<Output = Result<Zeroizing<Vec<u8>>, BackendError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_has_its_own_outcome_label() {
+        let all = [
+            BackendError::Deadline,
+            BackendError::KeyNotFound(String::new()),
+            BackendError::Misconfigured(String::new()),
+            BackendError::PermissionDenied(String::new()),
+            BackendError::Protocol(String::new()),
+            BackendError::Rejected(String::new()),
+            BackendError::Retired(String::new()),
+            BackendError::Unavailable(String::new()),
+        ];
+        let labels: std::collections::BTreeSet<&str> = all.iter().map(BackendError::outcome).collect();
+        assert_eq!(labels.len(), all.len());
+        assert!(!labels.contains("ok"), "ok is the success label");
+        assert!(labels.iter().all(|l| l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')), "{labels:?}");
+    }
 }

@@ -149,21 +149,7 @@ impl<B: Backend> Shared<B> {
         operation: &'static str,
         call: impl Future<Output = Result<T, BackendError>>,
     ) -> Result<T, BackendError> {
-        let started = Instant::now();
-        let result = call.await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(BackendError::Deadline) => "deadline",
-            Err(BackendError::KeyNotFound(_)) => "key_not_found",
-            Err(BackendError::Misconfigured(_)) => "misconfigured",
-            Err(BackendError::PermissionDenied(_)) => "permission_denied",
-            Err(BackendError::Protocol(_)) => "protocol",
-            Err(BackendError::Rejected(_)) => "rejected",
-            Err(BackendError::Retired(_)) => "retired",
-            Err(BackendError::Unavailable(_)) => "unavailable",
-        };
-        self.metrics.record_backend(operation, outcome, started.elapsed().as_secs_f64());
-        result
+        crate::serving::timed(&self.metrics, operation, call).await
     }
 }
 

@@ -22,7 +22,7 @@ use crate::{
     clock::Clock,
     config::SignerConfig,
     http::{self, HttpView},
-    metrics::{BackendLabels, Metrics, OperationLabels},
+    metrics::Metrics,
     serving::{
         audit_log::{self, AuditLog},
         pause_before_poll, socket,
@@ -298,25 +298,7 @@ impl<B: SigningBackend> Shared<B> {
         operation: &'static str,
         call: impl Future<Output = Result<T, BackendError>>,
     ) -> Result<T, BackendError> {
-        let started = Instant::now();
-        let result = call.await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(BackendError::Deadline) => "deadline",
-            Err(BackendError::KeyNotFound(_)) => "key_not_found",
-            Err(BackendError::Misconfigured(_)) => "misconfigured",
-            Err(BackendError::PermissionDenied(_)) => "permission_denied",
-            Err(BackendError::Protocol(_)) => "protocol",
-            Err(BackendError::Rejected(_)) => "rejected",
-            Err(BackendError::Retired(_)) => "retired",
-            Err(BackendError::Unavailable(_)) => "unavailable",
-        };
-        self.metrics.backend_calls.get_or_create(&BackendLabels { operation, outcome }).inc();
-        self.metrics
-            .backend_duration
-            .get_or_create(&OperationLabels { operation })
-            .observe(started.elapsed().as_secs_f64());
-        result
+        crate::serving::timed(&self.metrics, operation, call).await
     }
 
     /// The /status document.

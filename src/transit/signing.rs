@@ -307,16 +307,22 @@ fn sign_body(key_type: KeyType, version: u64, input: &[u8]) -> String {
         Alg::Es384 => "sha2-384",
         Alg::Es512 => "sha2-512",
     };
-    let mut body = serde_json::json!({
-        "input": B64.encode(input),
-        "key_version": version,
-        "hash_algorithm": hash,
-        "marshaling_algorithm": "jws",
-    });
+    // NB: written straight into one buffer rather than through a `serde_json::Value` (a map, a
+    // copy of the input, then the text): every value here is base64 or a fixed word, which JSON
+    // takes as is.
+    let mut body = String::with_capacity(input.len() * 4 / 3 + 160);
+    body.push_str("{\"input\":\"");
+    B64.encode_string(input, &mut body);
+    body.push_str("\",\"key_version\":");
+    body.push_str(&version.to_string());
+    body.push_str(",\"hash_algorithm\":\"");
+    body.push_str(hash);
+    body.push_str("\",\"marshaling_algorithm\":\"jws\"");
     if key_type.alg() == Alg::Rs256 {
-        body["signature_algorithm"] = "pkcs1v15".into();
+        body.push_str(",\"signature_algorithm\":\"pkcs1v15\"");
     }
-    body.to_string()
+    body.push('}');
+    body
 }
 
 /// Parses the `data` of a key read into the seam's metadata and the published keys, refusing a

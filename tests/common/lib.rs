@@ -4,6 +4,7 @@
 // NB: every public item is documented, so a test author sees what a fixture models.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod echo;
 mod etcd;
 mod eventually;
