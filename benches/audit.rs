@@ -3,8 +3,8 @@
 //! Writes 100 000 objects into a real etcd (90% KMS v2 sealed through the storage transformer
 //! with a seed wrapped by a real local-keyring plugin, 10% plaintext), then, in the same run and
 //! against the same etcd, times `etcdctl get --prefix` (the baseline) and `kmsgate audit`, and
-//! `kmsgate audit --deep`. Each is run once to warm up, then five times; medians and the ratio
-//! are printed with the machine and the load average. Beside the wall time, each run's CPU is
+//! `kmsgate audit --deep`. Each is run once to warm up, then five times, taking turns run by run;
+//! medians and the ratio are printed with the machine and the load average. Beside the wall time, each run's CPU is
 //! split between the command itself (its user+system time) and etcd's (the etcd process's
 //! user+system time over the run), which a shared machine's load does not inflate the way it
 //! does wall time. Needs `etcd`/`etcdctl` (scripts/setup.sh --etcd).
@@ -92,11 +92,14 @@ async fn main() {
     };
     let etcd_pid = etcd.pid();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let baseline = measure(etcd_pid, etcdctl);
-    let scan = measure(etcd_pid, || audit(false, &[]));
-    let count_small = measure(etcd_pid, || audit(false, &["--page-size", "500", "--page-mib", "0"]));
-    let count_big = measure(etcd_pid, || audit(false, &["--page-size", "5000", "--page-mib", "0"]));
-    let deep = measure(etcd_pid, || audit(true, &[]));
+    let commands: [&dyn Fn() -> Command; 5] = [
+        &etcdctl,
+        &|| audit(false, &[]),
+        &|| audit(false, &["--page-size", "500", "--page-mib", "0"]),
+        &|| audit(false, &["--page-size", "5000", "--page-mib", "0"]),
+        &|| audit(true, &[]),
+    ];
+    let [baseline, scan, count_small, count_big, deep] = measure(etcd_pid, &commands);
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -137,27 +140,35 @@ struct Run {
     etcd_cpu: Duration,
 }
 
-/// Runs the command once to warm up, then RUNS times; returns the medians of its wall time, its
-/// own CPU time and etcd's CPU time over the run.
-fn measure(etcd_pid: u32, mut command: impl FnMut() -> Command) -> Run {
-    let (mut walls, mut own, mut etcd) = (Vec::new(), Vec::new(), Vec::new());
+/// Runs each command once to warm up, then RUNS times, one run of each in turn so that a change
+/// in the machine's load falls on all of them alike; returns, per command, the medians of its wall
+/// time, its own CPU time and etcd's CPU time over the run.
+fn measure<const N: usize>(etcd_pid: u32, commands: &[&dyn Fn() -> Command; N]) -> [Run; N] {
+    let mut samples: [(Vec<Duration>, Vec<Duration>, Vec<Duration>); N] =
+        std::array::from_fn(|_| Default::default());
     for run in 0..=RUNS {
-        let (children_before, etcd_before) = (children_cpu(), process_cpu(etcd_pid));
-        let started = Instant::now();
-        let status = command().stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
-        // NB: the audit exits 1 because of the planted plaintext; only 2 means it failed.
-        assert!(status.code().is_some_and(|c| c < 2), "benchmark command failed: {status}");
-        if run > 0 {
-            walls.push(started.elapsed());
-            own.push(children_cpu() - children_before);
-            etcd.push(process_cpu(etcd_pid) - etcd_before);
+        for (command, (walls, own, etcd)) in commands.iter().zip(samples.iter_mut()) {
+            let (children_before, etcd_before) = (children_cpu(), process_cpu(etcd_pid));
+            let started = Instant::now();
+            let status = command().stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+            // NB: the audit exits 1 because of the planted plaintext; only 2 means it failed.
+            assert!(status.code().is_some_and(|c| c < 2), "benchmark command failed: {status}");
+            if run > 0 {
+                walls.push(started.elapsed());
+                own.push(children_cpu() - children_before);
+                etcd.push(process_cpu(etcd_pid) - etcd_before);
+            }
         }
     }
-    let median = |mut times: Vec<Duration>| {
+    let median = |times: &mut Vec<Duration>| {
         times.sort();
         times[times.len() / 2]
     };
-    Run { wall: median(walls), own_cpu: median(own), etcd_cpu: median(etcd) }
+    samples.map(|(mut walls, mut own, mut etcd)| Run {
+        wall: median(&mut walls),
+        own_cpu: median(&mut own),
+        etcd_cpu: median(&mut etcd),
+    })
 }
 
 /// User plus system time from a `/proc/<pid>/stat` line, fields `first` and `first + 1`.
