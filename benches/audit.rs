@@ -3,8 +3,11 @@
 //! Writes 100 000 objects into a real etcd (90% KMS v2 sealed through the storage transformer
 //! with a seed wrapped by a real local-keyring plugin, 10% plaintext), then, in the same run and
 //! against the same etcd, times `etcdctl get --prefix` (the baseline) and `kmsgate audit`, and
-//! `kmsgate audit --deep`. Each is run once to warm up, then five times; medians and the ratio
-//! are printed with the machine. Needs `etcd`/`etcdctl` (scripts/setup.sh --etcd).
+//! `kmsgate audit --deep`. Each is run once to warm up, then five times, taking turns run by run;
+//! medians and the ratio are printed with the machine and the load average. Beside the wall time, each run's CPU is
+//! split between the command itself (its user+system time) and etcd's (the etcd process's
+//! user+system time over the run), which a shared machine's load does not inflate the way it
+//! does wall time. Needs `etcd`/`etcdctl` (scripts/setup.sh --etcd).
 
 use kmsgate_testkit as common;
 
@@ -62,53 +65,119 @@ async fn main() {
     }
 
     let socket = plugin.socket.display().to_string();
+    if std::env::var_os("KMSGATE_BENCH_HOLD").is_some() {
+        // NB: for profiling by hand (BENCHMARKS.md, "Audit scan"): the loaded etcd and the plugin
+        // stay up until a line is read.
+        println!(
+            "etcd {} (pid {}), plugin socket {socket}; press Enter to measure",
+            etcd.endpoint,
+            etcd.pid()
+        );
+        let _ = std::io::stdin().read_line(&mut String::new());
+    }
     let etcdctl = || {
         let mut c = Command::new("etcdctl");
         c.args(["--endpoints", &etcd.endpoint, "get", "--prefix", "/registry/secrets/"]);
         c
     };
-    let audit = |deep: bool, page: &str| {
+    // NB: `paging` empty is the default paging; `--page-mib 0` pages by count alone.
+    let audit = |deep: bool, paging: &[&str]| {
         let mut c = common::kmsgate_command();
         c.args(["audit", "--endpoints", &etcd.endpoint, "--plugin-socket", &socket, "--output", "json"]);
-        c.args(["--page-size", page]);
+        c.args(paging);
         if deep {
             c.arg("--deep");
         }
         c
     };
-    let baseline = median(etcdctl);
-    let scan = median(|| audit(false, "500"));
-    let scan_big = median(|| audit(false, "5000"));
-    let deep = median(|| audit(true, "5000"));
+    let etcd_pid = etcd.pid();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let commands: [&dyn Fn() -> Command; 5] = [
+        &etcdctl,
+        &|| audit(false, &[]),
+        &|| audit(false, &["--page-size", "500", "--page-mib", "0"]),
+        &|| audit(false, &["--page-size", "5000", "--page-mib", "0"]),
+        &|| audit(true, &[]),
+    ];
+    let [baseline, scan, count_small, count_big, deep] = measure(etcd_pid, &commands);
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     println!("machine: {}", common::bench::machine());
     println!("objects: {OBJECTS} (90% KMS v2, 10% plaintext), median of {RUNS} runs after one warm-up");
-    println!("etcdctl get --prefix (baseline): {:.3} s", baseline.as_secs_f64());
-    for (label, time) in
-        [("kmsgate audit (page 500):", scan), ("kmsgate audit (page 5000, default):", scan_big)]
-    {
-        let ratio = time.as_secs_f64() / baseline.as_secs_f64();
-        println!("{label:<37}{:.3} s  ratio {ratio:.2}x", time.as_secs_f64());
+    println!("load average before: {}, after: {}", load.trim(), load_after.trim());
+    println!("{:<44}{:>8} {:>7} {:>11} {:>10}", "", "wall", "ratio", "own CPU", "etcd CPU");
+    for (label, run) in [
+        ("etcdctl get --prefix (baseline)", &baseline),
+        ("kmsgate audit (default paging)", &scan),
+        ("kmsgate audit --page-size 500 --page-mib 0", &count_small),
+        ("kmsgate audit --page-size 5000 --page-mib 0", &count_big),
+        ("kmsgate audit --deep (default paging)", &deep),
+    ] {
+        let ratio = run.wall.as_secs_f64() / baseline.wall.as_secs_f64();
+        println!(
+            "{label:<44}{:>6.3} s {ratio:>6.2}x {:>8.0} ms {:>7.0} ms",
+            run.wall.as_secs_f64(),
+            run.own_cpu.as_secs_f64() * 1e3,
+            run.etcd_cpu.as_secs_f64() * 1e3,
+        );
     }
-    println!(
-        "kmsgate audit --deep (page 5000):     {:.3} s  {:.0} objects/s",
-        deep.as_secs_f64(),
-        OBJECTS as f64 * 0.9 / deep.as_secs_f64()
-    );
+    println!("kmsgate audit --deep: {:.0} KMS v2 objects/s", OBJECTS as f64 * 0.9 / deep.wall.as_secs_f64());
 }
 
-/// Runs the command once to warm up, then RUNS times; returns the median wall time.
-fn median(mut command: impl FnMut() -> Command) -> Duration {
-    let mut times = Vec::new();
+/// The medians of one command's runs.
+struct Run {
+    wall: Duration,
+    own_cpu: Duration,
+    etcd_cpu: Duration,
+}
+
+/// Runs each command once to warm up, then RUNS times, one run of each in turn so that a change
+/// in the machine's load falls on all of them alike; returns, per command, the medians of its wall
+/// time, its own CPU time and etcd's CPU time over the run.
+fn measure<const N: usize>(etcd_pid: u32, commands: &[&dyn Fn() -> Command; N]) -> [Run; N] {
+    let mut samples: [(Vec<Duration>, Vec<Duration>, Vec<Duration>); N] =
+        std::array::from_fn(|_| Default::default());
     for run in 0..=RUNS {
-        let started = Instant::now();
-        let status = command().stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
-        // NB: the audit exits 1 because of the planted plaintext; only 2 means it failed.
-        assert!(status.code().is_some_and(|c| c < 2), "benchmark command failed: {status}");
-        if run > 0 {
-            times.push(started.elapsed());
+        for (command, (walls, own, etcd)) in commands.iter().zip(samples.iter_mut()) {
+            let (children_before, etcd_before) = (children_cpu(), process_cpu(etcd_pid));
+            let started = Instant::now();
+            let status = command().stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+            // NB: the audit exits 1 because of the planted plaintext; only 2 means it failed.
+            assert!(status.code().is_some_and(|c| c < 2), "benchmark command failed: {status}");
+            if run > 0 {
+                walls.push(started.elapsed());
+                own.push(children_cpu() - children_before);
+                etcd.push(process_cpu(etcd_pid) - etcd_before);
+            }
         }
     }
-    times.sort();
-    times[times.len() / 2]
+    let median = |times: &mut Vec<Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+    samples.map(|(mut walls, mut own, mut etcd)| Run {
+        wall: median(&mut walls),
+        own_cpu: median(&mut own),
+        etcd_cpu: median(&mut etcd),
+    })
+}
+
+/// User plus system time from a `/proc/<pid>/stat` line, fields `first` and `first + 1`.
+fn stat_cpu(stat: &str, first: usize) -> Duration {
+    // NB: the command name (field 2) may hold spaces; the fields after its `)` are plain numbers.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let field =
+        |n: usize| rest.split_whitespace().nth(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // NB: in clock ticks of USER_HZ, 1/100 s on x86 and arm Linux.
+    Duration::from_millis((field(first) + field(first + 1)) * 10)
+}
+
+/// The CPU time of a process.
+fn process_cpu(pid: u32) -> Duration {
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default(), 14)
+}
+
+/// The CPU time of this process's children that have been waited for.
+fn children_cpu() -> Duration {
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default(), 16)
 }

@@ -83,6 +83,18 @@ pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
 /// The largest page response accepted.
 const MAX_PAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// The page size `kmsgate audit` aims for by default: about the memory of the former default
+/// page of 5000 values at 6.5 KiB each, and under a quarter of [`MAX_PAGE_BYTES`].
+pub const DEFAULT_PAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// How much a byte-sized page may grow over the one before it: one page of unusually small values
+/// cannot make the next request ask etcd for more than this many times as many values.
+const PAGE_GROWTH: i64 = 8;
+
+/// What a key-value costs in a response beyond its key and value: revisions, version, lease and
+/// field tags, about 24 bytes with the revisions of a large cluster.
+const KV_OVERHEAD_BYTES: usize = 24;
+
 /// A paged read of `[start, end)` at one revision.
 pub struct Scanner {
     start: Vec<u8>,
@@ -91,6 +103,8 @@ pub struct Scanner {
     revision: i64,
     done: bool,
     max_page_bytes: usize,
+    /// The response size later pages aim for; 0: every page asks for `page_size` values.
+    page_bytes: usize,
 }
 
 impl Scanner {
@@ -103,7 +117,19 @@ impl Scanner {
             revision: 0,
             done: false,
             max_page_bytes: MAX_PAGE_BYTES,
+            page_bytes: 0,
         }
+    }
+
+    /// Sizes pages by bytes instead of by count: the first page asks for `page_size` values, each
+    /// later one for as many as fit `bytes` at the average size of the page just read (at most
+    /// [`PAGE_GROWTH`] times its count, and at most half the response limit). Fewer, larger pages
+    /// matter because etcd 3.4 walks its index over the whole rest of the range on every paged
+    /// request (`mvcc/index.go` `treeIndex.Revisions`, called by `mvcc/kvstore_txn.go`
+    /// `rangeKeys` before the limit applies), so a scan's cost grows with its number of pages.
+    pub fn with_page_bytes(mut self, bytes: usize) -> Self {
+        self.page_bytes = bytes;
+        self
     }
 
     /// The largest page response accepted (256 MiB unless set).
@@ -124,7 +150,8 @@ impl Scanner {
 
     /// The next page of at most `page_size` key-values, or `None` at the end. A page too large for
     /// the client's message limit is asked for again at half the size, at the same revision; the
-    /// smaller size is kept for the rest of the scan.
+    /// smaller size is kept for the rest of the scan, or, with a byte budget, until the next page
+    /// is sized from the values read.
     pub async fn next_page(&mut self, client: &mut Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
         // NB: a page holds page_size values of up to etcd's 1.5 MiB each; allow more than tonic's
         // 4 MiB default so a page of large objects does not fail, while page_size keeps the bound.
@@ -157,6 +184,7 @@ impl Scanner {
             self.revision = response.header().map_or(0, |h| h.revision());
         }
         let kvs = response.take_kvs();
+        self.resize(&kvs);
         match kvs.last() {
             Some(last) if response.more() => {
                 // NB: the smallest key after `last` is `last` followed by a zero byte.
@@ -166,6 +194,19 @@ impl Scanner {
             _ => self.done = true,
         }
         Ok(if kvs.is_empty() { None } else { Some(kvs) })
+    }
+
+    /// Sizes the next request from the page just read, when pages are sized by bytes.
+    fn resize(&mut self, page: &[KeyValue]) {
+        if self.page_bytes == 0 || page.is_empty() {
+            return;
+        }
+        let bytes: usize = page.iter().map(|kv| kv.key().len() + kv.value().len() + KV_OVERHEAD_BYTES).sum();
+        let budget = self.page_bytes.min(self.max_page_bytes / 2);
+        // NB: `bytes` > 0: the page is not empty and every value costs KV_OVERHEAD_BYTES.
+        let fits = i64::try_from(budget.saturating_mul(page.len()) / bytes).unwrap_or(i64::MAX);
+        let grown = i64::try_from(page.len()).unwrap_or(i64::MAX).saturating_mul(PAGE_GROWTH);
+        self.page_size = fits.min(grown).max(1);
     }
 }
 

@@ -223,9 +223,12 @@ struct AuditArgs {
     /// Findings that make the exit code 1; `none` for a report-only run.
     #[arg(long, value_delimiter = ',', default_value = "plaintext,stale,undecryptable,unknown")]
     fail_on: Vec<String>,
-    /// Values per etcd request; memory is about this times the average value size.
+    /// Values in the first etcd request; later ones are sized to --page-mib from the values read.
     #[arg(long, default_value = "5000")]
     page_size: usize,
+    /// MiB per etcd response after the first (memory: about twice this); 0: --page-size values each.
+    #[arg(long, default_value = "32", value_parser = clap::value_parser!(u16).range(0..=128))]
+    page_mib: u16,
 }
 
 #[derive(Args)]
@@ -552,6 +555,7 @@ async fn audit(args: AuditArgs) -> Result<(), Failure> {
         provider: args.provider,
         current_key_id: args.key_id,
         page_size: args.page_size,
+        page_bytes: usize::from(args.page_mib) * 1024 * 1024,
         json,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };

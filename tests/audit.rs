@@ -165,6 +165,7 @@ async fn twenty_thousand_objects_in_bounded_pages() {
         provider: None,
         current_key_id: Some("kmsgate:1:transit:v::transit:k:1:1".into()),
         page_size: 500,
+        page_bytes: 0,
         json: true,
         progress: false,
     };
@@ -434,6 +435,7 @@ async fn audit_verify_and_retire_judge_the_same_values_alike() {
         provider: Some("kmsgate".into()),
         current_key_id: Some(current.clone()),
         page_size: 3,
+        page_bytes: 0,
         json: true,
         progress: false,
     };
@@ -502,4 +504,55 @@ async fn a_page_too_large_for_the_client_is_halved_at_the_same_revision() {
     let mut scanner = Scanner::prefix(b"/registry/configmaps/", 16).with_max_page_bytes(100 * 1024);
     let err = scanner.next_page(&mut client).await.unwrap_err();
     assert!(matches!(err, kmsgate::etcd::ScanError::ValueTooLarge { .. }), "{err}");
+}
+
+/// The sizes of the pages a byte-sized scan reads, checking each page's keys follow the last.
+async fn page_sizes(scanner: &mut Scanner, client: &mut etcd_client::Client, keys: &[String]) -> Vec<usize> {
+    let (mut sizes, mut seen) = (Vec::new(), Vec::new());
+    while let Some(page) = scanner.next_page(client).await.unwrap() {
+        sizes.push(page.len());
+        seen.extend(page.iter().map(|kv| kv.key_str().unwrap().to_owned()));
+    }
+    assert_eq!(seen, keys, "every value once, in key order");
+    sizes
+}
+
+/// With a byte budget, the first page asks for `page_size` values and each later one for as many
+/// as fit the budget at the size seen, growing at most eightfold a page; etcd is asked for few
+/// pages of small values and many of large ones, and memory follows bytes, not counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_sized_by_bytes_follow_the_values_read() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await.unwrap();
+    let put_all = async |client: &mut etcd_client::Client, resource: &str, count: usize, size: usize| {
+        let keys: Vec<String> = (0..count).map(|n| format!("/registry/{resource}/ns/s{n:04}")).collect();
+        for chunk in keys.chunks(100) {
+            let ops: Vec<_> =
+                chunk.iter().map(|k| etcd_client::TxnOp::put(k.as_str(), vec![b'x'; size], None)).collect();
+            client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+        }
+        keys
+    };
+
+    // Small values: 2, then eightfold growth, until the rest fits in one page.
+    let small = put_all(&mut client, "secrets", 1000, 10).await;
+    let mut scanner = Scanner::prefix(b"/registry/secrets/", 2).with_page_bytes(1 << 20);
+    assert_eq!(page_sizes(&mut scanner, &mut client, &small).await, [2, 16, 128, 854]);
+
+    // 4 KiB values against a 64 KiB budget: 15 values a page (65 536 / (4096 + 29 + 24) bytes).
+    let large = put_all(&mut client, "configmaps", 100, 4096).await;
+    let mut scanner = Scanner::prefix(b"/registry/configmaps/", 2).with_page_bytes(64 * 1024);
+    let sizes = page_sizes(&mut scanner, &mut client, &large).await;
+    assert_eq!(sizes[..3], [2, 15, 15], "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 100);
+
+    // The budget never reaches past half the response limit.
+    let mut scanner =
+        Scanner::prefix(b"/registry/configmaps/", 2).with_page_bytes(1 << 30).with_max_page_bytes(32 * 1024);
+    let sizes = page_sizes(&mut scanner, &mut client, &large).await;
+    assert_eq!(sizes[..3], [2, 3, 3], "{sizes:?}");
+
+    // Without a budget, every page holds page_size values, as before.
+    let mut scanner = Scanner::prefix(b"/registry/secrets/", 300);
+    assert_eq!(page_sizes(&mut scanner, &mut client, &small).await, [300, 300, 300, 100]);
 }

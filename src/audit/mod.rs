@@ -59,8 +59,11 @@ pub struct Options {
     pub provider: Option<String>,
     /// The key_id values should be on; `None` disables stale detection for KMS v2.
     pub current_key_id: Option<String>,
-    /// Values per etcd request; bounds memory.
+    /// Values in the first etcd request, and in every one when `page_bytes` is 0.
     pub page_size: usize,
+    /// The response size later requests aim for (sized from the values already read); bounds
+    /// memory. 0: every request asks for `page_size` values.
+    pub page_bytes: usize,
     /// JSON lines instead of text.
     pub json: bool,
     /// A progress line with the rate on stderr (the CLI sets it when stderr is a terminal).
@@ -179,7 +182,9 @@ pub async fn run(
     let started = std::time::Instant::now();
     let mut shown = started;
     for prefix in &options.prefixes {
-        let mut pages = Pages::new(Scanner::prefix(prefix.as_bytes(), options.page_size), client.clone());
+        let scanner =
+            Scanner::prefix(prefix.as_bytes(), options.page_size).with_page_bytes(options.page_bytes);
+        let mut pages = Pages::new(scanner, client.clone());
         while let Some(page) = pages.next_page().await? {
             summary.revision = pages.revision();
             for kv in &page {
@@ -329,6 +334,7 @@ mod tests {
             provider: None,
             current_key_id: Some("kmsgate:1:local:k:::kmsgate:1:1".into()),
             page_size: 10,
+            page_bytes: 0,
             json,
             progress: false,
         }

@@ -59,6 +59,11 @@ impl Etcd {
         etcd
     }
 
+    /// The etcd process id, for benchmarks that read its CPU time.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A client for writing fixtures.
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
         etcd_client::Client::connect([self.endpoint.as_str()], None).await
