@@ -91,7 +91,7 @@ async fn main() {
         c
     };
     let etcd_pid = etcd.pid();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = common::bench::load_average();
     let commands: [&dyn Fn() -> Command; 5] = [
         &etcdctl,
         &|| audit(false, &[]),
@@ -100,11 +100,11 @@ async fn main() {
         &|| audit(true, &[]),
     ];
     let [baseline, scan, count_small, count_big, deep] = measure(etcd_pid, &commands);
-    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_after = common::bench::load_average();
 
     println!("machine: {}", common::bench::machine());
     println!("objects: {OBJECTS} (90% KMS v2, 10% plaintext), median of {RUNS} runs after one warm-up");
-    println!("load average before: {}, after: {}", load.trim(), load_after.trim());
+    println!("load average before: {load}, after: {load_after}");
     println!("{:<44}{:>8} {:>7} {:>11} {:>10}", "", "wall", "ratio", "own CPU", "etcd CPU");
     for (label, run) in [
         ("etcdctl get --prefix (baseline)", &baseline),
@@ -151,33 +151,20 @@ fn measure<const N: usize>(etcd_pid: u32, commands: &[&dyn Fn() -> Command; N]) 
             }
         }
     }
-    let median = |times: &mut Vec<Duration>| {
-        times.sort();
-        times[times.len() / 2]
-    };
-    samples.map(|(mut walls, mut own, mut etcd)| Run {
-        wall: median(&mut walls),
-        own_cpu: median(&mut own),
-        etcd_cpu: median(&mut etcd),
+    let median = common::bench::median::<Duration>;
+    samples.map(|(walls, own, etcd)| Run {
+        wall: median(walls),
+        own_cpu: median(own),
+        etcd_cpu: median(etcd),
     })
-}
-
-/// User plus system time from a `/proc/<pid>/stat` line, fields `first` and `first + 1`.
-fn stat_cpu(stat: &str, first: usize) -> Duration {
-    // NB: the command name (field 2) may hold spaces; the fields after its `)` are plain numbers.
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let field =
-        |n: usize| rest.split_whitespace().nth(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // NB: in clock ticks of USER_HZ, 1/100 s on x86 and arm Linux.
-    Duration::from_millis((field(first) + field(first + 1)) * 10)
 }
 
 /// The CPU time of a process.
 fn process_cpu(pid: u32) -> Duration {
-    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default(), 14)
+    Duration::from_secs_f64(common::bench::cpu_seconds(pid))
 }
 
 /// The CPU time of this process's children that have been waited for.
 fn children_cpu() -> Duration {
-    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default(), 16)
+    Duration::from_secs_f64(common::bench::children_cpu_seconds())
 }

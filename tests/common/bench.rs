@@ -74,10 +74,22 @@ pub fn median<T: PartialOrd + Copy>(mut values: Vec<T>) -> T {
 /// CPU seconds (user + system, every thread, living or exited) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is alive");
-    // NB: the command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    stat_seconds(&stat, 14)
+}
+
+/// CPU seconds (user + system) of this process's children that have been waited for.
+pub fn children_cpu_seconds() -> f64 {
+    stat_seconds(&std::fs::read_to_string("/proc/self/stat").expect("our own stat"), 16)
+}
+
+/// Fields `first` and `first + 1` (1-based, as proc(5) numbers them) of a `/proc/<pid>/stat`
+/// line, in seconds.
+fn stat_seconds(stat: &str, first: usize) -> f64 {
+    // NB: the command name (field 2) may hold spaces; the fields after its ')' are fixed, and
+    // the first of them is field 3.
     let fields: Vec<&str> = stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / clock_ticks()
+    let field = |n: usize| fields[n - 3].parse::<f64>().expect("a number of clock ticks");
+    (field(first) + field(first + 1)) / clock_ticks()
 }
 
 /// CPU microseconds per call that each of `pids` spent while `work` ran.
