@@ -104,6 +104,53 @@ impl Members {
 /// Signers' reports by endpoint.
 pub type SignerReports = [(String, Result<SignerStatus, String>)];
 
+/// Longest text from a signer (a kid, an error) repeated in the status, conditions and Events.
+pub const SIGNER_TEXT_MAX: usize = 200;
+/// Longest kid a signer may report; a longer one makes the whole `/status` not valid.
+pub const KID_MAX_BYTES: usize = 1024;
+/// `max_token_expiration_seconds` a signer may report: kube-apiserver's 600 s minimum up to 2^32
+/// s; outside it the value is a mistake or hostile, and would stall Drain for good.
+pub const TOKEN_SECONDS_RANGE: std::ops::Range<i64> = MIN_TOKEN_SECONDS..(1 << 32);
+/// `refresh_hint_seconds` a signer may report: a day at most, so Publish's wait stays bounded.
+pub const REFRESH_HINT_RANGE: std::ops::RangeInclusive<i64> = 1..=86_400;
+
+/// A text from a signer, cut to [`SIGNER_TEXT_MAX`] bytes for the status.
+pub fn clip(text: &str) -> String {
+    match text.len() > SIGNER_TEXT_MAX {
+        true => format!("{}...", crate::error::clipped(text.to_owned(), SIGNER_TEXT_MAX)),
+        false => text.to_owned(),
+    }
+}
+
+/// One signer's `/status`, or why it is not valid: a token bound or refresh hint out of range,
+/// or a kid over [`KID_MAX_BYTES`], makes the whole report an error naming the signer's value,
+/// so no phase adopts it. Errors are clipped.
+pub fn vet_report(report: Result<SignerStatus, String>) -> Result<SignerStatus, String> {
+    let status = report.map_err(|e| clip(&e))?;
+    if let Some(max) = status.max_token_expiration_seconds
+        && !TOKEN_SECONDS_RANGE.contains(&max)
+    {
+        return Err(format!(
+            "/status not valid: max_token_expiration_seconds {max} is outside {}..{}",
+            TOKEN_SECONDS_RANGE.start, TOKEN_SECONDS_RANGE.end
+        ));
+    }
+    if let Some(hint) = status.refresh_hint_seconds
+        && !REFRESH_HINT_RANGE.contains(&hint)
+    {
+        return Err(format!(
+            "/status not valid: refresh_hint_seconds {hint} is outside {}..={}",
+            REFRESH_HINT_RANGE.start(),
+            REFRESH_HINT_RANGE.end()
+        ));
+    }
+    let kids = status.signing.iter().map(|k| &k.kid).chain(status.published.iter().map(|p| &p.kid));
+    if let Some(long) = kids.map(String::len).find(|len| *len > KID_MAX_BYTES) {
+        return Err(format!("/status not valid: a kid of {long} bytes, over {KID_MAX_BYTES}"));
+    }
+    Ok(status)
+}
+
 /// Whether every signer publishes `kid` in its OIDC key set, and the largest
 /// `refresh_hint_seconds` among them. A signer that reports no refresh hint predates this loop
 /// and cannot prove when its verifiers have the key, so it is named.
@@ -119,7 +166,7 @@ pub fn judge_published(reports: &SignerReports, kid: &str) -> (Members, Option<i
             }
         };
         if !status.published.iter().any(|p| p.kid == kid && !p.exclude_from_oidc_discovery) {
-            members.lagging.push(format!("{endpoint} does not publish kid {kid}"));
+            members.lagging.push(format!("{endpoint} does not publish kid {}", clip(kid)));
         }
         match status.refresh_hint_seconds {
             Some(h) => hint = hint.max(Some(h)),
@@ -217,6 +264,12 @@ pub fn decide_publish(plan: &PublishPlan, evidence: PublishEvidence) -> Decision
         ));
     }
     let left = need - since;
+    // NB: the time wait counts against the timeout too, so no hint holds Publish past it.
+    if evidence.waited >= timeout {
+        return Decision::Fail(format!(
+            "the new kid was published and fetched, but {left:?} of the {need:?} wait were left after {timeout:?}"
+        ));
+    }
     Decision::Wait {
         message: format!(
             "published and fetched; waiting {left:?} more so verifiers caching the key set (refresh hint {hint:?} plus margin) have it"
@@ -233,7 +286,7 @@ pub fn judge_signing(reports: &SignerReports, kid: &str) -> Members {
             Err(e) => members.lagging.push(format!("{endpoint}: {e}")),
             Ok(status) => match &status.signing {
                 Some(key) if key.kid == kid => {}
-                Some(key) => members.lagging.push(format!("{endpoint} signs with kid {}", key.kid)),
+                Some(key) => members.lagging.push(format!("{endpoint} signs with kid {}", clip(&key.kid))),
                 None => members.lagging.push(format!("{endpoint} signs with no key")),
             },
         }
@@ -247,8 +300,8 @@ pub fn judge_token_kids(kids: &[(String, Result<String, String>)], kid: &str) ->
     for (address, answer) in kids {
         match answer {
             Ok(k) if k == kid => {}
-            Ok(k) => members.lagging.push(format!("{address} issued a token with kid {k}")),
-            Err(e) => members.lagging.push(format!("{address}: TokenRequest: {e}")),
+            Ok(k) => members.lagging.push(format!("{address} issued a token with kid {}", clip(k))),
+            Err(e) => members.lagging.push(format!("{address}: TokenRequest: {}", clip(e))),
         }
     }
     members
@@ -353,7 +406,7 @@ pub fn judge_retired(reports: &SignerReports, old: &[String]) -> Members {
             Err(e) => members.lagging.push(format!("{endpoint}: {e}")),
             Ok(status) => {
                 for kid in status.published.iter().filter(|p| old.contains(&p.kid)).map(|p| &p.kid) {
-                    members.lagging.push(format!("{endpoint} still publishes kid {kid}"));
+                    members.lagging.push(format!("{endpoint} still publishes kid {}", clip(kid)));
                 }
             }
         }
@@ -572,6 +625,50 @@ mod tests {
         assert_eq!(drain_until(1000, &e(Some(3600), None), skew), Some(1000 + 3600 + 300));
         assert_eq!(drain_until(1000, &e(Some(60), None), skew), Some(1000 + 600 + 300), "never under 600 s");
         assert_eq!(drain_until(1000, &e(Some(600), Some(9000)), skew), Some(9000 + 300));
+    }
+
+    #[test]
+    fn a_status_out_of_range_is_not_valid_and_signer_texts_are_clipped() {
+        let ok = signer("kid-1", &["kid-1"]);
+        assert_eq!(vet_report(Ok(ok.clone())), Ok(ok.clone()));
+        let mut huge = ok.clone();
+        huge.max_token_expiration_seconds = Some(i64::MAX);
+        assert!(
+            vet_report(Ok(huge))
+                .is_err_and(|e| e.contains("max_token_expiration_seconds 9223372036854775807"))
+        );
+        let mut short = ok.clone();
+        short.max_token_expiration_seconds = Some(599);
+        assert!(vet_report(Ok(short)).is_err());
+        let mut hint = ok.clone();
+        hint.refresh_hint_seconds = Some(86_401);
+        assert!(vet_report(Ok(hint)).is_err_and(|e| e.contains("refresh_hint_seconds 86401")));
+        let mut zero = ok.clone();
+        zero.refresh_hint_seconds = Some(0);
+        assert!(vet_report(Ok(zero)).is_err());
+        let long = "k".repeat(KID_MAX_BYTES + 1);
+        assert!(vet_report(Ok(signer(&long, &[]))).is_err_and(|e| e.len() < SIGNER_TEXT_MAX));
+        assert!(vet_report(Ok(signer("kid-1", &[&long]))).is_err());
+        assert!(vet_report(Err("x".repeat(250_000))).is_err_and(|e| e.len() <= SIGNER_TEXT_MAX + 3));
+
+        let kid = "k".repeat(KID_MAX_BYTES);
+        let reports = [("http://a".to_owned(), Ok(signer(&kid, &[&kid])))];
+        let signing = judge_signing(&reports, "kid-2");
+        assert!(signing.lagging[0].len() < SIGNER_TEXT_MAX + 40, "{}", signing.lagging[0]);
+        assert!(judge_retired(&reports, &[kid]).lagging[0].len() < SIGNER_TEXT_MAX + 40);
+    }
+
+    #[test]
+    fn publish_time_wait_fails_at_the_timeout() {
+        let done = Members { total: 1, lagging: vec![] };
+        let evidence = PublishEvidence {
+            waited: Duration::from_secs(3600),
+            signers: done.clone(),
+            refresh_hint: Some(86_400),
+            api_servers: done,
+            since_published: Some(Duration::from_secs(3000)),
+        };
+        assert!(matches!(decide_publish(&plan(), evidence), Decision::Fail(m) if m.contains("left after")));
     }
 
     #[test]

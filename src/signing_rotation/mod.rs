@@ -209,7 +209,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Context<K, F> {
     ) -> Result<Vec<(String, Result<SignerStatus, String>)>, KubeError> {
         let mut reports = Vec::new();
         for endpoint in self.signer_endpoints(plan).await? {
-            let report = self.fleet.signer_status(&endpoint).await;
+            let report = decide::vet_report(self.fleet.signer_status(&endpoint).await);
             reports.push((endpoint, report));
         }
         Ok(reports)
