@@ -518,17 +518,15 @@ async fn drain_keeps_the_largest_lifetime_until_every_api_server_restarted_after
         day + 300,
         "the servers started before the signers lowered it: they still issue day-long tokens"
     );
+    // NB: the first step that sees no process older than the change is the test's start: a
+    // server gone from the EndpointSlice may have issued day-long tokens until then.
     assert_eq!(
-        drain_length(day, hour, -3 * day, -2 * day).await.0,
-        hour + 300,
-        "every server restarted after the change, longer ago than a day"
+        drain_length(day, hour, -3 * day, -2 * day).await.1,
+        day + 300,
+        "every listed server restarted after the change, but an unlisted one may not have"
     );
     let (after_switch, after_start) = drain_length(day, hour, -3 * day, -hour).await;
-    assert_eq!(
-        after_start,
-        day - hour + 300,
-        "restarted an hour ago: a day-long token from the process it replaced lives 23 h more"
-    );
+    assert_eq!(after_start, day + 300, "restarted an hour ago: the same reach from the first step");
     assert!(after_switch > hour + 300);
 }
 

@@ -342,8 +342,8 @@ pub struct Expiration {
 /// then `MaxExpiration` set from `MaxTokenExpirationSeconds`), so a higher value is in effect
 /// at once where a server restarts, and a lower one only once every API server started after the
 /// change: `starts` holds every server's `process_start_time_seconds`, `None` when any is
-/// unknown. Lowering keeps the old bound's reach in `earlier_until`: the latest start plus the
-/// old bound, since every process that read the old bound had been replaced by then.
+/// unknown. Lowering keeps the old bound's reach in `earlier_until`: now plus the old bound, now
+/// being the first step that saw no process older than the change.
 pub fn track_expiration(
     prev: Expiration,
     reported: Option<i64>,
@@ -372,15 +372,15 @@ pub fn track_expiration(
                 next.changed_at = Some(now);
             }
             let since = next.changed_at.unwrap_or(now) as f64;
-            let latest_start = match starts {
-                Some(s) if !s.is_empty() && s.iter().all(|start| *start > since) => {
-                    s.iter().copied().fold(f64::MIN, f64::max)
-                }
+            match starts {
+                Some(s) if !s.is_empty() && s.iter().all(|start| *start > since) => {}
                 _ => return next,
-            };
-            // NB: a process that read the higher bound was replaced by the latest start at the
-            // latest, so its tokens live until then plus that bound at most.
-            let reach = (latest_start.ceil() as i64).min(now).saturating_add(bound);
+            }
+            // NB: the listed servers' latest start is no bound: a server already gone from the
+            // EndpointSlice may have issued old-bound tokens until it left. This step is the
+            // first seen with no process older than the change, so it is the last old-bound
+            // issue we can prove.
+            let reach = now.saturating_add(bound);
             next.earlier_until = Some(prev.earlier_until.map_or(reach, |e| e.max(reach)));
             next.bound = Some(reported);
             next.lower = None;
@@ -610,11 +610,24 @@ mod tests {
                 bound: Some(600),
                 changed_at: Some(300),
                 lower: None,
-                earlier_until: Some(350 + 7200)
+                earlier_until: Some(400 + 7200)
             }
         );
         let back = track_expiration(lowered, Some(7200), None, 500);
         assert_eq!((back.bound, back.lower, back.changed_at), (Some(7200), None, Some(500)));
+    }
+
+    #[test]
+    fn a_lowered_bound_reaches_from_the_step_that_saw_no_older_process_not_the_latest_start() {
+        // 1y lowered to 1d; A and B restart at once, C (not listed any more) issued 1y tokens
+        // for 30 days before it left.
+        let year = 365 * 86_400;
+        let e = track_expiration(Expiration::default(), Some(year), None, 0);
+        let lowered = track_expiration(e, Some(86_400), Some(&[1.0, 2.0, -5.0]), 100);
+        let day30 = 30 * 86_400;
+        let adopted = track_expiration(lowered, Some(86_400), Some(&[3600.0, 3601.0]), day30);
+        assert_eq!(adopted.bound, Some(86_400));
+        assert_eq!(adopted.earlier_until, Some(day30 + year), "C's tokens live to 30d + 1y");
     }
 
     #[test]
