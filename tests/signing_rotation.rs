@@ -773,3 +773,22 @@ async fn a_whole_run_through_the_cluster_seam_reads_each_signer_and_each_api_ser
     );
     assert!(state.log.iter().filter(|l| *l == "GET /metrics").count() >= 4, "each server at its own address");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_policy_follows_the_bound_between_runs() {
+    let rig = Rig::new(json!({"status": {"handledRequest": "now"}}), 7200).await;
+    let ctx = rig.context();
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"].as_str().unwrap_or("Idle"), "Idle", "{status:#}");
+    assert_eq!(status["maxTokenExpirationSeconds"], 7200, "read at rest: {status:#}");
+
+    // One signer cannot be read and the other lowers: the bound stays.
+    rig.fleet.lock().signers.get_mut("http://10.0.0.1:8789").unwrap().down = true;
+    rig.fleet.lock().signers.get_mut("http://10.0.0.2:8789").unwrap().max_token_expiration_seconds =
+        Some(3600);
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["maxTokenExpirationSeconds"], 7200);
+    assert!(status["lowerTokenExpirationSeconds"].is_null(), "{status:#}");
+}

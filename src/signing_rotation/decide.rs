@@ -344,13 +344,20 @@ pub struct Expiration {
 /// change: `starts` holds every server's `process_start_time_seconds`, `None` when any is
 /// unknown. Lowering keeps the old bound's reach in `earlier_until`: now plus the old bound, now
 /// being the first step that saw no process older than the change.
+///
+/// A lower value is taken only when `every_signer` answered it: a signer that could not be read
+/// may still serve the higher one.
 pub fn track_expiration(
     prev: Expiration,
     reported: Option<i64>,
+    every_signer: bool,
     starts: Option<&[f64]>,
     now: i64,
 ) -> Expiration {
     let Some(reported) = reported else { return prev };
+    if !every_signer && prev.bound.is_some_and(|bound| reported < bound) {
+        return prev;
+    }
     let mut next = prev;
     match prev.bound {
         None => {
@@ -581,29 +588,29 @@ mod tests {
 
     #[test]
     fn the_bound_rises_at_once_and_lowers_only_once_every_api_server_restarted_after_the_change() {
-        let e = track_expiration(Expiration::default(), Some(3600), None, 100);
+        let e = track_expiration(Expiration::default(), Some(3600), true, None, 100);
         assert_eq!(
             e,
             Expiration { bound: Some(3600), changed_at: Some(100), lower: None, earlier_until: None }
         );
-        assert_eq!(track_expiration(e, None, None, 200), e, "no report changes nothing");
-        let raised = track_expiration(e, Some(7200), None, 200);
+        assert_eq!(track_expiration(e, None, true, None, 200), e, "no report changes nothing");
+        let raised = track_expiration(e, Some(7200), true, None, 200);
         assert_eq!((raised.bound, raised.changed_at), (Some(7200), Some(200)));
 
-        let lowered = track_expiration(raised, Some(600), Some(&[150.0, 250.0]), 300);
+        let lowered = track_expiration(raised, Some(600), true, Some(&[150.0, 250.0]), 300);
         assert_eq!((lowered.bound, lowered.lower, lowered.changed_at), (Some(7200), Some(600), Some(300)));
-        let still = track_expiration(lowered, Some(600), Some(&[301.0, 250.0]), 400);
+        let still = track_expiration(lowered, Some(600), true, Some(&[301.0, 250.0]), 400);
         assert_eq!(
             (still.bound, still.changed_at),
             (Some(7200), Some(300)),
             "one server started before the change"
         );
         assert_eq!(
-            track_expiration(lowered, Some(600), None, 400).bound,
+            track_expiration(lowered, Some(600), true, None, 400).bound,
             Some(7200),
             "an unknown start keeps it"
         );
-        let adopted = track_expiration(lowered, Some(600), Some(&[301.0, 350.0]), 400);
+        let adopted = track_expiration(lowered, Some(600), true, Some(&[301.0, 350.0]), 400);
         assert_eq!(
             adopted,
             Expiration {
@@ -613,7 +620,7 @@ mod tests {
                 earlier_until: Some(400 + 7200)
             }
         );
-        let back = track_expiration(lowered, Some(7200), None, 500);
+        let back = track_expiration(lowered, Some(7200), true, None, 500);
         assert_eq!((back.bound, back.lower, back.changed_at), (Some(7200), None, Some(500)));
     }
 
@@ -622,12 +629,21 @@ mod tests {
         // 1y lowered to 1d; A and B restart at once, C (not listed any more) issued 1y tokens
         // for 30 days before it left.
         let year = 365 * 86_400;
-        let e = track_expiration(Expiration::default(), Some(year), None, 0);
-        let lowered = track_expiration(e, Some(86_400), Some(&[1.0, 2.0, -5.0]), 100);
+        let e = track_expiration(Expiration::default(), Some(year), true, None, 0);
+        let lowered = track_expiration(e, Some(86_400), true, Some(&[1.0, 2.0, -5.0]), 100);
         let day30 = 30 * 86_400;
-        let adopted = track_expiration(lowered, Some(86_400), Some(&[3600.0, 3601.0]), day30);
+        let adopted = track_expiration(lowered, Some(86_400), true, Some(&[3600.0, 3601.0]), day30);
         assert_eq!(adopted.bound, Some(86_400));
         assert_eq!(adopted.earlier_until, Some(day30 + year), "C's tokens live to 30d + 1y");
+    }
+
+    #[test]
+    fn a_bound_is_lowered_only_when_every_signer_answered_the_lower_value() {
+        let e = track_expiration(Expiration::default(), Some(7200), true, None, 100);
+        let partial = track_expiration(e, Some(600), false, Some(&[301.0]), 300);
+        assert_eq!(partial, e, "a signer that did not answer may still serve 7200");
+        let raised = track_expiration(e, Some(9000), false, None, 300);
+        assert_eq!(raised.bound, Some(9000), "a higher value is taken from any signer");
     }
 
     #[test]

@@ -346,6 +346,12 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
 
     async fn idle(&mut self) -> Result<Step, SigningRotationError> {
         let meta = self.ctx.key.metadata(&self.plan.transit).await?;
+        // NB: the bound is followed at rest too, so a change between runs is seen when it
+        // happens, not at the next run's Publish; signers that cannot be listed wait a poll.
+        if let Ok(signers) = self.ctx.signer_reports(self.plan).await {
+            let api_servers = self.ctx.fleet.api_servers().await;
+            self.track(&signers, &api_servers);
+        }
         let known = self.book.status.known_version;
         match decide_idle(known, &meta, self.new_request().is_some(), self.due()) {
             Idle::Adopt(version) => {
