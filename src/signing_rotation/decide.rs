@@ -23,6 +23,9 @@ pub enum Idle {
     },
     /// Nothing to do yet.
     Rest,
+    /// First sight of an unpinned key, and the signers do not agree on a kid Transit holds:
+    /// which version signs is unknown, so nothing is adopted.
+    Unsettled,
 }
 
 /// The version that signs now: the pinned `min_encryption_version`, or the latest when none is
@@ -34,11 +37,34 @@ pub fn signing_version(key: &SigningKeyState) -> u64 {
     }
 }
 
-/// Decides from the version last handled, the key, whether a new request arrived and whether
-/// the schedule is due. A version made outside the controller wins over both: it is published
-/// and switched to like one the controller made.
-pub fn decide_idle(known: Option<u64>, key: &SigningKeyState, requested: bool, due: bool) -> Idle {
-    let Some(known) = known else { return Idle::Adopt(signing_version(key)) };
+/// The kid every signer reports signing with; `None` when any cannot be read, signs with
+/// nothing, or they disagree.
+pub fn agreed_signing_kid(reports: &SignerReports) -> Option<String> {
+    let mut kids =
+        reports.iter().map(|(_, r)| r.as_ref().ok().and_then(|s| s.signing.as_ref()).map(|k| &k.kid));
+    let first = kids.next()??;
+    kids.all(|k| k == Some(first)).then(|| first.clone())
+}
+
+/// Decides from the version last handled, the key, the kid the signers agree they sign with,
+/// whether a new request arrived and whether the schedule is due. A version made outside the
+/// controller wins over both: it is published and switched to like one the controller made.
+/// First sight of an unpinned key adopts the version whose kid the signers sign with, not the
+/// latest: signers follow their own age rule, and a younger latest was never waited for.
+pub fn decide_idle(
+    known: Option<u64>,
+    key: &SigningKeyState,
+    signing_kid: Option<&str>,
+    requested: bool,
+    due: bool,
+) -> Idle {
+    let Some(known) = known else {
+        if key.min_encryption_version != 0 {
+            return Idle::Adopt(key.min_encryption_version);
+        }
+        let signing = key.kids.iter().find(|(_, kid)| Some(kid.as_str()) == signing_kid);
+        return signing.map_or(Idle::Unsettled, |(version, _)| Idle::Adopt(*version));
+    };
     if key.latest > known {
         return Idle::Start { trigger: "external", from: known };
     }
@@ -466,18 +492,39 @@ mod tests {
     #[test]
     fn an_idle_policy_adopts_the_signing_version_then_starts_on_an_outside_version_a_request_or_the_schedule()
     {
-        assert_eq!(decide_idle(None, &key(3, 2), true, true), Idle::Adopt(2));
-        assert_eq!(decide_idle(None, &key(3, 0), false, false), Idle::Adopt(3));
+        assert_eq!(decide_idle(None, &key(3, 2), None, true, true), Idle::Adopt(2));
+        assert_eq!(decide_idle(None, &key(3, 0), Some("kid-3"), false, false), Idle::Adopt(3));
         assert_eq!(
-            decide_idle(Some(2), &key(3, 2), true, true),
+            decide_idle(Some(2), &key(3, 2), None, true, true),
             Idle::Start { trigger: "external", from: 2 }
         );
-        assert_eq!(decide_idle(Some(3), &key(3, 3), true, true), Idle::Start { trigger: "request", from: 3 });
         assert_eq!(
-            decide_idle(Some(3), &key(3, 3), false, true),
+            decide_idle(Some(3), &key(3, 3), None, true, true),
+            Idle::Start { trigger: "request", from: 3 }
+        );
+        assert_eq!(
+            decide_idle(Some(3), &key(3, 3), None, false, true),
             Idle::Start { trigger: "schedule", from: 3 }
         );
-        assert_eq!(decide_idle(Some(3), &key(3, 3), false, false), Idle::Rest);
+        assert_eq!(decide_idle(Some(3), &key(3, 3), None, false, false), Idle::Rest);
+    }
+
+    #[test]
+    fn first_sight_of_an_unpinned_key_adopts_the_version_the_signers_sign_with() {
+        let reports = vec![
+            ("http://a".to_owned(), Ok(signer("kid-2", &[]))),
+            ("http://b".to_owned(), Ok(signer("kid-2", &[]))),
+        ];
+        let agreed = agreed_signing_kid(&reports);
+        assert_eq!(agreed.as_deref(), Some("kid-2"));
+        assert_eq!(decide_idle(None, &key(3, 0), agreed.as_deref(), false, false), Idle::Adopt(2));
+        let split = vec![reports[0].clone(), ("http://b".to_owned(), Ok(signer("kid-3", &[])))];
+        assert_eq!(agreed_signing_kid(&split), None);
+        assert_eq!(decide_idle(None, &key(3, 0), None, false, false), Idle::Unsettled);
+        assert_eq!(decide_idle(None, &key(3, 0), Some("kid-9"), false, false), Idle::Unsettled);
+        let down = vec![reports[0].clone(), ("http://b".to_owned(), Err("down".to_owned()))];
+        assert_eq!(agreed_signing_kid(&down), None);
+        assert_eq!(agreed_signing_kid(&[]), None);
     }
 
     #[test]
