@@ -363,9 +363,9 @@ pub struct Expiration {
 }
 
 /// Follows the signers' largest reported `max_token_expiration_seconds`. kube-apiserver reads
-/// the signer's Metadata once, at start (pkg/controlplane/apiserver/options/options.go, the
-/// external-signer case of completing the service-account options: `plugin.GetServiceMetadata`,
-/// then `MaxExpiration` set from `MaxTokenExpirationSeconds`), so a higher value is in effect
+/// the signer's Metadata once, at start (pkg/controlplane/apiserver/options/options.go,
+/// `completeServiceAccountOptions`, its `ServiceAccountSigningEndpoint` case:
+/// `plugin.GetServiceMetadata`, then `MaxExpiration` set from `MaxTokenExpirationSeconds`), so a higher value is in effect
 /// at once where a server restarts, and a lower one only once every API server started after the
 /// change: `starts` holds every server's `process_start_time_seconds`, `None` when any is
 /// unknown. Lowering keeps the old bound's reach in `earlier_until`: now plus the old bound, now
