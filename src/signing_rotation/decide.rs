@@ -202,10 +202,16 @@ pub fn judge_published(reports: &SignerReports, kid: &str) -> (Members, Option<i
     (members, hint)
 }
 
-/// Whether every API server fetched keys after `published` (Unix seconds). A server without the
-/// fetch-keys series still verifies only against its key files: it has not flipped to the
-/// signer, and is named.
-pub fn judge_fetched(api_servers: &Result<Vec<ApiServerReport>, String>, published: i64) -> Members {
+/// Whether every API server fetched keys after `published` (Unix seconds, the controller's
+/// clock) plus `skew`: the fetch time is the API server's clock, which may run ahead. A server
+/// without the fetch-keys series still verifies only against its key files: it has not flipped
+/// to the signer, and is named.
+pub fn judge_fetched(
+    api_servers: &Result<Vec<ApiServerReport>, String>,
+    published: i64,
+    skew: Duration,
+) -> Members {
+    let after = published.saturating_add(skew.as_secs() as i64);
     let reports = match api_servers {
         Ok(reports) => reports,
         Err(e) => return Members { total: 0, lagging: vec![format!("API servers cannot be listed: {e}")] },
@@ -219,8 +225,8 @@ pub fn judge_fetched(api_servers: &Result<Vec<ApiServerReport>, String>, publish
                 None => members.lagging.push(format!(
                     "{address} exports no apiserver_externaljwt_fetch_keys_success_timestamp: it has not flipped to the signer"
                 )),
-                Some(at) if at <= published as f64 => members.lagging.push(format!(
-                    "{address} last fetched keys at {}, before the new kid was published",
+                Some(at) if at <= after as f64 => members.lagging.push(format!(
+                    "{address} last fetched keys at {}, not after the new kid was published plus the {skew:?} clock-skew margin",
                     crate::clock::seconds_text(at as i64)
                 )),
                 Some(_) => {}
@@ -560,7 +566,7 @@ mod tests {
             server("10.0.0.2:6443", None),
             server("10.0.0.3:6443", Some(1000.0)),
         ]);
-        let fetched = judge_fetched(&servers, 1000);
+        let fetched = judge_fetched(&servers, 1000, Duration::ZERO);
         assert_eq!(fetched.total, 3);
         assert_eq!(fetched.lagging.len(), 2);
         assert!(
@@ -568,7 +574,7 @@ mod tests {
                 .starts_with("10.0.0.2:6443 exports no apiserver_externaljwt_fetch_keys_success_timestamp")
         );
         assert!(fetched.lagging[1].starts_with("10.0.0.3:6443 last fetched keys at"));
-        assert!(!judge_fetched(&Ok(vec![]), 1000).done(), "no API server proves nothing");
+        assert!(!judge_fetched(&Ok(vec![]), 1000, Duration::ZERO).done(), "no API server proves nothing");
 
         let done = Members { total: 2, lagging: vec![] };
         let evidence = |signers: Members, servers: Members, since: u64, waited: u64| PublishEvidence {
@@ -594,6 +600,18 @@ mod tests {
         );
         assert!(
             matches!(decide_publish(&plan(), evidence(members, done, 9999, 3600)), Decision::Fail(m) if m.contains("http://b does not publish"))
+        );
+    }
+
+    #[test]
+    fn a_fetch_counts_only_after_the_publication_plus_the_skew() {
+        let servers = Ok(vec![server("10.0.0.1:6443", Some(1100.0)), server("10.0.0.2:6443", Some(1301.0))]);
+        let fetched = judge_fetched(&servers, 1000, Duration::from_secs(300));
+        assert_eq!(fetched.lagging.len(), 1);
+        assert!(
+            fetched.lagging[0].starts_with("10.0.0.1:6443 last fetched keys at"),
+            "{:?}",
+            fetched.lagging
         );
     }
 

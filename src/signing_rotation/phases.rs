@@ -151,7 +151,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         self.track(&signers, &api_servers);
         let (fetched, since) = match Self::seconds(&self.book.status.published_at) {
             Some(at) => (
-                judge_fetched(&api_servers, at),
+                judge_fetched(&api_servers, at, self.plan.drain.skew),
                 Some(self.book.elapsed_since(&self.book.status.published_at)),
             ),
             None => (Members::default(), None),
