@@ -10,7 +10,9 @@ use crate::{
     k8s::Kube,
     metrics::ControllerMetrics,
     signing_rotation::{
-        ClusterFleet, Context, Fleet, SigningKeyAdmin, SigningRotationError, VaultSigningKey,
+        ClusterFleet, Context, Fleet, Idle, SigningKeyAdmin, SigningKeyState, SigningRotationError,
+        VaultSigningKey,
+        decide::{self, Rotate},
     },
 };
 
@@ -116,16 +118,14 @@ async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
         meta.latest,
         if plan.suspend { " (suspended)" } else { "" }
     );
-    println!(
-        "would pin min_encryption_version to {signing}, then rotate to version {}",
-        meta.latest.max(signing) + 1
-    );
     let endpoints = match &plan.signers {
         SignerSource::Endpoints(endpoints) => endpoints.clone(),
         SignerSource::Discovery(d) => ctx.kube.node_endpoints(&d.node_selector, d.port).await?,
     };
+    let mut reports = Vec::new();
     for endpoint in endpoints {
-        match ctx.fleet.signer_status(&endpoint).await {
+        let report = decide::vet_report(ctx.fleet.signer_status(&endpoint).await);
+        match report.clone() {
             Ok(s) => println!(
                 "signer {endpoint}: signs with {}, publishes {}, max token {}s, refresh hint {}s",
                 s.signing.map_or("nothing".into(), |k| k.kid),
@@ -135,7 +135,9 @@ async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
             ),
             Err(e) => println!("signer {endpoint}: unreachable ({e})"),
         }
+        reports.push((endpoint, report));
     }
+    println!("{}", planned(status, &meta, decide::agreed_signing_kid(&reports).as_deref()));
     match ctx.fleet.api_servers().await {
         Ok(servers) => {
             for server in servers {
@@ -161,6 +163,33 @@ async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
         plan.publish.margin, plan.drain.skew
     );
     Ok(())
+}
+
+/// What a requested run would do first, decided as the loop decides it from the stored status:
+/// [`decide::decide_idle`], then [`decide::decide_rotate`].
+fn planned(status: &SigningStatus, meta: &SigningKeyState, signing_kid: Option<&str>) -> String {
+    if status.phase != SigningPhase::Idle {
+        return format!(
+            "a run is in progress ({}, from version {}); the request resumes or is satisfied by it",
+            status.phase.as_str(),
+            status.from_version.map_or("?".into(), |v| v.to_string())
+        );
+    }
+    let (from, adopt) = match decide::decide_idle(status.known_version, meta, signing_kid, true, false) {
+        Idle::Start { trigger, from } => (from, format!("would start a run ({trigger}) from version {from}")),
+        Idle::Adopt(version) => (version, format!("would adopt version {version}, then start a run from it")),
+        Idle::Unsettled | Idle::Rest => {
+            return "would wait: the key is not pinned and the signers do not agree on a signing kid Transit holds".into();
+        }
+    };
+    let pin = match decide::decide_rotate(from, meta) {
+        Rotate::Pin(v) => format!("pin min_encryption_version to {v}, then "),
+        _ => String::new(),
+    };
+    match meta.latest > from {
+        true => format!("{adopt}: {pin}switch to version {}, which exists (no rotate)", meta.latest),
+        false => format!("{adopt}: {pin}rotate to version {}", meta.latest + 1),
+    }
 }
 
 /// Steps until the run that handles `request` has finished, with a progress line on stderr.
@@ -205,5 +234,38 @@ fn finish(status: &SigningStatus) -> Result<(), CommandError> {
             Err(CommandError::Refused(format!("signing-key rotation stopped: {}", status.message)))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(latest: u64, min_enc: u64) -> SigningKeyState {
+        SigningKeyState {
+            latest,
+            min_encryption_version: min_enc,
+            min_decryption_version: 1,
+            kids: (1..=latest).map(|v| (v, format!("kid-{v}"))).collect(),
+        }
+    }
+
+    #[test]
+    fn the_dry_run_plan_is_the_one_the_loop_runs() {
+        let known = |v| SigningStatus { known_version: Some(v), ..SigningStatus::default() };
+        assert_eq!(
+            planned(&known(2), &key(3, 2), None),
+            "would start a run (external) from version 2: switch to version 3, which exists (no rotate)"
+        );
+        assert_eq!(
+            planned(&known(3), &key(3, 0), None),
+            "would start a run (request) from version 3: pin min_encryption_version to 3, then rotate to version 4"
+        );
+        assert_eq!(
+            planned(&SigningStatus::default(), &key(3, 0), Some("kid-2")),
+            "would adopt version 2, then start a run from it: pin min_encryption_version to 2, then switch to version 3, which exists (no rotate)"
+        );
+        let running = SigningStatus { phase: SigningPhase::Draining, from_version: Some(1), ..known(1) };
+        assert!(planned(&running, &key(2, 2), None).starts_with("a run is in progress (Draining"));
     }
 }
