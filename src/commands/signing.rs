@@ -84,7 +84,9 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         if !wait {
             return Ok(());
         }
-        return watch(&kube, &name, &request).await;
+        // NB: a holder without controller.signing_policy never handles the annotation.
+        let patience = config.controller.poll_interval * UNHANDLED_POLLS;
+        return watch(&kube, &name, &request, patience).await;
     }
     eprintln!("no controller holds the lease; running the signing-key rotation here until it finishes");
     let metrics = Arc::new(ControllerMetrics::new());
@@ -209,10 +211,52 @@ async fn drive<K: SigningKeyAdmin, F: Fleet>(
     Ok(controller::drive_signing(ctx, policy, request, report).await?)
 }
 
-async fn watch(kube: &Kube, name: &str, request: &str) -> Result<(), CommandError> {
+/// Poll intervals `--wait` gives an idle controller to take the request before giving up.
+const UNHANDLED_POLLS: u32 = 4;
+
+/// Whether `--wait` should give up: the policy rests (Idle or Failed, where a running loop takes
+/// a new request at its next step) without having taken `request` for `waited`, longer than
+/// `patience`. A run in progress takes the request only when it ends, so it never counts.
+fn unhandled(
+    status: &SigningStatus,
+    request: &str,
+    waited: std::time::Duration,
+    patience: std::time::Duration,
+) -> bool {
+    status.handled_request != request
+        && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
+        && waited > patience
+}
+
+async fn watch(
+    kube: &Kube,
+    name: &str,
+    request: &str,
+    patience: std::time::Duration,
+) -> Result<(), CommandError> {
     let mut last = String::new();
+    let mut resting_since: Option<tokio::time::Instant> = None;
     loop {
         let status = kube.signing_policy(name).await?.status.unwrap_or_default();
+        let resting = status.handled_request != request
+            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed);
+        let since = match resting {
+            true => *resting_since.get_or_insert_with(tokio::time::Instant::now),
+            false => {
+                resting_since = None;
+                tokio::time::Instant::now()
+            }
+        };
+        if unhandled(&status, request, since.elapsed(), patience) {
+            tracing::warn!(
+                policy = name,
+                request,
+                "the controller holding the lease did not take the signer rotate request"
+            );
+            return Err(CommandError::Refused(format!(
+                "the controller holding the lease did not take request {request} within {patience:?}; does its controller.signing_policy name {name}? The annotation stays set, so a controller that follows {name} runs it"
+            )));
+        }
         let line = describe(&status);
         if line != last {
             eprintln!("{line}");
@@ -267,5 +311,18 @@ mod tests {
         );
         let running = SigningStatus { phase: SigningPhase::Draining, from_version: Some(1), ..known(1) };
         assert!(planned(&running, &key(2, 2), None).starts_with("a run is in progress (Draining"));
+    }
+
+    #[test]
+    fn wait_gives_up_only_on_a_resting_policy_that_never_took_the_request() {
+        let patience = std::time::Duration::from_secs(120);
+        let long = std::time::Duration::from_secs(121);
+        let idle = SigningStatus { handled_request: "old".into(), ..SigningStatus::default() };
+        assert!(unhandled(&idle, "new", long, patience));
+        assert!(!unhandled(&idle, "new", patience, patience), "a few polls first");
+        let taken = SigningStatus { handled_request: "new".into(), ..SigningStatus::default() };
+        assert!(!unhandled(&taken, "new", long, patience));
+        let draining = SigningStatus { phase: SigningPhase::Draining, ..idle.clone() };
+        assert!(!unhandled(&draining, "new", long, patience), "a run in progress takes it at its end");
     }
 }
