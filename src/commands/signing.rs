@@ -10,7 +10,9 @@ use crate::{
     k8s::Kube,
     metrics::ControllerMetrics,
     signing_rotation::{
-        ClusterFleet, Context, Fleet, SigningKeyAdmin, SigningRotationError, VaultSigningKey,
+        ClusterFleet, Context, Fleet, Idle, SigningKeyAdmin, SigningKeyState, SigningRotationError,
+        VaultSigningKey,
+        decide::{self, Rotate},
     },
 };
 
@@ -82,7 +84,9 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         if !wait {
             return Ok(());
         }
-        return watch(&kube, &name, &request).await;
+        // NB: a holder without controller.signing_policy never handles the annotation.
+        let patience = config.controller.poll_interval * UNHANDLED_POLLS;
+        return watch(&kube, &name, &request, patience).await;
     }
     eprintln!("no controller holds the lease; running the signing-key rotation here until it finishes");
     let metrics = Arc::new(ControllerMetrics::new());
@@ -116,16 +120,14 @@ async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
         meta.latest,
         if plan.suspend { " (suspended)" } else { "" }
     );
-    println!(
-        "would pin min_encryption_version to {signing}, then rotate to version {}",
-        meta.latest.max(signing) + 1
-    );
     let endpoints = match &plan.signers {
         SignerSource::Endpoints(endpoints) => endpoints.clone(),
         SignerSource::Discovery(d) => ctx.kube.node_endpoints(&d.node_selector, d.port).await?,
     };
+    let mut reports = Vec::new();
     for endpoint in endpoints {
-        match ctx.fleet.signer_status(&endpoint).await {
+        let report = decide::vet_report(ctx.fleet.signer_status(&endpoint).await);
+        match report.clone() {
             Ok(s) => println!(
                 "signer {endpoint}: signs with {}, publishes {}, max token {}s, refresh hint {}s",
                 s.signing.map_or("nothing".into(), |k| k.kid),
@@ -135,7 +137,9 @@ async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
             ),
             Err(e) => println!("signer {endpoint}: unreachable ({e})"),
         }
+        reports.push((endpoint, report));
     }
+    println!("{}", planned(status, &meta, decide::agreed_signing_kid(&reports).as_deref()));
     match ctx.fleet.api_servers().await {
         Ok(servers) => {
             for server in servers {
@@ -163,6 +167,33 @@ async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
     Ok(())
 }
 
+/// What a requested run would do first, decided as the loop decides it from the stored status:
+/// [`decide::decide_idle`], then [`decide::decide_rotate`].
+fn planned(status: &SigningStatus, meta: &SigningKeyState, signing_kid: Option<&str>) -> String {
+    if status.phase != SigningPhase::Idle {
+        return format!(
+            "a run is in progress ({}, from version {}); the request resumes or is satisfied by it",
+            status.phase.as_str(),
+            status.from_version.map_or("?".into(), |v| v.to_string())
+        );
+    }
+    let (from, adopt) = match decide::decide_idle(status.known_version, meta, signing_kid, true, false) {
+        Idle::Start { trigger, from } => (from, format!("would start a run ({trigger}) from version {from}")),
+        Idle::Adopt(version) => (version, format!("would adopt version {version}, then start a run from it")),
+        Idle::Unsettled | Idle::Rest => {
+            return "would wait: the key is not pinned and the signers do not agree on a signing kid Transit holds".into();
+        }
+    };
+    let pin = match decide::decide_rotate(from, meta) {
+        Rotate::Pin(v) => format!("pin min_encryption_version to {v}, then "),
+        _ => String::new(),
+    };
+    match meta.latest > from {
+        true => format!("{adopt}: {pin}switch to version {}, which exists (no rotate)", meta.latest),
+        false => format!("{adopt}: {pin}rotate to version {}", meta.latest + 1),
+    }
+}
+
 /// Steps until the run that handles `request` has finished, with a progress line on stderr.
 async fn drive<K: SigningKeyAdmin, F: Fleet>(
     ctx: &Context<K, F>,
@@ -180,10 +211,52 @@ async fn drive<K: SigningKeyAdmin, F: Fleet>(
     Ok(controller::drive_signing(ctx, policy, request, report).await?)
 }
 
-async fn watch(kube: &Kube, name: &str, request: &str) -> Result<(), CommandError> {
+/// Poll intervals `--wait` gives an idle controller to take the request before giving up.
+const UNHANDLED_POLLS: u32 = 4;
+
+/// Whether `--wait` should give up: the policy rests (Idle or Failed, where a running loop takes
+/// a new request at its next step) without having taken `request` for `waited`, longer than
+/// `patience`. A run in progress takes the request only when it ends, so it never counts.
+fn unhandled(
+    status: &SigningStatus,
+    request: &str,
+    waited: std::time::Duration,
+    patience: std::time::Duration,
+) -> bool {
+    status.handled_request != request
+        && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
+        && waited > patience
+}
+
+async fn watch(
+    kube: &Kube,
+    name: &str,
+    request: &str,
+    patience: std::time::Duration,
+) -> Result<(), CommandError> {
     let mut last = String::new();
+    let mut resting_since: Option<tokio::time::Instant> = None;
     loop {
         let status = kube.signing_policy(name).await?.status.unwrap_or_default();
+        let resting = status.handled_request != request
+            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed);
+        let since = match resting {
+            true => *resting_since.get_or_insert_with(tokio::time::Instant::now),
+            false => {
+                resting_since = None;
+                tokio::time::Instant::now()
+            }
+        };
+        if unhandled(&status, request, since.elapsed(), patience) {
+            tracing::warn!(
+                policy = name,
+                request,
+                "the controller holding the lease did not take the signer rotate request"
+            );
+            return Err(CommandError::Refused(format!(
+                "the controller holding the lease did not take request {request} within {patience:?}; does its controller.signing_policy name {name}? The annotation stays set, so a controller that follows {name} runs it"
+            )));
+        }
         let line = describe(&status);
         if line != last {
             eprintln!("{line}");
@@ -205,5 +278,51 @@ fn finish(status: &SigningStatus) -> Result<(), CommandError> {
             Err(CommandError::Refused(format!("signing-key rotation stopped: {}", status.message)))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(latest: u64, min_enc: u64) -> SigningKeyState {
+        SigningKeyState {
+            latest,
+            min_encryption_version: min_enc,
+            min_decryption_version: 1,
+            kids: (1..=latest).map(|v| (v, format!("kid-{v}"))).collect(),
+        }
+    }
+
+    #[test]
+    fn the_dry_run_plan_is_the_one_the_loop_runs() {
+        let known = |v| SigningStatus { known_version: Some(v), ..SigningStatus::default() };
+        assert_eq!(
+            planned(&known(2), &key(3, 2), None),
+            "would start a run (external) from version 2: switch to version 3, which exists (no rotate)"
+        );
+        assert_eq!(
+            planned(&known(3), &key(3, 0), None),
+            "would start a run (request) from version 3: pin min_encryption_version to 3, then rotate to version 4"
+        );
+        assert_eq!(
+            planned(&SigningStatus::default(), &key(3, 0), Some("kid-2")),
+            "would adopt version 2, then start a run from it: pin min_encryption_version to 2, then switch to version 3, which exists (no rotate)"
+        );
+        let running = SigningStatus { phase: SigningPhase::Draining, from_version: Some(1), ..known(1) };
+        assert!(planned(&running, &key(2, 2), None).starts_with("a run is in progress (Draining"));
+    }
+
+    #[test]
+    fn wait_gives_up_only_on_a_resting_policy_that_never_took_the_request() {
+        let patience = std::time::Duration::from_secs(120);
+        let long = std::time::Duration::from_secs(121);
+        let idle = SigningStatus { handled_request: "old".into(), ..SigningStatus::default() };
+        assert!(unhandled(&idle, "new", long, patience));
+        assert!(!unhandled(&idle, "new", patience, patience), "a few polls first");
+        let taken = SigningStatus { handled_request: "new".into(), ..SigningStatus::default() };
+        assert!(!unhandled(&taken, "new", long, patience));
+        let draining = SigningStatus { phase: SigningPhase::Draining, ..idle.clone() };
+        assert!(!unhandled(&draining, "new", long, patience), "a run in progress takes it at its end");
     }
 }

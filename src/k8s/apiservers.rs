@@ -44,10 +44,12 @@ const MAX_LINE: usize = 4096;
 /// The metric each API server sets when a Status call returns a key_id.
 pub const STATUS_METRIC: &str = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds";
 
-/// When the API server last fetched the signer's keys successfully, in Unix seconds: an unlabeled
-/// gauge set to the current time on each successful FetchKeys
-/// (pkg/serviceaccount/externaljwt/metrics/metrics.go, `lastKeyFetchTimeStamp`, set by
-/// `RecordFetchKeysAttempt`). Absent on a server not configured for an external signer.
+/// When the API server last fetched the signer's keys successfully, in Unix seconds: a GaugeVec
+/// with no labels, set to the current time on each successful FetchKeys
+/// (pkg/serviceaccount/externaljwt/metrics/metrics.go, `lastKeyFetchTimeStamp`, set through
+/// `WithLabelValues()` by `RecordFetchKeysAttempt`). A vector shows no series until set, so the
+/// series is absent on a server not configured for an external signer and until its first
+/// successful fetch.
 pub const FETCH_KEYS_SUCCESS_METRIC: &str = "apiserver_externaljwt_fetch_keys_success_timestamp";
 
 /// When the API server process started, in Unix seconds: an unlabeled gauge

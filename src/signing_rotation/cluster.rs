@@ -22,8 +22,8 @@ const TRANSIT_DEADLINE: Duration = Duration::from_secs(10);
 pub const SIGNER_STATUS_MAX_BYTES: usize = 256 * 1024;
 
 /// The lifetime of the TokenRequest that reads an API server's signing kid: the shortest the
-/// TokenRequest API grants (pkg/registry/core/serviceaccount/storage/token.go,
-/// `minTokenExpirationSeconds`).
+/// TokenRequest API grants: `expirationSeconds` under `MinTokenAgeSec` (10 minutes) is refused
+/// (pkg/apis/authentication/validation/validation.go, `ValidateTokenRequest`).
 pub const CHECK_TOKEN_SECONDS: i64 = 600;
 
 /// [`SigningKeyAdmin`] over Vault/OpenBao Transit, with the controller's identity.

@@ -23,6 +23,9 @@ pub enum Idle {
     },
     /// Nothing to do yet.
     Rest,
+    /// First sight of an unpinned key, and the signers do not agree on a kid Transit holds:
+    /// which version signs is unknown, so nothing is adopted.
+    Unsettled,
 }
 
 /// The version that signs now: the pinned `min_encryption_version`, or the latest when none is
@@ -34,11 +37,34 @@ pub fn signing_version(key: &SigningKeyState) -> u64 {
     }
 }
 
-/// Decides from the version last handled, the key, whether a new request arrived and whether
-/// the schedule is due. A version made outside the controller wins over both: it is published
-/// and switched to like one the controller made.
-pub fn decide_idle(known: Option<u64>, key: &SigningKeyState, requested: bool, due: bool) -> Idle {
-    let Some(known) = known else { return Idle::Adopt(signing_version(key)) };
+/// The kid every signer reports signing with; `None` when any cannot be read, signs with
+/// nothing, or they disagree.
+pub fn agreed_signing_kid(reports: &SignerReports) -> Option<String> {
+    let mut kids =
+        reports.iter().map(|(_, r)| r.as_ref().ok().and_then(|s| s.signing.as_ref()).map(|k| &k.kid));
+    let first = kids.next()??;
+    kids.all(|k| k == Some(first)).then(|| first.clone())
+}
+
+/// Decides from the version last handled, the key, the kid the signers agree they sign with,
+/// whether a new request arrived and whether the schedule is due. A version made outside the
+/// controller wins over both: it is published and switched to like one the controller made.
+/// First sight of an unpinned key adopts the version whose kid the signers sign with, not the
+/// latest: signers follow their own age rule, and a younger latest was never waited for.
+pub fn decide_idle(
+    known: Option<u64>,
+    key: &SigningKeyState,
+    signing_kid: Option<&str>,
+    requested: bool,
+    due: bool,
+) -> Idle {
+    let Some(known) = known else {
+        if key.min_encryption_version != 0 {
+            return Idle::Adopt(key.min_encryption_version);
+        }
+        let signing = key.kids.iter().find(|(_, kid)| Some(kid.as_str()) == signing_kid);
+        return signing.map_or(Idle::Unsettled, |(version, _)| Idle::Adopt(*version));
+    };
     if key.latest > known {
         return Idle::Start { trigger: "external", from: known };
     }
@@ -104,6 +130,53 @@ impl Members {
 /// Signers' reports by endpoint.
 pub type SignerReports = [(String, Result<SignerStatus, String>)];
 
+/// Longest text from a signer (a kid, an error) repeated in the status, conditions and Events.
+pub const SIGNER_TEXT_MAX: usize = 200;
+/// Longest kid a signer may report; a longer one makes the whole `/status` not valid.
+pub const KID_MAX_BYTES: usize = 1024;
+/// `max_token_expiration_seconds` a signer may report: kube-apiserver's 600 s minimum up to 2^32
+/// s; outside it the value is a mistake or hostile, and would stall Drain for good.
+pub const TOKEN_SECONDS_RANGE: std::ops::Range<i64> = MIN_TOKEN_SECONDS..(1 << 32);
+/// `refresh_hint_seconds` a signer may report: a day at most, so Publish's wait stays bounded.
+pub const REFRESH_HINT_RANGE: std::ops::RangeInclusive<i64> = 1..=86_400;
+
+/// A text from a signer, cut to [`SIGNER_TEXT_MAX`] bytes for the status.
+pub fn clip(text: &str) -> String {
+    match text.len() > SIGNER_TEXT_MAX {
+        true => format!("{}...", crate::error::clipped(text.to_owned(), SIGNER_TEXT_MAX)),
+        false => text.to_owned(),
+    }
+}
+
+/// One signer's `/status`, or why it is not valid: a token bound or refresh hint out of range,
+/// or a kid over [`KID_MAX_BYTES`], makes the whole report an error naming the signer's value,
+/// so no phase adopts it. Errors are clipped.
+pub fn vet_report(report: Result<SignerStatus, String>) -> Result<SignerStatus, String> {
+    let status = report.map_err(|e| clip(&e))?;
+    if let Some(max) = status.max_token_expiration_seconds
+        && !TOKEN_SECONDS_RANGE.contains(&max)
+    {
+        return Err(format!(
+            "/status not valid: max_token_expiration_seconds {max} is outside {}..{}",
+            TOKEN_SECONDS_RANGE.start, TOKEN_SECONDS_RANGE.end
+        ));
+    }
+    if let Some(hint) = status.refresh_hint_seconds
+        && !REFRESH_HINT_RANGE.contains(&hint)
+    {
+        return Err(format!(
+            "/status not valid: refresh_hint_seconds {hint} is outside {}..={}",
+            REFRESH_HINT_RANGE.start(),
+            REFRESH_HINT_RANGE.end()
+        ));
+    }
+    let kids = status.signing.iter().map(|k| &k.kid).chain(status.published.iter().map(|p| &p.kid));
+    if let Some(long) = kids.map(String::len).find(|len| *len > KID_MAX_BYTES) {
+        return Err(format!("/status not valid: a kid of {long} bytes, over {KID_MAX_BYTES}"));
+    }
+    Ok(status)
+}
+
 /// Whether every signer publishes `kid` in its OIDC key set, and the largest
 /// `refresh_hint_seconds` among them. A signer that reports no refresh hint predates this loop
 /// and cannot prove when its verifiers have the key, so it is named.
@@ -119,7 +192,7 @@ pub fn judge_published(reports: &SignerReports, kid: &str) -> (Members, Option<i
             }
         };
         if !status.published.iter().any(|p| p.kid == kid && !p.exclude_from_oidc_discovery) {
-            members.lagging.push(format!("{endpoint} does not publish kid {kid}"));
+            members.lagging.push(format!("{endpoint} does not publish kid {}", clip(kid)));
         }
         match status.refresh_hint_seconds {
             Some(h) => hint = hint.max(Some(h)),
@@ -129,10 +202,16 @@ pub fn judge_published(reports: &SignerReports, kid: &str) -> (Members, Option<i
     (members, hint)
 }
 
-/// Whether every API server fetched keys after `published` (Unix seconds). A server without the
-/// fetch-keys series still verifies only against its key files: it has not flipped to the
-/// signer, and is named.
-pub fn judge_fetched(api_servers: &Result<Vec<ApiServerReport>, String>, published: i64) -> Members {
+/// Whether every API server fetched keys after `published` (Unix seconds, the controller's
+/// clock) plus `skew`: the fetch time is the API server's clock, which may run ahead. A server
+/// without the fetch-keys series still verifies only against its key files: it has not flipped
+/// to the signer, and is named.
+pub fn judge_fetched(
+    api_servers: &Result<Vec<ApiServerReport>, String>,
+    published: i64,
+    skew: Duration,
+) -> Members {
+    let after = published.saturating_add(skew.as_secs() as i64);
     let reports = match api_servers {
         Ok(reports) => reports,
         Err(e) => return Members { total: 0, lagging: vec![format!("API servers cannot be listed: {e}")] },
@@ -146,8 +225,8 @@ pub fn judge_fetched(api_servers: &Result<Vec<ApiServerReport>, String>, publish
                 None => members.lagging.push(format!(
                     "{address} exports no apiserver_externaljwt_fetch_keys_success_timestamp: it has not flipped to the signer"
                 )),
-                Some(at) if at <= published as f64 => members.lagging.push(format!(
-                    "{address} last fetched keys at {}, before the new kid was published",
+                Some(at) if at <= after as f64 => members.lagging.push(format!(
+                    "{address} last fetched keys at {}, not after the new kid was published plus the {skew:?} clock-skew margin",
                     crate::clock::seconds_text(at as i64)
                 )),
                 Some(_) => {}
@@ -217,6 +296,12 @@ pub fn decide_publish(plan: &PublishPlan, evidence: PublishEvidence) -> Decision
         ));
     }
     let left = need - since;
+    // NB: the time wait counts against the timeout too, so no hint holds Publish past it.
+    if evidence.waited >= timeout {
+        return Decision::Fail(format!(
+            "the new kid was published and fetched, but {left:?} of the {need:?} wait were left after {timeout:?}"
+        ));
+    }
     Decision::Wait {
         message: format!(
             "published and fetched; waiting {left:?} more so verifiers caching the key set (refresh hint {hint:?} plus margin) have it"
@@ -233,7 +318,7 @@ pub fn judge_signing(reports: &SignerReports, kid: &str) -> Members {
             Err(e) => members.lagging.push(format!("{endpoint}: {e}")),
             Ok(status) => match &status.signing {
                 Some(key) if key.kid == kid => {}
-                Some(key) => members.lagging.push(format!("{endpoint} signs with kid {}", key.kid)),
+                Some(key) => members.lagging.push(format!("{endpoint} signs with kid {}", clip(&key.kid))),
                 None => members.lagging.push(format!("{endpoint} signs with no key")),
             },
         }
@@ -247,8 +332,8 @@ pub fn judge_token_kids(kids: &[(String, Result<String, String>)], kid: &str) ->
     for (address, answer) in kids {
         match answer {
             Ok(k) if k == kid => {}
-            Ok(k) => members.lagging.push(format!("{address} issued a token with kid {k}")),
-            Err(e) => members.lagging.push(format!("{address}: TokenRequest: {e}")),
+            Ok(k) => members.lagging.push(format!("{address} issued a token with kid {}", clip(k))),
+            Err(e) => members.lagging.push(format!("{address}: TokenRequest: {}", clip(e))),
         }
     }
     members
@@ -284,20 +369,27 @@ pub struct Expiration {
 }
 
 /// Follows the signers' largest reported `max_token_expiration_seconds`. kube-apiserver reads
-/// the signer's Metadata once, at start (pkg/controlplane/apiserver/options/options.go, the
-/// external-signer case of completing the service-account options: `plugin.GetServiceMetadata`,
-/// then `MaxExpiration` set from `MaxTokenExpirationSeconds`), so a higher value is in effect
+/// the signer's Metadata once, at start (pkg/controlplane/apiserver/options/options.go,
+/// `completeServiceAccountOptions`, its `ServiceAccountSigningEndpoint` case:
+/// `plugin.GetServiceMetadata`, then `MaxExpiration` set from `MaxTokenExpirationSeconds`), so a higher value is in effect
 /// at once where a server restarts, and a lower one only once every API server started after the
 /// change: `starts` holds every server's `process_start_time_seconds`, `None` when any is
-/// unknown. Lowering keeps the old bound's reach in `earlier_until`: the latest start plus the
-/// old bound, since every process that read the old bound had been replaced by then.
+/// unknown. Lowering keeps the old bound's reach in `earlier_until`: now plus the old bound, now
+/// being the first step that saw no process older than the change.
+///
+/// A lower value is taken only when `every_signer` answered it: a signer that could not be read
+/// may still serve the higher one.
 pub fn track_expiration(
     prev: Expiration,
     reported: Option<i64>,
+    every_signer: bool,
     starts: Option<&[f64]>,
     now: i64,
 ) -> Expiration {
     let Some(reported) = reported else { return prev };
+    if !every_signer && prev.bound.is_some_and(|bound| reported < bound) {
+        return prev;
+    }
     let mut next = prev;
     match prev.bound {
         None => {
@@ -319,15 +411,15 @@ pub fn track_expiration(
                 next.changed_at = Some(now);
             }
             let since = next.changed_at.unwrap_or(now) as f64;
-            let latest_start = match starts {
-                Some(s) if !s.is_empty() && s.iter().all(|start| *start > since) => {
-                    s.iter().copied().fold(f64::MIN, f64::max)
-                }
+            match starts {
+                Some(s) if !s.is_empty() && s.iter().all(|start| *start > since) => {}
                 _ => return next,
-            };
-            // NB: a process that read the higher bound was replaced by the latest start at the
-            // latest, so its tokens live until then plus that bound at most.
-            let reach = (latest_start.ceil() as i64).min(now).saturating_add(bound);
+            }
+            // NB: the listed servers' latest start is no bound: a server already gone from the
+            // EndpointSlice may have issued old-bound tokens until it left. This step is the
+            // first seen with no process older than the change, so it is the last old-bound
+            // issue we can prove.
+            let reach = now.saturating_add(bound);
             next.earlier_until = Some(prev.earlier_until.map_or(reach, |e| e.max(reach)));
             next.bound = Some(reported);
             next.lower = None;
@@ -353,7 +445,7 @@ pub fn judge_retired(reports: &SignerReports, old: &[String]) -> Members {
             Err(e) => members.lagging.push(format!("{endpoint}: {e}")),
             Ok(status) => {
                 for kid in status.published.iter().filter(|p| old.contains(&p.kid)).map(|p| &p.kid) {
-                    members.lagging.push(format!("{endpoint} still publishes kid {kid}"));
+                    members.lagging.push(format!("{endpoint} still publishes kid {}", clip(kid)));
                 }
             }
         }
@@ -406,18 +498,39 @@ mod tests {
     #[test]
     fn an_idle_policy_adopts_the_signing_version_then_starts_on_an_outside_version_a_request_or_the_schedule()
     {
-        assert_eq!(decide_idle(None, &key(3, 2), true, true), Idle::Adopt(2));
-        assert_eq!(decide_idle(None, &key(3, 0), false, false), Idle::Adopt(3));
+        assert_eq!(decide_idle(None, &key(3, 2), None, true, true), Idle::Adopt(2));
+        assert_eq!(decide_idle(None, &key(3, 0), Some("kid-3"), false, false), Idle::Adopt(3));
         assert_eq!(
-            decide_idle(Some(2), &key(3, 2), true, true),
+            decide_idle(Some(2), &key(3, 2), None, true, true),
             Idle::Start { trigger: "external", from: 2 }
         );
-        assert_eq!(decide_idle(Some(3), &key(3, 3), true, true), Idle::Start { trigger: "request", from: 3 });
         assert_eq!(
-            decide_idle(Some(3), &key(3, 3), false, true),
+            decide_idle(Some(3), &key(3, 3), None, true, true),
+            Idle::Start { trigger: "request", from: 3 }
+        );
+        assert_eq!(
+            decide_idle(Some(3), &key(3, 3), None, false, true),
             Idle::Start { trigger: "schedule", from: 3 }
         );
-        assert_eq!(decide_idle(Some(3), &key(3, 3), false, false), Idle::Rest);
+        assert_eq!(decide_idle(Some(3), &key(3, 3), None, false, false), Idle::Rest);
+    }
+
+    #[test]
+    fn first_sight_of_an_unpinned_key_adopts_the_version_the_signers_sign_with() {
+        let reports = vec![
+            ("http://a".to_owned(), Ok(signer("kid-2", &[]))),
+            ("http://b".to_owned(), Ok(signer("kid-2", &[]))),
+        ];
+        let agreed = agreed_signing_kid(&reports);
+        assert_eq!(agreed.as_deref(), Some("kid-2"));
+        assert_eq!(decide_idle(None, &key(3, 0), agreed.as_deref(), false, false), Idle::Adopt(2));
+        let split = vec![reports[0].clone(), ("http://b".to_owned(), Ok(signer("kid-3", &[])))];
+        assert_eq!(agreed_signing_kid(&split), None);
+        assert_eq!(decide_idle(None, &key(3, 0), None, false, false), Idle::Unsettled);
+        assert_eq!(decide_idle(None, &key(3, 0), Some("kid-9"), false, false), Idle::Unsettled);
+        let down = vec![reports[0].clone(), ("http://b".to_owned(), Err("down".to_owned()))];
+        assert_eq!(agreed_signing_kid(&down), None);
+        assert_eq!(agreed_signing_kid(&[]), None);
     }
 
     #[test]
@@ -453,7 +566,7 @@ mod tests {
             server("10.0.0.2:6443", None),
             server("10.0.0.3:6443", Some(1000.0)),
         ]);
-        let fetched = judge_fetched(&servers, 1000);
+        let fetched = judge_fetched(&servers, 1000, Duration::ZERO);
         assert_eq!(fetched.total, 3);
         assert_eq!(fetched.lagging.len(), 2);
         assert!(
@@ -461,7 +574,7 @@ mod tests {
                 .starts_with("10.0.0.2:6443 exports no apiserver_externaljwt_fetch_keys_success_timestamp")
         );
         assert!(fetched.lagging[1].starts_with("10.0.0.3:6443 last fetched keys at"));
-        assert!(!judge_fetched(&Ok(vec![]), 1000).done(), "no API server proves nothing");
+        assert!(!judge_fetched(&Ok(vec![]), 1000, Duration::ZERO).done(), "no API server proves nothing");
 
         let done = Members { total: 2, lagging: vec![] };
         let evidence = |signers: Members, servers: Members, since: u64, waited: u64| PublishEvidence {
@@ -487,6 +600,18 @@ mod tests {
         );
         assert!(
             matches!(decide_publish(&plan(), evidence(members, done, 9999, 3600)), Decision::Fail(m) if m.contains("http://b does not publish"))
+        );
+    }
+
+    #[test]
+    fn a_fetch_counts_only_after_the_publication_plus_the_skew() {
+        let servers = Ok(vec![server("10.0.0.1:6443", Some(1100.0)), server("10.0.0.2:6443", Some(1301.0))]);
+        let fetched = judge_fetched(&servers, 1000, Duration::from_secs(300));
+        assert_eq!(fetched.lagging.len(), 1);
+        assert!(
+            fetched.lagging[0].starts_with("10.0.0.1:6443 last fetched keys at"),
+            "{:?}",
+            fetched.lagging
         );
     }
 
@@ -528,40 +653,62 @@ mod tests {
 
     #[test]
     fn the_bound_rises_at_once_and_lowers_only_once_every_api_server_restarted_after_the_change() {
-        let e = track_expiration(Expiration::default(), Some(3600), None, 100);
+        let e = track_expiration(Expiration::default(), Some(3600), true, None, 100);
         assert_eq!(
             e,
             Expiration { bound: Some(3600), changed_at: Some(100), lower: None, earlier_until: None }
         );
-        assert_eq!(track_expiration(e, None, None, 200), e, "no report changes nothing");
-        let raised = track_expiration(e, Some(7200), None, 200);
+        assert_eq!(track_expiration(e, None, true, None, 200), e, "no report changes nothing");
+        let raised = track_expiration(e, Some(7200), true, None, 200);
         assert_eq!((raised.bound, raised.changed_at), (Some(7200), Some(200)));
 
-        let lowered = track_expiration(raised, Some(600), Some(&[150.0, 250.0]), 300);
+        let lowered = track_expiration(raised, Some(600), true, Some(&[150.0, 250.0]), 300);
         assert_eq!((lowered.bound, lowered.lower, lowered.changed_at), (Some(7200), Some(600), Some(300)));
-        let still = track_expiration(lowered, Some(600), Some(&[301.0, 250.0]), 400);
+        let still = track_expiration(lowered, Some(600), true, Some(&[301.0, 250.0]), 400);
         assert_eq!(
             (still.bound, still.changed_at),
             (Some(7200), Some(300)),
             "one server started before the change"
         );
         assert_eq!(
-            track_expiration(lowered, Some(600), None, 400).bound,
+            track_expiration(lowered, Some(600), true, None, 400).bound,
             Some(7200),
             "an unknown start keeps it"
         );
-        let adopted = track_expiration(lowered, Some(600), Some(&[301.0, 350.0]), 400);
+        let adopted = track_expiration(lowered, Some(600), true, Some(&[301.0, 350.0]), 400);
         assert_eq!(
             adopted,
             Expiration {
                 bound: Some(600),
                 changed_at: Some(300),
                 lower: None,
-                earlier_until: Some(350 + 7200)
+                earlier_until: Some(400 + 7200)
             }
         );
-        let back = track_expiration(lowered, Some(7200), None, 500);
+        let back = track_expiration(lowered, Some(7200), true, None, 500);
         assert_eq!((back.bound, back.lower, back.changed_at), (Some(7200), None, Some(500)));
+    }
+
+    #[test]
+    fn a_lowered_bound_reaches_from_the_step_that_saw_no_older_process_not_the_latest_start() {
+        // 1y lowered to 1d; A and B restart at once, C (not listed any more) issued 1y tokens
+        // for 30 days before it left.
+        let year = 365 * 86_400;
+        let e = track_expiration(Expiration::default(), Some(year), true, None, 0);
+        let lowered = track_expiration(e, Some(86_400), true, Some(&[1.0, 2.0, -5.0]), 100);
+        let day30 = 30 * 86_400;
+        let adopted = track_expiration(lowered, Some(86_400), true, Some(&[3600.0, 3601.0]), day30);
+        assert_eq!(adopted.bound, Some(86_400));
+        assert_eq!(adopted.earlier_until, Some(day30 + year), "C's tokens live to 30d + 1y");
+    }
+
+    #[test]
+    fn a_bound_is_lowered_only_when_every_signer_answered_the_lower_value() {
+        let e = track_expiration(Expiration::default(), Some(7200), true, None, 100);
+        let partial = track_expiration(e, Some(600), false, Some(&[301.0]), 300);
+        assert_eq!(partial, e, "a signer that did not answer may still serve 7200");
+        let raised = track_expiration(e, Some(9000), false, None, 300);
+        assert_eq!(raised.bound, Some(9000), "a higher value is taken from any signer");
     }
 
     #[test]
@@ -572,6 +719,50 @@ mod tests {
         assert_eq!(drain_until(1000, &e(Some(3600), None), skew), Some(1000 + 3600 + 300));
         assert_eq!(drain_until(1000, &e(Some(60), None), skew), Some(1000 + 600 + 300), "never under 600 s");
         assert_eq!(drain_until(1000, &e(Some(600), Some(9000)), skew), Some(9000 + 300));
+    }
+
+    #[test]
+    fn a_status_out_of_range_is_not_valid_and_signer_texts_are_clipped() {
+        let ok = signer("kid-1", &["kid-1"]);
+        assert_eq!(vet_report(Ok(ok.clone())), Ok(ok.clone()));
+        let mut huge = ok.clone();
+        huge.max_token_expiration_seconds = Some(i64::MAX);
+        assert!(
+            vet_report(Ok(huge))
+                .is_err_and(|e| e.contains("max_token_expiration_seconds 9223372036854775807"))
+        );
+        let mut short = ok.clone();
+        short.max_token_expiration_seconds = Some(599);
+        assert!(vet_report(Ok(short)).is_err());
+        let mut hint = ok.clone();
+        hint.refresh_hint_seconds = Some(86_401);
+        assert!(vet_report(Ok(hint)).is_err_and(|e| e.contains("refresh_hint_seconds 86401")));
+        let mut zero = ok.clone();
+        zero.refresh_hint_seconds = Some(0);
+        assert!(vet_report(Ok(zero)).is_err());
+        let long = "k".repeat(KID_MAX_BYTES + 1);
+        assert!(vet_report(Ok(signer(&long, &[]))).is_err_and(|e| e.len() < SIGNER_TEXT_MAX));
+        assert!(vet_report(Ok(signer("kid-1", &[&long]))).is_err());
+        assert!(vet_report(Err("x".repeat(250_000))).is_err_and(|e| e.len() <= SIGNER_TEXT_MAX + 3));
+
+        let kid = "k".repeat(KID_MAX_BYTES);
+        let reports = [("http://a".to_owned(), Ok(signer(&kid, &[&kid])))];
+        let signing = judge_signing(&reports, "kid-2");
+        assert!(signing.lagging[0].len() < SIGNER_TEXT_MAX + 40, "{}", signing.lagging[0]);
+        assert!(judge_retired(&reports, &[kid]).lagging[0].len() < SIGNER_TEXT_MAX + 40);
+    }
+
+    #[test]
+    fn publish_time_wait_fails_at_the_timeout() {
+        let done = Members { total: 1, lagging: vec![] };
+        let evidence = PublishEvidence {
+            waited: Duration::from_secs(3600),
+            signers: done.clone(),
+            refresh_hint: Some(86_400),
+            api_servers: done,
+            since_published: Some(Duration::from_secs(3000)),
+        };
+        assert!(matches!(decide_publish(&plan(), evidence), Decision::Fail(m) if m.contains("left after")));
     }
 
     #[test]

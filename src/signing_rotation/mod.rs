@@ -209,7 +209,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Context<K, F> {
     ) -> Result<Vec<(String, Result<SignerStatus, String>)>, KubeError> {
         let mut reports = Vec::new();
         for endpoint in self.signer_endpoints(plan).await? {
-            let report = self.fleet.signer_status(&endpoint).await;
+            let report = decide::vet_report(self.fleet.signer_status(&endpoint).await);
             reports.push((endpoint, report));
         }
         Ok(reports)
@@ -346,11 +346,27 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
 
     async fn idle(&mut self) -> Result<Step, SigningRotationError> {
         let meta = self.ctx.key.metadata(&self.plan.transit).await?;
+        // NB: the bound is followed at rest too, so a change between runs is seen when it
+        // happens, not at the next run's Publish; signers that cannot be listed wait a poll.
+        let mut signing_kid = None;
+        if let Ok(signers) = self.ctx.signer_reports(self.plan).await {
+            let api_servers = self.ctx.fleet.api_servers().await;
+            self.track(&signers, &api_servers);
+            signing_kid = decide::agreed_signing_kid(&signers);
+        }
         let known = self.book.status.known_version;
-        match decide_idle(known, &meta, self.new_request().is_some(), self.due()) {
+        match decide_idle(known, &meta, signing_kid.as_deref(), self.new_request().is_some(), self.due()) {
+            Idle::Unsettled => {
+                let message = "the key is not pinned (min_encryption_version 0) and the signers do not agree on a signing kid Transit holds; waiting for them to agree, or pin the key";
+                self.book.stall("SigningVersionUnknown", message);
+                Ok(self.rest())
+            }
             Idle::Adopt(version) => {
                 // NB: the first sight of a key adopts the version that signs now; only later
                 // versions start runs.
+                if self.book.status.conditions.iter().any(|c| c.reason == "SigningVersionUnknown") {
+                    self.book.condition("Stalled", false, "SigningVersionKnown", "");
+                }
                 self.book.status.known_version = Some(version);
                 self.book.status.next_run = self.next_run();
                 self.book.status.message = format!("adopted signing key version {version}");

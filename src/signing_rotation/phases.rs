@@ -49,11 +49,19 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
     }
 
     /// Folds what the signers report now into the kept token-lifetime bound.
-    fn track(&mut self, signers: &SignerReports, api_servers: &Result<Vec<ApiServerReport>, String>) {
+    pub(super) fn track(
+        &mut self,
+        signers: &SignerReports,
+        api_servers: &Result<Vec<ApiServerReport>, String>,
+    ) {
         let reported = signers
             .iter()
             .filter_map(|(_, r)| r.as_ref().ok().and_then(|s| s.max_token_expiration_seconds))
             .max();
+        let every_signer = !signers.is_empty()
+            && signers
+                .iter()
+                .all(|(_, r)| r.as_ref().is_ok_and(|s| s.max_token_expiration_seconds.is_some()));
         let starts: Option<Vec<f64>> = api_servers.as_ref().ok().and_then(|list| {
             list.iter().map(|a| a.metrics.as_ref().ok().and_then(|m| m.process_start)).collect()
         });
@@ -64,7 +72,8 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             lower: status.lower_token_expiration_seconds,
             earlier_until: Self::seconds(&status.earlier_tokens_expire_at),
         };
-        let next = track_expiration(prev, reported, starts.as_deref(), self.book.now().as_second());
+        let next =
+            track_expiration(prev, reported, every_signer, starts.as_deref(), self.book.now().as_second());
         if next == prev {
             return;
         }
@@ -142,7 +151,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         self.track(&signers, &api_servers);
         let (fetched, since) = match Self::seconds(&self.book.status.published_at) {
             Some(at) => (
-                judge_fetched(&api_servers, at),
+                judge_fetched(&api_servers, at, self.plan.drain.skew),
                 Some(self.book.elapsed_since(&self.book.status.published_at)),
             ),
             None => (Members::default(), None),
