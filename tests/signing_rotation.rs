@@ -102,6 +102,8 @@ struct Signer {
     /// `/status` cannot be read.
     down: bool,
     max_token_expiration_seconds: Option<i64>,
+    /// Kids of its verify-only keys from files (`sa.pub`).
+    verify_only: Vec<String>,
 }
 
 /// One API server, at its address, on the same node as the signer of the same index.
@@ -139,8 +141,12 @@ impl FakeFleet {
         let state = FleetState {
             signers: (1..=signers)
                 .map(|i| {
-                    let signer =
-                        Signer { frozen: None, down: false, max_token_expiration_seconds: Some(max_token) };
+                    let signer = Signer {
+                        frozen: None,
+                        down: false,
+                        max_token_expiration_seconds: Some(max_token),
+                        verify_only: Vec::new(),
+                    };
                     (format!("http://10.0.0.{i}:8789"), signer)
                 })
                 .collect(),
@@ -167,16 +173,29 @@ impl FakeFleet {
     fn live(&self, signer: &Signer, refresh_hint: i64) -> SignerStatus {
         let k = self.key.lock();
         let signing = if k.min_encryption_version == 0 { k.latest } else { k.min_encryption_version };
-        SignerStatus {
-            signing: Some(SigningKey { version: signing, kid: kid(signing), alg: "ES256".into() }),
-            published: (k.min_decryption_version..=k.latest)
-                .map(|v| PublishedKey {
-                    kid: kid(v),
-                    version: Some(v),
+        let mut published: Vec<PublishedKey> = (k.min_decryption_version..=k.latest)
+            .map(|v| PublishedKey {
+                kid: kid(v),
+                version: Some(v),
+                exclude_from_oidc_discovery: false,
+                vanished_at: None,
+            })
+            .collect();
+        // One entry per kid, a versioned copy winning over a verify-only one (the signer's
+        // `keyset::publish`).
+        for file_kid in &signer.verify_only {
+            if !published.iter().any(|p| p.kid == *file_kid) {
+                published.push(PublishedKey {
+                    kid: file_kid.clone(),
+                    version: None,
                     exclude_from_oidc_discovery: false,
                     vanished_at: None,
-                })
-                .collect(),
+                });
+            }
+        }
+        SignerStatus {
+            signing: Some(SigningKey { version: signing, kid: kid(signing), alg: "ES256".into() }),
+            published,
             max_token_expiration_seconds: signer.max_token_expiration_seconds,
             refresh_hint_seconds: Some(refresh_hint),
             ..SignerStatus::default()
@@ -774,4 +793,37 @@ async fn a_whole_run_through_the_cluster_seam_reads_each_signer_and_each_api_ser
         "TokenRequests for the controller's own account only: {tokens:?}"
     );
     assert!(state.log.iter().filter(|l| *l == "GET /metrics").count() >= 4, "each server at its own address");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_sa_key_import_the_old_kid_stays_verify_only_and_runs_still_finish() {
+    let rig = Rig::new(json!({"spec": {"retire": {"timeout": "1h"}}}), 3600).await;
+    // The runbook's optional import: Transit v1 is `sa.key`, whose public half every signer also
+    // serves from `sa.pub`, so both carry one kid.
+    for signer in rig.fleet.lock().signers.values_mut() {
+        signer.verify_only = vec![kid(1)];
+    }
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(
+        (status["phase"].clone(), status["result"].clone()),
+        (json!("Idle"), json!("Succeeded")),
+        "{status:#}"
+    );
+    let published = rig.fleet.signer_status("http://10.0.0.1:8789").await.unwrap().published;
+    assert!(
+        published.iter().any(|p| p.kid == kid(1) && p.version.is_none()),
+        "sa.pub stays served, verify-only: {published:?}"
+    );
+
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["metadata"]["annotations"]["kmsgate.io/signer-rotate-requested"] = json!("again");
+    rig.fake.set_policy(p).await;
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(
+        (status["result"].clone(), status["toVersion"].clone()),
+        (json!("Succeeded"), json!(3)),
+        "{status:#}"
+    );
+    assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "retire 2", "rotate", "pin 3", "retire 3"]);
 }

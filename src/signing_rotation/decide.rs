@@ -345,15 +345,18 @@ pub fn drain_until(switched: i64, expiration: &Expiration, skew: Duration) -> Op
     Some(end.saturating_add(skew.as_secs() as i64))
 }
 
-/// Whether any signer still publishes one of `old` kids.
-pub fn judge_retired(reports: &SignerReports, old: &[String]) -> Members {
+/// Whether any signer still publishes a key-store version below `to`. Only versioned entries
+/// count: a verify-only key from a file (`version: None`, as `sa.pub` after the runbook's
+/// optional `sa.key` import, which shares an old version's kid) stays published on purpose,
+/// until the tokens it signed have expired, and must not hold Retire.
+pub fn judge_retired(reports: &SignerReports, to: u64) -> Members {
     let mut members = Members { total: reports.len(), lagging: Vec::new() };
     for (endpoint, report) in reports {
         match report {
             Err(e) => members.lagging.push(format!("{endpoint}: {e}")),
             Ok(status) => {
-                for kid in status.published.iter().filter(|p| old.contains(&p.kid)).map(|p| &p.kid) {
-                    members.lagging.push(format!("{endpoint} still publishes kid {kid}"));
+                for p in status.published.iter().filter(|p| p.version.is_some_and(|v| v < to)) {
+                    members.lagging.push(format!("{endpoint} still publishes kid {}", p.kid));
                 }
             }
         }
@@ -576,12 +579,30 @@ mod tests {
 
     #[test]
     fn retire_waits_until_no_signer_publishes_an_old_kid() {
+        let versioned = |status: SignerStatus| SignerStatus {
+            published: status
+                .published
+                .into_iter()
+                .map(|p| PublishedKey {
+                    version: p.kid.strip_prefix("kid-").and_then(|v| v.parse().ok()),
+                    ..p
+                })
+                .collect(),
+            ..status
+        };
         let signers = vec![
-            ("http://a".to_owned(), Ok(signer("kid-2", &["kid-2"]))),
-            ("http://b".to_owned(), Ok(signer("kid-2", &["kid-1", "kid-2"]))),
+            ("http://a".to_owned(), Ok(versioned(signer("kid-2", &["kid-2"])))),
+            ("http://b".to_owned(), Ok(versioned(signer("kid-2", &["kid-1", "kid-2"])))),
         ];
-        let old = ["kid-1".to_owned()];
-        assert_eq!(judge_retired(&signers, &old).lagging, ["http://b still publishes kid kid-1"]);
-        assert!(judge_retired(&signers[..1], &old).done());
+        assert_eq!(judge_retired(&signers, 2).lagging, ["http://b still publishes kid kid-1"]);
+        assert!(judge_retired(&signers[..1], 2).done());
+    }
+
+    #[test]
+    fn a_verify_only_key_sharing_an_old_kid_does_not_hold_retire() {
+        // After the runbook's `sa.key` import, Transit v1 and `sa.pub` share a kid; once v1 is
+        // retired the signer keeps it as a verify-only entry from the file.
+        let signers = vec![("http://a".to_owned(), Ok(signer("kid-2", &["kid-1", "kid-2"])))];
+        assert!(judge_retired(&signers, 2).done(), "{:?}", judge_retired(&signers, 2));
     }
 }

@@ -256,12 +256,8 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
                 format!("min_decryption_version raised to {to}"),
             ));
         }
-        let mut old: Vec<String> = meta.kids.range(..to).map(|(_, kid)| kid.clone()).collect();
-        if !self.book.status.from_kid.is_empty() && !old.contains(&self.book.status.from_kid) {
-            old.push(self.book.status.from_kid.clone());
-        }
         let signers = self.ctx.signer_reports(self.plan).await?;
-        let retired = judge_retired(&signers, &old);
+        let retired = judge_retired(&signers, to);
         self.stragglers(&retired, &Members::default());
         if retired.done() {
             return Ok(self.finish());
