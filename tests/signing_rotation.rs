@@ -827,3 +827,32 @@ async fn after_the_sa_key_import_the_old_kid_stays_verify_only_and_runs_still_fi
     );
     assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "retire 2", "rotate", "pin 3", "retire 3"]);
 }
+
+/// A run whose status was edited or restored to `status`, with Transit at version 2 and signing
+/// pinned to 1.
+async fn poisoned(status: Value) -> (Rig, Value) {
+    let rig = Rig::new(json!({ "status": status }), 3600).await;
+    rig.key.lock().latest = 2;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Failed").await;
+    (rig, status)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_without_a_valid_version_pair_never_pins_or_retires() {
+    for phase in ["Switching", "Retiring"] {
+        for (from, to) in [(json!(1), Value::Null), (json!(0), json!(2)), (json!(2), json!(2))] {
+            let status = json!({"phase": phase, "fromVersion": from, "toVersion": to, "fromKid": "kid-1", "toKid": "kid-2"});
+            let (rig, status) = poisoned(status).await;
+            assert_eq!(
+                (status["phase"].clone(), status["failedPhase"].clone()),
+                (json!("Failed"), json!(phase)),
+                "{status:#}"
+            );
+            let stalled =
+                status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap();
+            assert_eq!(stalled["reason"], "InvalidStatus", "{status:#}");
+            assert!(rig.key.lock().calls.is_empty(), "no pin and no retire: {:?}", rig.key.lock().calls);
+        }
+    }
+}

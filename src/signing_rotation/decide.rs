@@ -78,6 +78,24 @@ pub fn decide_rotate(from: u64, key: &SigningKeyState) -> Rotate {
     Rotate::Done { to: key.latest }
 }
 
+/// The versions a run moves between, as its status says, checked before any destructive call
+/// (a pin or a retire): a status edited by hand or restored from a backup must never make the
+/// loop pin version 0 (Transit's "latest", which unpins the key) or retire a version that signs.
+/// Returns `to`, or the reason and message to stop the run with.
+pub fn checked_versions(from: Option<u64>, to: Option<u64>) -> Result<u64, (&'static str, String)> {
+    match (from, to) {
+        (Some(from), Some(to)) if from >= 1 && to > from => Ok(to),
+        _ => Err((
+            "InvalidStatus",
+            format!(
+                "the status names fromVersion {} and toVersion {}: a run needs toVersion > fromVersion >= 1; start a new run",
+                from.map_or("none".to_owned(), |v| v.to_string()),
+                to.map_or("none".to_owned(), |v| v.to_string())
+            ),
+        )),
+    }
+}
+
 /// Members of the fleet judged against what a phase needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Members {
@@ -421,6 +439,17 @@ mod tests {
             Idle::Start { trigger: "schedule", from: 3 }
         );
         assert_eq!(decide_idle(Some(3), &key(3, 3), false, false), Idle::Rest);
+    }
+
+    #[test]
+    fn a_destructive_step_needs_to_above_from_above_zero() {
+        assert_eq!(checked_versions(Some(1), Some(2)), Ok(2));
+        for (from, to) in
+            [(Some(1), None), (None, Some(2)), (Some(0), Some(1)), (Some(2), Some(2)), (Some(3), Some(2))]
+        {
+            let (reason, _) = checked_versions(from, to).unwrap_err();
+            assert_eq!(reason, "InvalidStatus", "{from:?} -> {to:?}");
+        }
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::time::Duration;
 use super::{
     ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningRotationError, Step,
     decide::{
-        Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, decide_publish, decide_rotate,
-        decide_switch, drain_until, judge_fetched, judge_published, judge_retired, judge_signing,
-        judge_token_kids, track_expiration,
+        Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, checked_versions,
+        decide_publish, decide_rotate, decide_switch, drain_until, judge_fetched, judge_published,
+        judge_retired, judge_signing, judge_token_kids, track_expiration,
     },
 };
 use crate::{
@@ -166,8 +166,18 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         Ok(self.act(decision, "PublishTimeout", SigningPhase::Switching))
     }
 
+    /// `to` from the status, checked before a pin or a retire, or the step that stops the run.
+    fn checked_to(&mut self) -> Result<u64, Step> {
+        let status = &self.book.status;
+        checked_versions(status.from_version, status.to_version)
+            .map_err(|(reason, message)| self.fail(reason, &message))
+    }
+
     pub(super) async fn switching(&mut self) -> Result<Step, SigningRotationError> {
-        let to = self.book.status.to_version.unwrap_or(0);
+        let to = match self.checked_to() {
+            Ok(to) => to,
+            Err(step) => return Ok(step),
+        };
         let kid = self.book.status.to_kid.clone();
         let key = &self.plan.transit;
         let meta = self.ctx.key.metadata(key).await?;
@@ -244,7 +254,10 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
     }
 
     pub(super) async fn retiring(&mut self) -> Result<Step, SigningRotationError> {
-        let to = self.book.status.to_version.unwrap_or(0);
+        let to = match self.checked_to() {
+            Ok(to) => to,
+            Err(step) => return Ok(step),
+        };
         let key = &self.plan.transit;
         let meta = self.ctx.key.metadata(key).await?;
         if meta.min_decryption_version < to {
