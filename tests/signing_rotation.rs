@@ -856,3 +856,53 @@ async fn a_status_without_a_valid_version_pair_never_pins_or_retires() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_key_whose_kid_changed_under_the_same_version_is_never_pinned_or_retired() {
+    for phase in ["Switching", "Retiring"] {
+        let status = json!({"phase": phase, "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-of-a-deleted-key", "publishedAt": "2020-01-01T00:00:00Z"});
+        let (rig, status) = poisoned(status).await;
+        assert_eq!(
+            (status["phase"].clone(), status["failedPhase"].clone()),
+            (json!("Failed"), json!(phase)),
+            "{status:#}"
+        );
+        let stalled =
+            status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap();
+        assert_eq!(stalled["reason"], "KeyChanged", "{status:#}");
+        assert!(stalled["message"].as_str().unwrap().contains("kid-2"), "{status:#}");
+        assert!(rig.key.lock().calls.is_empty(), "no pin and no retire: {:?}", rig.key.lock().calls);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn switch_proves_publication_again_right_before_the_pin() {
+    // A status that says Switching although the version was just made and never published.
+    let rig = Rig::new(
+        json!({"status": {"phase": "Switching", "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-2"}}),
+        3600,
+    )
+    .await;
+    rig.key.lock().latest = 2;
+    rig.fleet.freeze(2);
+    // Signer 2 stopped polling before version 2 existed: it does not publish kid-2.
+    {
+        let mut state = rig.fleet.lock();
+        let frozen = state.signers.get_mut("http://10.0.0.2:8789").unwrap().frozen.as_mut().unwrap();
+        frozen.published.retain(|p| p.kid != kid(2));
+    }
+    let ctx = rig.context();
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Publishing", "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("http://10.0.0.2:8789 does not publish kid kid-2"));
+    assert!(rig.key.lock().calls.is_empty(), "no pin: {:?}", rig.key.lock().calls);
+    assert!(rig.events().await.iter().any(|e| e == "PublicationLost"));
+
+    rig.fleet.thaw(2);
+    let status = rig.step_until(&ctx, "Draining").await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    let switched = seconds(&status["switchedAt"]);
+    assert!(switched - seconds(&status["publishedAt"]) >= 60 + 300, "Publish's wait ran before the pin");
+    assert_eq!(rig.key.lock().calls, ["pin 2"]);
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{
-    ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningRotationError, Step,
+    ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningKeyState, SigningRotationError, Step,
     decide::{
         Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, checked_versions,
         decide_publish, decide_rotate, decide_switch, drain_until, judge_fetched, judge_published,
@@ -173,6 +173,23 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             .map_err(|(reason, message)| self.fail(reason, &message))
     }
 
+    /// Stops the run (reason `KeyChanged`) unless Transit's kid for `to` is still the one the
+    /// run published: a key deleted and recreated, or a Vault restored from another snapshot,
+    /// can hold a different key under the same version number.
+    fn same_key(&mut self, meta: &SigningKeyState, to: u64) -> Result<(), Step> {
+        let kid = &self.book.status.to_kid;
+        match meta.kids.get(&to) {
+            Some(now) if !kid.is_empty() && now == kid => Ok(()),
+            now => {
+                let message = format!(
+                    "Transit's version {to} has kid {}, not {kid:?} that this run published; start a new run",
+                    now.map_or("none".to_owned(), |k| format!("{k:?}"))
+                );
+                Err(self.fail("KeyChanged", &message))
+            }
+        }
+    }
+
     pub(super) async fn switching(&mut self) -> Result<Step, SigningRotationError> {
         let to = match self.checked_to() {
             Ok(to) => to,
@@ -181,13 +198,36 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         let kid = self.book.status.to_kid.clone();
         let key = &self.plan.transit;
         let meta = self.ctx.key.metadata(key).await?;
+        if let Err(step) = self.same_key(&meta, to) {
+            return Ok(step);
+        }
+        let mut signers = self.ctx.signer_reports(self.plan).await?;
+        let api_servers = self.ctx.fleet.api_servers().await;
         if meta.min_encryption_version != to {
+            // NB: Publish's proof is checked again right before the pin, from fresh evidence: a
+            // signer added or restarted since, or a status that skipped Publish, must not let
+            // signing move to a kid some verifier does not hold.
+            let (published, _) = judge_published(&signers, &kid);
+            let fetched = match Self::seconds(&self.book.status.published_at) {
+                Some(at) => judge_fetched(&api_servers, at),
+                None => Members { total: 0, lagging: vec!["publishedAt is not recorded".into()] },
+            };
+            if !published.done() || !fetched.done() {
+                let lagging: Vec<String> = published.lagging.into_iter().chain(fetched.lagging).collect();
+                let message = format!(
+                    "the new kid's publication no longer holds before the pin ({}); proving it again",
+                    lagging.join("; ")
+                );
+                self.book.events.push((EventKind::Warning, "PublicationLost", message.clone()));
+                self.book.status.message = message;
+                self.book.enter(SigningPhase::Publishing);
+                return Ok(Step::Again);
+            }
             self.ctx.key.pin_signing(key, to).await?;
             self.book.events.push((EventKind::Normal, "Pinned", format!("signing pinned to version {to}")));
+            signers = self.ctx.signer_reports(self.plan).await?;
         }
-        let signers = self.ctx.signer_reports(self.plan).await?;
         let signing = judge_signing(&signers, &kid);
-        let api_servers = self.ctx.fleet.api_servers().await;
         self.track(&signers, &api_servers);
         // NB: tokens are asked for only once every signer signs with the new kid: each one is a
         // real token, and the signers' own word is the cheaper check.
@@ -260,6 +300,9 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         };
         let key = &self.plan.transit;
         let meta = self.ctx.key.metadata(key).await?;
+        if let Err(step) = self.same_key(&meta, to) {
+            return Ok(step);
+        }
         if meta.min_decryption_version < to {
             self.ctx.key.retire_below(key, to).await?;
             self.book.status.retired_below = Some(to);
