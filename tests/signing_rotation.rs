@@ -906,3 +906,54 @@ async fn switch_proves_publication_again_right_before_the_pin() {
     assert!(switched - seconds(&status["publishedAt"]) >= 60 + 300, "Publish's wait ran before the pin");
     assert_eq!(rig.key.lock().calls, ["pin 2"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pin_that_goes_back_during_drain_sends_the_run_back_to_switching() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Draining").await;
+    let first_switch = seconds(&status["switchedAt"]);
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    // The runbook's step 0 rerun, or a Vault restored from a snapshot taken during Rotate: the
+    // signers sign with version 1 again.
+    rig.key.lock().min_encryption_version = 1;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert!(status["switchedAt"].is_null(), "{status:#}");
+    assert!(rig.events().await.iter().any(|e| e == "SwitchLost"));
+
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    let switched = seconds(&status["switchedAt"]);
+    assert!(switched >= first_switch + 1800, "a new switch was proven after the pin came back");
+    assert!(seconds(&status["lastSuccess"]) - switched >= 3600 + 300, "Drain counted from the new switch");
+    assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "pin 2", "retire 2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retire_refuses_while_the_pin_is_not_the_new_version() {
+    let status =
+        json!({"phase": "Retiring", "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-2"});
+    let rig = Rig::new(json!({ "status": status }), 3600).await;
+    rig.key.lock().latest = 2;
+    let ctx = rig.context();
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "no retire: {:?}", rig.key.lock().calls);
+
+    // Pinned, but one signer still signs with the old kid: Retire waits, naming it.
+    let status =
+        json!({"phase": "Retiring", "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-2"});
+    let rig = Rig::new(json!({ "status": status }), 3600).await;
+    rig.key.lock().latest = 2;
+    rig.fleet.lock().signers.get_mut("http://10.0.0.2:8789").unwrap().down = true;
+    rig.key.lock().min_encryption_version = 2;
+    let ctx = rig.context();
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Retiring", "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("http://10.0.0.2:8789"), "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "no retire: {:?}", rig.key.lock().calls);
+}

@@ -259,6 +259,24 @@ pub fn judge_signing(reports: &SignerReports, kid: &str) -> Members {
     members
 }
 
+/// Why the switch to version `to` (kid `kid`) no longer holds, if it does not: Transit's pin is
+/// another version (the runbook's step 0 rerun, a Vault restored from a snapshot taken during
+/// Rotate, a lagging node), or a signer that answered signs with another kid. A signer that
+/// could not be read proves nothing either way and does not count here.
+pub fn switch_lost(pin: u64, to: u64, reports: &SignerReports, kid: &str) -> Option<String> {
+    if pin != to {
+        return Some(format!("Transit's min_encryption_version is {pin}, not {to}"));
+    }
+    let other: Vec<String> = reports
+        .iter()
+        .filter_map(|(endpoint, report)| {
+            let signing = report.as_ref().ok()?.signing.as_ref()?;
+            (signing.kid != kid).then(|| format!("{endpoint} signs with kid {}", signing.kid))
+        })
+        .collect();
+    (!other.is_empty()).then(|| other.join("; "))
+}
+
 /// Whether the token each API server issued carries `kid`: `(address, kid or why not)`.
 pub fn judge_token_kids(kids: &[(String, Result<String, String>)], kid: &str) -> Members {
     let mut members = Members { total: kids.len(), lagging: Vec::new() };
@@ -450,6 +468,21 @@ mod tests {
             let (reason, _) = checked_versions(from, to).unwrap_err();
             assert_eq!(reason, "InvalidStatus", "{from:?} -> {to:?}");
         }
+    }
+
+    #[test]
+    fn the_switch_is_lost_when_the_pin_or_an_answering_signer_moves_back() {
+        let signers = vec![
+            ("http://a".to_owned(), Ok(signer("kid-2", &[]))),
+            ("http://b".to_owned(), Err("connection refused".to_owned())),
+        ];
+        assert_eq!(switch_lost(2, 2, &signers, "kid-2"), None, "an unread signer proves nothing");
+        assert_eq!(
+            switch_lost(1, 2, &signers, "kid-2").as_deref(),
+            Some("Transit's min_encryption_version is 1, not 2")
+        );
+        let back = vec![("http://a".to_owned(), Ok(signer("kid-1", &[])))];
+        assert_eq!(switch_lost(2, 2, &back, "kid-2").as_deref(), Some("http://a signs with kid kid-1"));
     }
 
     #[test]

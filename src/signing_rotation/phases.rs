@@ -8,7 +8,7 @@ use super::{
     decide::{
         Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, checked_versions,
         decide_publish, decide_rotate, decide_switch, drain_until, judge_fetched, judge_published,
-        judge_retired, judge_signing, judge_token_kids, track_expiration,
+        judge_retired, judge_signing, judge_token_kids, switch_lost, track_expiration,
     },
 };
 use crate::{
@@ -256,11 +256,41 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         Ok(self.act(decision, "SwitchTimeout", SigningPhase::Draining))
     }
 
+    /// Sends the run back to Switching: what Drain counted from no longer holds.
+    fn switch_again(&mut self, why: &str) -> Step {
+        let message = format!("the switch to the new kid no longer holds ({why}); switching again");
+        self.book.events.push((EventKind::Warning, "SwitchLost", message.clone()));
+        self.book.status.switched_at.clear();
+        self.book.status.drain_until.clear();
+        self.book.status.message = message;
+        self.book.enter(SigningPhase::Switching);
+        Step::Again
+    }
+
     pub(super) async fn draining(&mut self) -> Result<Step, SigningRotationError> {
+        let to = match self.checked_to() {
+            Ok(to) => to,
+            Err(step) => return Ok(step),
+        };
+        let meta = self.ctx.key.metadata(&self.plan.transit).await?;
+        if let Err(step) = self.same_key(&meta, to) {
+            return Ok(step);
+        }
         let signers = self.ctx.signer_reports(self.plan).await?;
+        // NB: every step proves the switch again: if the pin went back (or a signer signs with
+        // another kid), tokens are being signed with the old key, and Drain must start over from
+        // a new switch rather than end at the old switchedAt plus the bound.
+        if let Some(why) = switch_lost(meta.min_encryption_version, to, &signers, &self.book.status.to_kid) {
+            return Ok(self.switch_again(&why));
+        }
         let api_servers = self.ctx.fleet.api_servers().await;
         self.track(&signers, &api_servers);
-        let switched = Self::seconds(&self.book.status.switched_at).unwrap_or(self.book.now().as_second());
+        // NB: the switch cannot predate the phase it was proven in (Draining starts in the same
+        // step); a status that says otherwise would cut Drain short, so the later time counts.
+        let Some(switched) = Self::seconds(&self.book.status.switched_at) else {
+            return Ok(self.switch_again("switchedAt is not recorded"));
+        };
+        let switched = switched.max(Self::seconds(&self.book.status.phase_started_at).unwrap_or(switched));
         let status = &self.book.status;
         let expiration = Expiration {
             bound: status.max_token_expiration_seconds,
@@ -303,7 +333,27 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         if let Err(step) = self.same_key(&meta, to) {
             return Ok(step);
         }
+        let signers = self.ctx.signer_reports(self.plan).await?;
         if meta.min_decryption_version < to {
+            // NB: the old version is retired only while the switch holds: the pin is `to` and
+            // every signer signs with the new kid.
+            if let Some(why) =
+                switch_lost(meta.min_encryption_version, to, &signers, &self.book.status.to_kid)
+            {
+                return Ok(self.switch_again(&why));
+            }
+            let signing = judge_signing(&signers, &self.book.status.to_kid);
+            if !signing.done() {
+                let message = format!(
+                    "not retiring until every signer is seen signing with the new kid: {}",
+                    signing.lagging.join("; ")
+                );
+                self.stragglers(&signing, &Members::default());
+                if self.waited() >= self.plan.retire.timeout {
+                    return Ok(self.fail("RetireTimeout", &message));
+                }
+                return Ok(self.wait(message, None));
+            }
             self.ctx.key.retire_below(key, to).await?;
             self.book.status.retired_below = Some(to);
             self.book.events.push((
@@ -312,7 +362,6 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
                 format!("min_decryption_version raised to {to}"),
             ));
         }
-        let signers = self.ctx.signer_reports(self.plan).await?;
         let retired = judge_retired(&signers, to);
         self.stragglers(&retired, &Members::default());
         if retired.done() {
