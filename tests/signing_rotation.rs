@@ -40,6 +40,8 @@ struct Key {
     calls: Vec<String>,
     /// The next rotate lands in Transit but its answer is lost (a timeout).
     lose_next_rotate_answer: bool,
+    /// Every pin is refused (a policy without the right to write the key's config).
+    refuse_pins: bool,
 }
 
 #[derive(Clone)]
@@ -78,6 +80,9 @@ impl SigningKeyAdmin for FakeKey {
 
     async fn pin_signing(&self, _: &TransitKey, version: u64) -> Result<(), BackendError> {
         let mut k = self.lock();
+        if k.refuse_pins {
+            return Err(BackendError::PermissionDenied("permission denied".into()));
+        }
         assert!(version >= k.min_decryption_version && version <= k.latest, "Transit refuses pin {version}");
         k.min_encryption_version = version;
         k.calls.push(format!("pin {version}"));
@@ -956,4 +961,50 @@ async fn retire_refuses_while_the_pin_is_not_the_new_version() {
     assert_eq!(status["phase"], "Retiring", "{status:#}");
     assert!(status["message"].as_str().unwrap().contains("http://10.0.0.2:8789"), "{status:#}");
     assert!(rig.key.lock().calls.is_empty(), "no retire: {:?}", rig.key.lock().calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_keeps_failing_is_shown_in_the_status_and_stops_the_run_at_the_timeout() {
+    let rig = Rig::new(json!({"spec": {"switch": {"timeout": "10m"}}}), 3600).await;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Switching").await;
+    rig.key.lock().refuse_pins = true;
+    let error = ctx.step("p").await.unwrap_err();
+    assert!(kmsgate::error::chain(&error).contains("permission denied"));
+    let status = rig.fake.status().await;
+    let stalled = |s: &Value| {
+        s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap().clone()
+    };
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert_eq!(
+        (stalled(&status)["status"].clone(), stalled(&status)["reason"].clone()),
+        (json!("True"), json!("TransitError"))
+    );
+    assert!(status["message"].as_str().unwrap().contains("permission denied"), "{status:#}");
+    assert!(rig.events().await.iter().any(|e| e == "TransitError"));
+
+    for _ in 0..100 {
+        if rig.phase().await == "Failed" {
+            break;
+        }
+        let _ = ctx.step("p").await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(
+        (status["phase"].clone(), status["failedPhase"].clone()),
+        (json!("Failed"), json!("Switching")),
+        "{status:#}"
+    );
+    assert_eq!(stalled(&status)["reason"], "SwitchTimeout");
+    assert!(status["message"].as_str().unwrap().contains("permission denied"), "{status:#}");
+
+    // Once the pin is allowed again, a new request resumes and the error's stall clears.
+    rig.key.lock().refuse_pins = false;
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["metadata"]["annotations"]["kmsgate.io/signer-rotate-requested"] = json!("again");
+    rig.fake.set_policy(p).await;
+    let status = rig.step_until(&ctx, "Draining").await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    assert_eq!(stalled(&status)["status"], "False");
 }
