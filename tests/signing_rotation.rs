@@ -1008,3 +1008,17 @@ async fn a_call_that_keeps_failing_is_shown_in_the_status_and_stops_the_run_at_t
     assert_eq!(status["phase"], "Draining", "{status:#}");
     assert_eq!(stalled(&status)["status"], "False");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_key_restored_below_the_version_that_signed_stops_rotate_and_names_a_restore() {
+    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Failed").await;
+    assert_eq!(
+        (status["phase"].clone(), status["failedPhase"].clone()),
+        (json!("Failed"), json!("Rotating")),
+        "{status:#}"
+    );
+    assert!(status["message"].as_str().unwrap().contains("Vault restored"), "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "{:?}", rig.key.lock().calls);
+}

@@ -87,6 +87,14 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         let from = self.book.status.from_version.unwrap_or(0);
         let key = &self.plan.transit;
         let mut meta = self.ctx.key.metadata(key).await?;
+        if from > meta.latest {
+            // NB: pinning a version Transit does not hold fails on every step; say why instead.
+            let message = format!(
+                "Transit's latest version is {}, below version {from} that signed when the run began: probably a Vault restored from an older snapshot; check the key before a new run",
+                meta.latest
+            );
+            return Ok(self.fail("KeyBehindStatus", &message));
+        }
         // NB: at most one pin and one rotate per step, each followed by a fresh read, so a call
         // that timed out but landed is seen before anything is repeated.
         if let Rotate::Pin(version) = decide_rotate(from, &meta) {
