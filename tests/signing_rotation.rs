@@ -40,6 +40,8 @@ struct Key {
     calls: Vec<String>,
     /// The next rotate lands in Transit but its answer is lost (a timeout).
     lose_next_rotate_answer: bool,
+    /// Every pin is refused (a policy without the right to write the key's config).
+    refuse_pins: bool,
 }
 
 #[derive(Clone)]
@@ -78,6 +80,9 @@ impl SigningKeyAdmin for FakeKey {
 
     async fn pin_signing(&self, _: &TransitKey, version: u64) -> Result<(), BackendError> {
         let mut k = self.lock();
+        if k.refuse_pins {
+            return Err(BackendError::PermissionDenied("permission denied".into()));
+        }
         assert!(version >= k.min_decryption_version && version <= k.latest, "Transit refuses pin {version}");
         k.min_encryption_version = version;
         k.calls.push(format!("pin {version}"));
@@ -102,6 +107,8 @@ struct Signer {
     /// `/status` cannot be read.
     down: bool,
     max_token_expiration_seconds: Option<i64>,
+    /// Kids of its verify-only keys from files (`sa.pub`).
+    verify_only: Vec<String>,
 }
 
 /// One API server, at its address, on the same node as the signer of the same index.
@@ -139,8 +146,12 @@ impl FakeFleet {
         let state = FleetState {
             signers: (1..=signers)
                 .map(|i| {
-                    let signer =
-                        Signer { frozen: None, down: false, max_token_expiration_seconds: Some(max_token) };
+                    let signer = Signer {
+                        frozen: None,
+                        down: false,
+                        max_token_expiration_seconds: Some(max_token),
+                        verify_only: Vec::new(),
+                    };
                     (format!("http://10.0.0.{i}:8789"), signer)
                 })
                 .collect(),
@@ -167,16 +178,29 @@ impl FakeFleet {
     fn live(&self, signer: &Signer, refresh_hint: i64) -> SignerStatus {
         let k = self.key.lock();
         let signing = if k.min_encryption_version == 0 { k.latest } else { k.min_encryption_version };
-        SignerStatus {
-            signing: Some(SigningKey { version: signing, kid: kid(signing), alg: "ES256".into() }),
-            published: (k.min_decryption_version..=k.latest)
-                .map(|v| PublishedKey {
-                    kid: kid(v),
-                    version: Some(v),
+        let mut published: Vec<PublishedKey> = (k.min_decryption_version..=k.latest)
+            .map(|v| PublishedKey {
+                kid: kid(v),
+                version: Some(v),
+                exclude_from_oidc_discovery: false,
+                vanished_at: None,
+            })
+            .collect();
+        // One entry per kid, a versioned copy winning over a verify-only one (the signer's
+        // `keyset::publish`).
+        for file_kid in &signer.verify_only {
+            if !published.iter().any(|p| p.kid == *file_kid) {
+                published.push(PublishedKey {
+                    kid: file_kid.clone(),
+                    version: None,
                     exclude_from_oidc_discovery: false,
                     vanished_at: None,
-                })
-                .collect(),
+                });
+            }
+        }
+        SignerStatus {
+            signing: Some(SigningKey { version: signing, kid: kid(signing), alg: "ES256".into() }),
+            published,
             max_token_expiration_seconds: signer.max_token_expiration_seconds,
             refresh_hint_seconds: Some(refresh_hint),
             ..SignerStatus::default()
@@ -792,4 +816,227 @@ async fn an_idle_policy_follows_the_bound_between_runs() {
     let status = rig.fake.status().await;
     assert_eq!(status["maxTokenExpirationSeconds"], 7200);
     assert!(status["lowerTokenExpirationSeconds"].is_null(), "{status:#}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_sa_key_import_the_old_kid_stays_verify_only_and_runs_still_finish() {
+    let rig = Rig::new(json!({"spec": {"retire": {"timeout": "1h"}}}), 3600).await;
+    // The runbook's optional import: Transit v1 is `sa.key`, whose public half every signer also
+    // serves from `sa.pub`, so both carry one kid.
+    for signer in rig.fleet.lock().signers.values_mut() {
+        signer.verify_only = vec![kid(1)];
+    }
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(
+        (status["phase"].clone(), status["result"].clone()),
+        (json!("Idle"), json!("Succeeded")),
+        "{status:#}"
+    );
+    let published = rig.fleet.signer_status("http://10.0.0.1:8789").await.unwrap().published;
+    assert!(
+        published.iter().any(|p| p.kid == kid(1) && p.version.is_none()),
+        "sa.pub stays served, verify-only: {published:?}"
+    );
+
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["metadata"]["annotations"]["kmsgate.io/signer-rotate-requested"] = json!("again");
+    rig.fake.set_policy(p).await;
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(
+        (status["result"].clone(), status["toVersion"].clone()),
+        (json!("Succeeded"), json!(3)),
+        "{status:#}"
+    );
+    assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "retire 2", "rotate", "pin 3", "retire 3"]);
+}
+
+/// A run whose status was edited or restored to `status`, with Transit at version 2 and signing
+/// pinned to 1.
+async fn poisoned(status: Value) -> (Rig, Value) {
+    let rig = Rig::new(json!({ "status": status }), 3600).await;
+    rig.key.lock().latest = 2;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Failed").await;
+    (rig, status)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_without_a_valid_version_pair_never_pins_or_retires() {
+    for phase in ["Switching", "Retiring"] {
+        for (from, to) in [(json!(1), Value::Null), (json!(0), json!(2)), (json!(2), json!(2))] {
+            let status = json!({"phase": phase, "fromVersion": from, "toVersion": to, "fromKid": "kid-1", "toKid": "kid-2"});
+            let (rig, status) = poisoned(status).await;
+            assert_eq!(
+                (status["phase"].clone(), status["failedPhase"].clone()),
+                (json!("Failed"), json!(phase)),
+                "{status:#}"
+            );
+            let stalled =
+                status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap();
+            assert_eq!(stalled["reason"], "InvalidStatus", "{status:#}");
+            assert!(rig.key.lock().calls.is_empty(), "no pin and no retire: {:?}", rig.key.lock().calls);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_whose_kid_changed_under_the_same_version_is_never_pinned_or_retired() {
+    for phase in ["Switching", "Retiring"] {
+        let status = json!({"phase": phase, "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-of-a-deleted-key", "publishedAt": "2020-01-01T00:00:00Z"});
+        let (rig, status) = poisoned(status).await;
+        assert_eq!(
+            (status["phase"].clone(), status["failedPhase"].clone()),
+            (json!("Failed"), json!(phase)),
+            "{status:#}"
+        );
+        let stalled =
+            status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap();
+        assert_eq!(stalled["reason"], "KeyChanged", "{status:#}");
+        assert!(stalled["message"].as_str().unwrap().contains("kid-2"), "{status:#}");
+        assert!(rig.key.lock().calls.is_empty(), "no pin and no retire: {:?}", rig.key.lock().calls);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn switch_proves_publication_again_right_before_the_pin() {
+    // A status that says Switching although the version was just made and never published.
+    let rig = Rig::new(
+        json!({"status": {"phase": "Switching", "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-2"}}),
+        3600,
+    )
+    .await;
+    rig.key.lock().latest = 2;
+    rig.fleet.freeze(2);
+    // Signer 2 stopped polling before version 2 existed: it does not publish kid-2.
+    {
+        let mut state = rig.fleet.lock();
+        let frozen = state.signers.get_mut("http://10.0.0.2:8789").unwrap().frozen.as_mut().unwrap();
+        frozen.published.retain(|p| p.kid != kid(2));
+    }
+    let ctx = rig.context();
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Publishing", "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("http://10.0.0.2:8789 does not publish kid kid-2"));
+    assert!(rig.key.lock().calls.is_empty(), "no pin: {:?}", rig.key.lock().calls);
+    assert!(rig.events().await.iter().any(|e| e == "PublicationLost"));
+
+    rig.fleet.thaw(2);
+    let status = rig.step_until(&ctx, "Draining").await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    let switched = seconds(&status["switchedAt"]);
+    assert!(switched - seconds(&status["publishedAt"]) >= 60 + 300, "Publish's wait ran before the pin");
+    assert_eq!(rig.key.lock().calls, ["pin 2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pin_that_goes_back_during_drain_sends_the_run_back_to_switching() {
+    let rig = Rig::new(json!({}), 3600).await;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Draining").await;
+    let first_switch = seconds(&status["switchedAt"]);
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    // The runbook's step 0 rerun, or a Vault restored from a snapshot taken during Rotate: the
+    // signers sign with version 1 again.
+    rig.key.lock().min_encryption_version = 1;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert!(status["switchedAt"].is_null(), "{status:#}");
+    assert!(rig.events().await.iter().any(|e| e == "SwitchLost"));
+
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    let switched = seconds(&status["switchedAt"]);
+    assert!(switched >= first_switch + 1800, "a new switch was proven after the pin came back");
+    assert!(seconds(&status["lastSuccess"]) - switched >= 3600 + 300, "Drain counted from the new switch");
+    assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "pin 2", "retire 2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retire_refuses_while_the_pin_is_not_the_new_version() {
+    let status =
+        json!({"phase": "Retiring", "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-2"});
+    let rig = Rig::new(json!({ "status": status }), 3600).await;
+    rig.key.lock().latest = 2;
+    let ctx = rig.context();
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "no retire: {:?}", rig.key.lock().calls);
+
+    // Pinned, but one signer still signs with the old kid: Retire waits, naming it.
+    let status =
+        json!({"phase": "Retiring", "fromVersion": 1, "toVersion": 2, "fromKid": "kid-1", "toKid": "kid-2"});
+    let rig = Rig::new(json!({ "status": status }), 3600).await;
+    rig.key.lock().latest = 2;
+    rig.fleet.lock().signers.get_mut("http://10.0.0.2:8789").unwrap().down = true;
+    rig.key.lock().min_encryption_version = 2;
+    let ctx = rig.context();
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Retiring", "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("http://10.0.0.2:8789"), "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "no retire: {:?}", rig.key.lock().calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_keeps_failing_is_shown_in_the_status_and_stops_the_run_at_the_timeout() {
+    let rig = Rig::new(json!({"spec": {"switch": {"timeout": "10m"}}}), 3600).await;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Switching").await;
+    rig.key.lock().refuse_pins = true;
+    let error = ctx.step("p").await.unwrap_err();
+    assert!(kmsgate::error::chain(&error).contains("permission denied"));
+    let status = rig.fake.status().await;
+    let stalled = |s: &Value| {
+        s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap().clone()
+    };
+    assert_eq!(status["phase"], "Switching", "{status:#}");
+    assert_eq!(
+        (stalled(&status)["status"].clone(), stalled(&status)["reason"].clone()),
+        (json!("True"), json!("TransitError"))
+    );
+    assert!(status["message"].as_str().unwrap().contains("permission denied"), "{status:#}");
+    assert!(rig.events().await.iter().any(|e| e == "TransitError"));
+
+    for _ in 0..100 {
+        if rig.phase().await == "Failed" {
+            break;
+        }
+        let _ = ctx.step("p").await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(
+        (status["phase"].clone(), status["failedPhase"].clone()),
+        (json!("Failed"), json!("Switching")),
+        "{status:#}"
+    );
+    assert_eq!(stalled(&status)["reason"], "SwitchTimeout");
+    assert!(status["message"].as_str().unwrap().contains("permission denied"), "{status:#}");
+
+    // Once the pin is allowed again, a new request resumes and the error's stall clears.
+    rig.key.lock().refuse_pins = false;
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["metadata"]["annotations"]["kmsgate.io/signer-rotate-requested"] = json!("again");
+    rig.fake.set_policy(p).await;
+    let status = rig.step_until(&ctx, "Draining").await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    assert_eq!(stalled(&status)["status"], "False");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_restored_below_the_version_that_signed_stops_rotate_and_names_a_restore() {
+    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    let ctx = rig.context();
+    let status = rig.step_until(&ctx, "Failed").await;
+    assert_eq!(
+        (status["phase"].clone(), status["failedPhase"].clone()),
+        (json!("Failed"), json!("Rotating")),
+        "{status:#}"
+    );
+    assert!(status["message"].as_str().unwrap().contains("Vault restored"), "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "{:?}", rig.key.lock().calls);
 }

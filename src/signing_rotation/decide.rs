@@ -104,6 +104,24 @@ pub fn decide_rotate(from: u64, key: &SigningKeyState) -> Rotate {
     Rotate::Done { to: key.latest }
 }
 
+/// The versions a run moves between, as its status says, checked before any destructive call
+/// (a pin or a retire): a status edited by hand or restored from a backup must never make the
+/// loop pin version 0 (Transit's "latest", which unpins the key) or retire a version that signs.
+/// Returns `to`, or the reason and message to stop the run with.
+pub fn checked_versions(from: Option<u64>, to: Option<u64>) -> Result<u64, (&'static str, String)> {
+    match (from, to) {
+        (Some(from), Some(to)) if from >= 1 && to > from => Ok(to),
+        _ => Err((
+            "InvalidStatus",
+            format!(
+                "the status names fromVersion {} and toVersion {}: a run needs toVersion > fromVersion >= 1; start a new run",
+                from.map_or("none".to_owned(), |v| v.to_string()),
+                to.map_or("none".to_owned(), |v| v.to_string())
+            ),
+        )),
+    }
+}
+
 /// Members of the fleet judged against what a phase needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Members {
@@ -326,6 +344,24 @@ pub fn judge_signing(reports: &SignerReports, kid: &str) -> Members {
     members
 }
 
+/// Why the switch to version `to` (kid `kid`) no longer holds, if it does not: Transit's pin is
+/// another version (the runbook's step 0 rerun, a Vault restored from a snapshot taken during
+/// Rotate, a lagging node), or a signer that answered signs with another kid. A signer that
+/// could not be read proves nothing either way and does not count here.
+pub fn switch_lost(pin: u64, to: u64, reports: &SignerReports, kid: &str) -> Option<String> {
+    if pin != to {
+        return Some(format!("Transit's min_encryption_version is {pin}, not {to}"));
+    }
+    let other: Vec<String> = reports
+        .iter()
+        .filter_map(|(endpoint, report)| {
+            let signing = report.as_ref().ok()?.signing.as_ref()?;
+            (signing.kid != kid).then(|| format!("{endpoint} signs with kid {}", signing.kid))
+        })
+        .collect();
+    (!other.is_empty()).then(|| other.join("; "))
+}
+
 /// Whether the token each API server issued carries `kid`: `(address, kid or why not)`.
 pub fn judge_token_kids(kids: &[(String, Result<String, String>)], kid: &str) -> Members {
     let mut members = Members { total: kids.len(), lagging: Vec::new() };
@@ -437,15 +473,18 @@ pub fn drain_until(switched: i64, expiration: &Expiration, skew: Duration) -> Op
     Some(end.saturating_add(skew.as_secs() as i64))
 }
 
-/// Whether any signer still publishes one of `old` kids.
-pub fn judge_retired(reports: &SignerReports, old: &[String]) -> Members {
+/// Whether any signer still publishes a key-store version below `to`. Only versioned entries
+/// count: a verify-only key from a file (`version: None`, as `sa.pub` after the runbook's
+/// optional `sa.key` import, which shares an old version's kid) stays published on purpose,
+/// until the tokens it signed have expired, and must not hold Retire.
+pub fn judge_retired(reports: &SignerReports, to: u64) -> Members {
     let mut members = Members { total: reports.len(), lagging: Vec::new() };
     for (endpoint, report) in reports {
         match report {
             Err(e) => members.lagging.push(format!("{endpoint}: {e}")),
             Ok(status) => {
-                for kid in status.published.iter().filter(|p| old.contains(&p.kid)).map(|p| &p.kid) {
-                    members.lagging.push(format!("{endpoint} still publishes kid {}", clip(kid)));
+                for p in status.published.iter().filter(|p| p.version.is_some_and(|v| v < to)) {
+                    members.lagging.push(format!("{endpoint} still publishes kid {}", clip(&p.kid)));
                 }
             }
         }
@@ -531,6 +570,32 @@ mod tests {
         let down = vec![reports[0].clone(), ("http://b".to_owned(), Err("down".to_owned()))];
         assert_eq!(agreed_signing_kid(&down), None);
         assert_eq!(agreed_signing_kid(&[]), None);
+    }
+
+    #[test]
+    fn a_destructive_step_needs_to_above_from_above_zero() {
+        assert_eq!(checked_versions(Some(1), Some(2)), Ok(2));
+        for (from, to) in
+            [(Some(1), None), (None, Some(2)), (Some(0), Some(1)), (Some(2), Some(2)), (Some(3), Some(2))]
+        {
+            let (reason, _) = checked_versions(from, to).unwrap_err();
+            assert_eq!(reason, "InvalidStatus", "{from:?} -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn the_switch_is_lost_when_the_pin_or_an_answering_signer_moves_back() {
+        let signers = vec![
+            ("http://a".to_owned(), Ok(signer("kid-2", &[]))),
+            ("http://b".to_owned(), Err("connection refused".to_owned())),
+        ];
+        assert_eq!(switch_lost(2, 2, &signers, "kid-2"), None, "an unread signer proves nothing");
+        assert_eq!(
+            switch_lost(1, 2, &signers, "kid-2").as_deref(),
+            Some("Transit's min_encryption_version is 1, not 2")
+        );
+        let back = vec![("http://a".to_owned(), Ok(signer("kid-1", &[])))];
+        assert_eq!(switch_lost(2, 2, &back, "kid-2").as_deref(), Some("http://a signs with kid kid-1"));
     }
 
     #[test]
@@ -746,10 +811,12 @@ mod tests {
         assert!(vet_report(Err("x".repeat(250_000))).is_err_and(|e| e.len() <= SIGNER_TEXT_MAX + 3));
 
         let kid = "k".repeat(KID_MAX_BYTES);
-        let reports = [("http://a".to_owned(), Ok(signer(&kid, &[&kid])))];
+        let mut status = signer(&kid, &[&kid]);
+        status.published[0].version = Some(1);
+        let reports = [("http://a".to_owned(), Ok(status))];
         let signing = judge_signing(&reports, "kid-2");
         assert!(signing.lagging[0].len() < SIGNER_TEXT_MAX + 40, "{}", signing.lagging[0]);
-        assert!(judge_retired(&reports, &[kid]).lagging[0].len() < SIGNER_TEXT_MAX + 40);
+        assert!(judge_retired(&reports, 2).lagging[0].len() < SIGNER_TEXT_MAX + 40);
     }
 
     #[test]
@@ -767,12 +834,30 @@ mod tests {
 
     #[test]
     fn retire_waits_until_no_signer_publishes_an_old_kid() {
+        let versioned = |status: SignerStatus| SignerStatus {
+            published: status
+                .published
+                .into_iter()
+                .map(|p| PublishedKey {
+                    version: p.kid.strip_prefix("kid-").and_then(|v| v.parse().ok()),
+                    ..p
+                })
+                .collect(),
+            ..status
+        };
         let signers = vec![
-            ("http://a".to_owned(), Ok(signer("kid-2", &["kid-2"]))),
-            ("http://b".to_owned(), Ok(signer("kid-2", &["kid-1", "kid-2"]))),
+            ("http://a".to_owned(), Ok(versioned(signer("kid-2", &["kid-2"])))),
+            ("http://b".to_owned(), Ok(versioned(signer("kid-2", &["kid-1", "kid-2"])))),
         ];
-        let old = ["kid-1".to_owned()];
-        assert_eq!(judge_retired(&signers, &old).lagging, ["http://b still publishes kid kid-1"]);
-        assert!(judge_retired(&signers[..1], &old).done());
+        assert_eq!(judge_retired(&signers, 2).lagging, ["http://b still publishes kid kid-1"]);
+        assert!(judge_retired(&signers[..1], 2).done());
+    }
+
+    #[test]
+    fn a_verify_only_key_sharing_an_old_kid_does_not_hold_retire() {
+        // After the runbook's `sa.key` import, Transit v1 and `sa.pub` share a kid; once v1 is
+        // retired the signer keeps it as a verify-only entry from the file.
+        let signers = vec![("http://a".to_owned(), Ok(signer("kid-2", &["kid-1", "kid-2"])))];
+        assert!(judge_retired(&signers, 2).done(), "{:?}", judge_retired(&signers, 2));
     }
 }

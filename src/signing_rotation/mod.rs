@@ -46,6 +46,9 @@ pub enum SigningRotationError {
     Transit(#[from] BackendError),
 }
 
+/// Longest error text kept in the status, its conditions and Events.
+const MAX_ERROR_BYTES: usize = 1024;
+
 /// What the caller should do after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -178,7 +181,13 @@ impl<K: SigningKeyAdmin, F: Fleet> Context<K, F> {
             Ok(plan) => {
                 book.condition("Suspended", false, "Running", "");
                 let mut run = Run { ctx: self, policy: &policy, plan, book };
-                let step = run.advance().await;
+                let step = match run.advance().await {
+                    Ok(step) => {
+                        run.recovered();
+                        Ok(step)
+                    }
+                    Err(e) => run.errored(e),
+                };
                 book = run.book;
                 step
             }
@@ -276,6 +285,46 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         self.book.stall(reason, message);
         self.book.status.next_run = self.next_run();
         self.rest()
+    }
+
+    /// Records a failed call in the status (a `Stalled` condition, an Event, the message) and
+    /// counts it against the phase's timeout: a call that keeps failing (a 403, a pin Transit
+    /// rejects) stops the run like any other wait that lasts too long. Returns the error while
+    /// the timeout has not passed, so the caller retries with its backoff.
+    fn errored(&mut self, error: SigningRotationError) -> Result<Step, SigningRotationError> {
+        let reason = match error {
+            SigningRotationError::Kube(_) => "KubeError",
+            SigningRotationError::Transit(_) => "TransitError",
+        };
+        let message = crate::error::clipped(crate::error::chain(&error), MAX_ERROR_BYTES);
+        let plan = self.plan;
+        let timeout = match self.book.status.phase {
+            SigningPhase::Rotating => Some((plan.rotate.timeout, "RotateFailed")),
+            SigningPhase::Publishing => Some((plan.publish.timeout, "PublishTimeout")),
+            SigningPhase::Switching => Some((plan.switch.timeout, "SwitchTimeout")),
+            SigningPhase::Retiring => Some((plan.retire.timeout, "RetireTimeout")),
+            SigningPhase::Idle | SigningPhase::Failed | SigningPhase::Draining => None,
+        };
+        if let Some((timeout, timed_out)) = timeout
+            && self.book.elapsed_since(&self.book.status.phase_started_at) >= timeout
+        {
+            let message = format!("{reason} for longer than {timeout:?}: {message}");
+            return Ok(self.fail(timed_out, &message));
+        }
+        self.book.stall(reason, &message);
+        Err(error)
+    }
+
+    /// Clears a `Stalled` condition an error set, once a step runs through again.
+    fn recovered(&mut self) {
+        let stalled_by_error = self.book.status.conditions.iter().any(|c| {
+            c.type_ == "Stalled"
+                && c.status == "True"
+                && matches!(c.reason.as_str(), "KubeError" | "TransitError")
+        });
+        if stalled_by_error {
+            self.book.condition("Stalled", false, "Recovered", "");
+        }
     }
 
     fn finish(&mut self) -> Step {

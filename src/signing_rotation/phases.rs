@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use super::{
-    ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningRotationError, Step,
+    ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningKeyState, SigningRotationError, Step,
     decide::{
-        Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, decide_publish, decide_rotate,
-        decide_switch, drain_until, judge_fetched, judge_published, judge_retired, judge_signing,
-        judge_token_kids, track_expiration,
+        Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, checked_versions,
+        decide_publish, decide_rotate, decide_switch, drain_until, judge_fetched, judge_published,
+        judge_retired, judge_signing, judge_token_kids, switch_lost, track_expiration,
     },
 };
 use crate::{
@@ -96,6 +96,14 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         let from = self.book.status.from_version.unwrap_or(0);
         let key = &self.plan.transit;
         let mut meta = self.ctx.key.metadata(key).await?;
+        if from > meta.latest {
+            // NB: pinning a version Transit does not hold fails on every step; say why instead.
+            let message = format!(
+                "Transit's latest version is {}, below version {from} that signed when the run began: probably a Vault restored from an older snapshot; check the key before a new run",
+                meta.latest
+            );
+            return Ok(self.fail("KeyBehindStatus", &message));
+        }
         // NB: at most one pin and one rotate per step, each followed by a fresh read, so a call
         // that timed out but landed is seen before anything is repeated.
         if let Rotate::Pin(version) = decide_rotate(from, &meta) {
@@ -175,18 +183,68 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         Ok(self.act(decision, "PublishTimeout", SigningPhase::Switching))
     }
 
+    /// `to` from the status, checked before a pin or a retire, or the step that stops the run.
+    fn checked_to(&mut self) -> Result<u64, Step> {
+        let status = &self.book.status;
+        checked_versions(status.from_version, status.to_version)
+            .map_err(|(reason, message)| self.fail(reason, &message))
+    }
+
+    /// Stops the run (reason `KeyChanged`) unless Transit's kid for `to` is still the one the
+    /// run published: a key deleted and recreated, or a Vault restored from another snapshot,
+    /// can hold a different key under the same version number.
+    fn same_key(&mut self, meta: &SigningKeyState, to: u64) -> Result<(), Step> {
+        let kid = &self.book.status.to_kid;
+        match meta.kids.get(&to) {
+            Some(now) if !kid.is_empty() && now == kid => Ok(()),
+            now => {
+                let message = format!(
+                    "Transit's version {to} has kid {}, not {kid:?} that this run published; start a new run",
+                    now.map_or("none".to_owned(), |k| format!("{k:?}"))
+                );
+                Err(self.fail("KeyChanged", &message))
+            }
+        }
+    }
+
     pub(super) async fn switching(&mut self) -> Result<Step, SigningRotationError> {
-        let to = self.book.status.to_version.unwrap_or(0);
+        let to = match self.checked_to() {
+            Ok(to) => to,
+            Err(step) => return Ok(step),
+        };
         let kid = self.book.status.to_kid.clone();
         let key = &self.plan.transit;
         let meta = self.ctx.key.metadata(key).await?;
+        if let Err(step) = self.same_key(&meta, to) {
+            return Ok(step);
+        }
+        let mut signers = self.ctx.signer_reports(self.plan).await?;
+        let api_servers = self.ctx.fleet.api_servers().await;
         if meta.min_encryption_version != to {
+            // NB: Publish's proof is checked again right before the pin, from fresh evidence: a
+            // signer added or restarted since, or a status that skipped Publish, must not let
+            // signing move to a kid some verifier does not hold.
+            let (published, _) = judge_published(&signers, &kid);
+            let fetched = match Self::seconds(&self.book.status.published_at) {
+                Some(at) => judge_fetched(&api_servers, at, self.plan.drain.skew),
+                None => Members { total: 0, lagging: vec!["publishedAt is not recorded".into()] },
+            };
+            if !published.done() || !fetched.done() {
+                let lagging: Vec<String> = published.lagging.into_iter().chain(fetched.lagging).collect();
+                let message = format!(
+                    "the new kid's publication no longer holds before the pin ({}); proving it again",
+                    lagging.join("; ")
+                );
+                self.book.events.push((EventKind::Warning, "PublicationLost", message.clone()));
+                self.book.status.message = message;
+                self.book.enter(SigningPhase::Publishing);
+                return Ok(Step::Again);
+            }
             self.ctx.key.pin_signing(key, to).await?;
             self.book.events.push((EventKind::Normal, "Pinned", format!("signing pinned to version {to}")));
+            signers = self.ctx.signer_reports(self.plan).await?;
         }
-        let signers = self.ctx.signer_reports(self.plan).await?;
         let signing = judge_signing(&signers, &kid);
-        let api_servers = self.ctx.fleet.api_servers().await;
         self.track(&signers, &api_servers);
         // NB: tokens are asked for only once every signer signs with the new kid: each one is a
         // real token, and the signers' own word is the cheaper check.
@@ -215,11 +273,41 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         Ok(self.act(decision, "SwitchTimeout", SigningPhase::Draining))
     }
 
+    /// Sends the run back to Switching: what Drain counted from no longer holds.
+    fn switch_again(&mut self, why: &str) -> Step {
+        let message = format!("the switch to the new kid no longer holds ({why}); switching again");
+        self.book.events.push((EventKind::Warning, "SwitchLost", message.clone()));
+        self.book.status.switched_at.clear();
+        self.book.status.drain_until.clear();
+        self.book.status.message = message;
+        self.book.enter(SigningPhase::Switching);
+        Step::Again
+    }
+
     pub(super) async fn draining(&mut self) -> Result<Step, SigningRotationError> {
+        let to = match self.checked_to() {
+            Ok(to) => to,
+            Err(step) => return Ok(step),
+        };
+        let meta = self.ctx.key.metadata(&self.plan.transit).await?;
+        if let Err(step) = self.same_key(&meta, to) {
+            return Ok(step);
+        }
         let signers = self.ctx.signer_reports(self.plan).await?;
+        // NB: every step proves the switch again: if the pin went back (or a signer signs with
+        // another kid), tokens are being signed with the old key, and Drain must start over from
+        // a new switch rather than end at the old switchedAt plus the bound.
+        if let Some(why) = switch_lost(meta.min_encryption_version, to, &signers, &self.book.status.to_kid) {
+            return Ok(self.switch_again(&why));
+        }
         let api_servers = self.ctx.fleet.api_servers().await;
         self.track(&signers, &api_servers);
-        let switched = Self::seconds(&self.book.status.switched_at).unwrap_or(self.book.now().as_second());
+        // NB: the switch cannot predate the phase it was proven in (Draining starts in the same
+        // step); a status that says otherwise would cut Drain short, so the later time counts.
+        let Some(switched) = Self::seconds(&self.book.status.switched_at) else {
+            return Ok(self.switch_again("switchedAt is not recorded"));
+        };
+        let switched = switched.max(Self::seconds(&self.book.status.phase_started_at).unwrap_or(switched));
         let status = &self.book.status;
         let expiration = Expiration {
             bound: status.max_token_expiration_seconds,
@@ -253,10 +341,36 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
     }
 
     pub(super) async fn retiring(&mut self) -> Result<Step, SigningRotationError> {
-        let to = self.book.status.to_version.unwrap_or(0);
+        let to = match self.checked_to() {
+            Ok(to) => to,
+            Err(step) => return Ok(step),
+        };
         let key = &self.plan.transit;
         let meta = self.ctx.key.metadata(key).await?;
+        if let Err(step) = self.same_key(&meta, to) {
+            return Ok(step);
+        }
+        let signers = self.ctx.signer_reports(self.plan).await?;
         if meta.min_decryption_version < to {
+            // NB: the old version is retired only while the switch holds: the pin is `to` and
+            // every signer signs with the new kid.
+            if let Some(why) =
+                switch_lost(meta.min_encryption_version, to, &signers, &self.book.status.to_kid)
+            {
+                return Ok(self.switch_again(&why));
+            }
+            let signing = judge_signing(&signers, &self.book.status.to_kid);
+            if !signing.done() {
+                let message = format!(
+                    "not retiring until every signer is seen signing with the new kid: {}",
+                    signing.lagging.join("; ")
+                );
+                self.stragglers(&signing, &Members::default());
+                if self.waited() >= self.plan.retire.timeout {
+                    return Ok(self.fail("RetireTimeout", &message));
+                }
+                return Ok(self.wait(message, None));
+            }
             self.ctx.key.retire_below(key, to).await?;
             self.book.status.retired_below = Some(to);
             self.book.events.push((
@@ -265,12 +379,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
                 format!("min_decryption_version raised to {to}"),
             ));
         }
-        let mut old: Vec<String> = meta.kids.range(..to).map(|(_, kid)| kid.clone()).collect();
-        if !self.book.status.from_kid.is_empty() && !old.contains(&self.book.status.from_kid) {
-            old.push(self.book.status.from_kid.clone());
-        }
-        let signers = self.ctx.signer_reports(self.plan).await?;
-        let retired = judge_retired(&signers, &old);
+        let retired = judge_retired(&signers, to);
         self.stragglers(&retired, &Members::default());
         if retired.done() {
             return Ok(self.finish());
