@@ -26,6 +26,7 @@ mod cluster;
 mod jobs;
 mod objects;
 mod tokens;
+mod watch;
 
 pub use access::Review;
 pub use apiservers::{
