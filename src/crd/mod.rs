@@ -5,4 +5,4 @@ pub mod rotation;
 pub mod schedule;
 pub mod tokens;
 
-pub use schedule::{Schedule, ScheduleError};
+pub use schedule::{Cron, Schedule, ScheduleError};
