@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 echo "== building kmsgate (the first build compiles every dependency and takes several minutes)"
-cargo build --locked
+# NB: a one-shot build gains nothing from incremental compilation, which only costs time and disk
+# here; an explicit CARGO_INCREMENTAL still wins.
+CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}" cargo build --locked
 bin=target/debug/kmsgate
 work=$(mktemp -d)
 port=$(( 20000 + RANDOM % 20000 ))

@@ -6,4 +6,4 @@ pub mod schedule;
 pub mod signing;
 pub mod tokens;
 
-pub use schedule::{Schedule, ScheduleError};
+pub use schedule::{Cron, Schedule, ScheduleError};

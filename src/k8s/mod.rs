@@ -27,6 +27,7 @@ mod jobs;
 mod objects;
 mod signing;
 mod tokens;
+mod watch;
 
 pub use access::Review;
 pub use apiservers::{

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use k8s_openapi::{
     api::core::v1::{ObjectReference, Secret, ServiceAccount},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -11,8 +11,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams, Preconditions},
-    runtime::{WatchStreamExt, watcher},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -438,19 +437,7 @@ impl Kube {
 
     /// Metadata of Secrets as they change (a metadata-only watch that re-lists on expiry).
     pub fn secret_changes(&self) -> BoxStream<'static, Result<ObjectMeta, KubeError>> {
-        let api: Api<PartialObjectMeta<Secret>> = Api::all(self.client.clone());
-        watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .filter_map(|event| async move {
-                match event {
-                    Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
-                        Some(Ok(object.metadata))
-                    }
-                    Ok(_) => None,
-                    Err(e) => Some(Err(KubeError::Unexpected(format!("watch secrets: {e}")))),
-                }
-            })
-            .boxed()
+        super::watch::secret_changes(self.secrets(None))
     }
 }
 
