@@ -642,7 +642,7 @@ async fn the_cluster_fleet_reads_each_signer_and_each_api_server_at_its_own_addr
     fake.start_api_servers(&["cp-a", "cp-b"]).await;
     fake.keys_fetched(0, "kid-2").await;
     let kube = Kube::new(fake.client()).with_api_server_access(fake.api_server_access());
-    let fleet = ClusterFleet::new(kube, "kmsgate/kmsgate-controller");
+    let fleet = ClusterFleet::new(kube, "kmsgate/kmsgate-controller").with_clock(fake.clock.clone());
 
     let mut reports = fleet.api_servers().await.unwrap();
     reports.sort_by(|a, b| a.address.cmp(&b.address));
@@ -777,7 +777,7 @@ async fn a_whole_run_through_the_cluster_seam_reads_each_signer_and_each_api_ser
         })
     };
     let kube = Kube::new(fake.client()).with_api_server_access(fake.api_server_access());
-    let fleet = ClusterFleet::new(kube.clone(), "kmsgate/kmsgate-controller");
+    let fleet = ClusterFleet::new(kube.clone(), "kmsgate/kmsgate-controller").with_clock(fake.clock.clone());
     let ctx =
         Context::new(kube, key.clone(), fleet, Arc::new(ControllerMetrics::new()), Duration::from_secs(30))
             .with_clock(fake.clock.clone());
@@ -1039,4 +1039,25 @@ async fn a_key_restored_below_the_version_that_signed_stops_rotate_and_names_a_r
     );
     assert!(status["message"].as_str().unwrap().contains("Vault restored"), "{status:#}");
     assert!(rig.key.lock().calls.is_empty(), "{:?}", rig.key.lock().calls);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_api_server_missing_from_the_endpoint_slice_holds_the_fleet_read() {
+    use kmsgate::signing_rotation::ClusterFleet;
+    common::init_crypto();
+    let fake = FakeApi::new("");
+    fake.start_api_servers(&["cp-a", "cp-b"]).await;
+    let kube = Kube::new(fake.client()).with_api_server_access(fake.api_server_access());
+    let fleet = ClusterFleet::new(kube, "kmsgate/kmsgate-controller").with_clock(fake.clock.clone());
+    assert_eq!(fleet.api_servers().await.unwrap().len(), 2);
+
+    // NB: a stopped server leaves the EndpointSlice at once while its identity Lease still
+    // counts as live (renewed within the last minute), as a running server the slice misses would.
+    fake.stop_api_server(1).await;
+    let err = fleet.api_servers().await.unwrap_err();
+    assert!(err.contains("lists 1 API server addresses but 2 identity Leases are live"), "{err}");
+
+    // Once its Lease is stale, the two sources agree again.
+    fake.clock.advance(Duration::from_secs(kmsgate::k8s::LEASE_FRESH.as_secs() + 11));
+    assert_eq!(fleet.api_servers().await.unwrap().len(), 1);
 }

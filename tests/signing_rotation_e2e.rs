@@ -220,7 +220,7 @@ async fn tokens_signed_before_the_rotation_verify_everywhere_until_drain_ends_an
     let ctx = Context::new(
         kube.clone(),
         VaultSigningKey::new(client, "test-bao", ""),
-        ClusterFleet::new(kube, CONTROLLER_ACCOUNT),
+        ClusterFleet::new(kube, CONTROLLER_ACCOUNT).with_clock(fake.clock.clone()),
         Arc::new(ControllerMetrics::new()),
         Duration::from_secs(60),
     )

@@ -70,6 +70,24 @@ pub struct IdentityLease {
     pub renewed: Option<Timestamp>,
 }
 
+/// How long an identity Lease may go unrenewed and still count as a running API server. Live
+/// servers renew every 10 s (pkg/controlplane/apiserver/server.go,
+/// `IdentityLeaseRenewIntervalPeriod`); a removed server's Lease lingers until it expires (1 h,
+/// `IdentityLeaseDurationSeconds`) and the hourly garbage collection deletes it
+/// (pkg/controlplane/controller/apiserverleasegc/gc_controller.go, `Controller.gc`).
+pub const LEASE_FRESH: Duration = Duration::from_secs(60);
+
+/// The names of the identity Leases renewed within [`LEASE_FRESH`] of `now`. A Lease without a
+/// renew time is dead, as the garbage collector treats it (`isLeaseExpired`).
+pub fn live_leases(leases: &[IdentityLease], now: Timestamp) -> Vec<String> {
+    let fresh = LEASE_FRESH.as_secs() as i64;
+    leases
+        .iter()
+        .filter(|l| l.renewed.is_some_and(|at| now.as_second() - at.as_second() <= fresh))
+        .map(|l| l.name.clone())
+        .collect()
+}
+
 /// The `default/kubernetes` EndpointSlice: one address per API server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiServerAddresses {

@@ -31,8 +31,9 @@ mod watch;
 
 pub use access::Review;
 pub use apiservers::{
-    ApiServerAccess, ApiServerAddresses, FETCH_KEYS_SUCCESS_METRIC, IdentityLease, MAX_API_SERVERS,
-    PROCESS_START_METRIC, SERVICE_NAME, STATUS_METRIC, api_servers_on_key, gauge, sha256_label,
+    ApiServerAccess, ApiServerAddresses, FETCH_KEYS_SUCCESS_METRIC, IdentityLease, LEASE_FRESH,
+    MAX_API_SERVERS, PROCESS_START_METRIC, SERVICE_NAME, STATUS_METRIC, api_servers_on_key, gauge,
+    live_leases, sha256_label,
 };
 pub use bounded::{Bounded, MAX_BODY_BYTES};
 pub use jobs::{JobState, MigrationState};

@@ -4,12 +4,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use k8s_openapi::jiff::Timestamp;
-
 use super::{Context, KeyAdmin, RotationError, Run, Step};
 use crate::{
     crd::rotation::{ConvergePlan, Phase, PluginSource},
-    k8s::{EventKind, IdentityLease, KubeError, MAX_API_SERVERS, api_servers_on_key, sha256_label},
+    k8s::{EventKind, KubeError, MAX_API_SERVERS, api_servers_on_key, live_leases, sha256_label},
     plugin_status::PluginStatus,
 };
 
@@ -131,30 +129,12 @@ impl<K: KeyAdmin> Run<'_, K> {
     }
 }
 
-/// How long an identity Lease may go unrenewed and still count as a running API server. Live
-/// servers renew every 10 s (pkg/controlplane/apiserver/server.go,
-/// `IdentityLeaseRenewIntervalPeriod`); a removed server's Lease lingers until it expires (1 h,
-/// `IdentityLeaseDurationSeconds`) and the hourly garbage collection deletes it
-/// (pkg/controlplane/controller/apiserverleasegc/gc_controller.go, `Controller.gc`).
-pub const LEASE_FRESH: Duration = Duration::from_secs(60);
-
 /// How long an API server keeps writing with its old seed after its Status reported the new
 /// key_id, when the first Encrypt under the new one fails: the metric is recorded before the
 /// new seed is tried (staging/src/k8s.io/apiserver/pkg/server/options/encryptionconfig/config.go,
 /// `kmsv2PluginProbe.isKMSv2ProviderHealthyAndMaybeRotateDEK` calls `RecordKeyIDFromStatus`
 /// before `rotateDEKOnKeyIDChange`), and the old seed stays valid for `kmsv2PluginWriteDEKSourceMaxTTL`.
 pub const SEED_COAST: Duration = Duration::from_secs(180);
-
-/// The names of the identity Leases renewed within [`LEASE_FRESH`] of `now`. A Lease without a
-/// renew time is dead, as the garbage collector treats it (`isLeaseExpired`).
-pub fn live_leases(leases: &[IdentityLease], now: Timestamp) -> Vec<String> {
-    let fresh = LEASE_FRESH.as_secs() as i64;
-    leases
-        .iter()
-        .filter(|l| l.renewed.is_some_and(|at| now.as_second() - at.as_second() <= fresh))
-        .map(|l| l.name.clone())
-        .collect()
-}
 
 /// Judges each live server (by Lease name, which is the API server ID the metric hashes) against
 /// the metric lines read at each address: `(address, lines or why not)`.
@@ -319,6 +299,9 @@ pub fn decide(plan: &ConvergePlan, evidence: Evidence) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    use crate::k8s::IdentityLease;
 
     fn plan() -> ConvergePlan {
         ConvergePlan {

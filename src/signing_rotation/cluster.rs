@@ -8,8 +8,9 @@ use tokio::time::Instant;
 use super::{ApiServerReport, FetchKeysMetrics, Fleet, SigningKeyAdmin, SigningKeyState};
 use crate::{
     backend::BackendError,
+    clock::{Clock, SystemClock},
     crd::rotation::TransitKey,
-    k8s::{FETCH_KEYS_SUCCESS_METRIC, Kube, MAX_API_SERVERS, PROCESS_START_METRIC, gauge},
+    k8s::{FETCH_KEYS_SUCCESS_METRIC, Kube, MAX_API_SERVERS, PROCESS_START_METRIC, gauge, live_leases},
     signer_status::SignerStatus,
     transit::{Transit, VaultClient, read_signing_key},
 };
@@ -78,6 +79,7 @@ pub struct ClusterFleet {
     http: reqwest::Client,
     namespace: String,
     service_account: String,
+    clock: Arc<dyn Clock>,
 }
 
 impl ClusterFleet {
@@ -93,7 +95,19 @@ impl ClusterFleet {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Self { kube, http, namespace: namespace.to_owned(), service_account: name.to_owned() }
+        Self {
+            kube,
+            http,
+            namespace: namespace.to_owned(),
+            service_account: name.to_owned(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Judges the identity Leases' freshness by `clock` (the loop's), not the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     async fn addresses(&self) -> Result<Vec<SocketAddr>, String> {
@@ -101,6 +115,20 @@ impl ClusterFleet {
         let Some(port) = slice.port else {
             return Err("EndpointSlice default/kubernetes names no port".into());
         };
+        // NB: the data-key loop's rule (rotation::converge): the identity Leases say which API
+        // servers run, the EndpointSlice where they are. A running server missing from the slice
+        // (not ready, or its endpoint reconciler behind) would otherwise go unchecked and could
+        // still verify only against keys it never fetched.
+        let leases = self.kube.identity_leases().await.map_err(|e| crate::error::chain(&e))?;
+        let live = live_leases(&leases, self.clock.now());
+        if slice.addresses.len() != live.len() {
+            return Err(format!(
+                "the EndpointSlice default/kubernetes lists {} API server addresses but {} identity \
+                 Leases are live; waiting until they agree, so that no running API server goes unchecked",
+                slice.addresses.len(),
+                live.len()
+            ));
+        }
         if slice.addresses.len() > MAX_API_SERVERS {
             return Err(format!(
                 "{} API server addresses; at most {MAX_API_SERVERS} are read",
