@@ -473,16 +473,19 @@ mod tests {
         let versions: Vec<u64> = (1..=(VANISHED_MAX as u64 + 2)).collect();
         let first = publish(None, &meta(&versions, 1), &[], 10, KEEP);
         // All but the last vanish, at different times: only the newest VANISHED_MAX stay.
+        let last = *versions.last().unwrap();
         let mut set = first.clone();
-        for (i, k) in set.keys.iter_mut().enumerate() {
+        // NB: the keys are ordered by kid, which is random, so the one that stays is skipped by
+        // version; marking it too made it the oldest "vanished" kid in one run of ~66.
+        for (i, k) in set.keys.iter_mut().filter(|k| k.version != Some(last)).enumerate() {
             k.vanished_at = Some(10 + i as u64);
         }
-        let last = *versions.last().unwrap();
         let mut only_last = meta(&[last], 1);
         only_last.public_keys.insert(last, key(last as u8));
         let kept = publish(Some(&set), &only_last, &[], 20, KEEP);
         assert_eq!(kept.vanished().len(), VANISHED_MAX);
-        let oldest = set.keys.iter().min_by_key(|k| k.vanished_at).unwrap();
+        let oldest =
+            set.keys.iter().filter(|k| k.vanished_at.is_some()).min_by_key(|k| k.vanished_at).unwrap();
         assert!(!kept.keys.iter().any(|k| k.kid == oldest.kid));
         // A set too large to read back is not written.
         let dir = tempfile::tempdir().unwrap();
