@@ -1,22 +1,12 @@
-//! Compiles the KMS v2 gRPC service, the stored EncryptedObject message and both packages of the
-//! ExternalJWTSigner service, and records what
-//! `kmsgate version` reports: the git commit, the compiler and the crypto and TLS crate versions.
+//! Records what `kmsgate version` reports: the git commit, the compiler and the crypto and TLS
+//! crate versions. The protobuf code is checked in (src/proto/, `scripts/gen-proto.sh`), so
+//! nothing is generated here and a build needs no protoc.
 use std::{env, fmt::Write as _, fs, path::Path, process::Command};
 
 /// The crates whose versions say whether a build carries an affected crypto or TLS stack.
 const CRYPTO_CRATES: &[&str] = &["ring", "rustls", "rustls-webpki", "aes-gcm", "hkdf", "sha2"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_protos(
-        &[
-            "proto/kms_v2.proto",
-            "proto/encrypted_object.proto",
-            "proto/externaljwt/v1/api.proto",
-            "proto/externaljwt/v1alpha1/api.proto",
-        ],
-        &["proto"],
-    )?;
     build_info()
 }
 
