@@ -7,14 +7,15 @@ use std::{env, fmt::Write as _, fs, path::Path, process::Command};
 const CRYPTO_CRATES: &[&str] = &["ring", "rustls", "rustls-webpki", "aes-gcm", "hkdf", "sha2"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    build_info()
-}
-
-fn build_info() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=Cargo.lock");
     println!("cargo:rerun-if-env-changed=KMSGATE_GIT_COMMIT");
-    let commit = env::var("KMSGATE_GIT_COMMIT").ok().filter(|c| !c.trim().is_empty());
-    let commit = commit.map(|c| c.trim().to_owned()).or_else(git_commit).unwrap_or_else(|| "unknown".into());
+    // NB: the commit is embedded only when KMSGATE_GIT_COMMIT says it (scripts/release.sh and the
+    // Dockerfile set it). Reading HEAD here made every commit, checkout or rebase rerun this script
+    // and rebuild the library and everything above it, debug and release (`cargo bench` rebuilt on
+    // nearly every run); a build without the variable says `unknown`, which is true of a working
+    // tree, rather than a commit it may not match.
+    let commit = env::var("KMSGATE_GIT_COMMIT").ok().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty());
+    let commit = commit.unwrap_or_else(|| "unknown".into());
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let rustc = output(Command::new(rustc).arg("-V")).unwrap_or_else(|| "unknown".into());
     let lock = fs::read_to_string("Cargo.lock").unwrap_or_default();
@@ -35,22 +36,6 @@ fn build_info() -> Result<(), Box<dyn std::error::Error>> {
     let out = Path::new(&env::var("OUT_DIR")?).join("build_info.rs");
     fs::write(out, code)?;
     Ok(())
-}
-
-/// The commit of HEAD, when built from a git checkout (the Docker build has no `.git`).
-fn git_commit() -> Option<String> {
-    // NB: rerun when HEAD moves, so a commit never reports its parent's hash.
-    for path in ["HEAD", "packed-refs"] {
-        if let Some(p) = output(Command::new("git").args(["rev-parse", "--git-path", path])) {
-            println!("cargo:rerun-if-changed={p}");
-        }
-    }
-    if let Some(head) = output(Command::new("git").args(["symbolic-ref", "-q", "HEAD"]))
-        && let Some(p) = output(Command::new("git").args(["rev-parse", "--git-path", &head]))
-    {
-        println!("cargo:rerun-if-changed={p}");
-    }
-    output(Command::new("git").args(["rev-parse", "HEAD"]))
 }
 
 fn output(command: &mut Command) -> Option<String> {
