@@ -357,22 +357,8 @@ async fn etcd_with_tls_and_client_certificates() {
 async fn etcd_user_and_password() {
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let etcdctl = |args: &[&str]| {
-        let out = std::process::Command::new("etcdctl")
-            .arg("--endpoints")
-            .arg(&etcd.endpoint)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    etcdctl(&["put", "/registry/secrets/ns/a", "k8s:enc:aescbc:v1:k:xx"]);
-    etcdctl(&["user", "add", "root:root-pw"]);
-    etcdctl(&["user", "add", "auditor:audit-pw"]);
-    etcdctl(&["role", "add", "audit"]);
-    etcdctl(&["role", "grant-permission", "audit", "read", "/registry/", "--prefix"]);
-    etcdctl(&["user", "grant-role", "auditor", "audit"]);
-    etcdctl(&["auth", "enable"]);
+    etcd.etcdctl(&["put", "/registry/secrets/ns/a", "k8s:enc:aescbc:v1:k:xx"]);
+    etcd.enable_auth("auditor", "audit-pw");
     let password = dir.path().join("password");
     std::fs::write(&password, "audit-pw\n").unwrap();
     let pw = password.display().to_string();

@@ -67,6 +67,23 @@ impl Etcd {
         etcd
     }
 
+    /// Runs `etcdctl` against this etcd; panics unless it succeeds.
+    pub fn etcdctl(&self, args: &[&str]) {
+        let out = Command::new("etcdctl").arg("--endpoints").arg(&self.endpoint).args(args).output().unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Turns authentication on, with a `root` user and `user`, whose role may only read
+    /// `/registry/`: what an audit should run as. Writers must then authenticate, so plant first.
+    pub fn enable_auth(&self, user: &str, password: &str) {
+        self.etcdctl(&["user", "add", "root:root-pw"]);
+        self.etcdctl(&["user", "add", &format!("{user}:{password}")]);
+        self.etcdctl(&["role", "add", "audit"]);
+        self.etcdctl(&["role", "grant-permission", "audit", "read", "/registry/", "--prefix"]);
+        self.etcdctl(&["user", "grant-role", user, "audit"]);
+        self.etcdctl(&["auth", "enable"]);
+    }
+
     /// The etcd process id, for benchmarks that read its CPU time.
     pub fn pid(&self) -> u32 {
         self.child.id()
