@@ -8,7 +8,7 @@ FROM rust:1.95-bookworm AS build
 # Keep in step with CARGO_AUDITABLE_VERSION in scripts/setup.sh.
 ARG CARGO_AUDITABLE_VERSION=0.7.7
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler python3 \
+ && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* \
  && cargo install --locked "cargo-auditable@${CARGO_AUDITABLE_VERSION}"
 WORKDIR /src

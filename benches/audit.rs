@@ -39,10 +39,9 @@ async fn main() {
         kms.encrypt(EncryptRequest { plaintext: seed.to_vec(), uid: "bench".into() }).await.unwrap();
     let wrapped = wrapped.into_inner().ciphertext;
 
-    let mut client = etcd.client().await.unwrap();
+    let writer = etcd.writer().await;
     for chunk in 0..OBJECTS / 100 {
-        let ops: Vec<etcd_client::TxnOp> = (0..100)
-            .map(|i| {
+        let values = (0..100).map(|i| {
                 let n = chunk * 100 + i;
                 let key = format!("/registry/secrets/ns{}/secret-{n}", n % 100);
                 let object = format!(r#"{{"kind":"Secret","metadata":{{"name":"secret-{n}","namespace":"ns{}"}},"data":{{"k":"dmFsdWU="}}}}"#, n % 100);
@@ -58,10 +57,9 @@ async fn main() {
                     }
                     .to_value("kmsgate")
                 };
-                etcd_client::TxnOp::put(key, value, None)
-            })
-            .collect();
-        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+                (key, value)
+            });
+        writer.put_all(values).await;
     }
 
     let socket = plugin.socket.display().to_string();

@@ -51,7 +51,7 @@ async fn main() {
     settings.push(("plugin.audit_log".into(), "off".into()));
     let plugin = Plugin::start(dir.path(), &settings).await;
     let v1 = plugin.wait_healthy().await;
-    let storage = ApiServerStorage::new(plugin.client().await, etcd.client().await.unwrap());
+    let storage = ApiServerStorage::new(plugin.client().await, etcd.writer().await);
     let fake = FakeApi::new(&v1).with_store(Arc::new(storage.clone()));
 
     let started = Instant::now();

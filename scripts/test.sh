@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs protoc, OpenBao, etcd, promtool and openssl first (scripts/setup.sh), then
+# Runs the whole test suite: installs OpenBao, etcd, promtool and openssl first (scripts/setup.sh), then
 # `cargo test` over every test binary, and ends with one total over all of them. Each OpenBao- or etcd-backed
 # test starts its own server on free loopback ports. Extra arguments go to `cargo test`.
 set -euo pipefail

@@ -15,7 +15,8 @@ mod generated {
 pub struct BuildInfo {
     /// The crate version, from Cargo.toml.
     pub version: String,
-    /// The git commit, or `unknown` when built without `.git` and without `KMSGATE_GIT_COMMIT`.
+    /// The git commit, or `unknown` when built without `KMSGATE_GIT_COMMIT` (scripts/release.sh
+    /// and the Dockerfile set it).
     pub git_commit: String,
     /// `rustc -V` of the compiler.
     pub rustc: String,

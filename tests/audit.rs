@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use common::{Etcd, Plugin};
 use kmsgate::{
     audit,
-    etcd::Scanner,
+    etcd::{Client, KeyValue, Scanner},
     proto::v2::{EncryptRequest, StatusRequest},
     storage::{self, DekSourceType, EncryptedObject},
 };
@@ -45,16 +45,21 @@ async fn plant(etcd: &Etcd, plugin: &Plugin) -> (String, HashMap<&'static str, &
         ("truncated", truncated, "undecryptable"),
         ("wrong-prefix", b"k8s:enc:kms:v3:kmsgate:whatever".to_vec(), "unknown"),
     ];
-    let mut client = etcd.client().await.unwrap();
+    let writer = etcd.writer().await;
     let mut expected = HashMap::new();
     for (name, value, finding) in values {
-        client.put(format!("/registry/secrets/ns/{name}"), value, None).await.unwrap();
+        writer.put(format!("/registry/secrets/ns/{name}"), value).await;
         expected.insert(name, finding);
     }
     // Another provider's value on another resource: only --provider/--all scans see it.
     let other = sealed("/registry/configmaps/ns/cm", &key_id);
-    client.put("/registry/configmaps/ns/cm", other, None).await.unwrap();
+    writer.put("/registry/configmaps/ns/cm", other).await;
     (key_id, expected)
+}
+
+/// A key as text, for messages and comparisons.
+fn key(kv: &KeyValue) -> String {
+    String::from_utf8_lossy(&kv.key).into_owned()
 }
 
 /// A healthy plugin on a fresh local keyring in `dir`.
@@ -138,22 +143,22 @@ async fn every_format_is_reported_with_its_finding_and_exit_code() {
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_thousand_objects_in_bounded_pages() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await.unwrap();
+    let writer = etcd.writer().await;
     // NB: batched puts in transactions keep fixture setup to a few seconds.
     for chunk in 0..200 {
-        let ops: Vec<etcd_client::TxnOp> = (0..100)
-            .map(|i| {
+        writer
+            .put_all((0..100).map(|i| {
                 let n = chunk * 100 + i;
                 let value =
                     if n % 1000 == 0 { b"k8s\x00plain".to_vec() } else { b"k8s:enc:aescbc:v1:k:xx".to_vec() };
-                etcd_client::TxnOp::put(format!("/registry/secrets/ns{}/s{n}", n % 50), value, None)
-            })
-            .collect();
-        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+                (format!("/registry/secrets/ns{}/s{n}", n % 50), value)
+            }))
+            .await;
     }
+    let mut client = etcd.client().await.unwrap();
     let mut scanner = Scanner::prefix(b"/registry/secrets/", 500);
     let (mut total, mut pages) = (0, 0);
-    while let Some(page) = scanner.next_page(&mut client).await.unwrap() {
+    while let Some(page) = scanner.next_page(&client).await.unwrap() {
         assert!(page.len() <= 500, "a page held {} values", page.len());
         total += page.len();
         pages += 1;
@@ -181,9 +186,9 @@ async fn twenty_thousand_objects_in_bounded_pages() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scan_that_reads_ahead_stays_on_its_snapshot() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await.unwrap();
+    let (writer, client) = (etcd.writer().await, etcd.client().await.unwrap());
     for n in 0..35 {
-        client.put(format!("/registry/secrets/ns/s{n:02}"), b"k8s\x00x".to_vec(), None).await.unwrap();
+        writer.put(format!("/registry/secrets/ns/s{n:02}"), b"k8s\x00x".to_vec()).await;
     }
     let mut pages = kmsgate::etcd::Pages::new(Scanner::prefix(b"/registry/secrets/", 10), client.clone());
     let mut keys = Vec::new();
@@ -194,14 +199,14 @@ async fn a_scan_that_reads_ahead_stays_on_its_snapshot() {
             pinned = pages.revision();
             // Writes into every later page, and a deletion, while the first page is being judged.
             for n in [15, 25, 34] {
-                client.put(format!("/registry/secrets/ns/s{n:02}a"), b"new".to_vec(), None).await.unwrap();
+                writer.put(format!("/registry/secrets/ns/s{n:02}a"), b"new".to_vec()).await;
             }
-            client.delete("/registry/secrets/ns/s30", None).await.unwrap();
+            writer.delete("/registry/secrets/ns/s30").await;
         }
         assert_eq!(pages.revision(), pinned);
         for kv in &page {
-            assert!(kv.mod_revision() <= pinned, "{} is newer than the snapshot", kv.key_str().unwrap());
-            keys.push(kv.key_str().unwrap().to_owned());
+            assert!(kv.mod_revision <= pinned, "{} is newer than the snapshot", key(kv));
+            keys.push(key(kv));
         }
     }
     let expected: Vec<String> = (0..35).map(|n| format!("/registry/secrets/ns/s{n:02}")).collect();
@@ -212,17 +217,16 @@ async fn a_scan_that_reads_ahead_stays_on_its_snapshot() {
 #[tokio::test(flavor = "multi_thread")]
 async fn compaction_during_a_scan_is_detected() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await.unwrap();
+    let (writer, client) = (etcd.writer().await, etcd.client().await.unwrap());
     for n in 0..30 {
-        client.put(format!("/registry/secrets/ns/s{n:02}"), b"k8s\x00x".to_vec(), None).await.unwrap();
+        writer.put(format!("/registry/secrets/ns/s{n:02}"), b"k8s\x00x".to_vec()).await;
     }
     let mut scanner = Scanner::prefix(b"/registry/secrets/", 10);
-    assert_eq!(scanner.next_page(&mut client).await.unwrap().unwrap().len(), 10);
+    assert_eq!(scanner.next_page(&client).await.unwrap().unwrap().len(), 10);
     // The API server writes and compacts while the audit runs.
-    let put = client.put("/registry/secrets/ns/new", b"k8s\x00y".to_vec(), None).await.unwrap();
-    let latest = put.header().unwrap().revision();
-    client.compact(latest, None).await.unwrap();
-    let err = scanner.next_page(&mut client).await.unwrap_err();
+    let latest = writer.put("/registry/secrets/ns/new", b"k8s\x00y".to_vec()).await;
+    writer.compact(latest).await;
+    let err = scanner.next_page(&client).await.unwrap_err();
     assert!(matches!(err, kmsgate::etcd::ScanError::Compacted { .. }), "{err}");
     assert!(err.to_string().contains("partial"), "{err}");
 }
@@ -274,9 +278,9 @@ async fn deep_decrypts_each_object_and_names_each_failure() {
             Some("not an object"),
         ),
     ];
-    let mut client = etcd.client().await.unwrap();
+    let writer = etcd.writer().await;
     for (name, value, _) in &planted {
-        client.put(key(name), value.clone(), None).await.unwrap();
+        writer.put(key(name), value.clone()).await;
     }
 
     let socket = plugin.socket.display().to_string();
@@ -353,22 +357,8 @@ async fn etcd_with_tls_and_client_certificates() {
 async fn etcd_user_and_password() {
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let etcdctl = |args: &[&str]| {
-        let out = std::process::Command::new("etcdctl")
-            .arg("--endpoints")
-            .arg(&etcd.endpoint)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    etcdctl(&["put", "/registry/secrets/ns/a", "k8s:enc:aescbc:v1:k:xx"]);
-    etcdctl(&["user", "add", "root:root-pw"]);
-    etcdctl(&["user", "add", "auditor:audit-pw"]);
-    etcdctl(&["role", "add", "audit"]);
-    etcdctl(&["role", "grant-permission", "audit", "read", "/registry/", "--prefix"]);
-    etcdctl(&["user", "grant-role", "auditor", "audit"]);
-    etcdctl(&["auth", "enable"]);
+    etcd.etcdctl(&["put", "/registry/secrets/ns/a", "k8s:enc:aescbc:v1:k:xx"]);
+    etcd.enable_auth("auditor", "audit-pw");
     let password = dir.path().join("password");
     std::fs::write(&password, "audit-pw\n").unwrap();
     let pw = password.display().to_string();
@@ -426,8 +416,9 @@ async fn audit_verify_and_retire_judge_the_same_values_alike() {
         ("/registry/configmaps/ns/other-provider", object(scope.key_id(1, 100).to_string(), "legacy")),
         ("/registry/configmaps/ns/cm-current", object(current.clone(), "kmsgate")),
     ];
+    let writer = etcd.writer().await;
     for (key, value) in values {
-        client.put(key, value, None).await.unwrap();
+        writer.put(key, value).await;
     }
 
     let options = audit::Options {
@@ -472,46 +463,46 @@ async fn audit_verify_and_retire_judge_the_same_values_alike() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_page_too_large_for_the_client_is_halved_at_the_same_revision() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await.unwrap();
+    let (writer, client) = (etcd.writer().await, etcd.client().await.unwrap());
     // NB: 24 values of 20 KiB against a 100 KiB limit stand for 190 values of 1.45 MiB against
     // 256 MiB: a page of 16 (320 KiB) and of 8 (160 KiB) are too large, a page of 4 fits.
     let value = |n: u8| [b"k8s:enc:aescbc:v1:k:".as_slice(), &[n; 20 * 1024]].concat();
     let keys: Vec<String> = (0..24).map(|n| format!("/registry/secrets/ns/s{n:02}")).collect();
     for (n, key) in keys.iter().enumerate() {
-        client.put(key.as_str(), value(n as u8), None).await.unwrap();
+        writer.put(key.as_str(), value(n as u8)).await;
     }
     let mut scanner = Scanner::prefix(b"/registry/secrets/", 16).with_max_page_bytes(100 * 1024);
-    let first = scanner.next_page(&mut client).await.unwrap().unwrap();
+    let first = scanner.next_page(&client).await.unwrap().unwrap();
     assert_eq!((first.len(), scanner.page_size()), (4, 4));
     let pinned = scanner.revision();
     // The API server writes while the audit runs: none of it belongs in this snapshot.
-    client.put("/registry/secrets/ns/s05a", value(99), None).await.unwrap();
-    client.put(keys[20].as_str(), b"k8s\x00rewritten".to_vec(), None).await.unwrap();
-    let mut seen: Vec<String> = first.iter().map(|kv| kv.key_str().unwrap().to_owned()).collect();
-    while let Some(page) = scanner.next_page(&mut client).await.unwrap() {
+    writer.put("/registry/secrets/ns/s05a", value(99)).await;
+    writer.put(keys[20].as_str(), b"k8s\x00rewritten".to_vec()).await;
+    let mut seen: Vec<String> = first.iter().map(key).collect();
+    while let Some(page) = scanner.next_page(&client).await.unwrap() {
         assert!(page.len() <= 4, "a page held {} values", page.len());
         for kv in &page {
-            assert!(kv.mod_revision() <= pinned, "{} is newer than the snapshot", kv.key_str().unwrap());
-            assert_eq!(kv.value().len(), value(0).len());
-            seen.push(kv.key_str().unwrap().to_owned());
+            assert!(kv.mod_revision <= pinned, "{} is newer than the snapshot", key(kv));
+            assert_eq!(kv.value.len(), value(0).len());
+            seen.push(key(kv));
         }
     }
     assert_eq!(scanner.revision(), pinned);
     assert_eq!(seen, keys);
 
     // A single value above the limit cannot be halved away: the scan says so.
-    client.put("/registry/configmaps/ns/huge", vec![b'x'; 200 * 1024], None).await.unwrap();
+    writer.put("/registry/configmaps/ns/huge", vec![b'x'; 200 * 1024]).await;
     let mut scanner = Scanner::prefix(b"/registry/configmaps/", 16).with_max_page_bytes(100 * 1024);
-    let err = scanner.next_page(&mut client).await.unwrap_err();
+    let err = scanner.next_page(&client).await.unwrap_err();
     assert!(matches!(err, kmsgate::etcd::ScanError::ValueTooLarge { .. }), "{err}");
 }
 
 /// The sizes of the pages a byte-sized scan reads, checking each page's keys follow the last.
-async fn page_sizes(scanner: &mut Scanner, client: &mut etcd_client::Client, keys: &[String]) -> Vec<usize> {
+async fn page_sizes(scanner: &mut Scanner, client: &Client, keys: &[String]) -> Vec<usize> {
     let (mut sizes, mut seen) = (Vec::new(), Vec::new());
     while let Some(page) = scanner.next_page(client).await.unwrap() {
         sizes.push(page.len());
-        seen.extend(page.iter().map(|kv| kv.key_str().unwrap().to_owned()));
+        seen.extend(page.iter().map(key));
     }
     assert_eq!(seen, keys, "every value once, in key order");
     sizes
@@ -523,36 +514,34 @@ async fn page_sizes(scanner: &mut Scanner, client: &mut etcd_client::Client, key
 #[tokio::test(flavor = "multi_thread")]
 async fn pages_sized_by_bytes_follow_the_values_read() {
     let etcd = Etcd::start().await;
-    let mut client = etcd.client().await.unwrap();
-    let put_all = async |client: &mut etcd_client::Client, resource: &str, count: usize, size: usize| {
+    let (writer, client) = (etcd.writer().await, etcd.client().await.unwrap());
+    let put_all = async |resource: &str, count: usize, size: usize| {
         let keys: Vec<String> = (0..count).map(|n| format!("/registry/{resource}/ns/s{n:04}")).collect();
         for chunk in keys.chunks(100) {
-            let ops: Vec<_> =
-                chunk.iter().map(|k| etcd_client::TxnOp::put(k.as_str(), vec![b'x'; size], None)).collect();
-            client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+            writer.put_all(chunk.iter().map(|k| (k.as_str(), vec![b'x'; size]))).await;
         }
         keys
     };
 
     // Small values: 2, then eightfold growth, until the rest fits in one page.
-    let small = put_all(&mut client, "secrets", 1000, 10).await;
+    let small = put_all("secrets", 1000, 10).await;
     let mut scanner = Scanner::prefix(b"/registry/secrets/", 2).with_page_bytes(1 << 20);
-    assert_eq!(page_sizes(&mut scanner, &mut client, &small).await, [2, 16, 128, 854]);
+    assert_eq!(page_sizes(&mut scanner, &client, &small).await, [2, 16, 128, 854]);
 
     // 4 KiB values against a 64 KiB budget: 15 values a page (65 536 / (4096 + 29 + 24) bytes).
-    let large = put_all(&mut client, "configmaps", 100, 4096).await;
+    let large = put_all("configmaps", 100, 4096).await;
     let mut scanner = Scanner::prefix(b"/registry/configmaps/", 2).with_page_bytes(64 * 1024);
-    let sizes = page_sizes(&mut scanner, &mut client, &large).await;
+    let sizes = page_sizes(&mut scanner, &client, &large).await;
     assert_eq!(sizes[..3], [2, 15, 15], "{sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 100);
 
     // The budget never reaches past half the response limit.
     let mut scanner =
         Scanner::prefix(b"/registry/configmaps/", 2).with_page_bytes(1 << 30).with_max_page_bytes(32 * 1024);
-    let sizes = page_sizes(&mut scanner, &mut client, &large).await;
+    let sizes = page_sizes(&mut scanner, &client, &large).await;
     assert_eq!(sizes[..3], [2, 3, 3], "{sizes:?}");
 
     // Without a budget, every page holds page_size values, as before.
     let mut scanner = Scanner::prefix(b"/registry/secrets/", 300);
-    assert_eq!(page_sizes(&mut scanner, &mut client, &small).await, [300, 300, 300, 100]);
+    assert_eq!(page_sizes(&mut scanner, &client, &small).await, [300, 300, 300, 100]);
 }

@@ -141,7 +141,7 @@ async fn plant(etcd: &common::Etcd, name: &str, key_id: &str) {
         dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
     }
     .to_value("kmsgate");
-    etcd.client().await.unwrap().put(key, value, None).await.unwrap();
+    etcd.writer().await.put(key, value).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

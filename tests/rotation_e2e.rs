@@ -29,14 +29,13 @@ async fn rotate_converge_migrate_verify_retire_with_real_openbao_and_etcd() {
     let plugin = Plugin::start(dir.path(), &settings).await;
     let v1 = plugin.wait_healthy().await;
 
-    let storage = ApiServerStorage::new(plugin.client().await, etcd.client().await.unwrap());
+    let storage = ApiServerStorage::new(plugin.client().await, etcd.writer().await);
     let fake = FakeApi::new(&v1).with_store(Arc::new(storage.clone()));
     for i in 0..120 {
         fake.insert(["a", "b", "c"][i % 3], &format!("s{i:03}"), "", format!("{{\"value\":{i}}}").as_bytes())
             .await;
     }
-    let mut kv = etcd.client().await.unwrap();
-    let saved = kv.get("/registry/secrets/a/s000", None).await.unwrap().kvs()[0].value().to_vec();
+    let saved = etcd.writer().await.get("/registry/secrets/a/s000").await.unwrap();
     let saved = EncryptedObject::from_value(&saved, "kmsgate").unwrap();
     assert_eq!(saved.key_id, v1);
 

@@ -173,7 +173,7 @@ pub fn escape_text(text: &str) -> Cow<'_, str> {
 /// Scans etcd and streams findings to `out`; returns the summary.
 /// With `deep`, every KMS v2 object is also decrypted end to end.
 pub async fn run(
-    client: &mut etcd_client::Client,
+    client: &mut crate::etcd::Client,
     options: &Options,
     mut deep: Option<&mut deep::Deep>,
     out: &mut impl Write,
@@ -188,7 +188,7 @@ pub async fn run(
         while let Some(page) = pages.next_page().await? {
             summary.revision = pages.revision();
             for kv in &page {
-                observe(&mut summary, options, deep.as_deref_mut(), kv.key(), kv.value(), out).await;
+                observe(&mut summary, options, deep.as_deref_mut(), &kv.key, &kv.value, out).await;
             }
             if options.progress && shown.elapsed() >= std::time::Duration::from_millis(250) {
                 shown = std::time::Instant::now();

@@ -331,7 +331,7 @@ pub struct RetireCheck {
 
 /// Scans every value of `provider` and counts those a floor of `to_version` would break.
 pub async fn retire_check(
-    client: &mut etcd_client::Client,
+    client: &mut crate::etcd::Client,
     etcd_prefix: &str,
     provider: &str,
     scope: &crate::keyid::KeyScope,
@@ -343,7 +343,7 @@ pub async fn retire_check(
     let mut pages = crate::etcd::Pages::new(Scanner::prefix(base.as_bytes(), 5000), client.clone());
     while let Some(page) = pages.next_page().await.map_err(|e| CommandError::Audit(e.to_string()))? {
         for kv in &page {
-            let blocker = match judge.judge(kv.value()).standing {
+            let blocker = match judge.judge(&kv.value).standing {
                 Standing::Current => false,
                 Standing::Stale | Standing::Invalid => true,
                 Standing::Other => continue,
@@ -352,7 +352,7 @@ pub async fn retire_check(
             if blocker {
                 check.blockers += 1;
                 if check.examples.len() < 10 {
-                    check.examples.push(String::from_utf8_lossy(kv.key()).into_owned());
+                    check.examples.push(String::from_utf8_lossy(&kv.key).into_owned());
                 }
             }
         }

@@ -53,7 +53,7 @@ impl Input {
 
 /// Scans etcd and judges every value.
 pub async fn scan(
-    client: &mut etcd_client::Client,
+    client: &mut crate::etcd::Client,
     input: &Input,
     page_size: usize,
     clock: &dyn Clock,
@@ -77,11 +77,11 @@ pub async fn scan(
         result.revision = pages.revision();
         for kv in &page {
             result.objects += 1;
-            let key = String::from_utf8_lossy(kv.key());
+            let key = String::from_utf8_lossy(&kv.key);
             let owner = mapped
                 .iter()
                 .find_map(|(prefix, r)| key.strip_prefix(prefix.as_str()).map(|rest| (*r, rest)));
-            let straggler = match judge.judge(kv.value()).standing {
+            let straggler = match judge.judge(&kv.value).standing {
                 Standing::Current => {
                     result.current += 1;
                     false

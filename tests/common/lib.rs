@@ -24,7 +24,7 @@ pub mod storage_standin;
 
 use std::{net::TcpListener, process::Command};
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdWriter};
 pub use eventually::{Settled, eventually};
 pub use openbao::{Bao, RaftCluster, bao_binary};
 pub use plugin::{Plugin, decrypt_request, encrypt_request, fast_probes, kmsgate_command};

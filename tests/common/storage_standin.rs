@@ -22,7 +22,7 @@ use kmsgate::{
 };
 use tokio::sync::Mutex;
 
-use crate::fake_api::Store;
+use crate::{EtcdWriter, fake_api::Store};
 
 /// key_id, DEK seed, and the seed as the plugin wrapped it.
 type WriteState = (String, [u8; 32], Vec<u8>);
@@ -34,13 +34,13 @@ pub struct ApiServerStorage(Arc<Inner>);
 
 struct Inner {
     kms: KmsClient,
-    etcd: etcd_client::Client,
+    etcd: EtcdWriter,
     state: Mutex<Option<WriteState>>,
 }
 
 impl ApiServerStorage {
     /// Writes through the plugin behind `kms` into `etcd`.
-    pub fn new(kms: KmsClient, etcd: etcd_client::Client) -> Self {
+    pub fn new(kms: KmsClient, etcd: EtcdWriter) -> Self {
         Self(Arc::new(Inner { kms, etcd, state: Mutex::new(None) }))
     }
 }
@@ -82,7 +82,7 @@ impl Store for ApiServerStorage {
                 dek_source_type: DekSourceType::HkdfSha256XnonceAesGcmSeed,
             }
             .to_value("kmsgate");
-            this.etcd.clone().put(key, value, None).await.unwrap();
+            this.etcd.put(key, value).await;
             key_id
         }
         .boxed()

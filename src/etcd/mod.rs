@@ -1,11 +1,16 @@
 //! The etcd client side: how to connect (read-only use), and a range read page by page at one
 //! pinned revision, so a scan is one consistent snapshot and memory is bounded by the page size.
 
+mod client;
+
 use std::path::PathBuf;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue};
+use tonic::{Code, Status};
 
-use crate::{config::EtcdConfig, files};
+pub use self::client::{Client, connect};
+use crate::proto::etcd::etcdserverpb::{RangeRequest, RangeResponse};
+/// One stored key and value, as a range read returns it.
+pub use crate::proto::etcd::mvccpb::KeyValue;
 
 /// The scan could not run or could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -14,9 +19,9 @@ pub enum ScanError {
     /// etcd compacted the pinned revision during the scan: the snapshot is gone.
     #[error("etcd compacted revision {revision} during the scan; the report would be partial")]
     Compacted { revision: i64 },
-    /// Connecting to etcd failed.
-    #[error("cannot connect to etcd {endpoints:?}: {}", describe(error))]
-    Connect { endpoints: Vec<String>, error: etcd_client::Error },
+    /// No endpoint could be reached, or etcd refused the credentials.
+    #[error("cannot connect to etcd {endpoints:?}: {reason}")]
+    Connect { endpoints: Vec<String>, reason: String },
     /// A TLS or password file could not be read.
     #[error("{path}: {source}")]
     File {
@@ -32,14 +37,13 @@ pub enum ScanError {
     Interrupted(String),
     /// A range read failed.
     #[error("etcd range read failed: {}", describe(.0))]
-    Read(etcd_client::Error),
+    Read(Status),
 }
 
-/// An etcd client error in one line. NB: a gRPC status prints its transport source with Debug (a
-/// dump of nested structs), so it is told as its message and the chain of causes instead; the
-/// error is not kept as a `source` for the same reason.
-fn describe(error: &etcd_client::Error) -> String {
-    let etcd_client::Error::GRpcStatus(status) = error else { return error.to_string() };
+/// A gRPC status in one line. NB: a status prints its transport source with Debug (a dump of
+/// nested structs), so it is told as its code, its message and the chain of causes instead; the
+/// status is not kept as a `source` for the same reason.
+fn describe(status: &Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(cause) = std::error::Error::source(status) {
         let cause = crate::error::chain(cause);
@@ -49,35 +53,6 @@ fn describe(error: &etcd_client::Error) -> String {
         }
     }
     text
-}
-
-/// Connects to etcd with the given TLS and authentication.
-pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
-    let read = |path: &PathBuf, max| {
-        files::read_capped(path, max).map_err(|source| ScanError::File { path: path.clone(), source })
-    };
-    let mut options = ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
-    if settings.ca.is_some() || settings.cert.is_some() {
-        let mut tls = etcd_client::TlsOptions::new();
-        if let Some(ca) = &settings.ca {
-            let ca = read(ca, files::DOCUMENT_MAX_BYTES)?;
-            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca.as_slice()));
-        }
-        if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
-            let key = read(key, files::DOCUMENT_MAX_BYTES)?;
-            let cert = read(cert, files::DOCUMENT_MAX_BYTES)?;
-            tls = tls.identity(etcd_client::Identity::from_pem(cert.as_slice(), key.as_slice()));
-        }
-        options = options.with_tls(tls);
-    }
-    if let (Some(user), Some(file)) = (&settings.user, &settings.password_file) {
-        let password = files::read_text_capped(file, files::CREDENTIAL_MAX_BYTES)
-            .map_err(|source| ScanError::File { path: file.clone(), source })?;
-        options = options.with_user(user.clone(), password.trim().to_owned());
-    }
-    Client::connect(&settings.endpoints, Some(options))
-        .await
-        .map_err(|error| ScanError::Connect { endpoints: settings.endpoints.clone(), error })
 }
 
 /// The largest page response accepted.
@@ -152,19 +127,21 @@ impl Scanner {
     /// the client's message limit is asked for again at half the size, at the same revision; the
     /// smaller size is kept for the rest of the scan, or, with a byte budget, until the next page
     /// is sized from the values read.
-    pub async fn next_page(&mut self, client: &mut Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
-        // NB: a page holds page_size values of up to etcd's 1.5 MiB each; allow more than tonic's
-        // 4 MiB default so a page of large objects does not fail, while page_size keeps the bound.
-        let mut kv = client.kv_client().max_decoding_message_size(self.max_page_bytes);
+    pub async fn next_page(&mut self, client: &Client) -> Result<Option<Vec<KeyValue>>, ScanError> {
         if self.done {
             return Ok(None);
         }
-        let mut response = loop {
-            let mut options = GetOptions::new().with_range(self.end.clone()).with_limit(self.page_size);
-            if self.revision > 0 {
-                options = options.with_revision(self.revision);
-            }
-            match kv.get(self.start.clone(), Some(options)).await {
+        let RangeResponse { header, kvs, more } = loop {
+            let request = RangeRequest {
+                key: self.start.clone(),
+                range_end: self.end.clone(),
+                limit: self.page_size,
+                revision: self.revision,
+            };
+            // NB: a page holds page_size values of up to etcd's 1.5 MiB each; allow more than
+            // tonic's 4 MiB default so a page of large objects does not fail, while page_size
+            // keeps the bound.
+            match client.range(&request, self.max_page_bytes).await {
                 Ok(response) => break response,
                 Err(e) if too_large(&e) && self.page_size > 1 => {
                     self.page_size /= 2;
@@ -174,21 +151,27 @@ impl Scanner {
                     let after = String::from_utf8_lossy(&self.start).chars().take(256).collect();
                     return Err(ScanError::ValueTooLarge { after, limit: self.max_page_bytes });
                 }
-                Err(e) if e.to_string().contains("compacted") => {
+                // NB: etcd answers OUT_OF_RANGE "etcdserver: mvcc: required revision has been
+                // compacted" (etcd-io/etcd v3.4.23 etcdserver/api/v3rpc/rpctypes/error.go,
+                // `ErrGRPCCompacted`).
+                Err(e) if e.code() == Code::OutOfRange && e.message().contains("compacted") => {
                     return Err(ScanError::Compacted { revision: self.revision });
+                }
+                // NB: the client tried every endpoint before answering Unavailable.
+                Err(e) if e.code() == Code::Unavailable => {
+                    return Err(ScanError::Connect { endpoints: client.endpoints(), reason: describe(&e) });
                 }
                 Err(e) => return Err(ScanError::Read(e)),
             }
         };
         if self.revision == 0 {
-            self.revision = response.header().map_or(0, |h| h.revision());
+            self.revision = header.map_or(0, |h| h.revision);
         }
-        let kvs = response.take_kvs();
         self.resize(&kvs);
         match kvs.last() {
-            Some(last) if response.more() => {
+            Some(last) if more => {
                 // NB: the smallest key after `last` is `last` followed by a zero byte.
-                self.start = last.key().to_vec();
+                self.start = last.key.clone();
                 self.start.push(0);
             }
             _ => self.done = true,
@@ -201,7 +184,7 @@ impl Scanner {
         if self.page_bytes == 0 || page.is_empty() {
             return;
         }
-        let bytes: usize = page.iter().map(|kv| kv.key().len() + kv.value().len() + KV_OVERHEAD_BYTES).sum();
+        let bytes: usize = page.iter().map(|kv| kv.key.len() + kv.value.len() + KV_OVERHEAD_BYTES).sum();
         let budget = self.page_bytes.min(self.max_page_bytes / 2);
         // NB: `bytes` > 0: the page is not empty and every value costs KV_OVERHEAD_BYTES.
         let fits = i64::try_from(budget.saturating_mul(page.len()) / bytes).unwrap_or(i64::MAX);
@@ -262,9 +245,9 @@ impl Drop for Pages {
     }
 }
 
-fn fetch(mut scanner: Scanner, mut client: Client) -> tokio::task::JoinHandle<Fetched> {
+fn fetch(mut scanner: Scanner, client: Client) -> tokio::task::JoinHandle<Fetched> {
     tokio::spawn(async move {
-        let page = scanner.next_page(&mut client).await;
+        let page = scanner.next_page(&client).await;
         Fetched { scanner, client, page }
     })
 }
@@ -272,11 +255,10 @@ fn fetch(mut scanner: Scanner, mut client: Client) -> tokio::task::JoinHandle<Fe
 /// Whether a read failed only because its response was larger than a gRPC message limit: the
 /// client's (tonic's decoder answers OUT_OF_RANGE "decoded message length too large") or the
 /// server's (grpc-go answers RESOURCE_EXHAUSTED "larger than max").
-fn too_large(error: &etcd_client::Error) -> bool {
-    let etcd_client::Error::GRpcStatus(status) = error else { return false };
+fn too_large(status: &Status) -> bool {
     match status.code() {
-        tonic::Code::OutOfRange => status.message().contains("message length too large"),
-        tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+        Code::OutOfRange => status.message().contains("message length too large"),
+        Code::ResourceExhausted => status.message().contains("larger than max"),
         _ => false,
     }
 }

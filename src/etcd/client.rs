@@ -1,0 +1,279 @@
+//! A read-only etcd v3 client over tonic: one lazily connected channel per endpoint, a range read
+//! that moves on to the next endpoint when one is unavailable, and user/password authentication
+//! with the token etcd expects in the `token` metadata of each request.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use futures::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use tonic::{
+    Code, Status,
+    metadata::AsciiMetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use super::{ScanError, describe};
+use crate::{
+    config::EtcdConfig,
+    files,
+    proto::etcd::etcdserverpb::{
+        AuthenticateRequest, RangeRequest, RangeResponse, auth_client::AuthClient, kv_client::KvClient,
+    },
+};
+
+/// How long connecting to one endpoint (TCP and TLS) may take before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The metadata key etcd reads the auth token from (etcd-io/etcd v3.4.23
+/// etcdserver/api/v3rpc/rpctypes/metadatafields.go, `TokenFieldNameGRPC`).
+const TOKEN: &str = "token";
+
+/// A read-only etcd client; clones share the channels, the endpoint in use and the token.
+#[derive(Clone)]
+pub struct Client {
+    members: Arc<[Member]>,
+    /// The endpoint that answered last: calls start there.
+    current: Arc<AtomicUsize>,
+    auth: Option<Arc<Auth>>,
+}
+
+/// One endpoint and its channel, which connects on first use and reconnects after a failure.
+struct Member {
+    endpoint: String,
+    channel: Channel,
+}
+
+/// The credentials and the token they last bought.
+struct Auth {
+    user: String,
+    password: SecretString,
+    token: ArcSwapOption<AsciiMetadataValue>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.endpoints())
+            .field("user", &self.auth.as_ref().map(|a| &a.user))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to etcd with the given TLS and authentication. Without a user nothing is sent yet (the
+/// first read connects); with one, the password is exchanged for a token now, so a refused
+/// password fails here.
+pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
+    let refused = |reason: String| ScanError::Connect { endpoints: settings.endpoints.clone(), reason };
+    if settings.endpoints.is_empty() {
+        return Err(refused("no endpoint given".into()));
+    }
+    let tls = tls(settings)?;
+    let members = settings
+        .endpoints
+        .iter()
+        .map(|endpoint| Ok(Member { endpoint: endpoint.clone(), channel: channel(endpoint, tls.as_ref())? }))
+        .collect::<Result<Arc<[Member]>, String>>()
+        .map_err(refused)?;
+    let auth = match (&settings.user, &settings.password_file) {
+        (Some(user), Some(file)) => {
+            let password = files::read_text_capped(file, files::CREDENTIAL_MAX_BYTES)
+                .map_err(|source| ScanError::File { path: file.clone(), source })?;
+            let password = SecretString::from(password.trim().to_owned());
+            Some(Arc::new(Auth { user: user.clone(), password, token: ArcSwapOption::empty() }))
+        }
+        _ => None,
+    };
+    let client = Client { members, current: Arc::new(AtomicUsize::new(0)), auth };
+    if client.auth.is_some() {
+        client.failover(|at| Box::pin(client.authenticate(at))).await.map_err(|e| refused(describe(&e)))?;
+    }
+    Ok(client)
+}
+
+impl Client {
+    /// The endpoints, as configured.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.endpoint.clone()).collect()
+    }
+
+    /// One range read, accepting answers of up to `max_bytes`.
+    pub(super) async fn range(
+        &self,
+        request: &RangeRequest,
+        max_bytes: usize,
+    ) -> Result<RangeResponse, Status> {
+        self.failover(|at| Box::pin(self.range_at(at, request, max_bytes))).await
+    }
+
+    /// One range read at endpoint `at`; a token etcd refuses is renewed, once.
+    async fn range_at(
+        &self,
+        at: usize,
+        request: &RangeRequest,
+        max_bytes: usize,
+    ) -> Result<RangeResponse, Status> {
+        let mut kv = KvClient::new(self.members[at].channel.clone()).max_decoding_message_size(max_bytes);
+        let mut renewed = false;
+        loop {
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(auth) = &self.auth
+                && let Some(token) = auth.token.load_full()
+            {
+                call.metadata_mut().insert(TOKEN, (*token).clone());
+            }
+            match kv.range(call).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(e) if self.auth.is_some() && !renewed && token_refused(&e) => {
+                    tracing::debug!(endpoint = %self.members[at].endpoint, "etcd refused the auth token; renewing it");
+                    self.authenticate(at).await?;
+                    renewed = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `call` against the endpoint in use, then each next one while the answer is
+    /// Unavailable, and keeps the one that answered for later calls. Only reads and Authenticate
+    /// go through here, which are safe to repeat: etcd's own client retries them on another
+    /// endpoint on Unavailable and on nothing else (etcd-io/etcd v3.4.23 clientv3/retry.go,
+    /// `isSafeRetryImmutableRPC`); an unreachable endpoint's connect error is Unavailable too.
+    async fn failover<'a, T>(
+        &self,
+        mut call: impl FnMut(usize) -> BoxFuture<'a, Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let count = self.members.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = Status::unavailable("no etcd endpoint");
+        for step in 0..count {
+            let at = (start + step) % count;
+            match call(at).await {
+                Ok(answer) => {
+                    self.current.store(at, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(e) if e.code() == Code::Unavailable => {
+                    tracing::debug!(endpoint = %self.members[at].endpoint, error = %describe(&e), "etcd endpoint unavailable");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Exchanges the password for a token at endpoint `at`, for every later request.
+    async fn authenticate(&self, at: usize) -> Result<(), Status> {
+        let Some(auth) = &self.auth else { return Ok(()) };
+        let request = AuthenticateRequest {
+            name: auth.user.clone(),
+            password: auth.password.expose_secret().to_owned(),
+        };
+        let answer =
+            AuthClient::new(self.members[at].channel.clone()).authenticate(request).await?.into_inner();
+        let token = AsciiMetadataValue::try_from(answer.token)
+            .map_err(|_| Status::internal("etcd answered Authenticate with a token that is not ASCII"))?;
+        auth.token.store(Some(Arc::new(token)));
+        Ok(())
+    }
+}
+
+/// Whether etcd refused the token itself (expired, or issued before an auth change), so a new one
+/// may succeed: the answers on which etcd's own client authenticates again (etcd-io/etcd v3.4.23
+/// clientv3/retry_interceptor.go, `shouldRefreshToken`; the messages from
+/// etcdserver/api/v3rpc/rpctypes/error.go).
+fn token_refused(error: &Status) -> bool {
+    match error.code() {
+        Code::Unauthenticated => error.message().contains("invalid auth token"),
+        Code::InvalidArgument => {
+            error.message().contains("revision of auth store is old")
+                || error.message().contains("user name is empty")
+        }
+        _ => false,
+    }
+}
+
+/// The TLS settings: `None` when neither a CA nor a client certificate is configured.
+fn tls(settings: &EtcdConfig) -> Result<Option<ClientTlsConfig>, ScanError> {
+    let read = |path: &PathBuf| {
+        files::read_capped(path, files::DOCUMENT_MAX_BYTES)
+            .map_err(|source| ScanError::File { path: path.clone(), source })
+    };
+    if settings.ca.is_none() && settings.cert.is_none() {
+        return Ok(None);
+    }
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &settings.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
+        let key = read(key)?;
+        tls = tls.identity(Identity::from_pem(read(cert)?, key));
+    }
+    Ok(Some(tls))
+}
+
+/// A lazily connected channel to one endpoint. An endpoint without a scheme is https when TLS is
+/// configured and http otherwise; an http:// endpoint with TLS configured is a mistake, not a
+/// silent downgrade.
+fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
+    let url = if endpoint.starts_with("https://") {
+        endpoint.to_owned()
+    } else if endpoint.starts_with("http://") {
+        if tls.is_some() {
+            return Err(format!("{endpoint}: TLS options are only supported with HTTPS URLs"));
+        }
+        endpoint.to_owned()
+    } else if tls.is_some() {
+        format!("https://{endpoint}")
+    } else {
+        format!("http://{endpoint}")
+    };
+    let https = url.starts_with("https://");
+    let invalid = |e: tonic::transport::Error| format!("{endpoint}: {}", crate::error::chain(&e));
+    let mut builder = Endpoint::from_shared(url).map_err(invalid)?.connect_timeout(CONNECT_TIMEOUT);
+    if https {
+        builder = builder.tls_config(tls.cloned().unwrap_or_default()).map_err(invalid)?;
+    }
+    Ok(builder.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_token_is_renewed() {
+        assert!(token_refused(&Status::unauthenticated("etcdserver: invalid auth token")));
+        assert!(token_refused(&Status::invalid_argument("etcdserver: revision of auth store is old")));
+        assert!(token_refused(&Status::invalid_argument("etcdserver: user name is empty")));
+        let wrong_password = "etcdserver: authentication failed, invalid user ID or password";
+        assert!(!token_refused(&Status::invalid_argument(wrong_password)));
+        assert!(!token_refused(&Status::permission_denied("etcdserver: permission denied")));
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_checked_against_the_tls_settings() {
+        let tls = ClientTlsConfig::new();
+        let err = channel("http://127.0.0.1:2379", Some(&tls)).unwrap_err();
+        assert!(err.contains("http://127.0.0.1:2379") && err.contains("HTTPS"), "{err}");
+        assert!(channel("127.0.0.1:2379", None).is_ok());
+        assert!(channel("https://127.0.0.1:2379", None).is_ok());
+        let err = channel("http://bad host:1", None).unwrap_err();
+        assert!(err.contains("bad host"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_endpoint_is_refused_by_name() {
+        let err = connect(&EtcdConfig::default()).await.unwrap_err();
+        assert_eq!(err.to_string(), "cannot connect to etcd []: no endpoint given");
+    }
+}
