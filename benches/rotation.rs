@@ -209,7 +209,7 @@ async fn bare_scan(settings: &kmsgate::config::EtcdConfig, objects: usize, key_i
         seen += page.len();
         if let Some(key_id) = key_id {
             let judge = Judge { provider: Some("kmsgate"), current: Current::KeyId(key_id) };
-            current += page.iter().filter(|kv| judge.judge(kv.value()).standing == Standing::Current).count();
+            current += page.iter().filter(|kv| judge.judge(&kv.value).standing == Standing::Current).count();
         }
     }
     assert_eq!(seen, objects);

@@ -32,6 +32,11 @@ use crate::{
 /// How long connecting to one endpoint (TCP and TLS) may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one request may take once connected. A page of the default size arrives in well under
+/// a second; a member that accepts connections but never answers must fail the read with an error
+/// instead of holding the scan (and the controller's step) forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The metadata key etcd reads the auth token from (etcd-io/etcd v3.4.23
 /// etcdserver/api/v3rpc/rpctypes/metadatafields.go, `TokenFieldNameGRPC`).
 const TOKEN: &str = "token";
@@ -79,7 +84,12 @@ pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
     let members = settings
         .endpoints
         .iter()
-        .map(|endpoint| Ok(Member { endpoint: endpoint.clone(), channel: channel(endpoint, tls.as_ref())? }))
+        .map(|endpoint| {
+            Ok(Member {
+                endpoint: endpoint.clone(),
+                channel: channel(endpoint, tls.as_ref(), REQUEST_TIMEOUT)?,
+            })
+        })
         .collect::<Result<Arc<[Member]>, String>>()
         .map_err(refused)?;
     let auth = match (&settings.user, &settings.password_file) {
@@ -224,7 +234,7 @@ fn tls(settings: &EtcdConfig) -> Result<Option<ClientTlsConfig>, ScanError> {
 /// A lazily connected channel to one endpoint. An endpoint without a scheme is https when TLS is
 /// configured and http otherwise; an http:// endpoint with TLS configured is a mistake, not a
 /// silent downgrade.
-fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
+fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>, timeout: Duration) -> Result<Channel, String> {
     let url = if endpoint.starts_with("https://") {
         endpoint.to_owned()
     } else if endpoint.starts_with("http://") {
@@ -239,7 +249,8 @@ fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, Str
     };
     let https = url.starts_with("https://");
     let invalid = |e: tonic::transport::Error| format!("{endpoint}: {}", crate::error::chain(&e));
-    let mut builder = Endpoint::from_shared(url).map_err(invalid)?.connect_timeout(CONNECT_TIMEOUT);
+    let mut builder =
+        Endpoint::from_shared(url).map_err(invalid)?.connect_timeout(CONNECT_TIMEOUT).timeout(timeout);
     if https {
         builder = builder.tls_config(tls.cloned().unwrap_or_default()).map_err(invalid)?;
     }
@@ -249,6 +260,29 @@ fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_member_that_never_answers_fails_the_read_instead_of_holding_it() {
+        // A listener that accepts and then says nothing: TCP connects, HTTP/2 never starts.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let _held = std::thread::spawn(move || {
+            let open: Vec<_> = listener.incoming().take(4).collect();
+            std::thread::sleep(Duration::from_secs(30));
+            drop(open);
+        });
+        let channel = channel(&endpoint, None, Duration::from_millis(300)).unwrap();
+        let client = Client {
+            members: Arc::from(vec![Member { endpoint: endpoint.clone(), channel }]),
+            current: Arc::new(AtomicUsize::new(0)),
+            auth: None,
+        };
+        let request = RangeRequest::default();
+        let read = client.range(&request, 1024);
+        let answer = tokio::time::timeout(Duration::from_secs(10), read).await;
+        let error = answer.expect("the read must end on its own timeout").unwrap_err();
+        assert_ne!(error.code(), Code::Ok);
+    }
 
     #[test]
     fn only_a_refused_token_is_renewed() {
@@ -263,11 +297,11 @@ mod tests {
     #[tokio::test]
     async fn endpoints_are_checked_against_the_tls_settings() {
         let tls = ClientTlsConfig::new();
-        let err = channel("http://127.0.0.1:2379", Some(&tls)).unwrap_err();
+        let err = channel("http://127.0.0.1:2379", Some(&tls), REQUEST_TIMEOUT).unwrap_err();
         assert!(err.contains("http://127.0.0.1:2379") && err.contains("HTTPS"), "{err}");
-        assert!(channel("127.0.0.1:2379", None).is_ok());
-        assert!(channel("https://127.0.0.1:2379", None).is_ok());
-        let err = channel("http://bad host:1", None).unwrap_err();
+        assert!(channel("127.0.0.1:2379", None, REQUEST_TIMEOUT).is_ok());
+        assert!(channel("https://127.0.0.1:2379", None, REQUEST_TIMEOUT).is_ok());
+        let err = channel("http://bad host:1", None, REQUEST_TIMEOUT).unwrap_err();
         assert!(err.contains("bad host"), "{err}");
     }
 
