@@ -11,6 +11,7 @@ use kube::{
     Api,
     api::{ListParams, PartialObjectMeta, WatchEvent, WatchParams},
 };
+use tokio::time::Instant;
 
 use super::{KubeError, call};
 use crate::backoff::Backoff;
@@ -22,9 +23,14 @@ const WATCH_SECONDS: u32 = 290;
 /// A watch that says nothing for this long is dead and opened again (the watcher's
 /// `next_with_idle_timeout`: the server timeout plus a 5 s margin).
 const IDLE: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 5);
-/// Waits after failures: the watcher's `DefaultBackoff` without jitter (800 ms doubling to 30 s),
-/// reset by the next success.
+/// Waits after failures: the watcher's `DefaultBackoff` without jitter (800 ms doubling to 30 s).
 const DELAYS: Backoff = Backoff::new(Duration::from_millis(800), Duration::from_secs(30));
+/// A run of failures ends after this long without one: the `DefaultBackoff`'s `ResetTimerBackoff`
+/// (120 s), as client-go's reflector (tools/cache/reflector.go, `NewReflectorWithOptions`: "If we
+/// don't backoff for 2min, assume API server is healthy and we reset the backoff"). NB: not the
+/// next request that succeeds: a watch that opens and then fails, or a list followed by a watch
+/// expired again, would otherwise retry every 800 ms for as long as the API server answers so.
+const CALM: Duration = Duration::from_secs(120);
 
 type Events = Pin<Box<dyn Stream<Item = kube::Result<WatchEvent<PartialObjectMeta<Secret>>>> + Send>>;
 
@@ -43,17 +49,26 @@ struct SecretWatch {
     state: State,
     /// Metadata listed but not handed out yet.
     pending: VecDeque<ObjectMeta>,
-    /// Failures since the last success; the next step waits first while non-zero.
+    /// Failures in the current run, and when the last one came.
     failures: u32,
+    last_failure: Option<Instant>,
+    /// The wait a failure left for the next request.
+    wait: Option<Duration>,
 }
 
 /// Every Secret's metadata as it is listed, then as it changes: created and modified Secrets, each
 /// as often as the API server reports it; deletions are not reported. Each failure comes out as
-/// an error, and the watch goes on after a backoff: from the last resourceVersion, or from a
-/// new list when the API server has expired it (410 Gone).
+/// an error, and the watch goes on after a backoff that grows while failures keep coming: from the
+/// last resourceVersion, or from a new list when the API server has expired it (410 Gone).
 pub(super) fn secret_changes(api: Api<Secret>) -> BoxStream<'static, Result<ObjectMeta, KubeError>> {
-    let watch =
-        SecretWatch { api, state: State::Listing { next: None }, pending: VecDeque::new(), failures: 0 };
+    let watch = SecretWatch {
+        api,
+        state: State::Listing { next: None },
+        pending: VecDeque::new(),
+        failures: 0,
+        last_failure: None,
+        wait: None,
+    };
     futures::stream::unfold(watch, |mut watch| async move {
         let item = watch.next().await;
         Some((item, watch))
@@ -67,21 +82,30 @@ impl SecretWatch {
             if let Some(meta) = self.pending.pop_front() {
                 return Ok(meta);
             }
-            if self.failures > 0 {
-                tokio::time::sleep(DELAYS.delay(self.failures - 1)).await;
+            if let Some(wait) = self.wait.take() {
+                tokio::time::sleep(wait).await;
             }
             match self.step().await {
-                Ok(Some(meta)) => {
-                    self.failures = 0;
-                    return Ok(meta);
-                }
-                Ok(None) => self.failures = 0,
+                Ok(Some(meta)) => return Ok(meta),
+                Ok(None) => {}
                 Err(e) => {
-                    self.failures = self.failures.saturating_add(1);
+                    self.failed();
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// Counts a failure into its run (a new run after [`CALM`]) and sets the wait before the next
+    /// request.
+    fn failed(&mut self) {
+        let now = Instant::now();
+        if self.last_failure.is_some_and(|last| now - last > CALM) {
+            self.failures = 0;
+        }
+        self.last_failure = Some(now);
+        self.wait = Some(DELAYS.delay(self.failures));
+        self.failures = self.failures.saturating_add(1);
     }
 
     /// One request or one event: the metadata it yields, if any.
@@ -481,6 +505,53 @@ mod tests {
         assert!(seen[1].starts_with("error:") && seen[3].starts_with("error:"), "{seen:?}");
         assert_eq!((seen[2].as_str(), seen[4].as_str()), ("a", "a"), "{seen:?}");
         let arrivals = until_served(&mut changes, server).await;
-        assert_eq!(gaps(&arrivals)[..3], ms(&[800, 1600, 0]));
+        // NB: the page that failed continues the run of failures, so it waits 3.2 s.
+        assert_eq!(gaps(&arrivals), ms(&[800, 1600, 0, 3200, 0]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_fails_as_soon_as_it_opens_backs_off_doubling() {
+        let (mut changes, server) = start(vec![
+            (LIST.into(), page(&[], "10", None)),
+            (watch_from("10"), Answer::Watch(behind(10, 9), End::Close)),
+            (watch_from("10"), Answer::Watch(behind(10, 9), End::Close)),
+            (watch_from("10"), Answer::Watch(behind(10, 9), End::Close)),
+            (watch_from("10"), Answer::Watch(vec![], End::Open)),
+        ]);
+        let seen = take(&mut changes, 3).await;
+        assert!(seen.iter().all(|s| s.contains("Too large resource version: 10, current: 9")), "{seen:?}");
+        let arrivals = until_served(&mut changes, server).await;
+        assert_eq!(gaps(&arrivals), ms(&[0, 800, 1600, 3200]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_expired_again_and_again_lists_less_and_less_often() {
+        let (mut changes, server) = start(vec![
+            (LIST.into(), page(&[], "10", None)),
+            (watch_from("10"), Answer::Watch(expired(10, 14), End::Close)),
+            (LIST.into(), page(&[], "20", None)),
+            (watch_from("20"), Answer::Watch(expired(20, 24), End::Close)),
+            (LIST.into(), page(&[], "30", None)),
+            (watch_from("30"), Answer::Watch(vec![], End::Open)),
+        ]);
+        assert!(take(&mut changes, 2).await.iter().all(|s| s.contains("too old resource version")));
+        let arrivals = until_served(&mut changes, server).await;
+        assert_eq!(gaps(&arrivals), ms(&[0, 800, 0, 1600, 0]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_two_calm_minutes_waits_the_first_backoff_again() {
+        let (mut changes, server) = start(vec![
+            (LIST.into(), page(&[], "10", None)),
+            (watch_from("10"), Answer::Watch(behind(10, 9), End::Close)),
+            (watch_from("10"), Answer::Watch(behind(10, 9), End::Close)),
+            // Healthy and silent until the idle timeout: more than two minutes without a failure.
+            (watch_from("10"), Answer::Watch(vec![event("MODIFIED", meta("a", "11"))], End::Open)),
+            (watch_from("11"), Answer::Watch(behind(11, 10), End::Close)),
+            (watch_from("11"), Answer::Watch(vec![], End::Open)),
+        ]);
+        assert_eq!(take(&mut changes, 4).await[2], "a");
+        let arrivals = until_served(&mut changes, server).await;
+        assert_eq!(gaps(&arrivals), [ms(&[0, 800, 1600]), vec![IDLE], ms(&[800])].concat());
     }
 }
