@@ -180,20 +180,9 @@ async fn direct_child(addr: &str, token_file: &str) {
     }
     let cts = Arc::new(cts);
     println!("ready");
-    loop {
-        let line = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).map(|_| line)
-        })
-        .await
-        .unwrap()
-        .unwrap_or_default();
-        if line.is_empty() {
-            return;
-        }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [what, concurrency, ops] = words[..] else { panic!("bad command {line:?}") };
-        let call = match what {
+    while let Some(words) = bench::next_command().await {
+        let [what, concurrency, ops] = &words[..] else { panic!("bad command {words:?}") };
+        let call = match what.as_str() {
             "encrypt" => direct_encrypt(transit.clone(), vec![7; 32]),
             "decrypt" => direct_decrypt(transit.clone(), cts.clone()),
             _ => noop(),
@@ -301,17 +290,11 @@ impl Naive {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args = bench::args();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let child = |run: BoxFuture<'_, ()>| {
-        // NB: the same logging as the plugin at its default level: with no subscriber at all,
-        // h2's and hyper's disabled log sites cost more per call than the plugin's filter does.
-        kmsgate::telemetry::init("info", false);
-        runtime.block_on(run)
-    };
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["echo", socket] => child(Box::pin(common::echo::serve(Path::new(socket)))),
-        ["direct", addr, token_file] => child(Box::pin(direct_child(addr, token_file))),
+        ["echo", socket] => bench::child_mode(&runtime, common::echo::serve(Path::new(socket))),
+        ["direct", addr, token_file] => bench::child_mode(&runtime, direct_child(addr, token_file)),
         _ => runtime.block_on(bench(&args)),
     }
 }

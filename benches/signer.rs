@@ -29,14 +29,14 @@
 
 use kmsgate_testkit as common;
 
-use std::{path::Path, process::Child, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use base64::{
     Engine,
     engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD},
 };
 use common::{
-    Bao,
+    Bao, SignerProcess,
     bench::{self, ChildProcess, Sample, ms},
     fake_signing::signer_channel,
 };
@@ -61,45 +61,25 @@ struct Measured {
     cpu_us: f64,
 }
 
-/// A child process of the bench (not of this module): killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `kmsgate signer` on Transit key [`KEY`] of `bao`, its socket and files in `dir`.
-fn start_signer(bao: &Bao, dir: &Path) -> Killed {
-    let path = |name: &str| dir.join(name).display().to_string();
+async fn start_signer(bao: &Bao, dir: &Path) -> SignerProcess {
     let mut settings = bao.plugin_settings(dir);
     settings.extend(
         [
-            ("signer.backend", "vault".to_owned()),
-            ("signer.key", KEY.to_owned()),
-            ("signer.key_type", "ecdsa-p256".to_owned()),
-            ("signer.state_file", path("keys.json")),
-            ("signer.audit_log", path("audit.log")),
-            ("signer.http_listen", "off".to_owned()),
+            ("signer.backend", "vault"),
+            ("signer.key", KEY),
+            ("signer.key_type", "ecdsa-p256"),
             // NB: the deployed poll interval, and the least lead the config allows with a
             // 1 s refresh hint, so the first version signs about half a minute after start.
-            ("signer.poll_interval", "30s".to_owned()),
-            ("signer.refresh_hint_seconds", "1".to_owned()),
-            ("signer.publish_lead", "31s".to_owned()),
+            ("signer.poll_interval", "30s"),
+            ("signer.refresh_hint_seconds", "1"),
+            ("signer.publish_lead", "31s"),
             // NB: as deployed: the default log level.
-            ("log.level", "info".to_owned()),
+            ("log.level", "info"),
         ]
-        .map(|(k, v)| (k.to_owned(), v)),
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
-    let mut command = common::kmsgate_command();
-    command.args(["signer", "--socket", &path("signer.sock")]);
-    for (key, value) in settings {
-        command.args(["--set", &format!("{key}={value}")]);
-    }
-    let log = std::fs::File::create(dir.join("signer.log")).unwrap();
-    Killed(command.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap())
+    SignerProcess::start(dir, &settings).await
 }
 
 /// The direct Transit sign call the signer makes for one token, by a plain HTTP client.
@@ -154,19 +134,8 @@ async fn direct_child(addr: &str, token: &str, input: &str) {
     let direct = Arc::new(Direct::new(addr, token, input));
     direct.sign().await;
     println!("ready");
-    loop {
-        let line = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).map(|_| line)
-        })
-        .await
-        .unwrap()
-        .unwrap_or_default();
-        if line.is_empty() {
-            return;
-        }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [what, ops] = words[..] else { panic!("bad command {line:?}") };
+    while let Some(words) = bench::next_command().await {
+        let [what, ops] = &words[..] else { panic!("bad command {words:?}") };
         let direct = direct.clone();
         let sign = what == "sign";
         bench::run(1, ops.parse().unwrap(), move |_| {
@@ -193,17 +162,12 @@ fn row(what: &str, m: Measured) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    common::init_crypto();
+    let args = bench::args();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let child = |run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>| {
-        common::init_crypto();
-        // NB: the signer's logging at its default level (see benches/plugin.rs).
-        kmsgate::telemetry::init("info", false);
-        runtime.block_on(run)
-    };
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["echo", socket] => child(Box::pin(common::echo::serve(Path::new(socket)))),
-        ["direct", addr, token, input] => child(Box::pin(direct_child(addr, token, input))),
+        ["echo", socket] => bench::child_mode(&runtime, common::echo::serve(Path::new(socket))),
+        ["direct", addr, token, input] => bench::child_mode(&runtime, direct_child(addr, token, input)),
         _ => runtime.block_on(bench_signer()),
     }
 }
@@ -253,23 +217,13 @@ fn median(runs: &[Measured]) -> Measured {
 }
 
 async fn bench_signer() {
-    common::init_crypto();
     let profiling = bench::callgrind_dir().is_some();
     println!("machine: {}", bench::machine());
     let bao = Bao::start().await;
     bao.post(&format!("transit/keys/{KEY}"), json!({ "type": "ecdsa-p256" })).await;
     let dir = tempfile::tempdir().unwrap();
-    let signer = start_signer(&bao, dir.path());
-    let socket = dir.path().join("signer.sock");
-    let mut signer = signer;
-    common::eventually(Duration::from_secs(120), "the signer socket", async || {
-        if let Ok(Some(status)) = signer.0.try_wait() {
-            let log = std::fs::read_to_string(dir.path().join("signer.log")).unwrap_or_default();
-            panic!("the signer exited ({status}): {log}");
-        }
-        std::os::unix::net::UnixStream::connect(&socket).map(drop)
-    })
-    .await;
+    let signer = start_signer(&bao, dir.path()).await;
+    let socket = signer.socket.clone();
     let client: Client = ExternalJwtSignerClient::new(signer_channel(&socket).await);
     // The key's first version signs once it is publish_lead (31 s) old.
     let signed = common::eventually(Duration::from_secs(120), "a signed token", async || {
@@ -277,7 +231,7 @@ async fn bench_signer() {
         client.sign(SignJwtRequest { claims: URL_SAFE_NO_PAD.encode(CLAIMS) }).await.map(|r| r.into_inner())
     })
     .await;
-    let pid = signer.0.id();
+    let pid = signer.pid();
     let bao_pid = bao.pid();
 
     let echo_socket = dir.path().join("echo.sock");

@@ -53,16 +53,7 @@ enum Command {
     /// Run the rotation controller (leader-elected; follows a RotationPolicy).
     Controller(ConfigArgs),
     /// Rotate the Transit key now: asks the running controller, or runs the loop here.
-    Rotate {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// With a running controller: follow its progress until the run ends.
-        #[arg(long)]
-        wait: bool,
-        /// Show what would happen; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Rotate(RotateArgs),
     /// Rewrite objects so the API server re-encrypts them with the current key.
     Reencrypt(ReencryptArgs),
     /// Raise the Transit key's min_decryption_version after a clean audit of every value.
@@ -136,6 +127,19 @@ enum TokensAction {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// How a rotation runs: through a running controller, or the loop here.
+#[derive(Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// With a running controller: follow its progress until the run ends.
+    #[arg(long)]
+    wait: bool,
+    /// Show what would happen; change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -355,16 +359,7 @@ struct SignerCommand {
 enum SignerAction {
     /// Rotate the signing key now (the SigningKeyPolicy named by controller.signing_policy): asks
     /// the running controller, or runs the loop here until the old key is retired.
-    Rotate {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// With a running controller: follow its progress until the run ends.
-        #[arg(long)]
-        wait: bool,
-        /// Show what would happen; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Rotate(RotateArgs),
     /// Manage the signer's local ES256 keyring (signer.backend = local; NOT FOR PRODUCTION).
     Keyring {
         #[command(subcommand)]
@@ -675,7 +670,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             commands::signer(config).await.map_err(run)
         }
         Command::Signer(SignerCommand {
-            action: Some(SignerAction::Rotate { config, wait, dry_run }),
+            action: Some(SignerAction::Rotate(RotateArgs { config, wait, dry_run })),
             ..
         }) => {
             let config = config.start(config::Role::Controller).map_err(usage)?;
@@ -725,7 +720,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let config = args.start(config::Role::Controller).map_err(usage)?;
             commands::rotation::controller(config).await.map_err(run)
         }
-        Command::Rotate { config, wait, dry_run } => {
+        Command::Rotate(RotateArgs { config, wait, dry_run }) => {
             let config = config.start(config::Role::Controller).map_err(usage)?;
             commands::rotation::rotate(config, wait, dry_run).await.map_err(run)
         }

@@ -139,19 +139,27 @@ async fn the_dev_openbao_example_passes_the_selftest() {
     assert!(!std::fs::read_to_string(&log).unwrap().contains(&token), "the token never reaches the log");
 }
 
-#[test]
-fn shipped_encryption_configuration_matches_the_command() {
+/// `kmsgate <args>` succeeds and prints exactly the file `shipped`.
+fn assert_prints_shipped(args: &[&str], shipped: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_kmsgate"))
-        .args(["encryption-config", "--config", "examples/vault.toml"])
+        .args(args)
         .env_remove("KMSGATE_PLUGIN_SOCKET")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let shipped = std::fs::read_to_string("deploy/apiserver/encryption-configuration.yaml").unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
-        shipped,
-        "regenerate with: kmsgate encryption-config --config examples/vault.toml"
+        std::fs::read_to_string(shipped).unwrap(),
+        "regenerate with: kmsgate {} > {shipped}",
+        args.join(" ")
+    );
+}
+
+#[test]
+fn shipped_encryption_configuration_matches_the_command() {
+    assert_prints_shipped(
+        &["encryption-config", "--config", "examples/vault.toml"],
+        "deploy/apiserver/encryption-configuration.yaml",
     );
 }
 
@@ -166,14 +174,7 @@ fn readme_documents_every_setting() {
 
 #[test]
 fn shipped_crd_matches_the_command() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kmsgate")).arg("crd").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let shipped = std::fs::read_to_string("deploy/controller/crd.yaml").unwrap();
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        shipped,
-        "regenerate with: kmsgate crd > deploy/controller/crd.yaml"
-    );
+    assert_prints_shipped(&["crd"], "deploy/controller/crd.yaml");
 }
 
 #[test]

@@ -7,7 +7,11 @@ use std::{sync::Arc, time::Duration};
 
 use fake_keys::FakeKeys;
 use http::Request;
-use kmsgate::{k8s::Kube, metrics::ControllerMetrics, rotation::Context};
+use kmsgate::{
+    k8s::Kube,
+    metrics::ControllerMetrics,
+    rotation::{Context, Step},
+};
 use mock_api::{ApiHandle, Expect, expect, verifier};
 use serde_json::{Value, json};
 
@@ -17,6 +21,14 @@ fn context(keys: FakeKeys) -> (Context<FakeKeys>, ApiHandle) {
     (Context::new(kube, keys, None, Arc::new(ControllerMetrics::new()), Duration::from_millis(10)), handle)
 }
 
+/// One step of policy `p` against an API server that expects exactly `scenario`.
+async fn step(ctx: &Context<FakeKeys>, handle: ApiHandle, scenario: Vec<Expect>) -> Step {
+    let verify = verifier(handle, scenario);
+    let step = ctx.step("p").await.unwrap();
+    verify.await.unwrap();
+    step
+}
+
 fn policy(status: Value) -> Value {
     json!({
         "apiVersion": "kmsgate.io/v1alpha1", "kind": "RotationPolicy",
@@ -24,6 +36,20 @@ fn policy(status: Value) -> Value {
         "spec": {"transit": {"key": "k"}, "converge": {"plugins": ["http://127.0.0.1:9"]}, "migrate": {"pageSize": 2}},
         "status": status,
     })
+}
+
+/// A policy in Retiring (1 to 2) after a clean verification that finished at `finished_at`,
+/// retiring with a grace of one hour.
+fn retiring(finished_at: &str) -> Value {
+    let mut p = policy(json!({
+        "phase": "Retiring", "runId": "r1", "fromVersion": 1, "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
+        "verifyRound": 1,
+        "verification": {"runId": "r1", "round": 1, "keyId": FakeKeys::key_id(2), "revision": 9, "objects": 4,
+            "current": 4, "oldKey": 0, "invalid": 0, "unencrypted": 0, "unmapped": 0, "clean": true,
+            "finishedAt": finished_at},
+    }));
+    p["spec"]["retire"] = json!({"enabled": true, "grace": "1h"});
+    p
 }
 
 const POLICY: &str = "/apis/kmsgate.io/v1alpha1/rotationpolicies/p";
@@ -72,9 +98,7 @@ async fn first_sight_adopts_the_latest_version_and_writes_only_the_status() {
             assert!(body["status"].get("runId").is_none(), "no run starts on first sight");
         }),
     ];
-    let verify = verifier(handle, scenario);
-    ctx.step("p").await.unwrap();
-    verify.await.unwrap();
+    step(&ctx, handle, scenario).await;
 }
 
 #[tokio::test]
@@ -120,24 +144,14 @@ async fn a_migrate_page_lists_metadata_only_and_patches_only_the_resource_versio
             assert_eq!(body["status"]["totals"]["rewritten"], 1);
         }),
     ];
-    let verify = verifier(handle, scenario);
-    ctx.step("p").await.unwrap();
-    verify.await.unwrap();
+    step(&ctx, handle, scenario).await;
 }
 
 #[tokio::test]
 async fn retire_raises_the_floor_after_a_clean_verification_and_records_events() {
     let keys = FakeKeys::new(2);
     let (ctx, handle) = context(keys.clone());
-    let status = json!({
-        "phase": "Retiring", "runId": "r1", "fromVersion": 1, "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
-        "verifyRound": 1,
-        "verification": {"runId": "r1", "round": 1, "keyId": FakeKeys::key_id(2), "revision": 9, "objects": 4,
-            "current": 4, "oldKey": 0, "invalid": 0, "unencrypted": 0, "unmapped": 0, "clean": true,
-            "finishedAt": "2026-01-01T00:00:00Z"},
-    });
-    let mut p = policy(status);
-    p["spec"]["retire"] = json!({"enabled": true, "grace": "1h"});
+    let p = retiring("2026-01-01T00:00:00Z");
     let scenario = vec![
         expect("GET", POLICY, (200, p)),
         expect("PATCH", STATUS, (200, policy(Value::Null))).check(|_, body| {
@@ -150,9 +164,7 @@ async fn retire_raises_the_floor_after_a_clean_verification_and_records_events()
         event("Idle", "Normal"),
         event("RotationFinished", "Normal"),
     ];
-    let verify = verifier(handle, scenario);
-    ctx.step("p").await.unwrap();
-    verify.await.unwrap();
+    step(&ctx, handle, scenario).await;
     assert_eq!(keys.0.lock().unwrap().min_decryption_version, 2);
 }
 
@@ -176,9 +188,7 @@ async fn retire_refuses_a_verification_of_another_run() {
         event("Failed", "Normal"),
         event("NotVerified", "Warning"),
     ];
-    let verify = verifier(handle, scenario);
-    ctx.step("p").await.unwrap();
-    verify.await.unwrap();
+    step(&ctx, handle, scenario).await;
     assert_eq!(keys.0.lock().unwrap().min_decryption_version, 1, "the floor is untouched");
 }
 
@@ -214,9 +224,7 @@ async fn verify_mode_job_creates_a_pinned_read_only_job() {
             assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/etc/kmsgate/etcd-pki");
         }),
     ];
-    let verify = verifier(handle, scenario);
-    assert!(matches!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Wait(_)));
-    verify.await.unwrap();
+    assert!(matches!(step(&ctx, handle, scenario).await, Step::Wait(_)));
 }
 
 #[tokio::test]
@@ -250,9 +258,7 @@ async fn storage_version_migrations_are_created_where_served() {
             assert_eq!(body["status"]["storageMigrationFallback"], false);
         }),
     ];
-    let verify = verifier(handle, scenario);
-    ctx.step("p").await.unwrap();
-    verify.await.unwrap();
+    step(&ctx, handle, scenario).await;
 }
 
 /// A clock at 2030-01-01T00:00:00Z that moves with tokio's paused time; the system clock never
@@ -266,15 +272,7 @@ fn paused_clock() -> Arc<kmsgate::clock::TokioClock> {
 async fn retire_waits_out_the_grace_period_on_the_injected_clock() {
     let keys = FakeKeys::new(2);
     let clock = paused_clock();
-    let status = json!({
-        "phase": "Retiring", "runId": "r1", "fromVersion": 1, "toVersion": 2, "toKeyId": FakeKeys::key_id(2),
-        "verifyRound": 1,
-        "verification": {"runId": "r1", "round": 1, "keyId": FakeKeys::key_id(2), "revision": 9, "objects": 4,
-            "current": 4, "oldKey": 0, "invalid": 0, "unencrypted": 0, "unmapped": 0, "clean": true,
-            "finishedAt": "2030-01-01T00:00:00Z"},
-    });
-    let mut p = policy(status);
-    p["spec"]["retire"] = json!({"enabled": true, "grace": "1h"});
+    let p = retiring("2030-01-01T00:00:00Z");
 
     let (ctx, handle) = context(keys.clone());
     let ctx = ctx.with_clock(clock.clone());
@@ -285,9 +283,7 @@ async fn retire_waits_out_the_grace_period_on_the_injected_clock() {
             assert_eq!(body["status"]["message"], "retiring versions below Some(2) in 3600s");
         }),
     ];
-    let verify = verifier(handle, scenario);
-    assert!(matches!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Wait(_)));
-    verify.await.unwrap();
+    assert!(matches!(step(&ctx, handle, scenario).await, Step::Wait(_)));
     assert_eq!(keys.0.lock().unwrap().min_decryption_version, 1, "nothing retires inside the grace period");
 
     tokio::time::advance(Duration::from_secs(3600)).await;
@@ -304,9 +300,7 @@ async fn retire_waits_out_the_grace_period_on_the_injected_clock() {
         event("Idle", "Normal"),
         event("RotationFinished", "Normal"),
     ];
-    let verify = verifier(handle, scenario);
-    ctx.step("p").await.unwrap();
-    verify.await.unwrap();
+    step(&ctx, handle, scenario).await;
     assert_eq!(keys.0.lock().unwrap().min_decryption_version, 2);
 }
 
@@ -319,9 +313,8 @@ async fn the_schedule_starts_a_run_when_the_injected_clock_reaches_it() {
 
     let (ctx, handle) = context(keys.clone());
     let ctx = ctx.with_clock(clock.clone());
-    let verify = verifier(handle, vec![expect("GET", POLICY, (200, p.clone()))]);
-    assert_eq!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Rest(Duration::from_millis(10)));
-    verify.await.unwrap();
+    let scenario = vec![expect("GET", POLICY, (200, p.clone()))];
+    assert_eq!(step(&ctx, handle, scenario).await, Step::Rest(Duration::from_millis(10)));
 
     tokio::time::advance(Duration::from_secs(3600)).await;
     let (ctx, handle) = context(keys);
@@ -339,7 +332,5 @@ async fn the_schedule_starts_a_run_when_the_injected_clock_reaches_it() {
         }),
         event("Rotating", "Normal"),
     ]);
-    let verify = verifier(handle, scenario);
-    assert_eq!(ctx.step("p").await.unwrap(), kmsgate::rotation::Step::Again);
-    verify.await.unwrap();
+    assert_eq!(step(&ctx, handle, scenario).await, Step::Again);
 }

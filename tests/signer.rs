@@ -473,6 +473,22 @@ async fn status_readyz_and_metrics_report_the_signing_key_and_the_last_poll() {
     s.stop().await;
 }
 
+/// `signer::serve` on `fake` in a task, as `kmsgate signer` runs it, until the sender fires.
+fn serve(
+    cfg: &SignerConfig,
+    fake: &FakeSigning,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), kmsgate::signer::SignerError>>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (cfg, fake) = (cfg.clone(), fake.clone());
+    let task = tokio::spawn(async move {
+        kmsgate::signer::serve(&cfg, fake, vec![], Metrics::new(), async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (tx, task)
+}
+
 /// `signer::serve`, as `kmsgate signer` runs it: the socket, the persisted set (0600), the HTTP
 /// endpoint, and the socket removed at shutdown.
 #[tokio::test]
@@ -482,16 +498,7 @@ async fn serve_binds_persists_and_cleans_up() {
     let port = kmsgate_testkit::free_port();
     let cfg = config(dir.path(), &[("signer.http_listen", &format!("127.0.0.1:{port}"))]);
     let fake = FakeSigning::new(&[1_000]);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn({
-        let (cfg, fake) = (cfg.clone(), fake.clone());
-        async move {
-            kmsgate::signer::serve(&cfg, fake, vec![], Metrics::new(), async {
-                let _ = rx.await;
-            })
-            .await
-        }
-    });
+    let (tx, task) = serve(&cfg, &fake);
     let socket = dir.path().join("signer.sock");
     kmsgate_testkit::eventually(Duration::from_secs(30), "the signer socket", async || socket.exists()).await;
     let channel = signer_channel(&socket).await;
@@ -516,16 +523,7 @@ async fn serve_starts_from_the_key_store_when_the_persisted_set_is_unreadable() 
     let cfg = config(dir.path(), &[]);
     std::fs::write(&cfg.state_file, b"{ not a key set").unwrap();
     let fake = FakeSigning::new(&[1_000]);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn({
-        let (cfg, fake) = (cfg.clone(), fake.clone());
-        async move {
-            kmsgate::signer::serve(&cfg, fake, vec![], Metrics::new(), async {
-                let _ = rx.await;
-            })
-            .await
-        }
-    });
+    let (tx, task) = serve(&cfg, &fake);
     let socket = dir.path().join("signer.sock");
     kmsgate_testkit::eventually(Duration::from_secs(30), "the signer socket", async || {
         socket.exists() || task.is_finished()

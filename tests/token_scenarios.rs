@@ -16,7 +16,7 @@ use kmsgate::{
         managed::{Guard, Managed, digest},
     },
 };
-use mock_api::{expect, verifier};
+use mock_api::{Expect, expect, verifier};
 use serde_json::{Value, json};
 
 /// 2026-11-26T20:00:00Z, always.
@@ -126,11 +126,26 @@ fn policy(rv: &str, status: Value) -> Value {
 const POLICY: &str = "/apis/kmsgate.io/v1alpha1/tokenpolicies/kmsgate";
 const STATUS: &str = "/apis/kmsgate.io/v1alpha1/tokenpolicies/kmsgate/status?&fieldManager=kmsgate";
 
-#[tokio::test]
-async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_annotates() {
+/// The legacy token Secret with metadata `meta`, selected under a 90-day max age, rotated against
+/// an API server that expects exactly `scenario`.
+async fn rotate_legacy(meta: Value, scenario: Vec<Expect>) -> Outcome {
     let (client, handle) = mock_api::client();
     let kube = Kube::new(client);
-    let meta: ObjectMeta = serde_json::from_value(json!({
+    let meta: ObjectMeta = serde_json::from_value(meta).unwrap();
+    let selection =
+        Selection { max_age: MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(), ..Selection::default() };
+    let candidate = classify(meta, &selection, Fixed.now());
+    let verify = verifier(handle, scenario);
+    let metrics = ControllerMetrics::new();
+    let legacy = Legacy::new(&kube, "kmsgate", &Fixed, &metrics, Duration::from_secs(60));
+    let outcome = legacy.rotate(&candidate).await.unwrap();
+    verify.await.unwrap();
+    outcome
+}
+
+#[tokio::test]
+async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_annotates() {
+    let meta = json!({
         "name": "t", "namespace": "apps", "uid": "old", "resourceVersion": "10",
         "creationTimestamp": "2026-01-01T00:00:00Z",
         "labels": {"app": "ci", "kubernetes.io/legacy-token-last-used": "2026-11-20"},
@@ -139,11 +154,7 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
             "kubernetes.io/service-account.uid": "sa-1",
             "example.com/owner": "ci",
         },
-    }))
-    .unwrap();
-    let selection =
-        Selection { max_age: MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(), ..Selection::default() };
-    let candidate = classify(meta, &selection, Fixed.now());
+    });
     let record = json!({
         "namespace": "apps", "name": "t", "uid": "old", "serviceAccount": "builder",
         "labels": {"app": "ci"},
@@ -196,27 +207,16 @@ async fn a_legacy_rotation_records_deletes_by_uid_recreates_without_data_and_ann
             assert_eq!(*body, json!({"metadata": {"annotations": {"token.kmsgate.io/rotated-at": "2026-11-26T20:00:00Z"}}}));
         }),
     ];
-    let verify = verifier(handle, scenario);
-    let metrics = ControllerMetrics::new();
-    let legacy = Legacy::new(&kube, "kmsgate", &Fixed, &metrics, Duration::from_secs(60));
-    let outcome = legacy.rotate(&candidate).await.unwrap();
-    verify.await.unwrap();
-    assert_eq!(outcome, Outcome::Rotated);
+    assert_eq!(rotate_legacy(meta, scenario).await, Outcome::Rotated);
 }
 
 #[tokio::test]
 async fn a_listed_secret_is_put_back_into_the_service_account_with_its_resource_version() {
-    let (client, handle) = mock_api::client();
-    let kube = Kube::new(client);
-    let meta: ObjectMeta = serde_json::from_value(json!({
+    let meta = json!({
         "name": "t", "namespace": "apps", "uid": "old", "resourceVersion": "10",
         "creationTimestamp": "2026-01-01T00:00:00Z",
         "annotations": {"kubernetes.io/service-account.name": "builder", "kubernetes.io/service-account.uid": "sa-1"},
-    }))
-    .unwrap();
-    let selection =
-        Selection { max_age: MaxAge::new(Duration::from_secs(90 * 86_400)).unwrap(), ..Selection::default() };
-    let candidate = classify(meta, &selection, Fixed.now());
+    });
     let record = json!({
         "namespace": "apps", "name": "t", "uid": "old", "serviceAccount": "builder",
         "annotations": {"kubernetes.io/service-account.name": "builder"},
@@ -324,10 +324,5 @@ async fn a_listed_secret_is_put_back_into_the_service_account_with_its_resource_
             assert_eq!(body["status"]["pending"], json!([]), "done once the reference is back");
         }),
     ];
-    let verify = verifier(handle, scenario);
-    let metrics = ControllerMetrics::new();
-    let legacy = Legacy::new(&kube, "kmsgate", &Fixed, &metrics, Duration::from_secs(60));
-    let outcome = legacy.rotate(&candidate).await.unwrap();
-    verify.await.unwrap();
-    assert_eq!(outcome, Outcome::Rotated);
+    assert_eq!(rotate_legacy(meta, scenario).await, Outcome::Rotated);
 }

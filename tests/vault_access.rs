@@ -43,6 +43,17 @@ async fn queued(transit: &Transit, state: &str) {
     .await;
 }
 
+/// Twelve values sealed for the batching tests: `seed-<i>`, associated data `kid-<i>`.
+async fn seal_seeds(transit: &Transit) -> Vec<Vec<u8>> {
+    let mut sealed = Vec::new();
+    for i in 0..12 {
+        let seed = format!("seed-{i}");
+        sealed
+            .push(transit.encrypt(1, seed.as_bytes(), format!("kid-{i}").as_bytes(), soon()).await.unwrap());
+    }
+    sealed
+}
+
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(3)
 }
@@ -495,12 +506,7 @@ async fn waiting_decrypts_are_batched_and_each_gets_its_own_answer() {
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (transit, metrics, _m) = one_slot_transit(&bao, dir.path());
-    let mut sealed = Vec::new();
-    for i in 0..12 {
-        let seed = format!("seed-{i}");
-        sealed
-            .push(transit.encrypt(1, seed.as_bytes(), format!("kid-{i}").as_bytes(), soon()).await.unwrap());
-    }
+    let sealed = seal_seeds(&transit).await;
     // The first Decrypt takes the only slot and hangs on the frozen server; the rest queue up.
     bao.pause();
     let mut tasks = Vec::new();
@@ -540,12 +546,7 @@ async fn a_decrypt_backlog_waits_for_few_calls_in_flight_and_leaves_as_one_batch
     let metrics = VaultMetrics::default();
     let (transit, _maintenance) = transit(&settings, &metrics);
     let transit = std::sync::Arc::new(transit);
-    let mut sealed = Vec::new();
-    for i in 0..12 {
-        let seed = format!("seed-{i}");
-        sealed
-            .push(transit.encrypt(1, seed.as_bytes(), format!("kid-{i}").as_bytes(), soon()).await.unwrap());
-    }
+    let sealed = seal_seeds(&transit).await;
     // The first two Decrypts take the two decrypt slots and hang on the frozen server; the other
     // ten queue behind them although the client has free slots.
     bao.pause();

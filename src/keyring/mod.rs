@@ -123,17 +123,11 @@ impl Keyring {
     /// Creates a new keyring file (mode 0600) with one version; never replaces an existing file.
     /// Without an identity it gets `local-<8 random hex digits>`. Returns the identity.
     pub fn init(path: &Path, identity: Option<&str>, key: &str) -> Result<String, KeyringError> {
-        let identity = match identity {
-            Some(identity) => identity.to_owned(),
-            None => format!("local-{}", random_hex(4)?),
-        };
-        let identity = identity.as_str();
-        validate_name(path, "identity", identity)?;
-        validate_name(path, "key", key)?;
+        let identity = new_identity(path, identity, key)?;
         let file = FileV1 {
             format: FORMAT,
             warning: WARNING.to_owned(),
-            identity: identity.to_owned(),
+            identity,
             key: key.to_owned(),
             versions: vec![new_version(1)?],
         };
@@ -154,12 +148,7 @@ impl Keyring {
     pub fn rotate(path: &Path) -> Result<VersionInfo, KeyringError> {
         let lock = lock_file(path)?;
         let mut file = read_file(path)?;
-        let last = file.versions.iter().map(|v| v.version).max().unwrap_or(0);
-        // NB: refuse before writing: a wrapped version 0 makes a keyring the plugin cannot load.
-        let next = last.checked_add(1).ok_or_else(|| KeyringError::Invalid {
-            path: path.to_owned(),
-            problem: format!("version {last} is the last one a keyring can hold; it cannot be rotated"),
-        })?;
+        let next = next_version(path, file.versions.iter().map(|v| v.version))?;
         file.versions.push(new_version(next)?);
         replace_file(path, &file)?;
         drop(lock);
@@ -175,10 +164,7 @@ impl Keyring {
     /// Opens a keyring file, creating it first if `create` is set and it does not exist.
     pub fn open(path: &Path, create: bool) -> Result<Self, KeyringError> {
         if create && !path.exists() {
-            match Self::init(path, None, "kmsgate") {
-                Ok(_) | Err(KeyringError::Exists(_)) => {}
-                Err(e) => return Err(e),
-            }
+            create_missing(Self::init(path, None, "kmsgate"))?;
         }
         let file = read_file(path)?;
         Ok(Self {
@@ -427,6 +413,37 @@ fn new_version(version: u64) -> Result<FileVersion, KeyringError> {
     let mut material = Zeroizing::new([0u8; 32]);
     getrandom::fill(material.as_mut_slice()).map_err(|_| KeyringError::Random)?;
     Ok(FileVersion { version, created: unix_now(), material: B64.encode(material.as_slice()) })
+}
+
+/// The identity and key name a new keyring file of either kind gets: `identity`, or
+/// `local-<8 random hex digits>` without one; both checked.
+fn new_identity(path: &Path, identity: Option<&str>, key: &str) -> Result<String, KeyringError> {
+    let identity = match identity {
+        Some(identity) => identity.to_owned(),
+        None => format!("local-{}", random_hex(4)?),
+    };
+    validate_name(path, "identity", &identity)?;
+    validate_name(path, "key", key)?;
+    Ok(identity)
+}
+
+/// The version after the newest of `versions`. NB: refused before anything is written: a wrapped
+/// version 0 makes a keyring that cannot be loaded.
+fn next_version(path: &Path, versions: impl Iterator<Item = u64>) -> Result<u64, KeyringError> {
+    let last = versions.max().unwrap_or(0);
+    last.checked_add(1).ok_or_else(|| KeyringError::Invalid {
+        path: path.to_owned(),
+        problem: format!("version {last} is the last one a keyring can hold; it cannot be rotated"),
+    })
+}
+
+/// The outcome of creating a keyring on first use: one that exists already (made meanwhile by
+/// another process) is as good as one made here.
+fn create_missing(init: Result<String, KeyringError>) -> Result<(), KeyringError> {
+    match init {
+        Ok(_) | Err(KeyringError::Exists(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn random_hex(bytes: usize) -> Result<String, KeyringError> {

@@ -34,7 +34,8 @@ use tokio::time::Instant;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::{
-    KeyringError, VersionInfo, lock_file, random_hex, read_json, replace_file, unix_now, validate_name,
+    KeyringError, VersionInfo, create_missing, lock_file, new_identity, next_version, random_hex, read_json,
+    replace_file, unix_now, validate_name,
 };
 use crate::{
     backend::{BackendError, KeyMetadata, PublicKey, SigningBackend, SigningKeyMetadata},
@@ -151,12 +152,7 @@ impl SigningKeyring {
     /// one version; never replaces an existing file. Without an identity it gets
     /// `local-<8 random hex digits>`. Returns the identity.
     pub fn init(path: &Path, identity: Option<&str>, key: &str) -> Result<String, KeyringError> {
-        let identity = match identity {
-            Some(identity) => identity.to_owned(),
-            None => format!("local-{}", random_hex(4)?),
-        };
-        validate_name(path, "identity", &identity)?;
-        validate_name(path, "key", key)?;
+        let identity = new_identity(path, identity, key)?;
         let file = SigningFileV1 {
             format: FORMAT,
             warning: WARNING.to_owned(),
@@ -194,10 +190,7 @@ impl SigningKeyring {
     /// and it does not exist.
     pub fn open(path: &Path, create: bool) -> Result<Self, KeyringError> {
         if create && !path.exists() {
-            match Self::init(path, None, DEFAULT_KEY) {
-                Ok(_) | Err(KeyringError::Exists(_)) => {}
-                Err(e) => return Err(e),
-            }
+            create_missing(Self::init(path, None, DEFAULT_KEY))?;
         }
         tracing::warn!(path = %path.display(), "{WARNING}");
         let (file, stamp) = read_signing_file(path)?;
@@ -214,11 +207,7 @@ impl SigningKeyring {
     pub fn rotate(path: &Path) -> Result<VersionInfo, KeyringError> {
         let lock = lock_file(path)?;
         let (mut file, _) = read_signing_file(path)?;
-        let last = file.versions.iter().map(|v| v.version).max().unwrap_or(0);
-        let next = last.checked_add(1).ok_or_else(|| KeyringError::Invalid {
-            path: path.to_owned(),
-            problem: format!("version {last} is the last one a keyring can hold; it cannot be rotated"),
-        })?;
+        let next = next_version(path, file.versions.iter().map(|v| v.version))?;
         let version = new_version(next)?;
         let created = version.created;
         file.versions.push(version);

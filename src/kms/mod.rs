@@ -19,9 +19,10 @@ use tokio::time::Instant;
 use crate::{
     backend::{Backend, BackendError, KeyMetadata},
     config::{Config, PluginConfig},
-    http::{self, HttpView},
+    http::HttpView,
     metrics::{Metrics, code_name},
     proto::v2::key_management_service_server::KeyManagementServiceServer,
+    serving,
 };
 use health::{Health, ProbeRecord};
 use state::{KeyTracker, Promoted};
@@ -30,14 +31,10 @@ use state::{KeyTracker, Promoted};
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Per-stream receive window: a KMS request is at most a few KiB.
 const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
-/// Per-connection receive window: what all streams of one connection may have buffered at once.
-const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// Largest request message: the API server's own limits (1 KiB ciphertext and key_id, 32 KiB of
 /// annotations) fit twice over; tonic's default of 4 MiB per stream, times the stream limit,
 /// would let one connection pin gigabytes.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Largest header list of one request.
-const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The plugin could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -333,13 +330,11 @@ pub async fn serve<B: Backend>(
     let audit = audit_log::AuditLog::open(&config.plugin.audit_log)?;
     let shared = Arc::new(Shared::new(backend, config.plugin.clone(), audit, metrics));
     let http_task = match config.http_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
+        Some(addr) => Some(
+            serving::http_endpoint(addr, shared.clone())
                 .await
-                .map_err(|source| PluginError::HttpBind { addr, source })?;
-            tracing::info!(%addr, "serving /metrics /livez /readyz /status");
-            Some(tokio::spawn(http::serve(listener, shared.clone() as Arc<dyn HttpView>)))
-        }
+                .map_err(|source| PluginError::HttpBind { addr, source })?,
+        ),
         None => None,
     };
     let (listener, guard) = socket::bind(&config.plugin.socket)?;
@@ -349,14 +344,9 @@ pub async fn serve<B: Backend>(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let spoken = Arc::new(tokio::sync::watch::Sender::new(0usize));
     let mut speaking = spoken.subscribe();
-    let server = tonic::transport::Server::builder()
-        // NB: the API server multiplexes every call, thousands of Decrypts at start among them,
-        // over one connection, so the stream limit must be generous; the windows and the header
-        // list bound what each connection may make us buffer (about 1 GiB unbounded before).
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+    // NB: the API server multiplexes every call, thousands of Decrypts at start among them, over
+    // one connection, so the stream limit must be generous.
+    let server = serving::grpc_server(MAX_CONCURRENT_STREAMS, STREAM_WINDOW_BYTES)
         .add_service(
             KeyManagementServiceServer::new(service::KmsService::new(shared.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),

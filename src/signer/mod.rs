@@ -21,9 +21,10 @@ use crate::{
     backend::{BackendError, PublicKey, SigningBackend},
     clock::Clock,
     config::SignerConfig,
-    http::{self, HttpView},
+    http::HttpView,
     metrics::Metrics,
     serving::{
+        self,
         audit_log::{self, AuditLog},
         pause_before_poll, socket,
         tracker::{KeyTracker, Observation},
@@ -422,10 +423,6 @@ pub const MAX_REQUEST_BYTES: usize = 4 * crate::jwt::CLAIMS_MAX_BYTES;
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Per-stream receive window: one request.
 const STREAM_WINDOW_BYTES: u32 = 128 * 1024;
-/// Per-connection receive window.
-const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
-/// Largest header list of one request.
-const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// How long SIGTERM waits for Sign calls in flight.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -441,11 +438,7 @@ pub async fn serve_on<B: SigningBackend>(
     let spoken = Arc::new(tokio::sync::watch::Sender::new(0usize));
     let service = service::SignerService::new(shared.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+    let server = serving::grpc_server(MAX_CONCURRENT_STREAMS, STREAM_WINDOW_BYTES)
         .add_service(
             v1::external_jwt_signer_server::ExternalJwtSignerServer::new(service.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -512,13 +505,11 @@ pub async fn serve<B: SigningBackend>(
     // with fresh keys; if it is down, the persisted set (if any) answers instead.
     shared.poll().await;
     let http_task = match config.http_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
+        Some(addr) => Some(
+            serving::http_endpoint(addr, shared.clone())
                 .await
-                .map_err(|source| SignerError::HttpBind { addr, source })?;
-            tracing::info!(%addr, "serving /metrics /livez /readyz /status");
-            Some(tokio::spawn(http::serve(listener, shared.clone() as Arc<dyn HttpView>)))
-        }
+                .map_err(|source| SignerError::HttpBind { addr, source })?,
+        ),
         None => None,
     };
     let (listener, guard) = socket::bind(&config.socket)?;

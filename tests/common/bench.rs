@@ -1,6 +1,7 @@
 //! What every benchmark measures with, written once: the latency loop, a process's CPU from
 //! `/proc/<pid>/stat`, the machine line (cores, CPU model, load average), the bench's own child
-//! processes, and callgrind's instruction-counting switch (`KMSGATE_BENCH_CALLGRIND`).
+//! processes (started by the bench, and the child modes' side: their logging and their command
+//! lines), and callgrind's instruction-counting switch (`KMSGATE_BENCH_CALLGRIND`).
 
 use std::{
     future::Future,
@@ -223,6 +224,32 @@ impl Drop for ChildProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The bench's own arguments: its child mode or the sections to run (cargo's `--bench` is none).
+pub fn args() -> Vec<String> {
+    std::env::args().skip(1).filter(|a| a != "--bench").collect()
+}
+
+/// Runs a child mode to its end on `runtime`, logging as the servers do at their default level.
+/// NB: with no subscriber at all, h2's and hyper's disabled log sites cost more per call than the
+/// servers' filter does, which would flatter the floor.
+pub fn child_mode(runtime: &tokio::runtime::Runtime, mode: impl Future<Output = ()>) {
+    kmsgate::telemetry::init("info", false);
+    runtime.block_on(mode)
+}
+
+/// A child mode's next command line from the parent (read on a blocking thread), split into
+/// words; `None` once the parent closes stdin.
+pub async fn next_command() -> Option<Vec<String>> {
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .expect("the stdin reader panicked")
+    .unwrap_or_default();
+    (!line.is_empty()).then(|| line.split_whitespace().map(str::to_owned).collect())
 }
 
 /// Milliseconds, for tables.

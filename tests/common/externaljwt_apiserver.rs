@@ -516,43 +516,9 @@ impl ExternalJwtApiServer {
     /// (`hasCorrectIssuer`), its kid picks the cached keys (a sync if unknown; all keys for none),
     /// and one of them must verify the signature. Returns the claims.
     pub async fn verify(&self, token: &str) -> Result<serde_json::Value, String> {
-        if token.trim_start().starts_with('{') {
-            return Err("not a compact JWT".to_owned());
-        }
-        let parts: Vec<&str> = token.split('.').collect();
-        let [header, payload, signature] = parts.as_slice() else {
-            return Err("not a JWT of three parts".to_owned());
-        };
-        let claims: serde_json::Value = URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|p| serde_json::from_slice(&p).ok())
-            .ok_or("the payload is not base64url JSON")?;
-        if claims.get("iss").and_then(|i| i.as_str()) != Some(self.issuer.as_str()) {
-            return Err("the token's issuer is not this API server's".to_owned());
-        }
-        let header: serde_json::Value = URL_SAFE_NO_PAD
-            .decode(header)
-            .ok()
-            .and_then(|h| serde_json::from_slice(&h).ok())
-            .ok_or("the header is not base64url JSON")?;
-        let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or_default();
-        let kid = header.get("kid").and_then(|k| k.as_str()).unwrap_or_default();
-        let signature =
-            URL_SAFE_NO_PAD.decode(signature).map_err(|e| format!("bad signature encoding: {e}"))?;
-        let keys = self.cache.public_keys(kid).await;
-        if keys.is_empty() {
-            return Err("invalid signature, no keys found".to_owned());
-        }
-        let signed = format!("{}.{payload}", parts[0]);
-        let mut errors = Vec::new();
-        for key in &keys {
-            match verify_with(key, alg, signed.as_bytes(), &signature) {
-                Ok(()) => return Ok(claims),
-                Err(e) => errors.push(e),
-            }
-        }
-        Err(errors.join(", "))
+        let token = SignedToken::read(token, &self.issuer)?;
+        let keys = self.cache.public_keys(token.kid()).await;
+        token.verify(&keys)
     }
 
     /// Whether the cache holds `kid` with `exclude_from_oidc_discovery` on any copy, which makes
@@ -640,6 +606,77 @@ fn go_header(json: &[u8]) -> Result<GoHeader, String> {
         }
     }
     Ok(header)
+}
+
+/// A compact JWT read as jwt.go `jwtTokenAuthenticator.AuthenticateToken` reads it before it asks
+/// for keys: a token in JSON serialization or of other than three parts is not one, and a token
+/// whose `iss` is another issuer's is not this authenticator's (`hasCorrectIssuer`).
+pub(crate) struct SignedToken {
+    claims: serde_json::Value,
+    alg: String,
+    kid: String,
+    /// The signing input: `<header>.<payload>` as the token carries them.
+    signed: String,
+    signature: Vec<u8>,
+}
+
+impl SignedToken {
+    /// Splits `token` and checks that `issuer` issued it.
+    pub(crate) fn read(token: &str, issuer: &str) -> Result<Self, String> {
+        if token.trim_start().starts_with('{') {
+            return Err("not a compact JWT".to_owned());
+        }
+        let parts: Vec<&str> = token.split('.').collect();
+        let [header, payload, signature] = parts.as_slice() else {
+            return Err("not a JWT of three parts".to_owned());
+        };
+        let json = |part: &str, what: &str| {
+            let decoded = URL_SAFE_NO_PAD.decode(part).ok();
+            decoded
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .ok_or(format!("the {what} is not base64url JSON"))
+        };
+        let claims = json(payload, "payload")?;
+        if claims.get("iss").and_then(|i| i.as_str()) != Some(issuer) {
+            return Err("the token's issuer is not this API server's".to_owned());
+        }
+        let head = json(header, "header")?;
+        let field = |name: &str| head.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let signature =
+            URL_SAFE_NO_PAD.decode(signature).map_err(|e| format!("bad signature encoding: {e}"))?;
+        Ok(Self {
+            claims,
+            alg: field("alg"),
+            kid: field("kid"),
+            signed: format!("{header}.{payload}"),
+            signature,
+        })
+    }
+
+    /// The header's kid (empty when it names none).
+    pub(crate) fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The claims, once one of `keys` (those the authenticator's key getter gave for the kid)
+    /// verifies the signature; with none, "invalid signature, no keys found".
+    pub(crate) fn verify<'a>(
+        self,
+        keys: impl IntoIterator<Item = &'a CachedKey>,
+    ) -> Result<serde_json::Value, String> {
+        let mut keys = keys.into_iter().peekable();
+        if keys.peek().is_none() {
+            return Err("invalid signature, no keys found".to_owned());
+        }
+        let mut errors = Vec::new();
+        for key in keys {
+            match verify_with(key, &self.alg, self.signed.as_bytes(), &self.signature) {
+                Ok(()) => return Ok(self.claims),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(errors.join(", "))
+    }
 }
 
 /// Verifies one signature with one cached key; the header's alg must be the key's one algorithm

@@ -24,7 +24,7 @@ use std::path::Path;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use kmsgate::jwt::{PublicKey, keyfile};
 
-use crate::externaljwt_apiserver::{CachedKey, cached_key, verify_with};
+use crate::externaljwt_apiserver::{CachedKey, SignedToken, cached_key};
 
 /// One kube-apiserver with `--service-account-signing-key-file` and `--service-account-key-file`.
 pub struct KeyFileApiServer {
@@ -105,44 +105,10 @@ impl KeyFileApiServer {
     /// none); none is "invalid signature, no keys found"; one must verify the signature.
     /// Returns the claims.
     pub fn verify(&self, token: &str) -> Result<serde_json::Value, String> {
-        if token.trim_start().starts_with('{') {
-            return Err("not a compact JWT".to_owned());
-        }
-        let parts: Vec<&str> = token.split('.').collect();
-        let [header, payload, signature] = parts.as_slice() else {
-            return Err("not a JWT of three parts".to_owned());
-        };
-        let claims: serde_json::Value = URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|p| serde_json::from_slice(&p).ok())
-            .ok_or("the payload is not base64url JSON")?;
-        if claims.get("iss").and_then(|i| i.as_str()) != Some(self.issuer.as_str()) {
-            return Err("the token's issuer is not this API server's".to_owned());
-        }
-        let head: serde_json::Value = URL_SAFE_NO_PAD
-            .decode(header)
-            .ok()
-            .and_then(|h| serde_json::from_slice(&h).ok())
-            .ok_or("the header is not base64url JSON")?;
-        let alg = head.get("alg").and_then(|a| a.as_str()).unwrap_or_default();
-        let kid = head.get("kid").and_then(|k| k.as_str()).unwrap_or_default();
-        let signature =
-            URL_SAFE_NO_PAD.decode(signature).map_err(|e| format!("bad signature encoding: {e}"))?;
+        let token = SignedToken::read(token, &self.issuer)?;
         // StaticPublicKeysGetter.GetPublicKeys.
-        let keys: Vec<&CachedKey> = self.keys.iter().filter(|k| kid.is_empty() || k.kid == kid).collect();
-        if keys.is_empty() {
-            return Err("invalid signature, no keys found".to_owned());
-        }
-        let signed = format!("{header}.{payload}");
-        let mut errors = Vec::new();
-        for key in keys {
-            match verify_with(key, alg, signed.as_bytes(), &signature) {
-                Ok(()) => return Ok(claims),
-                Err(e) => errors.push(e),
-            }
-        }
-        Err(errors.join(", "))
+        let kid = token.kid().to_owned();
+        token.verify(self.keys.iter().filter(|k| kid.is_empty() || k.kid == kid))
     }
 }
 
