@@ -12,13 +12,17 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::{
-    backoff::Backoff,
     config::ControllerConfig,
     k8s::Kube,
     metrics::ControllerMetrics,
-    rotation::{Context, KeyAdmin, Step},
+    policy_loop::{self, Progress},
+    rotation::{Context, KeyAdmin},
     signing_rotation::{self, Fleet, SigningKeyAdmin},
 };
+
+/// Steps a policy until the run that handles a request has finished (Idle or Failed), calling
+/// `report` with the status after every step. For `kmsgate rotate` when no controller is running.
+pub use crate::policy_loop::drive;
 
 /// Keeps trying to take and renew a Lease; publishes whether this process holds it.
 pub struct Leadership {
@@ -184,7 +188,7 @@ pub async fn run_with_signing<K: KeyAdmin + 'static, S: Future<Output = ()>>(
     signing: impl FnOnce(watch::Receiver<bool>) -> S,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut leadership = Leadership::start(ctx.kube.clone(), config, holder.clone(), ctx.metrics.clone());
+    let leadership = Leadership::start(ctx.kube.clone(), config, holder.clone(), ctx.metrics.clone());
     let signing_work = signing(leadership.subscribe());
     let tokens = crate::tokens::reconcile::TokenLoop {
         kube: ctx.kube.clone(),
@@ -195,45 +199,17 @@ pub async fn run_with_signing<K: KeyAdmin + 'static, S: Future<Output = ()>>(
     };
     let token_work = tokens.run(leadership.subscribe());
     let policy = config.policy.clone();
-    let work = async {
-        let mut errors = 0u32;
-        loop {
-            view.set(json!({"leader": false, "holder": holder, "policy": policy}));
-            leadership.acquired().await;
-            tracing::info!(policy, "leading: following the rotation policy");
-            loop {
-                let outcome = tokio::select! {
-                    outcome = ctx.step(&policy) => outcome,
-                    () = leadership.lost() => break,
-                };
-                let wait = match outcome {
-                    Ok(Step::Again) => {
-                        errors = 0;
-                        continue;
-                    }
-                    Ok(Step::Wait(wait) | Step::Rest(wait)) => {
-                        errors = 0;
-                        view.set(
-                            json!({"leader": true, "holder": holder, "policy": policy, "last_step": "ok"}),
-                        );
-                        wait
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        let message = crate::error::chain(&e);
-                        tracing::warn!(policy, error = %message, "rotation step failed; retrying");
-                        view.set(json!({"leader": true, "holder": holder, "policy": policy, "last_error": message}));
-                        Backoff::CALLS.delay(errors).min(ctx.poll)
-                    }
-                };
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = leadership.lost() => break,
-                }
+    let work = policy_loop::follow(&*ctx, &policy, leadership.subscribe(), |progress| {
+        view.set(match progress {
+            Progress::Waiting => json!({"leader": false, "holder": holder, "policy": policy}),
+            Progress::Stepped => {
+                json!({"leader": true, "holder": holder, "policy": policy, "last_step": "ok"})
             }
-            tracing::warn!(policy, "lost the leader lease; stopped acting");
-        }
-    };
+            Progress::Failed(message) => {
+                json!({"leader": true, "holder": holder, "policy": policy, "last_error": message})
+            }
+        })
+    });
     tokio::select! {
         () = work => {}
         () = token_work => {}
@@ -253,119 +229,13 @@ pub async fn follow_signing<K: SigningKeyAdmin, F: Fleet>(
     policy: &str,
     leader: watch::Receiver<bool>,
 ) {
-    let lost = || {
-        let mut leader = leader.clone();
-        async move {
-            let _ = leader.wait_for(|held| !*held).await;
-        }
-    };
-    let mut errors = 0u32;
-    loop {
-        if leader.clone().wait_for(|held| *held).await.is_err() {
-            return;
-        }
-        tracing::info!(policy, "leading: following the signing-key policy");
-        loop {
-            let outcome = tokio::select! {
-                outcome = ctx.step(policy) => outcome,
-                () = lost() => break,
-            };
-            let wait = match outcome {
-                Ok(signing_rotation::Step::Again) => {
-                    errors = 0;
-                    continue;
-                }
-                Ok(signing_rotation::Step::Wait(wait) | signing_rotation::Step::Rest(wait)) => {
-                    errors = 0;
-                    wait
-                }
-                Err(e) => {
-                    errors += 1;
-                    tracing::warn!(policy, error = %crate::error::chain(&e), "signing-key step failed; retrying");
-                    Backoff::CALLS.delay(errors).min(ctx.poll)
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = lost() => break,
-            }
-        }
-        tracing::warn!(policy, "lost the leader lease; the signing-key loop stopped acting");
-        if leader.has_changed().is_err() {
-            return;
-        }
-    }
-}
-
-/// Steps until the run that handles `request` has finished (Idle or Failed), calling `report`
-/// with the status after every step. For `kmsgate rotate` when no controller is running.
-pub async fn drive<K: KeyAdmin>(
-    ctx: &Context<K>,
-    policy: &str,
-    request: &str,
-    mut report: impl FnMut(&crate::crd::rotation::RotationStatus),
-) -> Result<crate::crd::rotation::RotationStatus, crate::rotation::RotationError> {
-    use crate::crd::rotation::Phase;
-    let mut errors = 0u32;
-    loop {
-        let outcome = ctx.step(policy).await;
-        let status = ctx.kube.policy(policy).await?.status.unwrap_or_default();
-        report(&status);
-        let done = status.handled_request == request && matches!(status.phase, Phase::Idle | Phase::Failed);
-        if done {
-            return Ok(status);
-        }
-        match outcome {
-            Ok(Step::Again) => errors = 0,
-            Ok(Step::Wait(wait) | Step::Rest(wait)) => {
-                errors = 0;
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) if errors < 5 => {
-                errors += 1;
-                tracing::warn!(error = %crate::error::chain(&e), "step failed; retrying");
-                tokio::time::sleep(Backoff::CALLS.delay(errors)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    policy_loop::follow(ctx, policy, leader, |_| {}).await;
 }
 
 /// Steps SigningKeyPolicy `policy` until the run that handles `request` has finished (Idle or
 /// Failed), calling `report` with the status after every step. For `kmsgate signer rotate` when
 /// no controller is running.
-pub async fn drive_signing<K: SigningKeyAdmin, F: Fleet>(
-    ctx: &signing_rotation::Context<K, F>,
-    policy: &str,
-    request: &str,
-    mut report: impl FnMut(&crate::crd::signing::SigningStatus),
-) -> Result<crate::crd::signing::SigningStatus, signing_rotation::SigningRotationError> {
-    use crate::crd::signing::SigningPhase;
-    let mut errors = 0u32;
-    loop {
-        let outcome = ctx.step(policy).await;
-        let status = ctx.kube.signing_policy(policy).await?.status.unwrap_or_default();
-        report(&status);
-        if status.handled_request == request
-            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
-        {
-            return Ok(status);
-        }
-        match outcome {
-            Ok(signing_rotation::Step::Again) => errors = 0,
-            Ok(signing_rotation::Step::Wait(wait) | signing_rotation::Step::Rest(wait)) => {
-                errors = 0;
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) if errors < 5 => {
-                errors += 1;
-                tracing::warn!(error = %crate::error::chain(&e), "step failed; retrying");
-                tokio::time::sleep(Backoff::CALLS.delay(errors)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
+pub use crate::policy_loop::drive as drive_signing;
 
 /// The longest a stopping controller waits to give up its Lease.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -25,6 +25,7 @@ pub mod keyring;
 pub mod kms;
 pub mod metrics;
 pub mod plugin_status;
+pub mod policy_loop;
 pub mod proto;
 pub mod rotation;
 pub mod selftest;

@@ -419,6 +419,31 @@ impl SigningMetrics {
         );
     }
 
+    /// The series every policy loop keeps, this loop's.
+    pub fn series(&self) -> LoopSeries<'_> {
+        LoopSeries {
+            phase: &self.phase,
+            phase_duration: &self.phase_duration,
+            last_success: &self.last_success,
+            next_run: &self.next_run,
+        }
+    }
+}
+
+/// The series every policy loop keeps, whichever loop's they are.
+#[derive(Clone, Copy)]
+pub struct LoopSeries<'a> {
+    /// 1 for the current phase, 0 for the others.
+    pub phase: &'a Family<PhaseLabels, Gauge>,
+    /// Time spent in each finished phase.
+    pub phase_duration: &'a Family<PhaseLabels, Histogram>,
+    /// Unix time of the last successful run.
+    pub last_success: &'a Gauge<f64, AtomicU64>,
+    /// Unix time the schedule next starts a run (0: none scheduled).
+    pub next_run: &'a Gauge<f64, AtomicU64>,
+}
+
+impl LoopSeries<'_> {
     /// Marks `current` as the phase, and every other of `phases` as not.
     pub fn set_phase(&self, phases: impl IntoIterator<Item = &'static str>, current: &'static str) {
         for name in phases {
@@ -544,10 +569,18 @@ impl ControllerMetrics {
         self.tokens_failed.get_or_create(&FlowLabels { flow }).inc()
     }
 
-    /// Marks `current` as the phase, and every other of `phases` as not.
+    /// Marks `current` as the rotation phase, and every other of `phases` as not.
     pub fn set_phase(&self, phases: impl IntoIterator<Item = &'static str>, current: &'static str) {
-        for name in phases {
-            self.phase.get_or_create(&PhaseLabels { phase: name }).set(i64::from(name == current));
+        self.rotation().set_phase(phases, current);
+    }
+
+    /// The series every policy loop keeps, the data-key rotation's.
+    pub fn rotation(&self) -> LoopSeries<'_> {
+        LoopSeries {
+            phase: &self.phase,
+            phase_duration: &self.phase_duration,
+            last_success: &self.last_success,
+            next_run: &self.next_run,
         }
     }
 

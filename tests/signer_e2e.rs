@@ -9,7 +9,6 @@ use kmsgate_testkit as common;
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -18,7 +17,7 @@ use base64::{
     engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD},
 };
 use common::{
-    Bao, eventually,
+    Bao, SignerProcess, eventually,
     externaljwt_apiserver::{Curve, ExternalJwtApiServer, KeyKind, Package},
     fake_signing::signer_channel,
 };
@@ -30,67 +29,11 @@ const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const LOCAL_LEAD_SECONDS: u64 = 6;
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Kills the child when the test ends, passing or not.
-struct Signer {
-    child: std::process::Child,
-    socket: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Signer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Signer {
-    /// Starts `kmsgate signer` with its files in `dir`, waiting for its socket.
-    async fn start(dir: &Path, settings: &[(String, String)]) -> Self {
-        let path = |name: &str| dir.join(name).display().to_string();
-        let socket = dir.join("signer.sock");
-        let mut command = common::kmsgate_command();
-        command.args(["signer", "--socket", &path("signer.sock")]);
-        let mut all = vec![
-            ("signer.state_file".to_owned(), path("keys.json")),
-            ("signer.audit_log".to_owned(), path("audit.log")),
-            ("signer.http_listen".to_owned(), "off".to_owned()),
-            ("signer.refresh_hint_seconds".to_owned(), "1".to_owned()),
-        ];
-        all.extend(settings.iter().cloned());
-        for (key, value) in all {
-            command.args(["--set", &format!("{key}={value}")]);
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("signer.log")).unwrap();
-        let child = command.stdout(Stdio::null()).stderr(Stdio::from(log)).spawn().unwrap();
-        let mut signer = Self { child, socket: socket.clone(), dir: dir.to_owned() };
-        eventually(WAIT, &format!("the signer socket {}", socket.display()), async || {
-            match signer.child.try_wait() {
-                _ if socket.exists() => Ok(()),
-                Ok(Some(status)) => panic!("the signer exited with {status}:\n{}", signer.log()),
-                _ => Err(signer.log()),
-            }
-        })
-        .await;
-        signer
-    }
-
-    /// SIGTERM, then waits for the socket to go.
-    async fn stop(mut self) {
-        common::signal(self.child.id(), "-TERM");
-        let socket = self.socket.clone();
-        eventually(WAIT, "the socket removed", async || !socket.exists()).await;
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("signer.log")).unwrap_or_default()
-    }
-
-    /// A raw v1 client, to read FetchKeys as the signer answers it now.
-    async fn v1(&self) -> v1::external_jwt_signer_client::ExternalJwtSignerClient<tonic::transport::Channel> {
-        v1::external_jwt_signer_client::ExternalJwtSignerClient::new(signer_channel(&self.socket).await)
-    }
+/// A raw v1 client of `signer`, to read FetchKeys as it answers now.
+async fn v1(
+    signer: &SignerProcess,
+) -> v1::external_jwt_signer_client::ExternalJwtSignerClient<tonic::transport::Channel> {
+    v1::external_jwt_signer_client::ExternalJwtSignerClient::new(signer_channel(&signer.socket).await)
 }
 
 fn unix_now() -> u64 {
@@ -164,7 +107,7 @@ fn local_settings(keyring: &Path, extra: &[(&str, String)]) -> Vec<(String, Stri
 async fn local_keyring_signs_for_both_packages_and_rotates_publishing_first() {
     let dir = tempfile::tempdir().unwrap();
     let keyring = dir.path().join("keyring.json");
-    let signer = Signer::start(dir.path(), &local_settings(&keyring, &[])).await;
+    let signer = SignerProcess::start(dir.path(), &local_settings(&keyring, &[])).await;
     let v1 = ExternalJwtApiServer::start(&signer.socket, Package::V1, ISSUER).await.unwrap();
     let alpha = ExternalJwtApiServer::start(&signer.socket, Package::V1alpha1, ISSUER).await.unwrap();
     assert_eq!(v1.max_token_expiration_seconds(), 24 * 3600);
@@ -235,7 +178,8 @@ async fn verify_only_keys_verify_and_excluded_ones_stay_out_of_discovery() {
     let keyring = dir.path().join("keyring.json");
     let verify_keys = format!("{},excluded:{}", sa_key.display(), excluded.display());
     let signer =
-        Signer::start(dir.path(), &local_settings(&keyring, &[("signer.verify_keys", verify_keys)])).await;
+        SignerProcess::start(dir.path(), &local_settings(&keyring, &[("signer.verify_keys", verify_keys)]))
+            .await;
     let api = ExternalJwtApiServer::start(&signer.socket, Package::V1, ISSUER).await.unwrap();
 
     let sa_pem = std::fs::read_to_string(&sa_key).unwrap();
@@ -337,7 +281,7 @@ struct OnBao {
     key_type: KeyType,
     settings: Vec<(String, String)>,
     dir: tempfile::TempDir,
-    signer: Signer,
+    signer: SignerProcess,
     api: ExternalJwtApiServer,
     token: String,
 }
@@ -360,7 +304,7 @@ async fn sign_on_bao(bao: &Bao, key_type: KeyType, package: Package) -> OnBao {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let signer = Signer::start(dir.path(), &settings).await;
+    let signer = SignerProcess::start(dir.path(), &settings).await;
     let api = ExternalJwtApiServer::start(&signer.socket, package, ISSUER)
         .await
         .unwrap_or_else(|e| panic!("{key_type}: the stand-in starts: {e}\n{}", signer.log()));
@@ -385,7 +329,7 @@ async fn outage(one: OnBao, paused: (u64, u64)) -> Restarted {
         other => Err(format!("{other:?}")),
     };
     eventually(WAIT, &format!("{key_type}: Sign fails fast"), failing_fast).await;
-    let mut raw = one.signer.v1().await;
+    let mut raw = v1(&one.signer).await;
     let during = raw.fetch_keys(v1::FetchKeysRequest {}).await.unwrap().into_inner();
     let stamp = during.data_timestamp.unwrap();
     // NB: a read whose answer OpenBao sent just before the freeze may land a moment after it.
@@ -406,7 +350,7 @@ async fn outage(one: OnBao, paused: (u64, u64)) -> Restarted {
     one.signer.stop().await;
     let state = std::fs::metadata(one.dir.path().join("keys.json")).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&state.permissions()) & 0o777, 0o600, "{key_type}");
-    let signer = Signer::start(one.dir.path(), &one.settings).await;
+    let signer = SignerProcess::start(one.dir.path(), &one.settings).await;
     let api = ExternalJwtApiServer::start(&signer.socket, Package::V1, ISSUER)
         .await
         .unwrap_or_else(|e| panic!("{key_type}: the stand-in starts on the persisted set: {e}"));
@@ -425,7 +369,7 @@ async fn outage(one: OnBao, paused: (u64, u64)) -> Restarted {
 /// A signer restarted during the outage, and what it signed with before.
 struct Restarted {
     key_type: KeyType,
-    signer: Signer,
+    signer: SignerProcess,
     api: ExternalJwtApiServer,
     kid: String,
     _dir: tempfile::TempDir,

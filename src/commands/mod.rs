@@ -1,5 +1,6 @@
 //! The commands behind the command line; main.rs parses and dispatches to these.
 
+mod request;
 pub mod rotation;
 pub mod signer_keys;
 pub mod signing;

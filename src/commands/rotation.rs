@@ -5,11 +5,8 @@ use std::{io::Write, sync::Arc};
 use crate::{
     clock::{Clock, SystemClock},
     config::{BackendConfig, Config, EtcdConfig},
-    controller::{self, Leadership, View},
-    crd::rotation::{
-        self as policy, MigrateSettings, Phase, REQUEST_ANNOTATION, ResourceProgress, ResourceRef,
-        RotationStatus,
-    },
+    controller::{self, View},
+    crd::rotation::{self as policy, MigrateSettings, Phase, ResourceProgress, ResourceRef, RotationStatus},
     etcd::Scanner,
     k8s::Kube,
     metrics::ControllerMetrics,
@@ -17,7 +14,7 @@ use crate::{
     storage::{Current, Judge, Standing},
 };
 
-use super::CommandError;
+use super::{CommandError, request::Request};
 
 pub(super) fn vault(config: &Config) -> Result<&crate::config::VaultConfig, CommandError> {
     match &config.backend {
@@ -136,65 +133,8 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
         );
         return Ok(());
     }
-    let request = format!(
-        "{}-{}",
-        crate::clock::rfc3339(SystemClock.now()),
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let lease = (&config.controller.lease_namespace, &config.controller.lease_name);
-    if let Some(holder) = kube.lease_holder(lease.0, lease.1).await? {
-        kube.annotate_policy(&name, REQUEST_ANNOTATION, &request).await?;
-        eprintln!("asked the running controller ({holder}) to rotate; request {request}");
-        if !wait {
-            return Ok(());
-        }
-        return watch(&kube, &name, &request).await;
-    }
-    eprintln!("no controller holds the lease; running the rotation here until it finishes");
-    let metrics = Arc::new(ControllerMetrics::new());
-    let ctx = context(&config, metrics.clone()).await?;
-    let mut leadership = Leadership::start(ctx.kube.clone(), &config.controller, holder("rotate"), metrics);
-    tokio::time::timeout(config.controller.lease_duration, leadership.acquired()).await.map_err(|_| {
-        CommandError::CannotRun("could not take the controller lease; is a controller starting?".into())
-    })?;
-    kube.annotate_policy(&name, REQUEST_ANNOTATION, &request).await?;
-    let mut last = String::new();
-    let report = |s: &RotationStatus| {
-        let line = describe(s);
-        if line != last {
-            eprintln!("{line}");
-            last = line;
-        }
-    };
-    let finished = tokio::select! {
-        finished = controller::drive(&ctx, &name, &request, report) => finished?,
-        () = leadership.lost() => return Err(CommandError::Refused("lost the controller lease; the run resumes wherever a controller runs".into())),
-    };
-    finish(&finished)
-}
-
-async fn watch(kube: &Kube, name: &str, request: &str) -> Result<(), CommandError> {
-    let mut last = String::new();
-    loop {
-        let status = kube.policy(name).await?.status.unwrap_or_default();
-        let line = describe(&status);
-        if line != last {
-            eprintln!("{line}");
-            last = line;
-        }
-        if status.handled_request == request && matches!(status.phase, Phase::Idle | Phase::Failed) {
-            return finish(&status);
-        }
-        tokio::time::sleep(controller::WATCH_INTERVAL).await;
-    }
-}
-
-fn finish(status: &RotationStatus) -> Result<(), CommandError> {
-    println!("{}: {}", status.result, status.message);
-    match status.phase {
-        Phase::Failed => Err(CommandError::Refused(format!("rotation stopped: {}", status.message))),
-        _ => Ok(()),
-    }
+    let request = Request { config: &config.controller, kube: &kube, name: &name, describe };
+    request.send(wait, None, holder("rotate"), async |metrics| context(&config, metrics).await).await
 }
 
 /// `kmsgate reencrypt` settings.

@@ -3,10 +3,8 @@
 use std::sync::Arc;
 
 use crate::{
-    clock::{Clock, SystemClock},
     config::Config,
-    controller::{self, Leadership},
-    crd::signing::{self, REQUEST_ANNOTATION, SignerSource, SigningPhase, SigningStatus},
+    crd::signing::{self, SignerSource, SigningPhase, SigningStatus},
     k8s::Kube,
     metrics::ControllerMetrics,
     signing_rotation::{
@@ -16,7 +14,13 @@ use crate::{
     },
 };
 
-use super::{CommandError, rotation::vault};
+#[cfg(test)]
+use super::request::unhandled;
+use super::{
+    CommandError,
+    request::{Patience, Request},
+    rotation::vault,
+};
 
 /// The signing-key loop's context: the controller's Vault identity on the signing key, and the
 /// cluster (signers, API servers) through the inferred Kubernetes client.
@@ -72,36 +76,14 @@ pub async fn rotate(config: Config, wait: bool, dry_run: bool) -> Result<(), Com
             "SigningKeyPolicy {name} is suspended (spec.suspend); no run starts until it is resumed"
         )));
     }
-    let request = format!(
-        "{}-{}",
-        crate::clock::rfc3339(SystemClock.now()),
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let lease = (&config.controller.lease_namespace, &config.controller.lease_name);
-    if let Some(holder) = kube.lease_holder(lease.0, lease.1).await? {
-        kube.annotate_signing_policy(&name, REQUEST_ANNOTATION, &request).await?;
-        eprintln!("asked the running controller ({holder}) to rotate the signing key; request {request}");
-        if !wait {
-            return Ok(());
-        }
-        // NB: a holder without controller.signing_policy never handles the annotation.
-        let patience = config.controller.poll_interval * UNHANDLED_POLLS;
-        return watch(&kube, &name, &request, patience).await;
-    }
-    eprintln!("no controller holds the lease; running the signing-key rotation here until it finishes");
-    let metrics = Arc::new(ControllerMetrics::new());
-    let ctx = context(&config, metrics.clone()).await?;
-    let holder = format!("signer-rotate-{}", crate::config::hostname());
-    let mut leadership = Leadership::start(ctx.kube.clone(), &config.controller, holder, metrics);
-    tokio::time::timeout(config.controller.lease_duration, leadership.acquired()).await.map_err(|_| {
-        CommandError::CannotRun("could not take the controller lease; is a controller starting?".into())
-    })?;
-    kube.annotate_signing_policy(&name, REQUEST_ANNOTATION, &request).await?;
-    let finished = tokio::select! {
-        finished = drive(&ctx, &name, &request) => finished?,
-        () = leadership.lost() => return Err(CommandError::Refused("lost the controller lease; the run resumes wherever a controller runs".into())),
+    // NB: a holder without controller.signing_policy never handles the annotation.
+    let patience = Patience {
+        wait: config.controller.poll_interval * UNHANDLED_POLLS,
+        setting: "controller.signing_policy",
     };
-    finish(&finished)
+    let holder = format!("signer-rotate-{}", crate::config::hostname());
+    let request = Request { config: &config.controller, kube: &kube, name: &name, describe };
+    request.send(wait, Some(patience), holder, async |metrics| context(&config, metrics).await).await
 }
 
 async fn dry_run_report<K: SigningKeyAdmin, F: Fleet>(
@@ -194,92 +176,8 @@ fn planned(status: &SigningStatus, meta: &SigningKeyState, signing_kid: Option<&
     }
 }
 
-/// Steps until the run that handles `request` has finished, with a progress line on stderr.
-async fn drive<K: SigningKeyAdmin, F: Fleet>(
-    ctx: &Context<K, F>,
-    policy: &str,
-    request: &str,
-) -> Result<SigningStatus, CommandError> {
-    let mut last = String::new();
-    let report = |status: &SigningStatus| {
-        let line = describe(status);
-        if line != last {
-            eprintln!("{line}");
-            last = line;
-        }
-    };
-    Ok(controller::drive_signing(ctx, policy, request, report).await?)
-}
-
 /// Poll intervals `--wait` gives an idle controller to take the request before giving up.
 const UNHANDLED_POLLS: u32 = 4;
-
-/// Whether `--wait` should give up: the policy rests (Idle or Failed, where a running loop takes
-/// a new request at its next step) without having taken `request` for `waited`, longer than
-/// `patience`. A run in progress takes the request only when it ends, so it never counts.
-fn unhandled(
-    status: &SigningStatus,
-    request: &str,
-    waited: std::time::Duration,
-    patience: std::time::Duration,
-) -> bool {
-    status.handled_request != request
-        && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
-        && waited > patience
-}
-
-async fn watch(
-    kube: &Kube,
-    name: &str,
-    request: &str,
-    patience: std::time::Duration,
-) -> Result<(), CommandError> {
-    let mut last = String::new();
-    let mut resting_since: Option<tokio::time::Instant> = None;
-    loop {
-        let status = kube.signing_policy(name).await?.status.unwrap_or_default();
-        let resting = status.handled_request != request
-            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed);
-        let since = match resting {
-            true => *resting_since.get_or_insert_with(tokio::time::Instant::now),
-            false => {
-                resting_since = None;
-                tokio::time::Instant::now()
-            }
-        };
-        if unhandled(&status, request, since.elapsed(), patience) {
-            tracing::warn!(
-                policy = name,
-                request,
-                "the controller holding the lease did not take the signer rotate request"
-            );
-            return Err(CommandError::Refused(format!(
-                "the controller holding the lease did not take request {request} within {patience:?}; does its controller.signing_policy name {name}? The annotation stays set, so a controller that follows {name} runs it"
-            )));
-        }
-        let line = describe(&status);
-        if line != last {
-            eprintln!("{line}");
-            last = line;
-        }
-        if status.handled_request == request
-            && matches!(status.phase, SigningPhase::Idle | SigningPhase::Failed)
-        {
-            return finish(&status);
-        }
-        tokio::time::sleep(controller::WATCH_INTERVAL).await;
-    }
-}
-
-fn finish(status: &SigningStatus) -> Result<(), CommandError> {
-    println!("{}: {}", status.result, status.message);
-    match status.phase {
-        SigningPhase::Failed => {
-            Err(CommandError::Refused(format!("signing-key rotation stopped: {}", status.message)))
-        }
-        _ => Ok(()),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::crd::rotation::{RotationPolicy, RotationStatus, Verification};
+use crate::crd::rotation::{RotationPolicy, Verification};
 
 mod access;
 mod apiservers;
@@ -25,7 +25,7 @@ mod bounded;
 mod cluster;
 mod jobs;
 mod objects;
-mod signing;
+mod policy;
 mod tokens;
 mod watch;
 
@@ -38,6 +38,7 @@ pub use apiservers::{
 pub use bounded::{Bounded, MAX_BODY_BYTES};
 pub use jobs::{JobState, MigrationState};
 pub use objects::{ObjectKey, Page, Target, Touch};
+pub use policy::Policy;
 pub use tokens::{BearerToken, Created, Deleted, IssuedToken, Referenced, ServiceAccountRefs, TokenSecret};
 
 /// Every (API group, resource, verb) this module can call: the controller's RBAC must grant
@@ -169,27 +170,6 @@ impl Kube {
         Api::all(self.client.clone())
     }
 
-    /// Reads a RotationPolicy.
-    pub async fn policy(&self, name: &str) -> Result<RotationPolicy, KubeError> {
-        self.policies().get(name).await.map_err(call(format!("get RotationPolicy {name}")))
-    }
-
-    /// Replaces the status of a RotationPolicy, read as `before`: a merge patch of the whole new
-    /// status in which every member `before` had and the new status lacks is set to null.
-    pub async fn patch_status(
-        &self,
-        name: &str,
-        before: &RotationStatus,
-        status: &RotationStatus,
-    ) -> Result<RotationPolicy, KubeError> {
-        let (before, status) = (json!(before), json!(status));
-        let patch = json!({ "status": with_removals(&before, &status) });
-        self.policies()
-            .patch_status(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
-            .await
-            .map_err(call(format!("patch RotationPolicy {name} status")))
-    }
-
     /// Writes a verification result into a RotationPolicy status (the verify Job's only write).
     pub async fn report_verification(
         &self,
@@ -202,27 +182,6 @@ impl Kube {
             .await
             .map(drop)
             .map_err(call(format!("report verification to RotationPolicy {name}")))
-    }
-
-    /// Sets an annotation on a RotationPolicy.
-    pub async fn annotate_policy(&self, name: &str, key: &str, value: &str) -> Result<(), KubeError> {
-        let patch = json!({ "metadata": { "annotations": { key: value } } });
-        self.policies()
-            .patch_metadata(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
-            .await
-            .map(drop)
-            .map_err(call(format!("annotate RotationPolicy {name}")))
-    }
-
-    /// Records an Event about a policy (best effort: a failure is logged, never fatal).
-    pub async fn event(&self, policy: &str, kind: EventKind, reason: &str, note: &str) {
-        let regarding = ObjectReference {
-            api_version: Some("kmsgate.io/v1alpha1".into()),
-            kind: Some("RotationPolicy".into()),
-            name: Some(policy.to_owned()),
-            ..ObjectReference::default()
-        };
-        self.record(Some("default"), regarding, kind, reason, note).await;
     }
 
     /// Creates an Event in `namespace` (best effort: a failure is logged, never fatal).

@@ -17,16 +17,24 @@ use std::{
 };
 
 pub use keys::{KeyAdmin, VaultKeys};
-use status::{Book, observe};
 
+pub use crate::policy_loop::Step;
 use crate::{
     backend::{BackendError, KeyMetadata},
-    clock::{self, Clock, SystemClock, parse_time},
+    clock::{Clock, SystemClock},
     config::EtcdConfig,
-    crd::rotation::{self, Phase, Plan, REQUEST_ANNOTATION, ResourceId, RotationPolicy, RotationStatus},
-    k8s::{EventKind, Kube, KubeError, Target},
+    crd::{
+        Schedule,
+        field::SpecError,
+        rotation::{self, Phase, Plan, REQUEST_ANNOTATION, ResourceId, RotationPolicy, RotationStatus},
+    },
+    k8s::{Kube, KubeError, Target},
     metrics::ControllerMetrics,
+    policy_loop::{self, Parts, PolicyLoop},
 };
+
+/// The status being written by one step.
+type Book<'a> = policy_loop::Book<'a, RotationStatus>;
 
 /// A step could not run; the status is unchanged and the step can be retried.
 #[derive(Debug, thiserror::Error)]
@@ -37,17 +45,6 @@ pub enum RotationError {
     /// A Transit call failed.
     #[error("Transit: {0}")]
     Transit(#[from] BackendError),
-}
-
-/// What the caller should do after a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// More work is ready: step again now.
-    Again,
-    /// Waiting on something outside: step again after this long.
-    Wait(Duration),
-    /// No run in progress (Idle or Failed); the next check is due after this long.
-    Rest(Duration),
 }
 
 /// Everything a step needs.
@@ -96,37 +93,7 @@ impl<K: KeyAdmin> Context<K> {
 
     /// Does one unit of work on policy `name` and records it in the status.
     pub async fn step(&self, name: &str) -> Result<Step, RotationError> {
-        let policy = self.kube.policy(name).await?;
-        let before = policy.status.clone().unwrap_or_default();
-        let parsed = rotation::parse(&policy.spec);
-        let mut book = Book {
-            name,
-            status: before.clone(),
-            events: Vec::new(),
-            metrics: &self.metrics,
-            clock: &*self.clock,
-        };
-        let step = match &parsed {
-            Err(e) => {
-                book.stall("InvalidSpec", &e.to_string());
-                Ok(Step::Rest(self.poll))
-            }
-            Ok(plan) => {
-                let mut run = Run { ctx: self, policy: &policy, plan, book };
-                let step = run.advance().await;
-                book = run.book;
-                step
-            }
-        };
-        // NB: progress made before an error (a finished page) is still written.
-        if book.status != before {
-            self.kube.patch_status(name, &before, &book.status).await?;
-        }
-        observe(&self.metrics, &book.status);
-        for (kind, reason, note) in book.events {
-            self.kube.event(name, kind, reason, &note).await;
-        }
-        step
+        policy_loop::step(self, name).await
     }
 
     async fn target(&self, resource: &ResourceId) -> Result<Target, KubeError> {
@@ -141,6 +108,37 @@ impl<K: KeyAdmin> Context<K> {
     fn lock_targets(&self) -> std::sync::MutexGuard<'_, HashMap<ResourceId, Target>> {
         // NB: the map is a cache; a panic elsewhere cannot leave it inconsistent.
         self.targets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<K: KeyAdmin> PolicyLoop for Context<K> {
+    type Policy = RotationPolicy;
+    type Status = RotationStatus;
+    type Plan = Plan;
+    type Error = RotationError;
+    const REQUEST_ANNOTATION: &'static str = REQUEST_ANNOTATION;
+
+    fn parts(&self) -> Parts<'_> {
+        Parts { kube: &self.kube, metrics: &self.metrics, clock: &*self.clock, poll: self.poll }
+    }
+
+    fn plan(policy: &RotationPolicy) -> Result<Plan, SpecError> {
+        rotation::parse(&policy.spec)
+    }
+
+    fn schedule(plan: &Plan) -> &Schedule {
+        &plan.schedule
+    }
+
+    async fn advance<'a>(
+        &'a self,
+        policy: &'a RotationPolicy,
+        plan: &'a Plan,
+        book: Book<'a>,
+    ) -> (Book<'a>, Result<Step, RotationError>) {
+        let mut run = Run { ctx: self, policy, plan, book };
+        let step = run.advance().await;
+        (run.book, step)
     }
 }
 
@@ -164,31 +162,6 @@ impl<K: KeyAdmin> Run<'_, K> {
         }
     }
 
-    /// When the schedule next starts a run, from now (RFC 3339; empty for never).
-    fn next_run(&self) -> String {
-        self.plan
-            .schedule
-            .next_after(self.book.now().as_second())
-            .map(clock::seconds_text)
-            .unwrap_or_default()
-    }
-
-    fn new_request(&self) -> Option<String> {
-        let value = self.policy.metadata.annotations.as_ref()?.get(REQUEST_ANNOTATION)?;
-        (!value.is_empty() && *value != self.book.status.handled_request).then(|| value.clone())
-    }
-
-    fn due(&self) -> bool {
-        parse_time(&self.book.status.next_run).is_some_and(|t| t <= self.book.now())
-    }
-
-    fn rest(&self) -> Step {
-        let until_next = parse_time(&self.book.status.next_run)
-            .map(|t| Duration::from_secs((t.as_second() - self.book.now().as_second()).max(1) as u64))
-            .unwrap_or(self.ctx.poll);
-        Step::Rest(until_next.min(self.ctx.poll))
-    }
-
     fn key_id(&self, meta: &KeyMetadata, version: u64) -> String {
         let created = meta.versions.get(&version).copied().unwrap_or(0);
         self.ctx.keys.scope(&self.plan.transit).key_id(version, created).to_string()
@@ -196,40 +169,18 @@ impl<K: KeyAdmin> Run<'_, K> {
 
     /// Stops the run at the current phase; a new request or the schedule resumes it there.
     fn fail(&mut self, reason: &'static str, message: &str) -> Step {
-        tracing::warn!(policy = self.book.name, reason, message, "rotation stopped");
-        self.book.status.failed_phase = Some(self.book.status.phase);
-        self.book.enter(Phase::Failed);
-        self.book.status.result = "Failed".into();
-        self.book.stall(reason, message);
-        self.book.status.next_run = self.next_run();
-        self.rest()
+        self.book.fail(reason, message)
     }
 
     fn finish(&mut self, result: &str, message: String) -> Step {
-        self.book.enter(Phase::Idle);
-        self.book.status.result = result.into();
-        self.book.status.message = message.clone();
-        self.book.status.last_success = self.book.now_text();
-        self.book.status.known_version = self.book.status.to_version.or(self.book.status.known_version);
-        self.book.status.failed_phase = None;
-        self.book.status.next_run = self.next_run();
-        if let Some(request) =
-            self.policy.metadata.annotations.as_ref().and_then(|a| a.get(REQUEST_ANNOTATION))
-        {
-            // NB: a request that arrived during the run is satisfied by it.
-            self.book.status.handled_request = request.clone();
-        }
-        self.ctx.metrics.last_success.set(self.book.now().as_second() as f64);
-        self.book.condition("Ready", true, result, &message);
-        self.book.condition("Stalled", false, result, "");
-        self.book.events.push((EventKind::Normal, "RotationFinished", message));
-        self.rest()
+        self.book.finish(result, &message);
+        self.book.status.message = message;
+        self.book.status.next_run = self.book.next_run();
+        self.book.rest()
     }
 
     fn start(&mut self, trigger: &str, meta: &KeyMetadata, from: u64, to: Option<u64>) {
-        if let Some(request) = self.new_request() {
-            self.book.status.handled_request = request;
-        }
+        self.book.take_request();
         let keep = RotationStatus {
             known_version: self.book.status.known_version,
             handled_request: self.book.status.handled_request.clone(),
@@ -241,59 +192,43 @@ impl<K: KeyAdmin> Run<'_, K> {
             ..RotationStatus::default()
         };
         self.book.status = keep;
-        self.book.status.run_id = uuid::Uuid::new_v4().to_string();
-        self.book.status.trigger = trigger.into();
-        self.book.status.started_at = self.book.now_text();
-        self.book.status.from_version = Some(from);
+        self.book.begin(trigger, from);
         self.book.status.from_key_id = self.key_id(meta, from);
         if let Some(to) = to {
             self.book.status.to_version = Some(to);
             self.book.status.to_key_id = self.key_id(meta, to);
         }
-        self.book.status.message = format!("run started by {trigger}");
-        self.book.condition("Ready", false, "Running", "a rotation is in progress");
         self.book.enter(if to.is_some() { Phase::Converging } else { Phase::Rotating });
     }
 
     async fn idle(&mut self) -> Result<Step, RotationError> {
         let meta = self.ctx.keys.metadata(&self.plan.transit).await?;
         let known = self.book.status.known_version;
-        match decide_idle(known, meta.latest, self.new_request().is_some(), self.due()) {
+        match decide_idle(known, meta.latest, self.book.new_request().is_some(), self.book.due()) {
             Idle::Adopt => {
                 // NB: the first sight of a key adopts it as it is; only later versions start runs.
                 self.book.status.known_version = Some(meta.latest);
-                self.book.status.next_run = self.next_run();
+                self.book.status.next_run = self.book.next_run();
                 self.book.status.message = format!("adopted key version {}", meta.latest);
-                Ok(self.rest())
+                Ok(self.book.rest())
             }
             Idle::Start { trigger, from, to } => {
                 if let Some(message) = self.missing_access().await? {
                     // NB: the request is answered (by the failure), so it does not start again
                     // at once; a new request or the schedule retries.
-                    if let Some(request) = self.new_request() {
-                        self.book.status.handled_request = request;
-                    }
+                    self.book.take_request();
                     return Ok(self.fail("Forbidden", &message));
                 }
                 self.start(trigger, &meta, from, to);
                 Ok(Step::Again)
             }
-            Idle::Rest => {
-                if self.book.status.next_run.is_empty() {
-                    self.book.status.next_run = self.next_run();
-                }
-                Ok(self.rest())
-            }
+            Idle::Rest => Ok(self.book.rest_idle()),
         }
     }
 
     async fn failed(&mut self) -> Result<Step, RotationError> {
-        let request = self.new_request();
-        if request.is_none() && !self.due() {
-            return Ok(self.rest());
-        }
-        if let Some(request) = request {
-            self.book.status.handled_request = request;
+        if !self.book.resume_due() {
+            return Ok(self.book.rest());
         }
         let resume = self.book.status.failed_phase.unwrap_or(Phase::Idle);
         // NB: Idle checks access when it starts a run; a run resumed past that point must not
@@ -302,15 +237,10 @@ impl<K: KeyAdmin> Run<'_, K> {
             && let Some(message) = self.missing_access().await?
         {
             self.book.stall("Forbidden", &message);
-            self.book.status.next_run = self.next_run();
-            return Ok(self.rest());
+            self.book.status.next_run = self.book.next_run();
+            return Ok(self.book.rest());
         }
-        self.book.status.failed_phase = None;
-        self.book.status.result.clear();
-        self.book.condition("Stalled", false, "Resumed", "");
-        self.book.enter(resume);
-        self.book.status.message = format!("resumed at {}", resume.as_str());
-        Ok(Step::Again)
+        Ok(self.book.resume())
     }
 
     async fn rotating(&mut self) -> Result<Step, RotationError> {
@@ -332,7 +262,7 @@ impl<K: KeyAdmin> Run<'_, K> {
         self.book.status.to_version = Some(meta.latest);
         self.book.status.to_key_id = self.key_id(&meta, meta.latest);
         self.book.events.push((
-            EventKind::Normal,
+            crate::k8s::EventKind::Normal,
             "Rotated",
             format!("Transit key version {} created", meta.latest),
         ));

@@ -1,112 +1,49 @@
-//! Status bookkeeping for one step: phase changes, conditions, stalls, the events to emit, and
-//! the gauges that mirror the status.
-
-use std::time::Duration;
-
-use k8s_openapi::jiff::Timestamp;
+//! The RotationStatus as the loop core keeps it: what entering a phase clears, and the gauges
+//! that mirror it.
 
 use crate::{
-    clock::{self, Clock, parse_time},
-    crd::rotation::{Condition, Phase, ResourceProgress, RotationStatus, Totals},
-    k8s::EventKind,
-    metrics::{ClassLabels, ControllerMetrics, PhaseLabels},
+    clock::parse_time,
+    crd::rotation::{Phase, ResourceProgress, RotationStatus, Totals},
+    metrics::{ClassLabels, ControllerMetrics, LoopSeries},
+    policy_loop::{LoopStatus, shared_fields},
 };
 
-/// The status being written by one step, and the events it will emit.
-pub(super) struct Book<'a> {
-    pub(super) name: &'a str,
-    pub(super) status: RotationStatus,
-    pub(super) events: Vec<(EventKind, &'static str, String)>,
-    pub(super) metrics: &'a ControllerMetrics,
-    pub(super) clock: &'a dyn Clock,
-}
+impl LoopStatus for RotationStatus {
+    type Phase = Phase;
 
-impl Book<'_> {
-    pub(super) fn now(&self) -> Timestamp {
-        self.clock.now()
+    const WHAT: &'static str = "rotation";
+
+    shared_fields!(Phase);
+
+    fn series(metrics: &ControllerMetrics) -> LoopSeries<'_> {
+        metrics.rotation()
     }
 
-    pub(super) fn now_text(&self) -> String {
-        clock::rfc3339(self.now())
-    }
-
-    pub(super) fn elapsed_since(&self, text: &str) -> Duration {
-        clock::elapsed_since(self.now(), text)
-    }
-
-    pub(super) fn enter(&mut self, phase: Phase) {
-        let left = self.status.phase;
-        let spent = self.elapsed_since(&self.status.phase_started_at);
-        self.metrics
-            .phase_duration
-            .get_or_create(&PhaseLabels { phase: left.as_str() })
-            .observe(spent.as_secs_f64());
-        self.status.phase = phase;
-        self.status.phase_started_at = self.now_text();
+    fn entered(&mut self, phase: Phase) {
         if phase == Phase::Converging {
             // NB: a run resumed into Converging (after a failure) proves convergence afresh.
-            self.status.plugins_converged_at.clear();
+            self.plugins_converged_at.clear();
         }
-        self.events.push((
-            EventKind::Normal,
-            phase.as_str(),
-            format!("{} -> {}", left.as_str(), phase.as_str()),
-        ));
-        tracing::info!(policy = self.name, from = left.as_str(), to = phase.as_str(), "rotation phase");
     }
 
-    pub(super) fn condition(&mut self, kind: &str, status: bool, reason: &str, message: &str) {
-        let value = if status { "True" } else { "False" };
-        let now = self.now_text();
-        let conditions = &mut self.status.conditions;
-        match conditions.iter_mut().find(|c| c.type_ == kind) {
-            Some(c) if c.status == value && c.reason == reason && c.message == message => {}
-            Some(c) => {
-                if c.status != value {
-                    c.last_transition_time = now;
-                }
-                c.status = value.into();
-                c.reason = reason.into();
-                c.message = message.into();
+    /// Mirrors a status into the gauges: phase, last success, next run, latest verification.
+    fn observe(&self, metrics: &ControllerMetrics) {
+        let seconds = |text: &str| parse_time(text).map_or(0.0, |t| t.as_second() as f64);
+        metrics.set_phase(Phase::ALL.map(Phase::as_str), self.phase.as_str());
+        if !self.last_success.is_empty() {
+            metrics.last_success.set(seconds(&self.last_success));
+        }
+        metrics.next_run.set(seconds(&self.next_run));
+        if let Some(v) = &self.verification {
+            for (class, count) in [
+                ("current", v.current),
+                ("old_key", v.old_key),
+                ("invalid", v.invalid),
+                ("unencrypted", v.unencrypted),
+                ("unmapped", v.unmapped),
+            ] {
+                metrics.verification.get_or_create(&ClassLabels { class }).set(count as i64);
             }
-            None => conditions.push(Condition {
-                type_: kind.into(),
-                status: value.into(),
-                reason: reason.into(),
-                message: message.into(),
-                last_transition_time: now,
-            }),
-        }
-    }
-
-    /// Records a problem that stops nothing by itself (the spec is bad, for example).
-    pub(super) fn stall(&mut self, reason: &'static str, message: &str) {
-        if self.status.message != message {
-            self.events.push((EventKind::Warning, reason, message.to_owned()));
-        }
-        self.status.message = message.to_owned();
-        self.condition("Stalled", true, reason, message);
-    }
-}
-
-/// Mirrors a status into the gauges: phase, last success, next run, latest verification.
-/// Called after every step, so a restarted controller exports the truth at once.
-pub(super) fn observe(metrics: &ControllerMetrics, status: &RotationStatus) {
-    let seconds = |text: &str| parse_time(text).map_or(0.0, |t| t.as_second() as f64);
-    metrics.set_phase(Phase::ALL.map(Phase::as_str), status.phase.as_str());
-    if !status.last_success.is_empty() {
-        metrics.last_success.set(seconds(&status.last_success));
-    }
-    metrics.next_run.set(seconds(&status.next_run));
-    if let Some(v) = &status.verification {
-        for (class, count) in [
-            ("current", v.current),
-            ("old_key", v.old_key),
-            ("invalid", v.invalid),
-            ("unencrypted", v.unencrypted),
-            ("unmapped", v.unmapped),
-        ] {
-            metrics.verification.get_or_create(&ClassLabels { class }).set(count as i64);
         }
     }
 }

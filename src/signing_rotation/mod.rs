@@ -18,19 +18,24 @@ mod status;
 
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
-use status::{Book, observe};
-
+pub use crate::policy_loop::Step;
 use crate::{
     backend::BackendError,
-    clock::{self, Clock, SystemClock, parse_time},
+    clock::{Clock, SystemClock},
     crd::{
+        Schedule,
+        field::SpecError,
         rotation::TransitKey,
         signing::{self, Plan, REQUEST_ANNOTATION, SigningKeyPolicy, SigningPhase, SigningStatus},
     },
-    k8s::{EventKind, Kube, KubeError},
+    k8s::{Kube, KubeError},
     metrics::ControllerMetrics,
+    policy_loop::{self, Parts, PolicyLoop},
     signer_status::SignerStatus,
 };
+
+/// The status being written by one step.
+type Book<'a> = policy_loop::Book<'a, SigningStatus>;
 
 pub use cluster::{CHECK_TOKEN_SECONDS, ClusterFleet, SIGNER_STATUS_MAX_BYTES, VaultSigningKey};
 pub use decide::{Idle, decide_idle};
@@ -48,17 +53,6 @@ pub enum SigningRotationError {
 
 /// Longest error text kept in the status, its conditions and Events.
 const MAX_ERROR_BYTES: usize = 1024;
-
-/// What the caller should do after a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// More work is ready: step again now.
-    Again,
-    /// Waiting on something outside: step again after this long.
-    Wait(Duration),
-    /// No run in progress (Idle, Failed or suspended); the next check is due after this long.
-    Rest(Duration),
-}
 
 /// A signing key's versions as the loop needs them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -157,50 +151,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Context<K, F> {
 
     /// Does one unit of work on policy `name` and records it in the status.
     pub async fn step(&self, name: &str) -> Result<Step, SigningRotationError> {
-        let policy = self.kube.signing_policy(name).await?;
-        let before = policy.status.clone().unwrap_or_default();
-        let parsed = signing::parse(&policy.spec);
-        let mut book = Book {
-            name,
-            status: before.clone(),
-            events: Vec::new(),
-            metrics: &self.metrics,
-            clock: &*self.clock,
-        };
-        let step = match &parsed {
-            Err(e) => {
-                book.stall("InvalidSpec", &e.to_string());
-                Ok(Step::Rest(self.poll))
-            }
-            Ok(plan) if plan.suspend => {
-                let message = format!("suspended by spec.suspend in {}", book.status.phase.as_str());
-                book.condition("Suspended", true, "Suspended", &message);
-                book.status.message = message;
-                Ok(Step::Rest(self.poll))
-            }
-            Ok(plan) => {
-                book.condition("Suspended", false, "Running", "");
-                let mut run = Run { ctx: self, policy: &policy, plan, book };
-                let step = match run.advance().await {
-                    Ok(step) => {
-                        run.recovered();
-                        Ok(step)
-                    }
-                    Err(e) => run.errored(e),
-                };
-                book = run.book;
-                step
-            }
-        };
-        // NB: progress made before an error (a proof already recorded) is still written.
-        if book.status != before {
-            self.kube.patch_signing_status(name, &before, &book.status).await?;
-        }
-        observe(&self.metrics, &book.status);
-        for (kind, reason, note) in book.events {
-            self.kube.signing_event(name, kind, reason, &note).await;
-        }
-        step
+        policy_loop::step(self, name).await
     }
 
     /// The signer status endpoints of the plan.
@@ -225,9 +176,54 @@ impl<K: SigningKeyAdmin, F: Fleet> Context<K, F> {
     }
 }
 
+impl<K: SigningKeyAdmin, F: Fleet> PolicyLoop for Context<K, F> {
+    type Policy = SigningKeyPolicy;
+    type Status = SigningStatus;
+    type Plan = Plan;
+    type Error = SigningRotationError;
+    const REQUEST_ANNOTATION: &'static str = REQUEST_ANNOTATION;
+
+    fn parts(&self) -> Parts<'_> {
+        Parts { kube: &self.kube, metrics: &self.metrics, clock: &*self.clock, poll: self.poll }
+    }
+
+    fn plan(policy: &SigningKeyPolicy) -> Result<Plan, SpecError> {
+        signing::parse(&policy.spec)
+    }
+
+    fn schedule(plan: &Plan) -> &Schedule {
+        &plan.schedule
+    }
+
+    /// A suspended policy holds wherever it is; otherwise the run advances, and a failed call is
+    /// recorded in the status (see [`Run::errored`]).
+    async fn advance<'a>(
+        &'a self,
+        _policy: &'a SigningKeyPolicy,
+        plan: &'a Plan,
+        mut book: Book<'a>,
+    ) -> (Book<'a>, Result<Step, SigningRotationError>) {
+        if plan.suspend {
+            let message = format!("suspended by spec.suspend in {}", book.status.phase.as_str());
+            book.condition("Suspended", true, "Suspended", &message);
+            book.status.message = message;
+            return (book, Ok(Step::Rest(self.poll)));
+        }
+        book.condition("Suspended", false, "Running", "");
+        let mut run = Run { ctx: self, plan, book };
+        let step = match run.advance().await {
+            Ok(step) => {
+                run.recovered();
+                Ok(step)
+            }
+            Err(e) => run.errored(e),
+        };
+        (run.book, step)
+    }
+}
+
 struct Run<'a, K, F> {
     ctx: &'a Context<K, F>,
-    policy: &'a SigningKeyPolicy,
     plan: &'a Plan,
     book: Book<'a>,
 }
@@ -245,29 +241,8 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         }
     }
 
-    /// When the schedule next starts a run, from now (RFC 3339; empty for never).
-    fn next_run(&self) -> String {
-        self.plan
-            .schedule
-            .next_after(self.book.now().as_second())
-            .map(clock::seconds_text)
-            .unwrap_or_default()
-    }
-
-    fn new_request(&self) -> Option<String> {
-        let value = self.policy.metadata.annotations.as_ref()?.get(REQUEST_ANNOTATION)?;
-        (!value.is_empty() && *value != self.book.status.handled_request).then(|| value.clone())
-    }
-
     fn due(&self) -> bool {
-        parse_time(&self.book.status.next_run).is_some_and(|t| t <= self.book.now())
-    }
-
-    fn rest(&self) -> Step {
-        let until_next = parse_time(&self.book.status.next_run)
-            .map(|t| Duration::from_secs((t.as_second() - self.book.now().as_second()).max(1) as u64))
-            .unwrap_or(self.ctx.poll);
-        Step::Rest(until_next.min(self.ctx.poll))
+        self.book.due()
     }
 
     /// Waits at most `at_most` (the poll interval when `None`), with `message` in the status.
@@ -278,13 +253,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
 
     /// Stops the run at the current phase; a new request or the schedule resumes it there.
     fn fail(&mut self, reason: &'static str, message: &str) -> Step {
-        tracing::warn!(policy = self.book.name, reason, message, "signing-key rotation stopped");
-        self.book.status.failed_phase = Some(self.book.status.phase);
-        self.book.enter(SigningPhase::Failed);
-        self.book.status.result = "Failed".into();
-        self.book.stall(reason, message);
-        self.book.status.next_run = self.next_run();
-        self.rest()
+        self.book.fail(reason, message)
     }
 
     /// Records a failed call in the status (a `Stalled` condition, an Event, the message) and
@@ -334,38 +303,22 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             self.book.status.from_version.unwrap_or(0),
             to.unwrap_or(0)
         );
-        self.book.enter(SigningPhase::Idle);
-        self.book.status.result = "Succeeded".into();
-        self.book.status.last_success = self.book.now_text();
-        self.book.status.known_version = to.or(self.book.status.known_version);
-        self.book.status.failed_phase = None;
+        self.book.finish("Succeeded", &message);
         self.book.status.drain_until.clear();
-        if let Some(request) =
-            self.policy.metadata.annotations.as_ref().and_then(|a| a.get(REQUEST_ANNOTATION))
-        {
-            // NB: a request that arrived during the run is satisfied by it.
-            self.book.status.handled_request = request.clone();
-        }
         // NB: the schedule's clock restarted when the run began; a time that passed since is
         // kept, so Idle starts the next run at once (see the module documentation).
         self.book.status.message = match self.due() {
             true => format!("{message}; the schedule came due during the run, so the next run starts now"),
-            false => message.clone(),
+            false => message,
         };
-        self.ctx.metrics.signing.last_success.set(self.book.now().as_second() as f64);
-        self.book.condition("Ready", true, "Succeeded", &message);
-        self.book.condition("Stalled", false, "Succeeded", "");
-        self.book.events.push((EventKind::Normal, "RotationFinished", message));
         match self.due() {
             true => Step::Again,
-            false => self.rest(),
+            false => self.book.rest(),
         }
     }
 
     fn start(&mut self, trigger: &str, from: u64) {
-        if let Some(request) = self.new_request() {
-            self.book.status.handled_request = request;
-        }
+        self.book.take_request();
         let old = &self.book.status;
         let keep = SigningStatus {
             known_version: old.known_version,
@@ -382,14 +335,9 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             ..SigningStatus::default()
         };
         self.book.status = keep;
-        self.book.status.run_id = uuid::Uuid::new_v4().to_string();
-        self.book.status.trigger = trigger.into();
-        self.book.status.started_at = self.book.now_text();
-        self.book.status.from_version = Some(from);
+        self.book.begin(trigger, from);
         // NB: every run restarts the schedule's clock.
-        self.book.status.next_run = self.next_run();
-        self.book.status.message = format!("run started by {trigger}");
-        self.book.condition("Ready", false, "Running", "a signing-key rotation is in progress");
+        self.book.status.next_run = self.book.next_run();
         self.book.enter(SigningPhase::Rotating);
     }
 
@@ -404,11 +352,12 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             signing_kid = decide::agreed_signing_kid(&signers);
         }
         let known = self.book.status.known_version;
-        match decide_idle(known, &meta, signing_kid.as_deref(), self.new_request().is_some(), self.due()) {
+        let requested = self.book.new_request().is_some();
+        match decide_idle(known, &meta, signing_kid.as_deref(), requested, self.due()) {
             Idle::Unsettled => {
                 let message = "the key is not pinned (min_encryption_version 0) and the signers do not agree on a signing kid Transit holds; waiting for them to agree, or pin the key";
                 self.book.stall("SigningVersionUnknown", message);
-                Ok(self.rest())
+                Ok(self.book.rest())
             }
             Idle::Adopt(version) => {
                 // NB: the first sight of a key adopts the version that signs now; only later
@@ -417,38 +366,23 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
                     self.book.condition("Stalled", false, "SigningVersionKnown", "");
                 }
                 self.book.status.known_version = Some(version);
-                self.book.status.next_run = self.next_run();
+                self.book.status.next_run = self.book.next_run();
                 self.book.status.message = format!("adopted signing key version {version}");
-                Ok(self.rest())
+                Ok(self.book.rest())
             }
             Idle::Start { trigger, from } => {
                 self.start(trigger, from);
                 Ok(Step::Again)
             }
-            Idle::Rest => {
-                if self.book.status.next_run.is_empty() {
-                    self.book.status.next_run = self.next_run();
-                }
-                Ok(self.rest())
-            }
+            Idle::Rest => Ok(self.book.rest_idle()),
         }
     }
 
     async fn failed(&mut self) -> Result<Step, SigningRotationError> {
-        let request = self.new_request();
-        if request.is_none() && !self.due() {
-            return Ok(self.rest());
+        if !self.book.resume_due() {
+            return Ok(self.book.rest());
         }
-        if let Some(request) = request {
-            self.book.status.handled_request = request;
-        }
-        let resume = self.book.status.failed_phase.unwrap_or(SigningPhase::Idle);
-        self.book.status.failed_phase = None;
-        self.book.status.result.clear();
-        self.book.status.next_run = self.next_run();
-        self.book.condition("Stalled", false, "Resumed", "");
-        self.book.enter(resume);
-        self.book.status.message = format!("resumed at {}", resume.as_str());
-        Ok(Step::Again)
+        self.book.status.next_run = self.book.next_run();
+        Ok(self.book.resume())
     }
 }

@@ -9,14 +9,16 @@ mod status;
 
 pub use plan::{
     ConvergePlan, MigrateKnob, MigratePlan, MigrateSettings, Plan, PluginSource, RetirePlan, SettingsError,
-    SpecError, Verifier, VerifyPlan, parse,
+    Verifier, VerifyPlan, parse,
 };
 pub use resource::{ResourceId, ResourceRef};
 pub use spec::{
     ConvergeSpec, MigrateSpec, MigrateStrategy, PluginDiscovery, RetireSpec, RotationPolicy,
     RotationPolicySpec, TransitKey, VerifyJob, VerifyMode, VerifySpec, crd_yaml,
 };
-pub use status::{Condition, Phase, ResourceProgress, RotationStatus, Straggler, Totals, Verification};
+pub use status::{Phase, ResourceProgress, RotationStatus, Straggler, Totals, Verification};
+
+pub use crate::crd::{field::SpecError, status::Condition};
 
 /// API group of kmsgate's resources.
 pub const GROUP: &str = "kmsgate.io";

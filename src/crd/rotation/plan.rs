@@ -7,17 +7,13 @@ use std::time::Duration;
 use super::{
     MigrateStrategy, PluginDiscovery, ResourceRef, RotationPolicySpec, TransitKey, VerifyJob, VerifyMode,
 };
-use crate::crd::schedule::Schedule;
+use crate::crd::{
+    field::{self, SpecError},
+    schedule::Schedule,
+};
 
-/// A spec value is invalid.
-#[derive(Debug, thiserror::Error)]
-#[error("RotationPolicy spec.{field}: {problem}")]
-pub struct SpecError {
-    /// The field, e.g. `converge.settle`.
-    pub field: &'static str,
-    /// What is wrong.
-    pub problem: String,
-}
+/// The kind its errors name.
+const KIND: &str = "RotationPolicy";
 
 /// Everything the controller does for one policy, parsed and checked.
 #[derive(Debug, Clone)]
@@ -229,9 +225,8 @@ impl MigrateSettings {
 
 /// Parses and checks every field, so a bad policy fails once with a message naming the field.
 pub fn parse(spec: &RotationPolicySpec) -> Result<Plan, SpecError> {
-    let bad = |field, problem: &str| Err(SpecError { field, problem: problem.to_owned() });
-    let schedule = Schedule::parse(spec.schedule.as_deref())
-        .map_err(|e| SpecError { field: "schedule", problem: e.to_string() })?;
+    let bad = |field, problem: &str| Err(SpecError { kind: KIND, field, problem: problem.to_owned() });
+    let schedule = field::schedule(KIND, spec.schedule.as_deref())?;
     if spec.transit.key.is_empty() {
         return bad("transit.key", "required");
     }
@@ -240,7 +235,7 @@ pub fn parse(spec: &RotationPolicySpec) -> Result<Plan, SpecError> {
     }
     let m = &spec.migrate;
     let mut settings = MigrateSettings::new(m.qps, m.concurrency as usize, m.page_size, m.max_attempts)
-        .map_err(|e| SpecError { field: e.knob.spec_field(), problem: e.problem.to_owned() })?;
+        .map_err(|e| SpecError { kind: KIND, field: e.knob.spec_field(), problem: e.problem.to_owned() })?;
     settings.selector = spec.label_selector.clone();
     let migrate = MigratePlan {
         settings,
@@ -252,11 +247,8 @@ pub fn parse(spec: &RotationPolicySpec) -> Result<Plan, SpecError> {
     let converge_timeout = duration("converge.timeout", &c.timeout)?;
     let verify_timeout = duration("verify.timeout", &spec.verify.timeout)?;
     let grace = duration("retire.grace", &spec.retire.grace)?;
-    for url in &c.plugins {
-        match reqwest::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => return bad("converge.plugins", "entries must be http(s)://host:port URLs"),
-        }
+    if !field::http_urls(&c.plugins) {
+        return bad("converge.plugins", "entries must be http(s)://host:port URLs");
     }
     let plugins = match (&c.plugins, &c.discovery) {
         (plugins, _) if !plugins.is_empty() => PluginSource::Endpoints(plugins.clone()),
@@ -301,8 +293,7 @@ pub fn parse(spec: &RotationPolicySpec) -> Result<Plan, SpecError> {
 
 /// Parses a duration field like `8m`.
 fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
-    humantime::parse_duration(text)
-        .map_err(|e| SpecError { field, problem: format!("{text:?} is not a duration like 8m: {e}") })
+    field::duration(KIND, field, text, "8m")
 }
 
 #[cfg(test)]

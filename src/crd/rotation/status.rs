@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::resource::ResourceId;
+use crate::crd::status::Condition;
 
 /// Where the rotation stands.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -137,23 +138,6 @@ pub struct Verification {
     /// Why it could not finish, if it could not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
-}
-
-/// A standard condition.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    /// `Ready` (the last run succeeded) or `Stalled` (the current run cannot go on).
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// CamelCase reason.
-    pub reason: String,
-    /// For people.
-    pub message: String,
-    /// RFC 3339.
-    pub last_transition_time: String,
 }
 
 /// The controller's record of the current and last rotation.

@@ -13,14 +13,14 @@ mod plan;
 mod spec;
 mod status;
 
-pub use plan::{
-    DrainPlan, Plan, PublishPlan, RetirePlan, RotatePlan, SignerSource, SpecError, SwitchPlan, parse,
-};
+pub use plan::{DrainPlan, Plan, PublishPlan, RetirePlan, RotatePlan, SignerSource, SwitchPlan, parse};
 pub use spec::{
     DrainSpec, PublishSpec, RetireSpec, RotateSpec, SignerDiscovery, SignersSpec, SigningKeyPolicy,
     SigningKeyPolicySpec, SwitchSpec, crd_yaml,
 };
 pub use status::{SigningPhase, SigningStatus};
+
+pub use crate::crd::field::SpecError;
 
 /// Annotation a person (or `kmsgate signer rotate`) sets to ask for a signing-key rotation now;
 /// any new value counts.

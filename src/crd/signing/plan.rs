@@ -4,17 +4,14 @@
 use std::time::Duration;
 
 use super::{SignerDiscovery, SigningKeyPolicySpec};
-use crate::crd::{rotation::TransitKey, schedule::Schedule};
+use crate::crd::{
+    field::{self, SpecError},
+    rotation::TransitKey,
+    schedule::Schedule,
+};
 
-/// A spec value is invalid.
-#[derive(Debug, thiserror::Error)]
-#[error("SigningKeyPolicy spec.{field}: {problem}")]
-pub struct SpecError {
-    /// The field, e.g. `publish.margin`.
-    pub field: &'static str,
-    /// What is wrong.
-    pub problem: String,
-}
+/// The kind its errors name.
+const KIND: &str = "SigningKeyPolicy";
 
 /// Everything the controller does for one policy, parsed and checked.
 #[derive(Debug, Clone)]
@@ -89,20 +86,16 @@ pub struct RetirePlan {
 
 /// Parses and checks every field, so a bad policy fails once with a message naming the field.
 pub fn parse(spec: &SigningKeyPolicySpec) -> Result<Plan, SpecError> {
-    let bad = |field, problem: &str| Err(SpecError { field, problem: problem.to_owned() });
-    let schedule = Schedule::parse(spec.schedule.as_deref())
-        .map_err(|e| SpecError { field: "schedule", problem: e.to_string() })?;
+    let bad = |field, problem: &str| Err(SpecError { kind: KIND, field, problem: problem.to_owned() });
+    let schedule = field::schedule(KIND, spec.schedule.as_deref())?;
     if spec.transit.key.is_empty() {
         return bad("transit.key", "required");
     }
     if spec.transit.mount.trim_matches('/').is_empty() {
         return bad("transit.mount", "must name a Transit mount");
     }
-    for url in &spec.signers.endpoints {
-        match reqwest::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => return bad("signers.endpoints", "entries must be http(s)://host:port URLs"),
-        }
+    if !field::http_urls(&spec.signers.endpoints) {
+        return bad("signers.endpoints", "entries must be http(s)://host:port URLs");
     }
     let signers = match (&spec.signers.endpoints, &spec.signers.discovery) {
         (endpoints, _) if !endpoints.is_empty() => SignerSource::Endpoints(endpoints.clone()),
@@ -134,8 +127,7 @@ pub fn parse(spec: &SigningKeyPolicySpec) -> Result<Plan, SpecError> {
 
 /// Parses a duration field like `5m`.
 fn duration(field: &'static str, text: &str) -> Result<Duration, SpecError> {
-    humantime::parse_duration(text)
-        .map_err(|e| SpecError { field, problem: format!("{text:?} is not a duration like 5m: {e}") })
+    field::duration(KIND, field, text, "5m")
 }
 
 #[cfg(test)]
