@@ -1069,7 +1069,12 @@ async fn a_call_that_keeps_failing_is_shown_in_the_status_and_stops_the_run_at_t
 
 #[tokio::test(start_paused = true)]
 async fn a_key_restored_below_the_version_that_signed_stops_rotate_and_names_a_restore() {
-    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    // Restored while the run was in Rotate (an idle policy holds before a run starts; below).
+    let rig = Rig::new(
+        json!({"status": {"knownVersion": 3, "phase": "Rotating", "fromVersion": 3, "handledRequest": "now"}}),
+        3600,
+    )
+    .await;
     let ctx = rig.context();
     let status = rig.step_until(&ctx, "Failed").await;
     assert_eq!(
@@ -1173,4 +1178,66 @@ async fn a_bound_kept_without_an_observation_start_counts_from_its_last_change()
     assert_eq!(status["phase"], "Draining", "{status:#}");
     assert_eq!(stalled(&status), ("True".into(), "TokenLifetimeNotEstablished".into()), "{status:#}");
     assert_eq!(status["maxTokenExpirationObservedSince"], changed, "{status:#}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_policy_holds_on_a_key_restored_below_the_known_version_until_an_operator_acts() {
+    // The status knows version 3 signs; Transit (restored from an older snapshot) holds only
+    // version 1. A request is pending.
+    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    let ctx = rig.context();
+    for _ in 0..3 {
+        assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"].as_str().unwrap_or("Idle"), "Idle", "{status:#}");
+    assert_eq!(status["knownVersion"], 3, "nothing adopted: {status:#}");
+    assert!(status["handledRequest"].is_null(), "the request waits: {status:#}");
+    assert_eq!(stalled(&status), ("True".into(), "KeyBehindStatus".into()), "{status:#}");
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("Vault restored") && message.contains("status.knownVersion"), "{message}");
+    assert!(rig.key.lock().calls.is_empty(), "{:?}", rig.key.lock().calls);
+    let events = rig.events().await;
+    assert_eq!(events.iter().filter(|e| *e == "KeyBehindStatus").count(), 1, "{events:?}");
+    assert!(!ctx.metrics.encode().contains("kid-"), "no kid in any metric");
+
+    // The operator removes knownVersion: the version that signs now is adopted, and the pending
+    // request then runs from it.
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["status"].as_object_mut().unwrap().remove("knownVersion");
+    rig.fake.set_policy(p).await;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["knownVersion"], 1, "{status:#}");
+    assert_eq!(stalled(&status), ("False".into(), "KeyNotBehind".into()), "{status:#}");
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    assert_eq!((status["fromVersion"].clone(), status["toVersion"].clone()), (json!(1), json!(2)));
+    assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "retire 2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_policy_holds_on_a_pin_set_back_and_goes_on_once_the_key_is_back() {
+    // Transit holds version 3, which the status knows signs, but pins version 2 (a snapshot
+    // from before the last run's switch). A request is pending.
+    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    {
+        let mut key = rig.key.lock();
+        key.latest = 3;
+        key.min_encryption_version = 2;
+    }
+    let ctx = rig.context();
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+    let status = rig.fake.status().await;
+    assert_eq!(stalled(&status), ("True".into(), "KeyBehindStatus".into()), "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("min_encryption_version 2"), "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "no pin from a restored key: {:?}", rig.key.lock().calls);
+
+    // The right snapshot is restored: the pending request starts its run.
+    rig.key.lock().min_encryption_version = 3;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(stalled(&status), ("False".into(), "KeyNotBehind".into()), "{status:#}");
+    assert_eq!((status["phase"].clone(), status["fromVersion"].clone()), (json!("Rotating"), json!(3)));
 }

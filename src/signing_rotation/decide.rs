@@ -26,6 +26,12 @@ pub enum Idle {
     /// First sight of an unpinned key, and the signers do not agree on a kid Transit holds:
     /// which version signs is unknown, so nothing is adopted.
     Unsettled,
+    /// Transit's key is behind version `known`, the one this policy last saw sign: nothing is
+    /// adopted and no run starts from it.
+    Behind {
+        /// The status's `knownVersion`.
+        known: u64,
+    },
 }
 
 /// The version that signs now: the pinned `min_encryption_version`, or the latest when none is
@@ -51,6 +57,7 @@ pub fn agreed_signing_kid(reports: &SignerReports) -> Option<String> {
 /// controller wins over both: it is published and switched to like one the controller made.
 /// First sight of an unpinned key adopts the version whose kid the signers sign with, not the
 /// latest: signers follow their own age rule, and a younger latest was never waited for.
+/// A key behind the known version wins over everything (see [`key_behind`]).
 pub fn decide_idle(
     known: Option<u64>,
     key: &SigningKeyState,
@@ -65,6 +72,9 @@ pub fn decide_idle(
         let signing = key.kids.iter().find(|(_, kid)| Some(kid.as_str()) == signing_kid);
         return signing.map_or(Idle::Unsettled, |(version, _)| Idle::Adopt(*version));
     };
+    if key_behind(known, key) {
+        return Idle::Behind { known };
+    }
     if key.latest > known {
         return Idle::Start { trigger: "external", from: known };
     }
@@ -75,6 +85,24 @@ pub fn decide_idle(
         return Idle::Start { trigger: "schedule", from: known };
     }
     Idle::Rest
+}
+
+/// Whether Transit's key is behind version `known`, which this policy last saw sign: its latest
+/// version, or its pin, is older. Transit never lowers either by itself (a rotate only adds a
+/// version, and this loop only pins forward), so something moved it back: most likely a Vault
+/// restored from an older snapshot or the key deleted and recreated, else a pin set back by hand.
+/// Adopting it would drop the loop's memory of what signed, and a run from it would pin a
+/// version that Transit lacks or that signed before the last run.
+pub fn key_behind(known: u64, key: &SigningKeyState) -> bool {
+    key.latest < known || (key.min_encryption_version != 0 && key.min_encryption_version < known)
+}
+
+/// Why an idle policy holds on a key behind `known`, and what lets it go on.
+pub fn behind_message(known: u64, key: &SigningKeyState) -> String {
+    format!(
+        "Transit's key shows latest version {} and min_encryption_version {}, behind version {known} that this policy knows signs: probably a Vault restored from an older snapshot or the key deleted and recreated, else a pin set back by hand; nothing is adopted and no run starts until the key is back at version {known} or later, or an operator removes status.knownVersion so that the version signing now is adopted",
+        key.latest, key.min_encryption_version
+    )
 }
 
 /// The Rotate phase's next move.
@@ -970,5 +998,24 @@ mod tests {
         assert!(!judge_established(&restarted, None, skew).done(), "no start recorded proves nothing");
         assert!(!judge_established(&Ok(vec![]), Some(1000), skew).done(), "no API server proves nothing");
         assert!(!judge_established(&Err("forbidden".into()), Some(1000), skew).done());
+    }
+
+    #[test]
+    fn an_idle_policy_holds_on_a_key_behind_the_known_version() {
+        let behind = Idle::Behind { known: 3 };
+        assert_eq!(decide_idle(Some(3), &key(2, 2), None, true, true), behind, "latest below known");
+        assert_eq!(decide_idle(Some(3), &key(2, 0), None, false, false), behind, "unpinned, latest below");
+        assert_eq!(decide_idle(Some(3), &key(3, 2), None, true, true), behind, "pinned below known");
+        assert_eq!(
+            decide_idle(Some(3), &key(4, 2), None, false, false),
+            behind,
+            "a newer version does not start a run from a pin set back"
+        );
+        assert_eq!(decide_idle(Some(3), &key(3, 0), None, false, false), Idle::Rest, "unpinned at known");
+        assert_eq!(decide_idle(Some(3), &key(3, 3), None, false, false), Idle::Rest);
+        assert_eq!(decide_idle(None, &key(2, 2), None, false, false), Idle::Adopt(2), "nothing known yet");
+        let message = behind_message(3, &key(2, 2));
+        assert!(message.contains("Vault restored"), "{message}");
+        assert!(message.contains("status.knownVersion"), "{message}");
     }
 }
