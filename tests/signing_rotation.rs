@@ -278,7 +278,16 @@ impl Fleet for FakeFleet {
     }
 }
 
+/// When the test clock starts (`fake_api::TestClock`), Unix seconds.
+fn test_start() -> i64 {
+    fake_api::TestClock::new().now().as_second()
+}
+
+/// A policy whose status has followed the signers' token lifetime (at 600 s, kube-apiserver's
+/// least) since two days before the test, before every API server of the rigs started: `extra`
+/// removes that (`null`) to start without it.
 fn policy(extra: Value) -> Value {
+    let observed = test_start() - 2 * 86_400;
     let mut policy = json!({
         "apiVersion": "kmsgate.io/v1alpha1",
         "kind": "SigningKeyPolicy",
@@ -287,7 +296,13 @@ fn policy(extra: Value) -> Value {
             "transit": {"key": "sa-signing"},
             "signers": {"endpoints": ["http://10.0.0.1:8789", "http://10.0.0.2:8789"]},
         },
-        "status": {"knownVersion": 1, "nextRun": ""},
+        "status": {
+            "knownVersion": 1,
+            "nextRun": "",
+            "maxTokenExpirationSeconds": 600,
+            "maxTokenExpirationChangedAt": kmsgate::clock::seconds_text(observed),
+            "maxTokenExpirationObservedSince": observed,
+        },
     });
     fake_api::merge(&mut policy, &extra);
     policy
@@ -342,6 +357,14 @@ impl Rig {
         self.fake.status().await
     }
 
+    /// API servers `indexes` (from 0) restart now: their `process_start_time_seconds` moves.
+    fn restart_api_servers(&self, indexes: &[usize]) {
+        let now = self.fake.clock.now().as_second() as f64;
+        for index in indexes {
+            self.fleet.lock().servers[*index].started = now;
+        }
+    }
+
     async fn events(&self) -> Vec<String> {
         let state = self.fake.state.lock().await;
         state.events.iter().map(|e| e["reason"].as_str().unwrap_or_default().to_owned()).collect()
@@ -350,6 +373,15 @@ impl Rig {
 
 fn seconds(text: &Value) -> i64 {
     kmsgate::clock::parse_time(text.as_str().unwrap()).unwrap().as_second()
+}
+
+/// The `Stalled` condition's status and reason.
+fn stalled(status: &Value) -> (String, String) {
+    let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+    let Some(c) = conditions.iter().find(|c| c["type"] == "Stalled") else {
+        return (String::new(), String::new());
+    };
+    (c["status"].as_str().unwrap().to_owned(), c["reason"].as_str().unwrap().to_owned())
 }
 
 #[tokio::test(start_paused = true)]
@@ -525,6 +557,8 @@ async fn drain_length(bound: i64, lower: i64, changed: i64, started: i64) -> (i6
     p["status"]["maxTokenExpirationSeconds"] = json!(bound);
     p["status"]["lowerTokenExpirationSeconds"] = json!(lower);
     p["status"]["maxTokenExpirationChangedAt"] = json!(kmsgate::clock::seconds_text(now + changed));
+    // NB: followed since before every start here, so only the lowering rule is at play.
+    p["status"]["maxTokenExpirationObservedSince"] = json!(now - 4 * 86_400);
     rig.fake.set_policy(p).await;
     for server in &mut rig.fleet.lock().servers {
         server.started = (now + started) as f64;
@@ -703,7 +737,7 @@ async fn signer_rotate_without_a_controller_drives_the_requested_run_to_its_end(
 
 #[tokio::test(start_paused = true)]
 async fn drain_waits_rather_than_guess_while_no_signer_reports_a_token_lifetime() {
-    let rig = Rig::new(json!({}), 3600).await;
+    let rig = Rig::new(json!({"status": {"maxTokenExpirationSeconds": null}}), 3600).await;
     for signer in rig.fleet.lock().signers.values_mut() {
         signer.max_token_expiration_seconds = None;
     }
@@ -716,10 +750,7 @@ async fn drain_waits_rather_than_guess_while_no_signer_reports_a_token_lifetime(
     let status = rig.fake.status().await;
     assert_eq!(status["phase"], "Draining", "a day later, still waiting: {status:#}");
     assert!(status["drainUntil"].is_null());
-    let stalled = |s: &Value| {
-        s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap()["status"].clone()
-    };
-    assert_eq!(stalled(&status), "True");
+    assert_eq!(stalled(&status), ("True".into(), "NoTokenLifetime".into()));
     assert!(status["message"].as_str().unwrap().contains("max_token_expiration_seconds"));
 
     for signer in rig.fleet.lock().signers.values_mut() {
@@ -727,8 +758,17 @@ async fn drain_waits_rather_than_guess_while_no_signer_reports_a_token_lifetime(
     }
     ctx.step("p").await.unwrap();
     let status = rig.fake.status().await;
-    assert_eq!(stalled(&status), "False", "{status:#}");
     assert!(status["drainUntil"].is_string());
+    // The bound was first seen now, after both API servers started: they may have read a longer
+    // one, so Drain's end waits until they restart.
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    assert_eq!(stalled(&status), ("True".into(), "TokenLifetimeNotEstablished".into()), "{status:#}");
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    rig.restart_api_servers(&[0, 1]);
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Retiring", "{status:#}");
+    assert_eq!(stalled(&status), ("False".into(), "TokenLifetimeEstablished".into()), "{status:#}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1029,7 +1069,12 @@ async fn a_call_that_keeps_failing_is_shown_in_the_status_and_stops_the_run_at_t
 
 #[tokio::test(start_paused = true)]
 async fn a_key_restored_below_the_version_that_signed_stops_rotate_and_names_a_restore() {
-    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    // Restored while the run was in Rotate (an idle policy holds before a run starts; below).
+    let rig = Rig::new(
+        json!({"status": {"knownVersion": 3, "phase": "Rotating", "fromVersion": 3, "handledRequest": "now"}}),
+        3600,
+    )
+    .await;
     let ctx = rig.context();
     let status = rig.step_until(&ctx, "Failed").await;
     assert_eq!(
@@ -1060,4 +1105,139 @@ async fn a_running_api_server_missing_from_the_endpoint_slice_holds_the_fleet_re
     // Once its Lease is stale, the two sources agree again.
     fake.clock.advance(Duration::from_secs(kmsgate::k8s::LEASE_FRESH.as_secs() + 11));
     assert_eq!(fleet.api_servers().await.unwrap().len(), 1);
+}
+
+/// Steps `rig` past the end of the Drain it is in (a day at most), so the next step judges it.
+async fn past_drain_end(rig: &Rig, ctx: &Context<FakeKey, FakeFleet>) -> Value {
+    ctx.step("p").await.unwrap();
+    let until = seconds(&rig.fake.status().await["drainUntil"]);
+    let now = rig.fake.clock.now().as_second();
+    tokio::time::sleep(Duration::from_secs((until - now + 1) as u64)).await;
+    ctx.step("p").await.unwrap();
+    rig.fake.status().await
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_holds_at_its_end_while_an_api_server_started_before_the_bound_was_first_seen() {
+    // A fresh status: the loop first sees the signers' bound now, a day after both API servers
+    // started, when their signers may have reported a longer one.
+    let fresh = json!({"status": {"maxTokenExpirationSeconds": null, "maxTokenExpirationChangedAt": null, "maxTokenExpirationObservedSince": null}});
+    let rig = Rig::new(fresh, 3600).await;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Draining").await;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["apiServerStragglers"].as_array().map(Vec::len), Some(2), "named early: {status:#}");
+    assert!(status["message"].as_str().unwrap().contains("Drain holds at its end"), "{status:#}");
+    assert_eq!(status["maxTokenExpirationObservedSince"], test_start(), "{status:#}");
+
+    let status = past_drain_end(&rig, &ctx).await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    assert_eq!(stalled(&status), ("True".into(), "TokenLifetimeNotEstablished".into()), "{status:#}");
+    let message = status["message"].as_str().unwrap();
+    for server in ["10.0.0.1:6443 started at", "10.0.0.2:6443 started at"] {
+        assert!(message.contains(server), "{message}");
+    }
+    ctx.step("p").await.unwrap();
+    let events = rig.events().await;
+    assert_eq!(events.iter().filter(|e| *e == "TokenLifetimeNotEstablished").count(), 1, "{events:?}");
+
+    // One server restarts: it reads the signers' bound again; the other still holds Drain.
+    rig.restart_api_servers(&[0]);
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    let stragglers = status["apiServerStragglers"].as_array().unwrap();
+    assert_eq!(stragglers.len(), 1, "{status:#}");
+    assert!(stragglers[0].as_str().unwrap().starts_with("10.0.0.2:6443 started at"), "{status:#}");
+
+    rig.restart_api_servers(&[1]);
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"], "Retiring", "{status:#}");
+    assert_eq!(stalled(&status), ("False".into(), "TokenLifetimeEstablished".into()), "{status:#}");
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    assert_eq!(status["maxTokenExpirationObservedSince"], test_start(), "kept across runs: {status:#}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bound_kept_without_an_observation_start_counts_from_its_last_change() {
+    // A status written before the observation start was recorded: its bound last changed two
+    // hours before the test, after both API servers had started.
+    let changed = test_start() - 7200;
+    let old = json!({"status": {
+        "maxTokenExpirationSeconds": 3600,
+        "maxTokenExpirationChangedAt": kmsgate::clock::seconds_text(changed),
+        "maxTokenExpirationObservedSince": null,
+    }});
+    let rig = Rig::new(old, 3600).await;
+    let ctx = rig.context();
+    rig.step_until(&ctx, "Draining").await;
+    let status = past_drain_end(&rig, &ctx).await;
+    assert_eq!(status["phase"], "Draining", "{status:#}");
+    assert_eq!(stalled(&status), ("True".into(), "TokenLifetimeNotEstablished".into()), "{status:#}");
+    assert_eq!(status["maxTokenExpirationObservedSince"], changed, "{status:#}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_policy_holds_on_a_key_restored_below_the_known_version_until_an_operator_acts() {
+    // The status knows version 3 signs; Transit (restored from an older snapshot) holds only
+    // version 1. A request is pending.
+    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    let ctx = rig.context();
+    for _ in 0..3 {
+        assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    let status = rig.fake.status().await;
+    assert_eq!(status["phase"].as_str().unwrap_or("Idle"), "Idle", "{status:#}");
+    assert_eq!(status["knownVersion"], 3, "nothing adopted: {status:#}");
+    assert!(status["handledRequest"].is_null(), "the request waits: {status:#}");
+    assert_eq!(stalled(&status), ("True".into(), "KeyBehindStatus".into()), "{status:#}");
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("Vault restored") && message.contains("status.knownVersion"), "{message}");
+    assert!(rig.key.lock().calls.is_empty(), "{:?}", rig.key.lock().calls);
+    let events = rig.events().await;
+    assert_eq!(events.iter().filter(|e| *e == "KeyBehindStatus").count(), 1, "{events:?}");
+    assert!(!ctx.metrics.encode().contains("kid-"), "no kid in any metric");
+
+    // The operator removes knownVersion: the version that signs now is adopted, and the pending
+    // request then runs from it.
+    let mut p = rig.fake.state.lock().await.policy.clone();
+    p["status"].as_object_mut().unwrap().remove("knownVersion");
+    rig.fake.set_policy(p).await;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(status["knownVersion"], 1, "{status:#}");
+    assert_eq!(stalled(&status), ("False".into(), "KeyNotBehind".into()), "{status:#}");
+    let status = rig.step_until(&ctx, "Idle-after-run").await;
+    assert_eq!(status["result"], "Succeeded", "{status:#}");
+    assert_eq!((status["fromVersion"].clone(), status["toVersion"].clone()), (json!(1), json!(2)));
+    assert_eq!(rig.key.lock().calls, ["rotate", "pin 2", "retire 2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_policy_holds_on_a_pin_set_back_and_goes_on_once_the_key_is_back() {
+    // Transit holds version 3, which the status knows signs, but pins version 2 (a snapshot
+    // from before the last run's switch). A request is pending.
+    let rig = Rig::new(json!({"status": {"knownVersion": 3}}), 3600).await;
+    {
+        let mut key = rig.key.lock();
+        key.latest = 3;
+        key.min_encryption_version = 2;
+    }
+    let ctx = rig.context();
+    assert!(matches!(ctx.step("p").await.unwrap(), Step::Rest(_)));
+    let status = rig.fake.status().await;
+    assert_eq!(stalled(&status), ("True".into(), "KeyBehindStatus".into()), "{status:#}");
+    assert!(status["message"].as_str().unwrap().contains("min_encryption_version 2"), "{status:#}");
+    assert!(rig.key.lock().calls.is_empty(), "no pin from a restored key: {:?}", rig.key.lock().calls);
+
+    // The right snapshot is restored: the pending request starts its run.
+    rig.key.lock().min_encryption_version = 3;
+    ctx.step("p").await.unwrap();
+    let status = rig.fake.status().await;
+    assert_eq!(stalled(&status), ("False".into(), "KeyNotBehind".into()), "{status:#}");
+    assert_eq!((status["phase"].clone(), status["fromVersion"].clone()), (json!("Rotating"), json!(3)));
 }

@@ -162,6 +162,7 @@ fn planned(status: &SigningStatus, meta: &SigningKeyState, signing_kid: Option<&
     let (from, adopt) = match decide::decide_idle(status.known_version, meta, signing_kid, true, false) {
         Idle::Start { trigger, from } => (from, format!("would start a run ({trigger}) from version {from}")),
         Idle::Adopt(version) => (version, format!("would adopt version {version}, then start a run from it")),
+        Idle::Behind { known } => return format!("would wait: {}", decide::behind_message(known, meta)),
         Idle::Unsettled | Idle::Rest => {
             return "would wait: the key is not pinned and the signers do not agree on a signing kid Transit holds".into();
         }
@@ -206,6 +207,11 @@ mod tests {
         assert_eq!(
             planned(&SigningStatus::default(), &key(3, 0), Some("kid-2")),
             "would adopt version 2, then start a run from it: pin min_encryption_version to 2, then switch to version 3, which exists (no rotate)"
+        );
+        assert!(
+            planned(&known(3), &key(2, 2), None)
+                .starts_with("would wait: Transit's key shows latest version 2 and min_encryption_version 2, behind version 3"),
+            "a restored key is neither adopted nor rotated from"
         );
         let running = SigningStatus { phase: SigningPhase::Draining, from_version: Some(1), ..known(1) };
         assert!(planned(&running, &key(2, 2), None).starts_with("a run is in progress (Draining"));

@@ -26,6 +26,12 @@ pub enum Idle {
     /// First sight of an unpinned key, and the signers do not agree on a kid Transit holds:
     /// which version signs is unknown, so nothing is adopted.
     Unsettled,
+    /// Transit's key is behind version `known`, the one this policy last saw sign: nothing is
+    /// adopted and no run starts from it.
+    Behind {
+        /// The status's `knownVersion`.
+        known: u64,
+    },
 }
 
 /// The version that signs now: the pinned `min_encryption_version`, or the latest when none is
@@ -51,6 +57,7 @@ pub fn agreed_signing_kid(reports: &SignerReports) -> Option<String> {
 /// controller wins over both: it is published and switched to like one the controller made.
 /// First sight of an unpinned key adopts the version whose kid the signers sign with, not the
 /// latest: signers follow their own age rule, and a younger latest was never waited for.
+/// A key behind the known version wins over everything (see [`key_behind`]).
 pub fn decide_idle(
     known: Option<u64>,
     key: &SigningKeyState,
@@ -65,6 +72,9 @@ pub fn decide_idle(
         let signing = key.kids.iter().find(|(_, kid)| Some(kid.as_str()) == signing_kid);
         return signing.map_or(Idle::Unsettled, |(version, _)| Idle::Adopt(*version));
     };
+    if key_behind(known, key) {
+        return Idle::Behind { known };
+    }
     if key.latest > known {
         return Idle::Start { trigger: "external", from: known };
     }
@@ -75,6 +85,24 @@ pub fn decide_idle(
         return Idle::Start { trigger: "schedule", from: known };
     }
     Idle::Rest
+}
+
+/// Whether Transit's key is behind version `known`, which this policy last saw sign: its latest
+/// version, or its pin, is older. Transit never lowers either by itself (a rotate only adds a
+/// version, and this loop only pins forward), so something moved it back: most likely a Vault
+/// restored from an older snapshot or the key deleted and recreated, else a pin set back by hand.
+/// Adopting it would drop the loop's memory of what signed, and a run from it would pin a
+/// version that Transit lacks or that signed before the last run.
+pub fn key_behind(known: u64, key: &SigningKeyState) -> bool {
+    key.latest < known || (key.min_encryption_version != 0 && key.min_encryption_version < known)
+}
+
+/// Why an idle policy holds on a key behind `known`, and what lets it go on.
+pub fn behind_message(known: u64, key: &SigningKeyState) -> String {
+    format!(
+        "Transit's key shows latest version {} and min_encryption_version {}, behind version {known} that this policy knows signs: probably a Vault restored from an older snapshot or the key deleted and recreated, else a pin set back by hand; nothing is adopted and no run starts until the key is back at version {known} or later, or an operator removes status.knownVersion so that the version signing now is adopted",
+        key.latest, key.min_encryption_version
+    )
 }
 
 /// The Rotate phase's next move.
@@ -137,7 +165,8 @@ impl Members {
         self.total > 0 && self.lagging.is_empty()
     }
 
-    fn summary(&self, what: &str) -> String {
+    /// One line for the status: who lags and why, or that there was none of `what`.
+    pub fn summary(&self, what: &str) -> String {
         match self.total {
             0 if self.lagging.is_empty() => format!("no {what} found"),
             _ => format!("waiting for {what}: {}", self.lagging.join("; ")),
@@ -402,6 +431,9 @@ pub struct Expiration {
     pub lower: Option<i64>,
     /// Tokens issued under an earlier, higher bound may live until then.
     pub earlier_until: Option<i64>,
+    /// When the loop first saw a bound: an API server started earlier read its signer's
+    /// Metadata before, possibly a higher bound than any seen since.
+    pub observed_since: Option<i64>,
 }
 
 /// Follows the signers' largest reported `max_token_expiration_seconds`. kube-apiserver reads
@@ -415,6 +447,10 @@ pub struct Expiration {
 ///
 /// A lower value is taken only when `every_signer` answered it: a signer that could not be read
 /// may still serve the higher one.
+///
+/// The first bound seen starts the observation (`observed_since`); a bound kept without one (a
+/// status written before it was recorded) counts from its last change, later than the real
+/// start, so no server that started before is missed.
 pub fn track_expiration(
     prev: Expiration,
     reported: Option<i64>,
@@ -422,6 +458,11 @@ pub fn track_expiration(
     starts: Option<&[f64]>,
     now: i64,
 ) -> Expiration {
+    let observed_since = match prev.bound {
+        Some(_) => prev.observed_since.or(Some(prev.changed_at.unwrap_or(now))),
+        None => prev.observed_since,
+    };
+    let prev = Expiration { observed_since, ..prev };
     let Some(reported) = reported else { return prev };
     if !every_signer && prev.bound.is_some_and(|bound| reported < bound) {
         return prev;
@@ -431,6 +472,8 @@ pub fn track_expiration(
         None => {
             next.bound = Some(reported);
             next.changed_at = Some(now);
+            // NB: a start recorded without a bound was not an observation of one.
+            next.observed_since = Some(now);
         }
         Some(bound) if reported > bound => {
             next = Expiration { bound: Some(reported), changed_at: Some(now), lower: None, ..prev };
@@ -462,6 +505,42 @@ pub fn track_expiration(
         }
     }
     next
+}
+
+/// Whether the bound holds for every API server: each must have started after `observed_since`
+/// plus `skew` (the start is on the server's clock, which may run ahead). kube-apiserver reads
+/// its signer's Metadata once, at start (see [`track_expiration`]), so a server started before
+/// the loop first saw a bound may have read a higher one, and may still issue tokens that
+/// long; a restart makes it read the signers' value again. A server whose start is unknown
+/// proves nothing, and neither does a status without an observation start.
+pub fn judge_established(
+    api_servers: &Result<Vec<ApiServerReport>, String>,
+    observed_since: Option<i64>,
+    skew: Duration,
+) -> Members {
+    let reports = match api_servers {
+        Ok(reports) => reports,
+        Err(e) => return Members { total: 0, lagging: vec![format!("API servers cannot be listed: {e}")] },
+    };
+    let Some(since) = observed_since else {
+        return Members { total: 0, lagging: vec!["no observation start of the bound is recorded".into()] };
+    };
+    let after = since.saturating_add(skew.as_secs() as i64);
+    let mut members = Members { total: reports.len(), lagging: Vec::new() };
+    for report in reports {
+        let address = &report.address;
+        match report.metrics.as_ref().map(|m| m.process_start) {
+            Err(e) => members.lagging.push(format!("{address}: {e}")),
+            Ok(None) => members.lagging.push(format!("{address} exports no process_start_time_seconds")),
+            Ok(Some(start)) if start <= after as f64 => members.lagging.push(format!(
+                "{address} started at {}, before this policy first saw the signers' token lifetime at {} (plus the {skew:?} clock-skew margin): it may issue tokens as long as its signer allowed then; restart it",
+                crate::clock::seconds_text(start as i64),
+                crate::clock::seconds_text(since)
+            )),
+            Ok(Some(_)) => {}
+        }
+    }
+    members
 }
 
 /// When Drain ends: the last old-key signature (`switched`, when the switch was proven) plus
@@ -721,7 +800,13 @@ mod tests {
         let e = track_expiration(Expiration::default(), Some(3600), true, None, 100);
         assert_eq!(
             e,
-            Expiration { bound: Some(3600), changed_at: Some(100), lower: None, earlier_until: None }
+            Expiration {
+                bound: Some(3600),
+                changed_at: Some(100),
+                lower: None,
+                earlier_until: None,
+                observed_since: Some(100)
+            }
         );
         assert_eq!(track_expiration(e, None, true, None, 200), e, "no report changes nothing");
         let raised = track_expiration(e, Some(7200), true, None, 200);
@@ -747,7 +832,8 @@ mod tests {
                 bound: Some(600),
                 changed_at: Some(300),
                 lower: None,
-                earlier_until: Some(400 + 7200)
+                earlier_until: Some(400 + 7200),
+                observed_since: Some(100)
             }
         );
         let back = track_expiration(lowered, Some(7200), true, None, 500);
@@ -779,7 +865,7 @@ mod tests {
     #[test]
     fn drain_ends_after_the_bound_the_earlier_tokens_and_the_skew() {
         let skew = Duration::from_secs(300);
-        let e = |bound, earlier| Expiration { bound, changed_at: None, lower: None, earlier_until: earlier };
+        let e = |bound, earlier| Expiration { bound, earlier_until: earlier, ..Expiration::default() };
         assert_eq!(drain_until(1000, &e(None, None), skew), None);
         assert_eq!(drain_until(1000, &e(Some(3600), None), skew), Some(1000 + 3600 + 300));
         assert_eq!(drain_until(1000, &e(Some(60), None), skew), Some(1000 + 600 + 300), "never under 600 s");
@@ -859,5 +945,77 @@ mod tests {
         // retired the signer keeps it as a verify-only entry from the file.
         let signers = vec![("http://a".to_owned(), Ok(signer("kid-2", &["kid-1", "kid-2"])))];
         assert!(judge_retired(&signers, 2).done(), "{:?}", judge_retired(&signers, 2));
+    }
+
+    #[test]
+    fn the_first_bound_seen_starts_the_observation_and_a_kept_bound_counts_from_its_last_change() {
+        let first = track_expiration(Expiration::default(), Some(3600), true, None, 100);
+        assert_eq!(first.observed_since, Some(100));
+        let later = track_expiration(first, Some(7200), true, None, 900);
+        assert_eq!(later.observed_since, Some(100), "a raise does not move the start");
+        let unseen = Expiration { observed_since: Some(5), ..Expiration::default() };
+        assert_eq!(
+            track_expiration(unseen, Some(3600), true, None, 100).observed_since,
+            Some(100),
+            "a start without a bound was no observation of one"
+        );
+        assert_eq!(track_expiration(unseen, None, true, None, 100), unseen, "nothing reported, nothing seen");
+
+        // A status kept before the start was recorded: from the bound's last change, or now.
+        let old = Expiration { bound: Some(3600), changed_at: Some(40), ..Expiration::default() };
+        assert_eq!(track_expiration(old, None, true, None, 100).observed_since, Some(40));
+        assert_eq!(track_expiration(old, Some(3600), true, None, 100).observed_since, Some(40));
+        let bare = Expiration { bound: Some(3600), ..Expiration::default() };
+        assert_eq!(track_expiration(bare, Some(3600), true, None, 100).observed_since, Some(100));
+    }
+
+    fn started(address: &str, start: Option<f64>) -> ApiServerReport {
+        ApiServerReport {
+            address: address.into(),
+            metrics: Ok(FetchKeysMetrics { fetch_keys_success: Some(1.0), process_start: start }),
+        }
+    }
+
+    #[test]
+    fn the_bound_is_established_only_by_servers_started_after_the_observation_plus_the_skew() {
+        let skew = Duration::from_secs(300);
+        let servers = Ok(vec![
+            started("10.0.0.1:6443", Some(1301.0)),
+            started("10.0.0.2:6443", Some(1300.0)),
+            started("10.0.0.3:6443", None),
+            ApiServerReport { address: "10.0.0.4:6443".into(), metrics: Err("HTTP 403".into()) },
+        ]);
+        let judged = judge_established(&servers, Some(1000), skew);
+        assert_eq!(judged.total, 4);
+        assert_eq!(judged.lagging.len(), 3, "{:?}", judged.lagging);
+        assert!(judged.lagging[0].starts_with("10.0.0.2:6443 started at"), "{}", judged.lagging[0]);
+        assert!(judged.lagging[0].ends_with("restart it"), "{}", judged.lagging[0]);
+        assert_eq!(judged.lagging[1], "10.0.0.3:6443 exports no process_start_time_seconds");
+        assert_eq!(judged.lagging[2], "10.0.0.4:6443: HTTP 403");
+
+        let restarted = Ok(vec![started("10.0.0.1:6443", Some(1301.0))]);
+        assert!(judge_established(&restarted, Some(1000), skew).done());
+        assert!(!judge_established(&restarted, None, skew).done(), "no start recorded proves nothing");
+        assert!(!judge_established(&Ok(vec![]), Some(1000), skew).done(), "no API server proves nothing");
+        assert!(!judge_established(&Err("forbidden".into()), Some(1000), skew).done());
+    }
+
+    #[test]
+    fn an_idle_policy_holds_on_a_key_behind_the_known_version() {
+        let behind = Idle::Behind { known: 3 };
+        assert_eq!(decide_idle(Some(3), &key(2, 2), None, true, true), behind, "latest below known");
+        assert_eq!(decide_idle(Some(3), &key(2, 0), None, false, false), behind, "unpinned, latest below");
+        assert_eq!(decide_idle(Some(3), &key(3, 2), None, true, true), behind, "pinned below known");
+        assert_eq!(
+            decide_idle(Some(3), &key(4, 2), None, false, false),
+            behind,
+            "a newer version does not start a run from a pin set back"
+        );
+        assert_eq!(decide_idle(Some(3), &key(3, 0), None, false, false), Idle::Rest, "unpinned at known");
+        assert_eq!(decide_idle(Some(3), &key(3, 3), None, false, false), Idle::Rest);
+        assert_eq!(decide_idle(None, &key(2, 2), None, false, false), Idle::Adopt(2), "nothing known yet");
+        let message = behind_message(3, &key(2, 2));
+        assert!(message.contains("Vault restored"), "{message}");
+        assert!(message.contains("status.knownVersion"), "{message}");
     }
 }

@@ -327,6 +327,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             retired_below: old.retired_below,
             max_token_expiration_seconds: old.max_token_expiration_seconds,
             max_token_expiration_changed_at: old.max_token_expiration_changed_at.clone(),
+            max_token_expiration_observed_since: old.max_token_expiration_observed_since,
             lower_token_expiration_seconds: old.lower_token_expiration_seconds,
             earlier_tokens_expire_at: old.earlier_tokens_expire_at.clone(),
             conditions: old.conditions.clone(),
@@ -352,8 +353,18 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             signing_kid = decide::agreed_signing_kid(&signers);
         }
         let known = self.book.status.known_version;
-        let requested = self.book.new_request().is_some();
-        match decide_idle(known, &meta, signing_kid.as_deref(), requested, self.due()) {
+        let idle =
+            decide_idle(known, &meta, signing_kid.as_deref(), self.book.new_request().is_some(), self.due());
+        if !matches!(idle, Idle::Behind { .. }) && self.unstall("KeyBehindStatus", "KeyNotBehind") {
+            self.book.status.message = "Transit's key is no longer behind the known version".into();
+        }
+        match idle {
+            Idle::Behind { known } => {
+                // NB: a request stays pending (not handled), so it starts its run once an
+                // operator has dealt with the key.
+                self.book.stall("KeyBehindStatus", &decide::behind_message(known, &meta));
+                Ok(self.book.rest())
+            }
             Idle::Unsettled => {
                 let message = "the key is not pinned (min_encryption_version 0) and the signers do not agree on a signing kid Transit holds; waiting for them to agree, or pin the key";
                 self.book.stall("SigningVersionUnknown", message);
@@ -362,9 +373,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             Idle::Adopt(version) => {
                 // NB: the first sight of a key adopts the version that signs now; only later
                 // versions start runs.
-                if self.book.status.conditions.iter().any(|c| c.reason == "SigningVersionUnknown") {
-                    self.book.condition("Stalled", false, "SigningVersionKnown", "");
-                }
+                self.unstall("SigningVersionUnknown", "SigningVersionKnown");
                 self.book.status.known_version = Some(version);
                 self.book.status.next_run = self.book.next_run();
                 self.book.status.message = format!("adopted signing key version {version}");

@@ -7,8 +7,8 @@ use super::{
     ApiServerReport, Fleet, Run, SigningKeyAdmin, SigningKeyState, SigningRotationError, Step,
     decide::{
         Decision, Expiration, Members, PublishEvidence, Rotate, SignerReports, checked_versions,
-        decide_publish, decide_rotate, decide_switch, drain_until, judge_fetched, judge_published,
-        judge_retired, judge_signing, judge_token_kids, switch_lost, track_expiration,
+        decide_publish, decide_rotate, decide_switch, drain_until, judge_established, judge_fetched,
+        judge_published, judge_retired, judge_signing, judge_token_kids, switch_lost, track_expiration,
     },
 };
 use crate::{
@@ -71,6 +71,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             changed_at: Self::seconds(&status.max_token_expiration_changed_at),
             lower: status.lower_token_expiration_seconds,
             earlier_until: Self::seconds(&status.earlier_tokens_expire_at),
+            observed_since: status.max_token_expiration_observed_since,
         };
         let next =
             track_expiration(prev, reported, every_signer, starts.as_deref(), self.book.now().as_second());
@@ -90,6 +91,17 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         status.max_token_expiration_changed_at = text(next.changed_at);
         status.lower_token_expiration_seconds = next.lower;
         status.earlier_tokens_expire_at = text(next.earlier_until);
+        status.max_token_expiration_observed_since = next.observed_since;
+    }
+
+    /// Clears the `Stalled` condition when `reason` set it (what it waited for holds now), with
+    /// reason `cleared`; says whether it did.
+    pub(super) fn unstall(&mut self, reason: &str, cleared: &str) -> bool {
+        let stalled = self.book.status.conditions.iter().any(|c| c.type_ == "Stalled" && c.reason == reason);
+        if stalled {
+            self.book.condition("Stalled", false, cleared, "");
+        }
+        stalled
     }
 
     pub(super) async fn rotating(&mut self) -> Result<Step, SigningRotationError> {
@@ -311,27 +323,47 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         let status = &self.book.status;
         let expiration = Expiration {
             bound: status.max_token_expiration_seconds,
-            changed_at: None,
-            lower: None,
             earlier_until: Self::seconds(&status.earlier_tokens_expire_at),
+            ..Expiration::default()
         };
         let Some(until) = drain_until(switched, &expiration, self.plan.drain.skew) else {
             let message = "no signer has reported max_token_expiration_seconds, so how long old tokens live is unknown; upgrade the signers";
             self.book.stall("NoTokenLifetime", message);
             return Ok(Step::Wait(self.ctx.poll));
         };
-        if self.book.status.conditions.iter().any(|c| c.type_ == "Stalled" && c.reason == "NoTokenLifetime") {
-            self.book.condition("Stalled", false, "TokenLifetimeKnown", "");
-        }
+        self.unstall("NoTokenLifetime", "TokenLifetimeKnown");
         self.book.status.drain_until = clock::seconds_text(until);
+        // NB: named from the start of Drain, so the servers can be restarted before its time is
+        // up; only its end waits for them.
+        let established = judge_established(
+            &api_servers,
+            self.book.status.max_token_expiration_observed_since,
+            self.plan.drain.skew,
+        );
+        self.stragglers(&Members::default(), &established);
         let now = self.book.now().as_second();
         if now >= until {
+            if !established.done() {
+                let message = format!(
+                    "the old key's tokens have expired by the bound of {}s, but an API server may have read a longer one: {}",
+                    self.book.status.max_token_expiration_seconds.unwrap_or(0),
+                    established.summary("API servers")
+                );
+                self.book.stall("TokenLifetimeNotEstablished", &message);
+                return Ok(Step::Wait(self.ctx.poll));
+            }
+            self.unstall("TokenLifetimeNotEstablished", "TokenLifetimeEstablished");
             self.book.status.message = "every token signed with the old key has expired".into();
             self.book.enter(SigningPhase::Retiring);
             return Ok(Step::Again);
         }
         let left = Duration::from_secs((until - now) as u64);
         let mut message = format!("waiting {left:?} until tokens signed with the old key have expired");
+        if !established.done() {
+            message.push_str(
+                "; the bound is not established for every API server (see apiServerStragglers), and Drain holds at its end until it is",
+            );
+        }
         if self.due() {
             message.push_str(
                 "; the schedule came due, and its run starts once this one has retired the old key",
