@@ -1,6 +1,7 @@
 //! The custom resources (RotationPolicy, SigningKeyPolicy, TokenPolicy) and their parsing into typed plans. The
 //! bottom layer of the controller half: nothing here imports the rooms that act on a plan.
 
+pub mod policy;
 pub mod rotation;
 pub mod schedule;
 pub mod signing;

@@ -14,12 +14,9 @@ pub use plan::{
 pub use resource::{ResourceId, ResourceRef};
 pub use spec::{
     ConvergeSpec, MigrateSpec, MigrateStrategy, PluginDiscovery, RetireSpec, RotationPolicy,
-    RotationPolicySpec, TransitKey, VerifyJob, VerifyMode, VerifySpec, crd_yaml,
+    RotationPolicySpec, TransitKey, VerifyJob, VerifyMode, VerifySpec,
 };
 pub use status::{Condition, Phase, ResourceProgress, RotationStatus, Straggler, Totals, Verification};
-
-/// API group of kmsgate's resources.
-pub const GROUP: &str = "kmsgate.io";
 
 /// Annotation a person (or `kmsgate rotate`) sets to ask for a rotation now; any new value counts.
 pub const REQUEST_ANNOTATION: &str = "kmsgate.io/rotate-requested";

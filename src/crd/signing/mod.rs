@@ -18,7 +18,7 @@ pub use plan::{
 };
 pub use spec::{
     DrainSpec, PublishSpec, RetireSpec, RotateSpec, SignerDiscovery, SignersSpec, SigningKeyPolicy,
-    SigningKeyPolicySpec, SwitchSpec, crd_yaml,
+    SigningKeyPolicySpec, SwitchSpec,
 };
 pub use status::{SigningPhase, SigningStatus};
 
