@@ -1,15 +1,11 @@
 //! The read-only HTTP endpoint: /metrics, /livez, /readyz and /status. It accepts no writes.
 //! Also the bounded body reader every HTTP client of ours uses.
 
-use std::sync::Arc;
+use std::{convert::Infallible, sync::Arc};
 
-use axum::{
-    Json, Router,
-    extract::State,
-    http::{StatusCode, header},
-    response::IntoResponse,
-    routing::get,
-};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Bytes;
 
 /// A response body could not be read within its size limit.
 #[derive(Debug, thiserror::Error)]
@@ -58,14 +54,34 @@ pub trait HttpView: Send + Sync + 'static {
     fn metrics(&self) -> String;
 }
 
-/// The router, exposed for tests.
-pub fn router(view: Arc<dyn HttpView>) -> Router {
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .with_state(view)
+/// The answer to one request: GET of the four paths, or HEAD (the GET answer's head, its length
+/// included, without the body); 405 with `Allow: GET,HEAD` for any other method on them; an empty
+/// 404 for any other path. A query is ignored, and a path matches only as sent (no trailing slash,
+/// no decoding). These are the answers of the axum router this replaced, so probes and scrapers
+/// see no change.
+pub fn answer<B>(view: &dyn HttpView, request: &Request<B>) -> Response<Full<Bytes>> {
+    let route: fn(&dyn HttpView) -> (StatusCode, &'static str, String) = match request.uri().path() {
+        "/livez" => |_| (StatusCode::OK, TEXT, "ok\n".to_owned()),
+        "/readyz" => readyz,
+        "/status" => |view| (StatusCode::OK, JSON, view.status().to_string()),
+        "/metrics" => |view| (StatusCode::OK, OPENMETRICS, view.metrics()),
+        _ => return empty(StatusCode::NOT_FOUND),
+    };
+    let head = request.method() == Method::HEAD;
+    if request.method() != Method::GET && !head {
+        let mut response = empty(StatusCode::METHOD_NOT_ALLOWED);
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET,HEAD"));
+        return response;
+    }
+    let (status, content_type, body) = route(view);
+    // NB: set here, as hyper writes no length on a HEAD answer.
+    let length = body.len();
+    let mut response = Response::new(if head { Full::default() } else { Full::new(Bytes::from(body)) });
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response
 }
 
 /// Serves until the task is aborted: HTTP/1.1 only, at most [`MAX_CONNECTIONS`] connections
@@ -73,7 +89,6 @@ pub fn router(view: Arc<dyn HttpView>) -> Router {
 /// request head is not complete within [`HEADER_READ_TIMEOUT`] (also between keep-alive
 /// requests) or when it has been open for [`CONNECTION_MAX_AGE`].
 pub async fn serve(listener: tokio::net::TcpListener, view: Arc<dyn HttpView>) {
-    let router = router(view);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = crate::backoff::AcceptBackoff::default();
     loop {
@@ -86,7 +101,10 @@ pub async fn serve(listener: tokio::net::TcpListener, view: Arc<dyn HttpView>) {
             }
         };
         backoff.reset();
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let view = view.clone();
+        let service = hyper::service::service_fn(move |request| {
+            std::future::ready(Ok::<_, Infallible>(answer(view.as_ref(), &request)))
+        });
         tokio::spawn(async move {
             let _slot = slot;
             let connection = hyper::server::conn::http1::Builder::new()
@@ -110,17 +128,24 @@ pub const CONNECTION_MAX_AGE: std::time::Duration = std::time::Duration::from_se
 /// Largest request head read (requests have no body here).
 const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 
-async fn readyz(State(view): State<Arc<dyn HttpView>>) -> impl IntoResponse {
+/// /livez and /readyz.
+const TEXT: &str = "text/plain; charset=utf-8";
+/// /status.
+const JSON: &str = "application/json";
+/// The OpenMetrics text format that prometheus-client writes.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn readyz(view: &dyn HttpView) -> (StatusCode, &'static str, String) {
     match view.ready() {
-        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        Ok(()) => (StatusCode::OK, TEXT, "ok\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{reason}\n")),
     }
 }
 
-async fn status(State(view): State<Arc<dyn HttpView>>) -> impl IntoResponse {
-    Json(view.status())
-}
-
-async fn metrics(State(view): State<Arc<dyn HttpView>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], view.metrics())
+/// An answer with no body. Hyper gives it a zero length, except on HEAD, where a length would
+/// be a GET's.
+fn empty(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::default());
+    *response.status_mut() = status;
+    response
 }

@@ -749,9 +749,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Crd => {
             let render = |e: serde_saphyr::ser::Error| Failure::Run(format!("render CRD: {e}"));
-            let rotation = kmsgate::crd::rotation::crd_yaml().map_err(render)?;
-            let tokens = kmsgate::crd::tokens::crd_yaml().map_err(render)?;
-            let signing = kmsgate::crd::signing::crd_yaml().map_err(render)?;
+            use kmsgate::crd::{
+                policy::crd_yaml, rotation::RotationPolicySpec, signing::SigningKeyPolicySpec,
+                tokens::TokenPolicySpec,
+            };
+            let rotation = crd_yaml::<RotationPolicySpec>().map_err(render)?;
+            let tokens = crd_yaml::<TokenPolicySpec>().map_err(render)?;
+            let signing = crd_yaml::<SigningKeyPolicySpec>().map_err(render)?;
             print!("{rotation}---\n{tokens}---\n{signing}");
             Ok(())
         }

@@ -1,7 +1,7 @@
 //! The rotation state machine and the re-encrypt engine against the in-memory fake API server:
 //! thousands of objects, paging, conflicts, deletions, transient errors, a crash and a resume.
 
-use kmsgate_testkit::{self as common, fake_api, fake_keys, rbac};
+use kmsgate_testkit::{self as common, fake_api, fake_keys, http_standin, rbac};
 
 use std::{
     sync::{Arc, Mutex},
@@ -22,19 +22,15 @@ use serde_json::{Value, json};
 /// A plugin /status endpoint reporting whatever key_id the test sets, through the type the
 /// plugin writes (`kms` serializes `PluginStatus` fields into its /status).
 async fn plugin_status(key_id: Arc<Mutex<String>>) -> String {
-    let app = axum::Router::new().route(
-        "/status",
-        axum::routing::get(move || {
-            let key_id = key_id.lock().unwrap().clone();
-            let version = kmsgate::keyid::KeyId::parse(&key_id).map_or(0, |id| id.version);
-            let promoted = PromotedKey { key_id, version };
-            async move { axum::Json(PluginStatus { promoted: Some(promoted), ..Default::default() }) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    http_standin::serve(http::Method::GET, "/status", move |_| {
+        let key_id = key_id.lock().unwrap().clone();
+        let version = kmsgate::keyid::KeyId::parse(&key_id).map_or(0, |id| id.version);
+        let promoted = PromotedKey { key_id, version };
+        http_standin::json(
+            serde_json::to_value(PluginStatus { promoted: Some(promoted), ..Default::default() }).unwrap(),
+        )
+    })
+    .await
 }
 
 fn policy(plugin: &str, extra: Value) -> Value {

@@ -410,12 +410,11 @@ async fn the_signing_version_follows_publish_lead_and_the_pin_on_paused_time() {
     assert_eq!(fresh.signing().unwrap().0, 1);
 }
 
-/// GETs `path` from the signer's read-only HTTP router.
+/// GETs `path` from the signer's read-only HTTP endpoint.
 async fn get(view: Arc<dyn kmsgate::http::HttpView>, path: &str) -> (u16, String) {
     use http_body_util::BodyExt as _;
-    use tower::ServiceExt as _;
-    let request = axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
-    let response = kmsgate::http::router(view).oneshot(request).await.unwrap();
+    let request = http::Request::get(path).body(()).unwrap();
+    let response = kmsgate::http::answer(view.as_ref(), &request);
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())

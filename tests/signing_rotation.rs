@@ -2,7 +2,7 @@
 //! the in-memory fake API server; the Transit key and the fleet (signers' `/status`, API servers'
 //! metrics and TokenRequests) through fakes of the loop's two seams.
 
-use kmsgate_testkit::{self as common, fake_api};
+use kmsgate_testkit::{self as common, fake_api, http_standin};
 
 use std::{
     collections::BTreeMap,
@@ -655,17 +655,10 @@ async fn the_controller_steps_the_signing_policy_only_while_it_holds_the_lease()
 
 /// A signer `/status` endpoint serving `status`, through the type the signer writes.
 async fn signer_endpoint(status: SignerStatus) -> String {
-    let app = axum::Router::new().route(
-        "/status",
-        axum::routing::get(move || {
-            let status = status.clone();
-            async move { axum::Json(status) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    http_standin::serve(http::Method::GET, "/status", move |_| {
+        http_standin::json(serde_json::to_value(&status).unwrap())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -705,18 +698,16 @@ async fn the_cluster_fleet_reads_each_signer_and_each_api_server_at_its_own_addr
     assert!(fleet.signer_status("http://127.0.0.1:1").await.is_err());
 
     // A /status that never ends is cut off at the bound instead of filling memory.
-    let app = axum::Router::new().route(
-        "/status",
-        axum::routing::get(|| async {
-            let chunk = axum::body::Bytes::from(vec![b' '; 64 * 1024]);
-            let stream = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
-            axum::body::Body::from_stream(stream)
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let error = fleet.signer_status(&format!("http://{addr}")).await.unwrap_err();
+    let endless = http_standin::serve(http::Method::GET, "/status", |_| {
+        use http_body_util::BodyExt as _;
+        let chunk = hyper::body::Bytes::from(vec![b' '; 64 * 1024]);
+        let frames = futures::stream::repeat_with(move || {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))
+        });
+        http::Response::new(http_body_util::StreamBody::new(frames).boxed())
+    })
+    .await;
+    let error = fleet.signer_status(&endless).await.unwrap_err();
     assert!(error.contains("larger than") || error.contains("limit"), "{error}");
 }
 
@@ -784,18 +775,12 @@ async fn a_whole_run_through_the_cluster_seam_reads_each_signer_and_each_api_ser
     let mut endpoints = Vec::new();
     for _ in 0..2 {
         let model = model.clone();
-        let app = axum::Router::new().route(
-            "/status",
-            axum::routing::get(move || {
-                let signer = model.lock().signers.values().next().unwrap().clone();
-                let status = model.live(&signer, 60);
-                async move { axum::Json(status) }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        endpoints.push(format!("http://{addr}"));
+        let endpoint = http_standin::serve(http::Method::GET, "/status", move |_| {
+            let signer = model.lock().signers.values().next().unwrap().clone();
+            http_standin::json(serde_json::to_value(model.live(&signer, 60)).unwrap())
+        })
+        .await;
+        endpoints.push(endpoint);
     }
     fake.set_policy(policy(json!({"spec": {"signers": {"endpoints": endpoints}}}))).await;
     // Each API server's key cache refreshes every refresh hint and then signs with what its

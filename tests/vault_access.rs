@@ -6,7 +6,7 @@ use kmsgate_testkit as common;
 use std::{path::Path, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
-use common::{Bao, eventually};
+use common::{Bao, eventually, http_standin};
 use kmsgate::{
     backend::Backend,
     config::{VaultAuth, VaultClientConfig},
@@ -314,37 +314,36 @@ async fn concurrent_calls_are_capped_and_waiting_ones_honour_their_deadline() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubernetes_login_for_the_controller() {
-    use axum::{Json, Router, routing::post};
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
     // A stand-in for kube-apiserver's TokenReview API: it vouches for one service account.
     let reviews = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = reviews.clone();
-    let app = Router::new().route(
+    let api = http_standin::serve(
+        http::Method::POST,
         "/apis/authentication.k8s.io/v1/tokenreviews",
-        post(move |Json(review): Json<serde_json::Value>| {
-            let counter = counter.clone();
-            async move {
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Json(json!({
-                    "apiVersion": "authentication.k8s.io/v1",
-                    "kind": "TokenReview",
-                    "spec": review["spec"],
-                    "status": {
-                        "authenticated": true,
-                        "audiences": review["spec"]["audiences"],
-                        "user": {
-                            "username": "system:serviceaccount:kube-system:kmsgate",
-                            "uid": "11111111-2222-3333-4444-555555555555",
-                            "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system"],
-                        },
+        move |request| {
+            let content_type =
+                request.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            assert!(content_type.is_some_and(|t| t.starts_with("application/json")), "{content_type:?}");
+            let review: serde_json::Value = serde_json::from_slice(request.body()).unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            http_standin::json(json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": review["spec"],
+                "status": {
+                    "authenticated": true,
+                    "audiences": review["spec"]["audiences"],
+                    "user": {
+                        "username": "system:serviceaccount:kube-system:kmsgate",
+                        "uid": "11111111-2222-3333-4444-555555555555",
+                        "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system"],
                     },
-                }))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+                },
+            }))
+        },
+    )
+    .await;
 
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 //! bottom layer of the controller half: nothing here imports the rooms that act on a plan.
 
 pub mod field;
+pub mod policy;
 pub mod rotation;
 pub mod schedule;
 pub mod signing;

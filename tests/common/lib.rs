@@ -13,6 +13,7 @@ pub mod fake_api;
 pub mod fake_keys;
 pub mod fake_signing;
 pub mod fake_transit;
+pub mod http_standin;
 pub mod keyfile_apiserver;
 pub mod kms_apiserver;
 pub mod mock_api;

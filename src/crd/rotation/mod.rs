@@ -14,14 +14,11 @@ pub use plan::{
 pub use resource::{ResourceId, ResourceRef};
 pub use spec::{
     ConvergeSpec, MigrateSpec, MigrateStrategy, PluginDiscovery, RetireSpec, RotationPolicy,
-    RotationPolicySpec, TransitKey, VerifyJob, VerifyMode, VerifySpec, crd_yaml,
+    RotationPolicySpec, TransitKey, VerifyJob, VerifyMode, VerifySpec,
 };
 pub use status::{Phase, ResourceProgress, RotationStatus, Straggler, Totals, Verification};
 
 pub use crate::crd::{field::SpecError, status::Condition};
-
-/// API group of kmsgate's resources.
-pub const GROUP: &str = "kmsgate.io";
 
 /// Annotation a person (or `kmsgate rotate`) sets to ask for a rotation now; any new value counts.
 pub const REQUEST_ANNOTATION: &str = "kmsgate.io/rotate-requested";

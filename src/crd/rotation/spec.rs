@@ -1,29 +1,14 @@
 //! The `spec` half of a RotationPolicy: what the controller does and how fast, as written.
 
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{resource::ResourceRef, status::RotationStatus};
+use crate::crd::policy::{Policy, PolicySpec};
 
 /// What the controller does and how fast: the Transit key, the resources to re-encrypt, and the
 /// converge, verify and retire rules.
-#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[kube(
-    group = "kmsgate.io",
-    version = "v1alpha1",
-    kind = "RotationPolicy",
-    plural = "rotationpolicies",
-    shortname = "rotpol",
-    status = "RotationStatus",
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Version","type":"integer","jsonPath":".status.toVersion"}"#,
-    printcolumn = r#"{"name":"Rewritten","type":"integer","jsonPath":".status.totals.rewritten"}"#,
-    printcolumn = r#"{"name":"Conflicts","type":"integer","jsonPath":".status.totals.conflicts"}"#,
-    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.totals.failed"}"#,
-    printcolumn = r#"{"name":"Result","type":"string","jsonPath":".status.result"}"#,
-    printcolumn = r#"{"name":"Next","type":"string","jsonPath":".status.nextRun"}"#
-)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationPolicySpec {
     /// When to rotate: an interval (`720h`) or a 5-field cron expression in UTC (`0 3 * * 0`).
@@ -258,10 +243,24 @@ impl Default for RetireSpec {
         Self { enabled: false, grace: default_grace() }
     }
 }
-/// The CRD as YAML, for `kmsgate crd` and deploy/.
-pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
-    use kube::CustomResourceExt;
-    serde_saphyr::to_string(&RotationPolicy::crd())
+/// A RotationPolicy object.
+pub type RotationPolicy = Policy<RotationPolicySpec>;
+
+impl PolicySpec for RotationPolicySpec {
+    type Status = RotationStatus;
+    const KIND: &'static str = "RotationPolicy";
+    const PLURAL: &'static str = "rotationpolicies";
+    const CRD_NAME: &'static str = "rotationpolicies.kmsgate.io";
+    const SHORT_NAMES: &'static [&'static str] = &["rotpol"];
+    const COLUMNS: &'static [(&'static str, &'static str, &'static str)] = &[
+        ("Phase", "string", ".status.phase"),
+        ("Version", "integer", ".status.toVersion"),
+        ("Rewritten", "integer", ".status.totals.rewritten"),
+        ("Conflicts", "integer", ".status.totals.conflicts"),
+        ("Failed", "integer", ".status.totals.failed"),
+        ("Result", "string", ".status.result"),
+        ("Next", "string", ".status.nextRun"),
+    ];
 }
 fn default_resources() -> Vec<ResourceRef> {
     vec![ResourceRef { group: String::new(), resource: "secrets".into(), etcd_prefix: None }]
@@ -342,7 +341,7 @@ mod tests {
 
     #[test]
     fn crd_is_cluster_scoped_with_status_and_columns() {
-        let yaml = crd_yaml().unwrap();
+        let yaml = crate::crd::policy::crd_yaml::<RotationPolicySpec>().unwrap();
         assert!(yaml.contains("scope: Cluster"), "{yaml}");
         assert!(yaml.contains("name: v1alpha1"));
         assert!(yaml.contains("status: {}"));

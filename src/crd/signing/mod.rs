@@ -16,7 +16,7 @@ mod status;
 pub use plan::{DrainPlan, Plan, PublishPlan, RetirePlan, RotatePlan, SignerSource, SwitchPlan, parse};
 pub use spec::{
     DrainSpec, PublishSpec, RetireSpec, RotateSpec, SignerDiscovery, SignersSpec, SigningKeyPolicy,
-    SigningKeyPolicySpec, SwitchSpec, crd_yaml,
+    SigningKeyPolicySpec, SwitchSpec,
 };
 pub use status::{SigningPhase, SigningStatus};
 

@@ -1,30 +1,18 @@
 //! The `spec` half of a SigningKeyPolicy: which Transit key, where the signers are, and the
 //! margins and timeouts of each phase, as written.
 
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::status::SigningStatus;
-use crate::crd::rotation::TransitKey;
+use crate::crd::{
+    policy::{Policy, PolicySpec},
+    rotation::TransitKey,
+};
 
 /// How the controller rotates the service-account signing key: Rotate, Publish, Switch, Drain,
 /// Retire, each proven before the next.
-#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[kube(
-    group = "kmsgate.io",
-    version = "v1alpha1",
-    kind = "SigningKeyPolicy",
-    plural = "signingkeypolicies",
-    shortname = "signpol",
-    status = "SigningStatus",
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Version","type":"integer","jsonPath":".status.toVersion"}"#,
-    printcolumn = r#"{"name":"Suspended","type":"boolean","jsonPath":".spec.suspend"}"#,
-    printcolumn = r#"{"name":"Drain-Until","type":"string","jsonPath":".status.drainUntil"}"#,
-    printcolumn = r#"{"name":"Result","type":"string","jsonPath":".status.result"}"#,
-    printcolumn = r#"{"name":"Next","type":"string","jsonPath":".status.nextRun"}"#
-)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SigningKeyPolicySpec {
     /// When to rotate: an interval (`2160h`) or a 5-field cron expression in UTC. Empty: only on
@@ -167,10 +155,23 @@ impl Default for RetireSpec {
     }
 }
 
-/// The CRD as YAML, for `kmsgate crd` and deploy/.
-pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
-    use kube::CustomResourceExt;
-    serde_saphyr::to_string(&SigningKeyPolicy::crd())
+/// A SigningKeyPolicy object.
+pub type SigningKeyPolicy = Policy<SigningKeyPolicySpec>;
+
+impl PolicySpec for SigningKeyPolicySpec {
+    type Status = SigningStatus;
+    const KIND: &'static str = "SigningKeyPolicy";
+    const PLURAL: &'static str = "signingkeypolicies";
+    const CRD_NAME: &'static str = "signingkeypolicies.kmsgate.io";
+    const SHORT_NAMES: &'static [&'static str] = &["signpol"];
+    const COLUMNS: &'static [(&'static str, &'static str, &'static str)] = &[
+        ("Phase", "string", ".status.phase"),
+        ("Version", "integer", ".status.toVersion"),
+        ("Suspended", "boolean", ".spec.suspend"),
+        ("Drain-Until", "string", ".status.drainUntil"),
+        ("Result", "string", ".status.result"),
+        ("Next", "string", ".status.nextRun"),
+    ];
 }
 
 fn default_node_selector() -> String {
@@ -207,7 +208,7 @@ mod tests {
 
     #[test]
     fn crd_is_cluster_scoped_with_status_and_columns() {
-        let yaml = crd_yaml().unwrap();
+        let yaml = crate::crd::policy::crd_yaml::<SigningKeyPolicySpec>().unwrap();
         assert!(yaml.contains("scope: Cluster") && yaml.contains("kind: SigningKeyPolicy"), "{yaml}");
         assert!(yaml.contains("status: {}"));
         assert!(yaml.contains("jsonPath: .status.phase"));

@@ -13,9 +13,10 @@ mod plan;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::crd::policy::{Policy, PolicySpec};
 
 pub use plan::{
     Deny, LegacyPlan, ManagedPlan, Match, MaxAge, Plan, Selection, SpecError, is_namespace, is_subdomain,
@@ -65,20 +66,7 @@ pub const DEFAULT_POLICY: &str = "kmsgate";
 pub const MIN_LIFETIME: Duration = Duration::from_secs(600);
 
 /// Rules for legacy token Secrets and managed bound tokens.
-#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[kube(
-    group = "kmsgate.io",
-    version = "v1alpha1",
-    kind = "TokenPolicy",
-    plural = "tokenpolicies",
-    shortname = "tokpol",
-    status = "TokenStatus",
-    printcolumn = r#"{"name":"Rotated","type":"integer","jsonPath":".status.legacy.rotated"}"#,
-    printcolumn = r#"{"name":"Invalid","type":"integer","jsonPath":".status.legacy.invalid"}"#,
-    printcolumn = r#"{"name":"Managed","type":"integer","jsonPath":".status.managed.tokens"}"#,
-    printcolumn = r#"{"name":"Failing","type":"integer","jsonPath":".status.managed.failing"}"#,
-    printcolumn = r#"{"name":"Earliest-Expiry","type":"string","jsonPath":".status.managed.earliestExpiry"}"#
-)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenPolicySpec {
     /// Rotation of legacy `kubernetes.io/service-account-token` Secrets.
@@ -263,10 +251,22 @@ pub struct TokenStatus {
     pub managed: ManagedStatus,
 }
 
-/// The CRD as YAML.
-pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
-    use kube::CustomResourceExt;
-    serde_saphyr::to_string(&TokenPolicy::crd())
+/// A TokenPolicy object.
+pub type TokenPolicy = Policy<TokenPolicySpec>;
+
+impl PolicySpec for TokenPolicySpec {
+    type Status = TokenStatus;
+    const KIND: &'static str = "TokenPolicy";
+    const PLURAL: &'static str = "tokenpolicies";
+    const CRD_NAME: &'static str = "tokenpolicies.kmsgate.io";
+    const SHORT_NAMES: &'static [&'static str] = &["tokpol"];
+    const COLUMNS: &'static [(&'static str, &'static str, &'static str)] = &[
+        ("Rotated", "integer", ".status.legacy.rotated"),
+        ("Invalid", "integer", ".status.legacy.invalid"),
+        ("Managed", "integer", ".status.managed.tokens"),
+        ("Failing", "integer", ".status.managed.failing"),
+        ("Earliest-Expiry", "string", ".status.managed.earliestExpiry"),
+    ];
 }
 
 fn default_schedule() -> String {
@@ -297,7 +297,7 @@ mod tests {
 
     #[test]
     fn crd_is_cluster_scoped_with_status() {
-        let yaml = crd_yaml().unwrap();
+        let yaml = crate::crd::policy::crd_yaml::<TokenPolicySpec>().unwrap();
         assert!(yaml.contains("scope: Cluster") && yaml.contains("kind: TokenPolicy"), "{yaml}");
         assert!(yaml.contains("status: {}"));
     }
