@@ -84,10 +84,10 @@ pub fn answer<B>(view: &dyn HttpView, request: &Request<B>) -> Response<Full<Byt
     response
 }
 
-/// Serves until the task is aborted: HTTP/1.1 only, at most [`MAX_CONNECTIONS`] connections
-/// (the rest wait in the kernel's backlog, costing us no descriptor), each closed when its
-/// request head is not complete within [`HEADER_READ_TIMEOUT`] (also between keep-alive
-/// requests) or when it has been open for [`CONNECTION_MAX_AGE`].
+/// Serves until the task is aborted: HTTP/1.1 only, one request per connection, at most
+/// [`MAX_CONNECTIONS`] connections (the rest wait in the kernel's backlog, costing us no
+/// descriptor), each closed when its request head is not complete within [`HEADER_READ_TIMEOUT`]
+/// or when it has been open for [`CONNECTION_MAX_AGE`].
 pub async fn serve(listener: tokio::net::TcpListener, view: Arc<dyn HttpView>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = crate::backoff::AcceptBackoff::default();
@@ -111,6 +111,9 @@ pub async fn serve(listener: tokio::net::TcpListener, view: Arc<dyn HttpView>) {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+                // NB: one request per connection: a client that kept its connections alive with a
+                // request every few seconds could hold every slot and starve the kubelet's probes.
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             // NB: a scraper that reads its answer slowly, or keeps one connection for ever, is
             // cut off here; it reconnects, and the slot goes to the next in line meanwhile.

@@ -157,3 +157,19 @@ async fn other_paths_are_404_whatever_the_method() {
         }
     }
 }
+
+#[tokio::test]
+async fn every_connection_carries_one_request_so_idle_keep_alives_cannot_hold_the_slots() {
+    // NB: with keep-alive, 32 clients each asking every few seconds held every slot for good, and
+    // the kubelet's probe waited in the backlog past its 3 s timeout.
+    let (addr, _view) = endpoint().await;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n";
+    conn.write_all(format!("{request}{request}").as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), conn.read_to_end(&mut raw)).await;
+    read.expect("the server closes the connection after its answer").unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    assert_eq!(raw.matches("HTTP/1.1 200").count(), 1, "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("connection: close"), "{raw}");
+}
