@@ -301,7 +301,7 @@ fn policy(extra: Value) -> Value {
             "nextRun": "",
             "maxTokenExpirationSeconds": 600,
             "maxTokenExpirationChangedAt": kmsgate::clock::seconds_text(observed),
-            "maxTokenExpirationObservedSince": observed,
+            "maxTokenExpirationObservedSince": kmsgate::clock::seconds_text(observed),
         },
     });
     fake_api::merge(&mut policy, &extra);
@@ -558,7 +558,7 @@ async fn drain_length(bound: i64, lower: i64, changed: i64, started: i64) -> (i6
     p["status"]["lowerTokenExpirationSeconds"] = json!(lower);
     p["status"]["maxTokenExpirationChangedAt"] = json!(kmsgate::clock::seconds_text(now + changed));
     // NB: followed since before every start here, so only the lowering rule is at play.
-    p["status"]["maxTokenExpirationObservedSince"] = json!(now - 4 * 86_400);
+    p["status"]["maxTokenExpirationObservedSince"] = json!(kmsgate::clock::seconds_text(now - 4 * 86_400));
     rig.fake.set_policy(p).await;
     for server in &mut rig.fleet.lock().servers {
         server.started = (now + started) as f64;
@@ -1114,7 +1114,11 @@ async fn drain_holds_at_its_end_while_an_api_server_started_before_the_bound_was
     let status = rig.fake.status().await;
     assert_eq!(status["apiServerStragglers"].as_array().map(Vec::len), Some(2), "named early: {status:#}");
     assert!(status["message"].as_str().unwrap().contains("Drain holds at its end"), "{status:#}");
-    assert_eq!(status["maxTokenExpirationObservedSince"], test_start(), "{status:#}");
+    assert_eq!(
+        status["maxTokenExpirationObservedSince"],
+        kmsgate::clock::seconds_text(test_start()),
+        "{status:#}"
+    );
 
     let status = past_drain_end(&rig, &ctx).await;
     assert_eq!(status["phase"], "Draining", "{status:#}");
@@ -1143,7 +1147,11 @@ async fn drain_holds_at_its_end_while_an_api_server_started_before_the_bound_was
     assert_eq!(stalled(&status), ("False".into(), "TokenLifetimeEstablished".into()), "{status:#}");
     let status = rig.step_until(&ctx, "Idle-after-run").await;
     assert_eq!(status["result"], "Succeeded", "{status:#}");
-    assert_eq!(status["maxTokenExpirationObservedSince"], test_start(), "kept across runs: {status:#}");
+    assert_eq!(
+        status["maxTokenExpirationObservedSince"],
+        kmsgate::clock::seconds_text(test_start()),
+        "kept across runs: {status:#}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1162,7 +1170,11 @@ async fn a_bound_kept_without_an_observation_start_counts_from_its_last_change()
     let status = past_drain_end(&rig, &ctx).await;
     assert_eq!(status["phase"], "Draining", "{status:#}");
     assert_eq!(stalled(&status), ("True".into(), "TokenLifetimeNotEstablished".into()), "{status:#}");
-    assert_eq!(status["maxTokenExpirationObservedSince"], changed, "{status:#}");
+    assert_eq!(
+        status["maxTokenExpirationObservedSince"],
+        kmsgate::clock::seconds_text(changed),
+        "{status:#}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -327,7 +327,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             retired_below: old.retired_below,
             max_token_expiration_seconds: old.max_token_expiration_seconds,
             max_token_expiration_changed_at: old.max_token_expiration_changed_at.clone(),
-            max_token_expiration_observed_since: old.max_token_expiration_observed_since,
+            max_token_expiration_observed_since: old.max_token_expiration_observed_since.clone(),
             lower_token_expiration_seconds: old.lower_token_expiration_seconds,
             earlier_tokens_expire_at: old.earlier_tokens_expire_at.clone(),
             conditions: old.conditions.clone(),

@@ -71,7 +71,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
             changed_at: Self::seconds(&status.max_token_expiration_changed_at),
             lower: status.lower_token_expiration_seconds,
             earlier_until: Self::seconds(&status.earlier_tokens_expire_at),
-            observed_since: status.max_token_expiration_observed_since,
+            observed_since: Self::seconds(&status.max_token_expiration_observed_since),
         };
         let next =
             track_expiration(prev, reported, every_signer, starts.as_deref(), self.book.now().as_second());
@@ -91,7 +91,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         status.max_token_expiration_changed_at = text(next.changed_at);
         status.lower_token_expiration_seconds = next.lower;
         status.earlier_tokens_expire_at = text(next.earlier_until);
-        status.max_token_expiration_observed_since = next.observed_since;
+        status.max_token_expiration_observed_since = text(next.observed_since);
     }
 
     /// Clears the `Stalled` condition when `reason` set it (what it waited for holds now), with
@@ -337,7 +337,7 @@ impl<K: SigningKeyAdmin, F: Fleet> Run<'_, K, F> {
         // up; only its end waits for them.
         let established = judge_established(
             &api_servers,
-            self.book.status.max_token_expiration_observed_since,
+            Self::seconds(&self.book.status.max_token_expiration_observed_since),
             self.plan.drain.skew,
         );
         self.stragglers(&Members::default(), &established);

@@ -109,11 +109,11 @@ pub struct SigningStatus {
     /// When the signers' reported maximum last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub max_token_expiration_changed_at: String,
-    /// When this policy first saw a signer report `max_token_expiration_seconds` (Unix
-    /// seconds). An API server started earlier read its signer's Metadata before, possibly a
-    /// higher bound, so Drain does not end on the bound while one still runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_token_expiration_observed_since: Option<i64>,
+    /// When this policy first saw a signer report `max_token_expiration_seconds` (RFC 3339). An
+    /// API server started earlier read its signer's Metadata before, possibly a higher bound, so
+    /// Drain does not end on the bound while one still runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub max_token_expiration_observed_since: String,
     /// A lower maximum the signers report now: it becomes the bound once every API server has
     /// started after `maxTokenExpirationChangedAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
