@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use tonic::{Code, Status};
 
 pub use self::client::{Client, connect};
-use crate::proto::etcd::etcdserverpb::{RangeRequest, RangeResponse};
+use crate::proto::etcd::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 /// One stored key and value, as a range read returns it.
 pub use crate::proto::etcd::mvccpb::KeyValue;
 
@@ -35,6 +35,10 @@ pub enum ScanError {
     /// The task reading the next page ended without an answer (the runtime is shutting down).
     #[error("etcd page read was interrupted: {0}")]
     Interrupted(String),
+    /// etcd answered a page no correct etcd sends; going on could loop forever or end the scan
+    /// early, looking complete.
+    #[error("etcd answered an impossible page: {0}")]
+    BadPage(String),
     /// A range read failed.
     #[error("etcd range read failed: {}", describe(.0))]
     Read(Status),
@@ -164,8 +168,11 @@ impl Scanner {
                 Err(e) => return Err(ScanError::Read(e)),
             }
         };
-        if self.revision == 0 {
-            self.revision = header.map_or(0, |h| h.revision);
+        let first = self.revision == 0;
+        self.revision = check_page(header.as_ref(), &kvs, more, &self.start, &self.end, self.revision)
+            .map_err(ScanError::BadPage)?;
+        if first {
+            tracing::debug!(revision = self.revision, "etcd scan pinned");
         }
         self.resize(&kvs);
         match kvs.last() {
@@ -252,6 +259,45 @@ fn fetch(mut scanner: Scanner, client: Client) -> tokio::task::JoinHandle<Fetche
     })
 }
 
+/// Checks one page of a read of `[start, end)` and answers the revision the scan is pinned at:
+/// `pinned`, or the first page's own. Every key must lie in the range and follow the one before,
+/// since the next page starts after the last key; a page promising more must hold a key to start
+/// after; the first page must name the revision the rest are read at.
+fn check_page(
+    header: Option<&ResponseHeader>,
+    kvs: &[KeyValue],
+    more: bool,
+    start: &[u8],
+    end: &[u8],
+    pinned: i64,
+) -> Result<i64, String> {
+    let shown = |key: &[u8]| String::from_utf8_lossy(key).chars().take(256).collect::<String>();
+    if more && kvs.is_empty() {
+        return Err(format!("it says more keys follow {:?} but sent none", shown(start)));
+    }
+    // NB: an `end` of "\0" is "to the end of the keyspace" (see `prefix_end`).
+    let unbounded = end == [0];
+    let mut floor = start;
+    for (n, kv) in kvs.iter().enumerate() {
+        let ordered = if n == 0 { kv.key.as_slice() >= floor } else { kv.key.as_slice() > floor };
+        if !ordered {
+            return Err(format!("key {:?} does not follow {:?}", shown(&kv.key), shown(floor)));
+        }
+        if !unbounded && kv.key.as_slice() >= end {
+            return Err(format!("key {:?} lies past the end of the range, {:?}", shown(&kv.key), shown(end)));
+        }
+        floor = &kv.key;
+    }
+    if pinned > 0 {
+        return Ok(pinned);
+    }
+    match header.map(|h| h.revision) {
+        Some(revision) if revision > 0 => Ok(revision),
+        Some(revision) => Err(format!("its first page names revision {revision}")),
+        None => Err("its first page has no header, so no revision to read the rest at".into()),
+    }
+}
+
 /// Whether a read failed only because its response was larger than a gRPC message limit: the
 /// client's (tonic's decoder answers OUT_OF_RANGE "decoded message length too large") or the
 /// server's (grpc-go answers RESOURCE_EXHAUSTED "larger than max").
@@ -279,6 +325,60 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kv(key: &str) -> KeyValue {
+        KeyValue { key: key.as_bytes().to_vec(), ..Default::default() }
+    }
+
+    fn at(revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader { revision })
+    }
+
+    /// A page read of `[/r/, /r0)` at no pinned revision yet.
+    fn first(header: Option<ResponseHeader>, keys: &[&str], more: bool) -> Result<i64, String> {
+        let kvs: Vec<KeyValue> = keys.iter().map(|k| kv(k)).collect();
+        check_page(header.as_ref(), &kvs, more, b"/r/", b"/r0", 0)
+    }
+
+    #[test]
+    fn a_sound_page_pins_its_revision() {
+        assert_eq!(first(at(7), &["/r/a", "/r/b"], true), Ok(7));
+        assert_eq!(first(at(7), &[], false), Ok(7));
+        let later = check_page(None, &[kv("/r/c")], false, b"/r/b\0", b"/r0", 7);
+        assert_eq!(later, Ok(7), "later pages keep the pinned revision");
+        let unbounded = check_page(at(3).as_ref(), &[kv("\u{7f}")], false, b"", &[0], 0);
+        assert_eq!(unbounded, Ok(3), "an end of \\0 bounds nothing");
+    }
+
+    #[test]
+    fn more_with_no_keys_is_refused_instead_of_looping() {
+        let err = first(at(7), &[], true).unwrap_err();
+        assert!(err.contains("more keys follow") && err.contains("/r/"), "{err}");
+    }
+
+    #[test]
+    fn keys_out_of_order_or_range_are_refused() {
+        let err = first(at(7), &["/r/b", "/r/a"], true).unwrap_err();
+        assert!(err.contains("\"/r/a\" does not follow \"/r/b\""), "{err}");
+        let err = first(at(7), &["/r/a", "/r/a"], true).unwrap_err();
+        assert!(err.contains("does not follow"), "a repeated key: {err}");
+        let err = check_page(None, &[kv("/r/b")], true, b"/r/b\0", b"/r0", 7).unwrap_err();
+        assert!(err.contains("\"/r/b\" does not follow"), "a key before the page's start: {err}");
+        let err = first(at(7), &["/r/a", "/r0"], false).unwrap_err();
+        assert!(err.contains("past the end") && err.contains("/r0"), "{err}");
+        let err = first(at(7), &["/q"], false).unwrap_err();
+        assert!(err.contains("does not follow"), "{err}");
+    }
+
+    #[test]
+    fn a_first_page_without_a_revision_is_refused() {
+        let err = first(None, &["/r/a"], true).unwrap_err();
+        assert!(err.contains("no header"), "{err}");
+        for revision in [0, -1] {
+            let err = first(at(revision), &["/r/a"], true).unwrap_err();
+            assert!(err.contains(&format!("revision {revision}")), "{err}");
+        }
+    }
 
     #[test]
     fn prefix_ends() {
