@@ -3,7 +3,7 @@
 
 use kmsgate_testkit as common;
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use common::Etcd;
 use kmsgate::{
@@ -29,10 +29,34 @@ fn dead_endpoint() -> String {
     format!("http://127.0.0.1:{}", common::free_port())
 }
 
-/// Five values under /registry/secrets/.
-async fn plant(etcd: &Etcd) {
+/// A gRPC server that answers every request with response headers and then nothing, holding the
+/// stream open: a member whose answer stalls after it began, as a hung etcd or a dead path does.
+/// Its HTTP/2 connections stay served (pings answered), so only a time limit ends the read.
+async fn stalled_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else { return };
+                let mut open = Vec::new();
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    let headers = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    open.push(respond.send_response(headers, false).unwrap());
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+/// Five values under /registry/secrets/; answers the revision they were written at.
+async fn plant(etcd: &Etcd) -> i64 {
     let writer = etcd.writer().await;
-    writer.put_all((0..5).map(|n| (format!("/registry/secrets/ns/s{n}"), b"k8s\x00x".to_vec()))).await;
+    writer.put_all((0..5).map(|n| (format!("/registry/secrets/ns/s{n}"), b"k8s\x00x".to_vec()))).await
 }
 
 /// Every key under /registry/, two to a page, so a scan is several requests.
@@ -54,6 +78,36 @@ async fn a_dead_endpoint_in_the_list_does_not_fail_a_scan() {
         let client = etcd::connect(&settings(&endpoints)).await.unwrap();
         assert_eq!(scan(&client).await.unwrap(), 5, "{endpoints:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_whose_answer_stalls_fails_on_the_request_timeout() {
+    let stalled = stalled_endpoint().await;
+    let client = etcd::connect(&settings(&[&stalled])).await.unwrap();
+    let client = client.with_request_timeout(Duration::from_millis(300));
+    let read = tokio::time::timeout(Duration::from_secs(10), scan(&client)).await;
+    let err = read.expect("the read must end on its own timeout").unwrap_err();
+    let ScanError::Read(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(err.to_string().contains("etcd did not answer within 300ms"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_member_is_passed_over_for_a_live_one() {
+    let etcd = Etcd::start().await;
+    plant(&etcd).await;
+    let stalled = stalled_endpoint().await;
+    let client = etcd::connect(&settings(&[&stalled, &etcd.endpoint])).await.unwrap();
+    // NB: long enough that a loaded machine's three local reads never take it, so the second
+    // scan's time tells whether it waited on the hung member.
+    let limit = Duration::from_secs(2);
+    let client = client.with_request_timeout(limit);
+    let read = tokio::time::timeout(Duration::from_secs(20), scan(&client)).await;
+    assert_eq!(read.expect("the scan must not wait on the hung member").unwrap(), 5);
+    // The live member is kept: a second scan does not wait out the hung one again.
+    let started = std::time::Instant::now();
+    assert_eq!(scan(&client).await.unwrap(), 5);
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -111,7 +165,7 @@ async fn an_expired_token_is_renewed_and_the_scan_goes_on() {
     let mut scanner = Scanner::prefix(b"/registry/", 2);
     let mut count = scanner.next_page(&client).await.unwrap().unwrap().len();
     let pinned = scanner.revision();
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     while let Some(page) = scanner.next_page(&client).await.unwrap() {
         count += page.len();
     }

@@ -32,10 +32,18 @@ use crate::{
 /// How long connecting to one endpoint (TCP and TLS) may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long one request may take once connected. A page of the default size arrives in well under
-/// a second; a member that accepts connections but never answers must fail the read with an error
-/// instead of holding the scan (and the controller's step) forever.
+/// How long one request may take once connected, its whole answer included. A page of the default
+/// size arrives in well under a second; a member that accepts connections but never answers, or
+/// stops sending halfway through a page, must fail the read with an error instead of holding the
+/// scan (and the controller's step) forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often an HTTP/2 ping checks a connection with a request in flight, and how long its answer
+/// may take: a path that died silently (a dropped NAT entry, a partitioned member) is found in
+/// seconds instead of at [`REQUEST_TIMEOUT`]. The interval stays above the 5 s minimum etcd
+/// enforces by default (its `--grpc-keepalive-min-time`).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The metadata key etcd reads the auth token from (etcd-io/etcd v3.4.23
 /// etcdserver/api/v3rpc/rpctypes/metadatafields.go, `TokenFieldNameGRPC`).
@@ -48,6 +56,8 @@ pub struct Client {
     /// The endpoint that answered last: calls start there.
     current: Arc<AtomicUsize>,
     auth: Option<Arc<Auth>>,
+    /// How long one Range or Authenticate may take, answer included.
+    request_timeout: Duration,
 }
 
 /// One endpoint and its channel, which connects on first use and reconnects after a failure.
@@ -101,7 +111,8 @@ pub async fn connect(settings: &EtcdConfig) -> Result<Client, ScanError> {
         }
         _ => None,
     };
-    let client = Client { members, current: Arc::new(AtomicUsize::new(0)), auth };
+    let client =
+        Client { members, current: Arc::new(AtomicUsize::new(0)), auth, request_timeout: REQUEST_TIMEOUT };
     if client.auth.is_some() {
         client.failover(|at| Box::pin(client.authenticate(at))).await.map_err(|e| refused(describe(&e)))?;
     }
@@ -112,6 +123,12 @@ impl Client {
     /// The endpoints, as configured.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.endpoint.clone()).collect()
+    }
+
+    /// The same client with another limit on how long one request may take, answer included.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     /// One range read, accepting answers of up to `max_bytes`.
@@ -139,7 +156,7 @@ impl Client {
             {
                 call.metadata_mut().insert(TOKEN, (*token).clone());
             }
-            match kv.range(call).await {
+            match self.in_time(kv.range(call)).await {
                 Ok(answer) => return Ok(answer.into_inner()),
                 Err(e) if self.auth.is_some() && !renewed && token_refused(&e) => {
                     tracing::debug!(endpoint = %self.members[at].endpoint, "etcd refused the auth token; renewing it");
@@ -151,11 +168,9 @@ impl Client {
         }
     }
 
-    /// Runs `call` against the endpoint in use, then each next one while the answer is
-    /// Unavailable, and keeps the one that answered for later calls. Only reads and Authenticate
-    /// go through here, which are safe to repeat: etcd's own client retries them on another
-    /// endpoint on Unavailable and on nothing else (etcd-io/etcd v3.4.23 clientv3/retry.go,
-    /// `isSafeRetryImmutableRPC`); an unreachable endpoint's connect error is Unavailable too.
+    /// Runs `call` against the endpoint in use, then each next one while the answer says the
+    /// endpoint, not the request, failed ([`try_elsewhere`]), and keeps the one that answered for
+    /// later calls. Only reads and Authenticate go through here, which are safe to repeat.
     async fn failover<'a, T>(
         &self,
         mut call: impl FnMut(usize) -> BoxFuture<'a, Result<T, Status>>,
@@ -170,8 +185,8 @@ impl Client {
                     self.current.store(at, Ordering::Relaxed);
                     return Ok(answer);
                 }
-                Err(e) if e.code() == Code::Unavailable => {
-                    tracing::debug!(endpoint = %self.members[at].endpoint, error = %describe(&e), "etcd endpoint unavailable");
+                Err(e) if try_elsewhere(&e) => {
+                    tracing::debug!(endpoint = %self.members[at].endpoint, error = %describe(&e), "etcd endpoint failed; trying the next");
                     last = e;
                 }
                 Err(e) => return Err(e),
@@ -187,13 +202,40 @@ impl Client {
             name: auth.user.clone(),
             password: auth.password.expose_secret().to_owned(),
         };
-        let answer =
-            AuthClient::new(self.members[at].channel.clone()).authenticate(request).await?.into_inner();
+        let mut client = AuthClient::new(self.members[at].channel.clone());
+        let answer = self.in_time(client.authenticate(request)).await?.into_inner();
         let token = AsciiMetadataValue::try_from(answer.token)
             .map_err(|_| Status::internal("etcd answered Authenticate with a token that is not ASCII"))?;
         auth.token.store(Some(Arc::new(token)));
         Ok(())
     }
+
+    /// `call`, failed with DeadlineExceeded when it takes longer than the request timeout. tonic's
+    /// own timeout only covers the wait for the response headers, not the body after them.
+    async fn in_time<T>(&self, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(answer) => answer,
+            Err(elapsed) => {
+                let mut status = Status::deadline_exceeded(format!(
+                    "etcd did not answer within {}",
+                    humantime::format_duration(self.request_timeout)
+                ));
+                status.set_source(Arc::new(elapsed));
+                Err(status)
+            }
+        }
+    }
+}
+
+/// Whether a failed Range or Authenticate should be tried at the next endpoint: Unavailable, the
+/// one answer on which etcd's own client moves on (etcd-io/etcd v3.4.23 clientv3/retry.go,
+/// `isSafeRetryImmutableRPC`; an unreachable endpoint's connect error is Unavailable too), and
+/// also any failure of the way to this endpoint rather than an answer from etcd: our timeout,
+/// tonic's (Cancelled) and a broken connection. Those are the statuses with a source error; a
+/// status etcd sent arrives in the trailers and has none. Without those, a hung member would
+/// stay the one every call starts at, and fail each of them.
+fn try_elsewhere(error: &Status) -> bool {
+    error.code() == Code::Unavailable || std::error::Error::source(error).is_some()
 }
 
 /// Whether etcd refused the token itself (expired, or issued before an auth change), so a new one
@@ -249,8 +291,16 @@ fn channel(endpoint: &str, tls: Option<&ClientTlsConfig>, timeout: Duration) -> 
     };
     let https = url.starts_with("https://");
     let invalid = |e: tonic::transport::Error| format!("{endpoint}: {}", crate::error::chain(&e));
-    let mut builder =
-        Endpoint::from_shared(url).map_err(invalid)?.connect_timeout(CONNECT_TIMEOUT).timeout(timeout);
+    // NB: no pings while idle: a gRPC server enforcing grpc-go's default keepalive policy
+    // (`keepalive.EnforcementPolicy`, PermitWithoutStream false) closes a connection pinged while
+    // it has no stream; the pings matter only while a request waits anyway.
+    let mut builder = Endpoint::from_shared(url)
+        .map_err(invalid)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(timeout)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(false);
     if https {
         builder = builder.tls_config(tls.cloned().unwrap_or_default()).map_err(invalid)?;
     }
@@ -276,12 +326,28 @@ mod tests {
             members: Arc::from(vec![Member { endpoint: endpoint.clone(), channel }]),
             current: Arc::new(AtomicUsize::new(0)),
             auth: None,
+            request_timeout: REQUEST_TIMEOUT,
         };
         let request = RangeRequest::default();
         let read = client.range(&request, 1024);
         let answer = tokio::time::timeout(Duration::from_secs(10), read).await;
         let error = answer.expect("the read must end on its own timeout").unwrap_err();
-        assert_ne!(error.code(), Code::Ok);
+        // NB: tonic's own timeout (the wait for response headers) fires first, as Cancelled.
+        assert_eq!((error.code(), error.message()), (Code::Cancelled, "Timeout expired"), "{error:?}");
+        assert!(try_elsewhere(&error), "a hung member is passed over");
+    }
+
+    #[test]
+    fn only_failures_of_the_endpoint_move_to_the_next() {
+        assert!(try_elsewhere(&Status::unavailable("etcdserver: leader changed")));
+        let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert!(try_elsewhere(&broken), "{broken:?}");
+        // etcd's own answers about the request are the same at every member.
+        assert!(!try_elsewhere(&Status::permission_denied("etcdserver: permission denied")));
+        assert!(!try_elsewhere(&Status::out_of_range(
+            "etcdserver: mvcc: required revision has been compacted"
+        )));
+        assert!(!try_elsewhere(&Status::out_of_range("Error, decoded message length too large")));
     }
 
     #[test]
