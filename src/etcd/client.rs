@@ -25,7 +25,8 @@ use crate::{
     config::EtcdConfig,
     files,
     proto::etcd::etcdserverpb::{
-        AuthenticateRequest, RangeRequest, RangeResponse, auth_client::AuthClient, kv_client::KvClient,
+        AuthenticateRequest, AuthenticateResponse, RangeRequest, RangeResponse, auth_client::AuthClient,
+        kv_client::KvClient,
     },
 };
 
@@ -204,9 +205,7 @@ impl Client {
         };
         let mut client = AuthClient::new(self.members[at].channel.clone());
         let answer = self.in_time(client.authenticate(request)).await?.into_inner();
-        let token = AsciiMetadataValue::try_from(answer.token)
-            .map_err(|_| Status::internal("etcd answered Authenticate with a token that is not ASCII"))?;
-        auth.token.store(Some(Arc::new(token)));
+        auth.token.store(Some(Arc::new(token_value(&answer)?)));
         Ok(())
     }
 
@@ -224,6 +223,31 @@ impl Client {
                 Err(status)
             }
         }
+    }
+}
+
+/// The token of an Authenticate answer as request metadata, marked sensitive so that its Debug
+/// output hides it and HTTP/2 header compression never indexes it.
+fn token_value(answer: &AuthenticateResponse) -> Result<AsciiMetadataValue, Status> {
+    let mut token = AsciiMetadataValue::try_from(answer.token.as_str())
+        .map_err(|_| Status::internal("etcd answered Authenticate with a token that is not ASCII"))?;
+    token.set_sensitive(true);
+    Ok(token)
+}
+
+// The password and token copies in the protobuf messages are wiped when the messages are dropped:
+// tonic takes the request by value, so there is no later point at which we could wipe it. The
+// metadata value's own copy of the token lives in `Bytes`, which cannot be wiped; it is kept for
+// the client's lifetime anyway.
+impl Drop for AuthenticateRequest {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.password);
+    }
+}
+
+impl Drop for AuthenticateResponse {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.token);
     }
 }
 
@@ -348,6 +372,17 @@ mod tests {
             "etcdserver: mvcc: required revision has been compacted"
         )));
         assert!(!try_elsewhere(&Status::out_of_range("Error, decoded message length too large")));
+    }
+
+    #[test]
+    fn the_token_is_sent_as_sensitive_metadata_and_never_shown() {
+        let answer = AuthenticateResponse { header: None, token: "tok.en-7310".into() };
+        let token = token_value(&answer).unwrap();
+        assert!(token.is_sensitive());
+        assert_eq!(token.to_str().unwrap(), "tok.en-7310", "the value itself is sent unchanged");
+        assert!(!format!("{token:?}").contains("7310"), "{token:?}");
+        let refused = AuthenticateResponse { header: None, token: "two\nlines".into() };
+        assert_eq!(token_value(&refused).unwrap_err().code(), Code::Internal);
     }
 
     #[test]
