@@ -156,7 +156,7 @@ async fn a_refused_password_fails_connect_and_is_never_shown() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_token_is_renewed_and_the_scan_goes_on() {
     let etcd = Etcd::start_with(&["--auth-token-ttl=1".to_owned()]).await;
-    plant(&etcd).await;
+    let written = plant(&etcd).await;
     etcd.enable_auth("auditor", "audit-pw");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("password");
@@ -165,6 +165,8 @@ async fn an_expired_token_is_renewed_and_the_scan_goes_on() {
     let mut scanner = Scanner::prefix(b"/registry/", 2);
     let mut count = scanner.next_page(&client).await.unwrap().unwrap().len();
     let pinned = scanner.revision();
+    // Enabling auth changes no key, so the scan is pinned where the values were written.
+    assert_eq!(pinned, written);
     tokio::time::sleep(Duration::from_secs(3)).await;
     while let Some(page) = scanner.next_page(&client).await.unwrap() {
         count += page.len();
