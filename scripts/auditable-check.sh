@@ -16,10 +16,10 @@ objcopy --dump-section .dep-v0="$work/dep-v0" "${CARGO_TARGET_DIR:-target}/debug
   || { echo "auditable-check: the debug kmsgate binary has no .dep-v0 section" >&2; exit 1; }
 cargo tree --locked --edges normal,build --prefix none --format '{p}' --package kmsgate >"$work/tree"
 # NB: cargo auditable reads features from `cargo metadata`, which unifies them over the whole
-# workspace, so a feature only the test fixtures turn on (p521's `ecdsa`) adds its crates to the
-# list although the binary does not link them. Such extras are allowed only if the workspace's own
-# normal graph has them.
-cargo tree --locked --edges normal,build --prefix none --format '{p}' --workspace >"$work/workspace"
+# workspace, dev-dependencies included, so a feature only the tests turn on (p521's `ecdsa`;
+# getrandom's `rand_core`, through proptest's rand) adds its crates to the list although the
+# binary does not link them. Such extras are allowed only if the workspace's graph has them.
+cargo tree --locked --edges normal,build,dev --prefix none --format '{p}' --workspace >"$work/workspace"
 python3 - "$work/dep-v0" "$work/tree" "$work/workspace" <<'PY'
 import json, sys, zlib
 # The section is zlib-compressed JSON: {"packages": [{"name", "version", "source", ...}]}
