@@ -7,11 +7,15 @@
 //! 2. rotates the Transit key by hand, waits for the plugin and the stand-in to switch, and times
 //!    the **Migrate floor**: the bare list + no-op patch loop (`Kube::list_page`, `Kube::touch`)
 //!    with the same page size and concurrency, no QPS limit, no status writes;
-//! 3. times the **Verify floor**: `etcdctl get --prefix` of the same Secrets (to /dev/null);
+//! 3. times `etcdctl get --prefix` right after those writes, printed but not a floor;
 //! 4. runs the controller's rotation (Rotate, Converge, Migrate, Verify from etcd) on the same
 //!    objects and times its Migrate and Verify phases, read from the policy status as the
 //!    controller steps. Its QPS limit is the highest a policy accepts (10 000), above what the
-//!    stand-in sustains, so the pacer never waits.
+//!    stand-in sustains, so the pacer never waits. A phase's span includes the controller's step
+//!    overhead (policy read, status write, Events);
+//! 5. times the **Verify floors** on the state Verify read: `etcdctl get --prefix` of the same
+//!    Secrets (to /dev/null; a warm-up, then the median of 3), the bare paged scan Verify is built
+//!    on (`etcd::Pages`), and that scan judging every value as Verify does.
 //!
 //! Each phase runs once (a migration leaves nothing to migrate), so rerun the command to see
 //! the spread; the ratios are what to compare.
